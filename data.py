@@ -1,0 +1,333 @@
+"""
+Problems in, prompts out.
+
+    python data.py                                  # preview the built-in set's prompts
+    python data.py --data math500 --n 3             # a known eval set (needs the hub, or its cache)
+    python data.py --data my_problems.jsonl --problem-column question --answer-column solution
+
+A dataset is any table with a problem and an answer column: the built-in offline set, a Hugging
+Face hub id, a local .json/.jsonl/.parquet file, or a known eval set by name (KNOWN_SETS). Each
+problem gets a target length n_gold and a mode, and becomes the paper's prompt:
+
+    >>> build_prompt("What is 2+3?", 100, "exact")
+    "What is 2+3? Let's think step by step and output the final answer within \\\\boxed{}. Think for 100 tokens."
+    >>> build_prompt("What is 2+3?", 100, "max").endswith("within \\\\boxed{}. Think for maximum 100 tokens.")
+    True
+
+which goes to the model as one user turn through its chat template (encode_prompt).
+"""
+
+import argparse
+import random
+import sys
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+MODES = ("exact", "max")  # the two LCPO prompt forms; "mix" (training only) draws one of them per problem
+MATH_INSTRUCTION = "Let's think step by step and output the final answer within \\boxed{}."
+CHOICE_INSTRUCTION = "Let's think step by step and output the final answer (eg, A, B, C, D) within \\boxed{}."
+LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+BUILTIN_SIZE = {"train": 5000, "test": 200}  # problems in each split of the built-in set
+
+
+class DataError(ValueError):
+    """Bad input from the user (a path, a column, a range): the message says what to fix."""
+
+
+@dataclass(frozen=True)
+class Problem:
+    problem: str  # the question; for multiple choice it already lists the lettered options
+    answer: str  # the gold answer; a letter for multiple choice
+    multiple_choice: bool = False
+
+
+# -----------------------------------------------------------------------------
+# prompts
+
+
+def build_prompt(problem: str, n_gold: int | None, mode: str = "exact", multiple_choice: bool = False) -> str:
+    """The user message, as the paper's code builds it.
+
+    mode "exact" ends with "Think for {n_gold} tokens.", "max" with "Think for maximum {n_gold} tokens.",
+    n_gold=None has no length sentence (the model's natural length). Multiple-choice problems ask
+    for a boxed letter and, as in the original eval scripts, start the instruction on a new paragraph.
+    """
+    if mode not in MODES:
+        raise DataError(f"unknown mode {mode!r}: use one of {', '.join(MODES)}")
+    if multiple_choice:
+        prompt = f"{problem}\n\n{CHOICE_INSTRUCTION}"
+    else:
+        prompt = f"{problem} {MATH_INSTRUCTION}"
+    if n_gold is None:
+        return prompt
+    if n_gold <= 0:
+        raise DataError(f"target length must be a positive number of tokens, got {n_gold}")
+    return prompt + (f" Think for {n_gold} tokens." if mode == "exact" else f" Think for maximum {n_gold} tokens.")
+
+
+def encode_prompt(tokenizer, message: str) -> list[int]:
+    """Token ids of `message` as one user turn of the tokenizer's chat template, ready to generate from."""
+    if not getattr(tokenizer, "chat_template", None):
+        name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+        raise DataError(
+            f"tokenizer {name!r} has no chat template: use an instruct/chat model, "
+            "or set tokenizer.chat_template to a Jinja template"
+        )
+    messages = [{"role": "user", "content": message}]
+    return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False))
+
+
+# -----------------------------------------------------------------------------
+# targets
+
+
+def check_target_range(n_min: int, n_max: int) -> None:
+    """Refuse a target range that cannot be sampled, before any work starts."""
+    if n_min <= 0:
+        raise DataError(f"n_min must be a positive number of tokens, got {n_min}")
+    if n_min > n_max:
+        raise DataError(f"n_min ({n_min}) is larger than n_max ({n_max}): swap them")
+
+
+def sample_targets(n: int, n_min: int, n_max: int, mode: str, rng: random.Random) -> list[tuple[int, str]]:
+    """n pairs (n_gold, mode) with n_gold ~ UniformInt(n_min, n_max), both ends included.
+
+    mode "exact" or "max" gives that mode to every pair; "mix" is L1-Max training's 50/50 mix of
+    Exact and Max prompts, drawn independently per pair.
+
+        >>> sample_targets(4, 100, 4000, "mix", random.Random(1))
+        [(650, 'exact'), (1144, 'exact'), (2129, 'max'), (2034, 'max')]
+    """
+    check_target_range(n_min, n_max)
+    if mode not in (*MODES, "mix"):
+        raise DataError(f"unknown mode {mode!r}: use exact, max or mix")
+    pairs = []
+    for _ in range(n):
+        n_gold = rng.randint(n_min, n_max)
+        pairs.append((n_gold, rng.choice(MODES) if mode == "mix" else mode))
+    return pairs
+
+
+# -----------------------------------------------------------------------------
+# the built-in offline set: short arithmetic word problems with exact integer answers
+
+_NAMES = ["Ava", "Ben", "Cara", "Dan", "Eli", "Fay", "Gus", "Hana", "Ivan", "Jo", "Kim", "Leo", "Mia", "Noah", "Omar", "Pia"]
+_ITEMS = ["apples", "books", "coins", "marbles", "pencils", "stickers", "cards", "shells", "cookies", "stamps"]
+
+
+def _word_problem(rng: random.Random) -> tuple[str, int]:
+    """One to three operations (+, -, x2/x3, and a final equal split) on a small starting count."""
+    name, friend = rng.sample(_NAMES, 2)
+    item = rng.choice(_ITEMS)
+    x = rng.randint(2, 15)
+    sentences = [f"{name} has {x} {item}."]
+    question = f"How many {item} does {name} have now?"
+    n_ops = rng.randint(1, 3)
+    for i in range(n_ops):
+        ops = ["add", "mul"] + (["sub"] if x >= 3 else [])
+        divisors = [k for k in (2, 3, 4, 5) if x % k == 0]
+        if i == n_ops - 1 and divisors:
+            ops.append("div")  # a split changes the question, so it can only come last
+        op = rng.choice(ops)
+        if op == "add":
+            b = rng.randint(2, 12)
+            sentences.append(f"{friend} gives {name} {b} more {item}.")
+            x += b
+        elif op == "sub":
+            b = rng.randint(1, min(12, x - 1))
+            sentences.append(f"{name} gives {b} {item} to {friend}.")
+            x -= b
+        elif op == "mul":
+            k = rng.choice((2, 3))
+            sentences.append(f"Then {name} {'doubles' if k == 2 else 'triples'} the number of {item}.")
+            x *= k
+        else:
+            k = rng.choice(divisors)
+            sentences.append(f"{name} puts all the {item} into {k} equal piles.")
+            question = f"How many {item} are in each pile?"
+            x //= k
+    return " ".join(sentences + [question]), x
+
+
+def _builtin_split(text: str) -> str:
+    # a problem's split is a function of its text, so train and test can never share a problem
+    return "test" if zlib.crc32(text.encode()) % 5 == 0 else "train"
+
+
+def builtin_problems(split: str, n: int | None = None, seed: int = 0) -> list[Problem]:
+    """The first n problems of a split of the built-in set; the same list for the same (split, seed).
+
+        >>> builtin_problems("test", 1)[0].problem
+        'Cara has 5 stamps. Then Cara triples the number of stamps. How many stamps does Cara have now?'
+    """
+    if split not in BUILTIN_SIZE:
+        raise DataError(f"the built-in set has splits {', '.join(BUILTIN_SIZE)}, not {split!r}")
+    n = BUILTIN_SIZE[split] if n is None else n
+    rng = random.Random(seed)
+    seen, problems = set(), []
+    while len(problems) < n:
+        text, answer = _word_problem(rng)
+        if text not in seen and _builtin_split(text) == split:
+            seen.add(text)
+            problems.append(Problem(text, str(answer)))
+    return problems
+
+
+# -----------------------------------------------------------------------------
+# loading any dataset
+
+# Known eval sets: where they live and which of their columns are our problem and answer.
+# `choices` is a column holding the option list, or a tuple of columns with the correct option first
+# (GPQA), which are shuffled into A-D with a seeded generator. A list answer means its first item;
+# an integer answer of a multiple-choice set is an option index.
+KNOWN_SETS = {
+    "math500": dict(path="HuggingFaceH4/MATH-500", split="test", problem="problem", answer="answer"),
+    "aime2024": dict(path="HuggingFaceH4/aime_2024", split="train", problem="problem", answer="answer"),
+    "aime2025": dict(path="opencompass/AIME2025", config=("AIME2025-I", "AIME2025-II"), split="test",
+                     problem="question", answer="answer"),
+    "amc": dict(path="AI-MO/aimo-validation-amc", split="train", problem="problem", answer="answer"),
+    "olympiadbench": dict(path="Hothan/OlympiadBench", config="OE_TO_maths_en_COMP", split="train",
+                          problem="question", answer="final_answer"),
+    "gpqa": dict(path="Idavidrein/gpqa", config="gpqa_diamond", split="train", problem="Question", answer=None,
+                 choices=("Correct Answer", "Incorrect Answer 1", "Incorrect Answer 2", "Incorrect Answer 3")),
+    "mmlu": dict(path="cais/mmlu", config="all", split="test", problem="question", answer="answer", choices="choices"),
+    "lsat": dict(path="dmayhem93/agieval-lsat-ar", split="test", problem="query", answer="gold", multiple_choice=True),
+    "deepscaler": dict(path="agentica-org/DeepScaleR-Preview-Dataset", split="train", problem="problem", answer="answer"),
+}
+
+
+def _load_table(source: str, split: str, config):
+    """A `datasets.Dataset` from a local file or the hub; every failure becomes one DataError line."""
+    import datasets
+
+    path = Path(source).expanduser()
+    is_local = path.suffix in LOCAL_FORMATS or path.exists() or source.startswith((".", "/", "~"))
+    try:
+        if is_local:
+            if not path.is_file():
+                raise DataError(f"dataset file {source} does not exist")
+            if path.suffix not in LOCAL_FORMATS:
+                raise DataError(f"dataset file {source} is not .json, .jsonl or .parquet")
+            return datasets.load_dataset(LOCAL_FORMATS[path.suffix], data_files=str(path), split="train")
+        configs = config if isinstance(config, tuple) else (config,)
+        parts = [datasets.load_dataset(source, c, split=split) for c in configs]
+        return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+    except DataError:
+        raise
+    except Exception as e:  # datasets raises many types (connection, missing split, bad json): one message
+        detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        where = f"file {source}" if is_local else f"{source!r} (split {split!r}) from the Hugging Face hub"
+        hint = "" if is_local else ": check the id and your network, or pass a local .json/.jsonl/.parquet file"
+        raise DataError(f"cannot load dataset {where} ({detail}){hint}") from None
+
+
+def _gold_text(value, multiple_choice: bool) -> str:
+    if isinstance(value, (list, tuple)):
+        value = value[0] if value else ""
+    if multiple_choice and isinstance(value, int) and not isinstance(value, bool):
+        return chr(ord("A") + value)
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))  # AMC stores 142 as 142.0
+    return "" if value is None else str(value).strip()
+
+
+def format_choices(question: str, choices) -> str:
+    """A multiple-choice question with its options lettered A, B, C, ... as in the paper's eval sets."""
+    options = "".join(f"{chr(ord('A') + i)}. {str(c).strip()}\n" for i, c in enumerate(choices))
+    return f"{question}\n\nOptions:\n{options}"
+
+
+def load_problems(
+    source: str = "builtin",
+    split: str | None = None,
+    problem_column: str = "problem",
+    answer_column: str = "answer",
+    config: str | None = None,
+    limit: int | None = None,
+    seed: int = 0,
+) -> list[Problem]:
+    """Problems from the built-in set, a known eval set, a hub id or a local .json/.jsonl/.parquet file.
+
+    Rows whose problem or answer is missing or empty are skipped and counted (one line on stderr).
+    A missing file, an unknown column or nothing left to use raises DataError.
+    """
+    if source == "builtin":
+        return builtin_problems(split or "train", limit, seed)
+    spec = KNOWN_SETS.get(source.lower(), {})
+    table = _load_table(spec.get("path", source), split or spec.get("split", "train"), spec.get("config", config))
+    problem_column = spec.get("problem", problem_column)
+    answer_column = spec.get("answer", answer_column)
+    choices = spec.get("choices")
+    multiple_choice = choices is not None or spec.get("multiple_choice", False)
+
+    needed = [problem_column] + ([answer_column] if answer_column else [])
+    needed += list(choices) if isinstance(choices, tuple) else [choices] if choices else []
+    for column in needed:
+        if column not in table.column_names:
+            raise DataError(
+                f"column {column!r} is not in {source} (its columns: {', '.join(table.column_names)}); "
+                "name the right one with --problem-column / --answer-column"
+            )
+    if len(table) == 0:
+        raise DataError(f"dataset {source} has no rows")
+
+    shuffle_rng = random.Random(seed)
+    problems, skipped = [], 0
+    for row in table:
+        question = row[problem_column]
+        question = question.strip() if isinstance(question, str) else ""
+        if isinstance(choices, tuple):  # correct option first: shuffle it into a random letter
+            options = [str(row[c] or "").strip() for c in choices]
+            order = list(range(len(options)))
+            shuffle_rng.shuffle(order)
+            gold = chr(ord("A") + order.index(0))
+            question = format_choices(question, [options[i] for i in order]) if question else ""
+        else:
+            gold = _gold_text(row[answer_column], multiple_choice)
+            if choices and question:
+                question = format_choices(question, row[choices])
+        if not question or not gold:
+            skipped += 1
+            continue
+        problems.append(Problem(question, gold, multiple_choice))
+        if limit is not None and len(problems) >= limit:
+            break
+    if skipped:
+        print(f"data: skipped {skipped} of {len(table)} rows of {source} with an empty problem or answer", file=sys.stderr)
+    if not problems:
+        raise DataError(f"dataset {source} has no usable rows (every problem or answer is empty)")
+    return problems
+
+
+# -----------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Preview the LCPO prompts of a dataset.")
+    parser.add_argument("--data", default="builtin", help="builtin, a known set (%s), a hub id or a local file"
+                        % ", ".join(KNOWN_SETS))
+    parser.add_argument("--split", default=None, help="dataset split (built-in: train or test)")
+    parser.add_argument("--config", default=None, help="hub dataset configuration name, if it has several")
+    parser.add_argument("--problem-column", default="problem")
+    parser.add_argument("--answer-column", default="answer")
+    parser.add_argument("--mode", default="exact", choices=[*MODES, "mix"])
+    parser.add_argument("--n-min", type=int, default=16, help="smallest target length, tokens")
+    parser.add_argument("--n-max", type=int, default=160, help="largest target length, tokens")
+    parser.add_argument("--n", type=int, default=3, help="how many prompts to show")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    try:
+        check_target_range(args.n_min, args.n_max)
+        problems = load_problems(args.data, args.split, args.problem_column, args.answer_column, args.config,
+                                 seed=args.seed)
+    except DataError as e:
+        sys.exit(f"error: {e}")
+    print(f"{len(problems)} problems from {args.data}")
+    targets = sample_targets(args.n, args.n_min, args.n_max, args.mode, random.Random(args.seed))
+    for p, (n_gold, mode) in zip(problems, targets):
+        print(f"\n--- gold {p.answer!r}\n{build_prompt(p.problem, n_gold, mode, p.multiple_choice)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,192 @@
+"""
+Answers and rewards: is a response correct, and what LCPO reward does it earn.
+
+Pure Python (plus math-verify for symbolic equivalence); nothing here knows about torch or models,
+so the same functions can be called from train.py, eval.py, verl or TRL.
+
+    >>> extract_boxed(r"so x = \\boxed{\\frac{1}{2}}.")
+    '\\\\frac{1}{2}'
+    >>> is_correct(r"<think>1+1 is 2</think> The answer is \\boxed{2}.", "2")
+    True
+    >>> exact_reward(correct=True, n_y=120, n_gold=100)   # 1 - 0.0003 * 20
+    0.994
+    >>> max_reward(correct=True, n_y=100, n_gold=100)     # delta at the target
+    0.5
+
+Model output is untrusted text: it only ever reaches math-verify's LaTeX parser (a grammar, not
+Python), never eval/exec or sympy's parse_expr, and every judgement has a time limit.
+"""
+
+import re
+from functools import lru_cache
+
+from math_verify import LatexExtractionConfig, parse, verify
+
+ALPHA_EXACT = 0.0003  # LCPO-Exact: reward lost per token of |n_gold - n_y| (paper)
+ALPHA_MAX = 0.001  # LCPO-Max: slope of the budget term (original code: alpha=1/500 on a [-1, 1] scale)
+DELTA_MAX = 0.5  # LCPO-Max: the budget term's value at n_y = n_gold
+JUDGE_TIMEOUT_S = 2  # per-answer limit for math-verify's parse and verify (signal based, whole seconds)
+MAX_ANSWER_CHARS = 1000  # a longer "final answer" is degenerate output: incorrect, never parsed
+THINK_END = "</think>"
+
+
+# -----------------------------------------------------------------------------
+# the two LCPO rewards
+
+
+def exact_reward(correct: bool, n_y: int, n_gold: int, alpha: float = ALPHA_EXACT) -> float:
+    """LCPO-Exact: r = correct - alpha * |n_gold - n_y|. Not clipped, so it can go below 0.
+
+    Every token away from the target costs alpha, whether too short or too long.
+    """
+    return float(correct) - alpha * abs(n_gold - n_y)
+
+
+def max_reward(
+    correct: bool, n_y: int, n_gold: int, alpha: float = ALPHA_MAX, delta: float = DELTA_MAX
+) -> float:
+    """LCPO-Max: r = correct * clip(delta + alpha * (n_gold - n_y), 0, 1).
+
+    A correct answer earns delta at the budget, more when shorter, less when longer, and nothing
+    once alpha * (n_y - n_gold) >= delta; a wrong answer earns 0 whatever its length.
+    """
+    return float(correct) * min(1.0, max(0.0, delta + alpha * (n_gold - n_y)))
+
+
+def lcpo_reward(
+    correct: bool,
+    n_y: int,
+    n_gold: int | None,
+    mode: str,
+    alpha: float | None = None,
+    delta: float = DELTA_MAX,
+) -> float:
+    """The reward of one response: Exact or Max by the prompt's mode, plain correctness without a target.
+
+    alpha=None takes the mode's own default (0.0003 for exact, 0.001 for max).
+    """
+    if n_gold is None:
+        return float(correct)
+    if mode == "exact":
+        return exact_reward(correct, n_y, n_gold, ALPHA_EXACT if alpha is None else alpha)
+    if mode == "max":
+        return max_reward(correct, n_y, n_gold, ALPHA_MAX if alpha is None else alpha, delta)
+    raise ValueError(f"unknown LCPO mode {mode!r}: use 'exact' or 'max'")
+
+
+# -----------------------------------------------------------------------------
+# finding the final answer
+
+
+_BOXED = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
+
+
+def extract_boxed(text: str) -> str | None:
+    r"""The content of the last \boxed{...} (or \fbox{...}), braces matched, nested braces kept.
+
+    `\boxed 5` (no braces) gives "5". None when there is no box or the last one never closes
+    (a response cut off inside its answer has no answer).
+
+        >>> extract_boxed(r"\boxed{1} then \boxed{\frac{a}{b}}")
+        '\\frac{a}{b}'
+        >>> extract_boxed(r"\boxed{2") is None
+        True
+    """
+    matches = list(_BOXED.finditer(text))
+    if not matches:
+        return None
+    start = matches[-1].end()
+    rest = text[start:]
+    if not rest.startswith("{"):
+        # `\boxed 5`: the argument is the next run of non-space characters
+        m = re.match(r" +([^\s$]+)", rest)
+        return m.group(1) if m else None
+    depth = 0
+    for i, ch in enumerate(rest):
+        if ch == "{":
+            depth += 1
+        elif ch == "}":
+            depth -= 1
+            if depth == 0:
+                return rest[1:i]
+    return None
+
+
+def final_answer_text(response: str, thinks: bool = False) -> str:
+    """The part of a response that is judged: what follows the first </think>, if there is one.
+
+    thinks=True is for models that emit </think> (R1-style): a response that never closed its
+    thinking never reached an answer, so it gives "". Otherwise the whole response is judged.
+    """
+    if THINK_END in response:
+        return response.split(THINK_END, 1)[1]
+    return "" if thinks else response
+
+
+# -----------------------------------------------------------------------------
+# judging
+
+
+_LATEX_ONLY = [LatexExtractionConfig(boxed_match_priority=0)]  # never ExprExtractionConfig: it calls parse_expr
+
+
+def _parse_latex(answer: str) -> list:
+    return parse(f"${answer}$", extraction_config=_LATEX_ONLY, parsing_timeout=JUDGE_TIMEOUT_S)
+
+
+@lru_cache(maxsize=4096)
+def _parse_gold(gold: str) -> list:
+    # each gold answer is judged against G responses per step: parse it once
+    boxed = extract_boxed(gold)
+    return _parse_latex(boxed if boxed is not None else gold)
+
+
+def _same_text(a: str, b: str) -> bool:
+    def norm(s: str) -> str:
+        return re.sub(r"\s+|\$|\\[,!; ]", "", s)
+
+    return norm(a) == norm(b)
+
+
+def is_correct(response: str, gold: str, thinks: bool = False) -> bool:
+    r"""Is the last \boxed{} answer of the response equivalent to the gold answer?
+
+    Judged with math-verify, so 1/2 = \frac12 = 0.5, x=3 matches 3, 1,000 matches 1000,
+    \text{(B)} matches B. A response without a box, or a pathological answer that takes longer
+    than JUDGE_TIMEOUT_S to parse or compare, is incorrect. `thinks`: see final_answer_text.
+    """
+    answer = extract_boxed(final_answer_text(response, thinks))
+    if answer is None or not answer.strip() or len(answer) > MAX_ANSWER_CHARS:
+        return False
+    gold = str(gold)
+    if _same_text(answer, gold):
+        return True
+    return bool(verify(_parse_gold(gold), _parse_latex(answer), timeout_seconds=JUDGE_TIMEOUT_S))
+
+
+_CHOICE = re.compile(r"^\s*\(?\s*([A-J])\s*\)?(?:[\s.:)]|$)")
+_STANDALONE_LETTER = re.compile(r"(?<![A-Za-z])([A-E])(?![A-Za-z])")
+_TEXT_MACRO = re.compile(r"\\(?:text|textbf|mathrm|mathbf)\{([^{}]*)\}")
+
+
+def extract_choice(response: str, thinks: bool = False) -> str | None:
+    r"""The letter a multiple-choice response picked: the boxed letter if there is a box
+    (\boxed{B}, \boxed{\text{(B)}}, \boxed{B. 42}), else the last standalone letter A-E.
+
+        >>> extract_choice(r"so the answer is \boxed{\text{(C)}}")
+        'C'
+        >>> extract_choice("I think (B) is right.")
+        'B'
+    """
+    text = final_answer_text(response, thinks)
+    boxed = extract_boxed(text)
+    if boxed is not None:
+        m = _CHOICE.match(_TEXT_MACRO.sub(r"\1", boxed))
+        return m.group(1) if m else None
+    letters = _STANDALONE_LETTER.findall(text)
+    return letters[-1] if letters else None
+
+
+def is_correct_choice(response: str, gold: str, thinks: bool = False) -> bool:
+    """Multiple-choice judge (GPQA, MMLU, LSAT): does the picked letter equal the gold letter?"""
+    return extract_choice(response, thinks) == str(gold).strip().upper()

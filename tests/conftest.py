@@ -1,0 +1,40 @@
+"""Shared test fixtures: everything is built here, nothing is downloaded."""
+
+import os
+import string
+
+# before any Hugging Face import: a test may never wait on (or reach) the network
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+
+import pytest
+from hypothesis import settings
+
+settings.register_profile("ci", deadline=None, derandomize=True, max_examples=100)
+settings.load_profile("ci")
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<eos>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def make_char_tokenizer(chat_template: str | None = CHAT_TEMPLATE):
+    """A character-level tokenizer: one id per printable character, plus a few special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<eos>", "<unk>", "<|user|>", "<|assistant|>", "<think>", "</think>"]
+    vocab = {t: i for i, t in enumerate(specials + list(string.printable))}
+    raw = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    raw.decoder = decoders.Fuse()
+    raw.add_special_tokens(specials)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=raw, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+    tokenizer.chat_template = chat_template
+    return tokenizer
+
+
+@pytest.fixture
+def char_tokenizer():
+    return make_char_tokenizer()
