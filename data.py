@@ -209,7 +209,17 @@ def _load_table(source: str, split: str, config):
                 raise DataError(f"dataset file {source} does not exist")
             if path.suffix not in LOCAL_FORMATS:
                 raise DataError(f"dataset file {source} is not .json, .jsonl or .parquet")
-            return datasets.load_dataset(LOCAL_FORMATS[path.suffix], data_files=str(path), split="train")
+            if path.stat().st_size == 0:
+                raise DataError(f"dataset file {source} is empty")
+            # a local file loads in a blink: no progress bars, and errors come once, as our DataError
+            datasets.disable_progress_bars()
+            verbosity = datasets.logging.get_verbosity()
+            datasets.logging.set_verbosity(datasets.logging.CRITICAL)
+            try:
+                return datasets.load_dataset(LOCAL_FORMATS[path.suffix], data_files=str(path), split="train")
+            finally:
+                datasets.enable_progress_bars()
+                datasets.logging.set_verbosity(verbosity)
         configs = config if isinstance(config, tuple) else (config,)
         parts = [datasets.load_dataset(source, c, split=split) for c in configs]
         return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)

@@ -1,0 +1,333 @@
+import json
+import random
+import re
+from collections import Counter
+
+import pytest
+
+import data
+from data import DataError, Problem, build_prompt, builtin_problems, encode_prompt, load_problems, sample_targets
+from tests.conftest import make_char_tokenizer
+
+BOX = "\\boxed{}"
+
+
+# -----------------------------------------------------------------------------
+# prompts
+
+
+def test_build_prompt_matches_the_paper():
+    q = "What is 2+3?"
+    assert build_prompt(q, 512, "exact") == (
+        f"What is 2+3? Let's think step by step and output the final answer within {BOX}. Think for 512 tokens."
+    )
+    assert build_prompt(q, 512, "max") == (
+        f"What is 2+3? Let's think step by step and output the final answer within {BOX}. "
+        "Think for maximum 512 tokens."
+    )
+    assert build_prompt(q, None, "exact") == (
+        f"What is 2+3? Let's think step by step and output the final answer within {BOX}."
+    )
+
+
+def test_build_prompt_multiple_choice():
+    q = data.format_choices("Which is prime?", ["4", "6", " 7 ", "9"])
+    assert q == "Which is prime?\n\nOptions:\nA. 4\nB. 6\nC. 7\nD. 9\n"
+    assert build_prompt(q, 1024, "exact", multiple_choice=True) == (
+        q + f"\n\nLet's think step by step and output the final answer (eg, A, B, C, D) within {BOX}. "
+        "Think for 1024 tokens."
+    )
+    assert build_prompt(q, 64, "max", multiple_choice=True).endswith("Think for maximum 64 tokens.")
+
+
+@pytest.mark.parametrize("n_gold", [0, -5])
+def test_build_prompt_refuses_non_positive_targets(n_gold):
+    with pytest.raises(DataError, match="positive"):
+        build_prompt("q", n_gold, "exact")
+
+
+def test_build_prompt_refuses_unknown_mode():
+    with pytest.raises(DataError, match="unknown mode 'mix'"):
+        build_prompt("q", 10, "mix")  # mix is a training schedule, each prompt is exact or max
+
+
+def test_encode_prompt_applies_the_chat_template(char_tokenizer):
+    message = build_prompt("What is 2+3?", 100, "exact")
+    ids = encode_prompt(char_tokenizer, message)
+    assert isinstance(ids, list) and all(isinstance(i, int) for i in ids)
+    assert char_tokenizer.decode(ids) == f"<|user|>{message}<eos><|assistant|>"
+    assert ids[-1] == char_tokenizer.convert_tokens_to_ids("<|assistant|>")  # generation prompt added
+
+
+def test_encode_prompt_refuses_a_tokenizer_without_chat_template():
+    with pytest.raises(DataError, match="no chat template"):
+        encode_prompt(make_char_tokenizer(chat_template=None), "hi")
+
+
+# -----------------------------------------------------------------------------
+# targets
+
+
+def test_sample_targets_uniform_in_range_inclusive():
+    pairs = sample_targets(5000, 3, 7, "exact", random.Random(0))
+    counts = Counter(n for n, _ in pairs)
+    assert set(counts) == {3, 4, 5, 6, 7}  # both ends reachable
+    assert all(800 < c < 1200 for c in counts.values())  # 1000 expected each
+    assert {m for _, m in pairs} == {"exact"}
+    assert {m for _, m in sample_targets(50, 1, 9, "max", random.Random(0))} == {"max"}
+
+
+def test_sample_targets_is_seeded():
+    a = sample_targets(100, 100, 4000, "mix", random.Random(7))
+    assert a == sample_targets(100, 100, 4000, "mix", random.Random(7))
+    assert a != sample_targets(100, 100, 4000, "mix", random.Random(8))
+
+
+def test_sample_targets_mix_is_half_exact_half_max():
+    modes = Counter(m for _, m in sample_targets(4000, 100, 4000, "mix", random.Random(1)))
+    assert set(modes) == {"exact", "max"}
+    assert 1800 < modes["exact"] < 2200
+
+
+@pytest.mark.parametrize("n_min, n_max, message", [(10, 5, "larger than n_max"), (0, 5, "positive"),
+                                                    (-3, 5, "positive")])
+def test_sample_targets_refuses_bad_ranges(n_min, n_max, message):
+    with pytest.raises(DataError, match=message):
+        sample_targets(1, n_min, n_max, "exact", random.Random(0))
+
+
+def test_sample_targets_refuses_unknown_mode():
+    with pytest.raises(DataError, match="unknown mode"):
+        sample_targets(1, 1, 2, "both", random.Random(0))
+
+
+# -----------------------------------------------------------------------------
+# the built-in set
+
+
+def _solve(text: str) -> int:
+    """Recompute a built-in problem's answer from its words alone."""
+    sentences = re.findall(r"[^.?]+[.?]", text)
+    x = int(re.fullmatch(r"\w+ has (\d+) \w+\.", sentences[0].strip()).group(1))
+    for s in sentences[1:-1]:
+        s = s.strip()
+        if m := re.fullmatch(r"\w+ gives \w+ (\d+) more \w+\.", s):
+            x += int(m.group(1))
+        elif m := re.fullmatch(r"\w+ gives (\d+) \w+ to \w+\.", s):
+            x -= int(m.group(1))
+        elif re.fullmatch(r"Then \w+ doubles the number of \w+\.", s):
+            x *= 2
+        elif re.fullmatch(r"Then \w+ triples the number of \w+\.", s):
+            x *= 3
+        elif m := re.fullmatch(r"\w+ puts all the \w+ into (\d+) equal piles\.", s):
+            assert x % int(m.group(1)) == 0
+            x //= int(m.group(1))
+        else:
+            raise AssertionError(f"unexpected sentence {s!r}")
+    return x
+
+
+def test_builtin_answers_are_exact_and_problems_short():
+    problems = builtin_problems("train", 500) + builtin_problems("test")
+    n_ops = Counter()
+    for p in problems:
+        assert p.answer == str(_solve(p.problem)), p.problem
+        assert int(p.answer) >= 0
+        ops = len(re.findall(r"[.?]", p.problem)) - 2
+        assert 1 <= ops <= 3
+        n_ops[ops] += 1
+        assert all(int(n) <= 200 for n in re.findall(r"\d+", p.problem))
+    assert set(n_ops) == {1, 2, 3}  # every depth occurs
+
+
+def test_builtin_is_deterministic_with_disjoint_splits():
+    train, test = builtin_problems("train"), builtin_problems("test")
+    assert len(train) == data.BUILTIN_SIZE["train"] and len(test) == data.BUILTIN_SIZE["test"]
+    assert train == builtin_problems("train") and test == builtin_problems("test")
+    assert len({p.problem for p in train}) == len(train)  # no duplicates
+    assert not {p.problem for p in train} & {p.problem for p in test}
+    # another seed gives other problems, still on the right side of the split
+    other = builtin_problems("train", seed=1)
+    assert other != train
+    assert not {p.problem for p in other} & {p.problem for p in test}
+    assert load_problems("builtin", "test", limit=5) == test[:5]
+
+
+def test_builtin_refuses_unknown_split():
+    with pytest.raises(DataError, match="splits train, test"):
+        load_problems("builtin", "validation")
+
+
+# -----------------------------------------------------------------------------
+# loading local files
+
+
+ROWS = [
+    {"question": "1+1?", "solution": "2"},
+    {"question": "", "solution": "3"},  # empty problem
+    {"question": "2+2?", "solution": None},  # missing answer
+    {"question": "3+3?", "solution": "6"},
+    {"question": "   ", "solution": "1"},  # blank problem
+]
+
+
+def _write(path, rows):
+    if path.suffix == ".jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    elif path.suffix == ".json":
+        path.write_text(json.dumps(rows))
+    else:
+        import datasets
+
+        datasets.Dataset.from_list(rows).to_parquet(str(path))
+    return path
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".parquet"])
+def test_load_local_file_skips_and_counts_bad_rows(tmp_path, capsys, suffix):
+    path = _write(tmp_path / f"set{suffix}", ROWS)
+    problems = load_problems(str(path), problem_column="question", answer_column="solution")
+    assert problems == [Problem("1+1?", "2"), Problem("3+3?", "6")]
+    err = capsys.readouterr().err
+    assert err.count("skipped") == 1 and "skipped 3 of 5 rows" in err
+
+
+def test_load_local_file_limit_and_numeric_answers(tmp_path, capsys):
+    rows = [{"problem": f"p{i}", "answer": a} for i, a in enumerate([142.0, 7, "x=3", 0.5])]
+    path = _write(tmp_path / "nums.jsonl", rows)
+    assert [p.answer for p in load_problems(str(path))] == ["142", "7", "x=3", "0.5"]
+    assert len(load_problems(str(path), limit=2)) == 2
+    assert capsys.readouterr().err == ""  # nothing skipped, nothing said
+
+
+def test_load_errors_are_one_clear_line(tmp_path):
+    good = _write(tmp_path / "good.jsonl", ROWS)
+    cases = [
+        ((str(tmp_path / "missing.jsonl"),), {}, "does not exist"),
+        ((str(good),), {"problem_column": "prompt", "answer_column": "solution"},
+         "column 'prompt' is not in .* \\(its columns: question, solution\\)"),
+        ((str(good),), {"problem_column": "question"}, "column 'answer' is not in"),
+        ((str(_write(tmp_path / "bad.txt", ROWS)),), {}, "is not .json, .jsonl or .parquet"),
+    ]
+    (tmp_path / "broken.jsonl").write_text('{"problem": "a", "answer": \n')
+    cases.append(((str(tmp_path / "broken.jsonl"),), {}, "cannot load dataset file"))
+    empty = tmp_path / "empty.parquet"
+    import datasets
+
+    datasets.Dataset.from_dict({"problem": [], "answer": []}).to_parquet(str(empty))
+    cases.append(((str(empty),), {}, "cannot load dataset file .*empty.parquet"))
+    (tmp_path / "zero.jsonl").write_text("")
+    cases.append(((str(tmp_path / "zero.jsonl"),), {}, "is empty"))
+    all_bad = _write(tmp_path / "allbad.jsonl", [{"problem": "", "answer": "1"}, {"problem": "q", "answer": ""}])
+    cases.append(((str(all_bad),), {}, "no usable rows"))
+    for args, kwargs, message in cases:
+        with pytest.raises(DataError, match=message) as info:
+            load_problems(*args, **kwargs)
+        assert "\n" not in str(info.value)
+
+
+# -----------------------------------------------------------------------------
+# the hub and the known eval sets
+
+
+def test_hub_id_offline_gives_a_clear_error():
+    # conftest sets HF_HUB_OFFLINE: the real datasets code path runs up to the network and stops
+    with pytest.raises(DataError, match="cannot load dataset 'agentica-org/DeepScaleR-Preview-Dataset'.*hub"):
+        load_problems("agentica-org/DeepScaleR-Preview-Dataset")
+
+
+@pytest.fixture
+def fake_hub(monkeypatch):
+    """Replace the network half of datasets.load_dataset with tables that have each set's own columns."""
+    import datasets
+
+    tables, calls = {}, []
+
+    def load_dataset(path, name=None, split=None, **kwargs):
+        calls.append((path, name, split))
+        table = tables[(path, name)]
+        return table if isinstance(table, datasets.Dataset) else datasets.Dataset.from_list(table)
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    return tables, calls
+
+
+def test_hub_id_with_custom_columns(fake_hub):
+    tables, calls = fake_hub
+    tables[("org/set", "cfg")] = [{"q": "1+2?", "a": "3"}, {"q": "x?", "a": ""}]
+    problems = load_problems("org/set", "validation", problem_column="q", answer_column="a", config="cfg")
+    assert problems == [Problem("1+2?", "3")]
+    assert calls == [("org/set", "cfg", "validation")]
+
+
+def test_known_math_sets_map_their_columns(fake_hub):
+    tables, calls = fake_hub
+    tables[("HuggingFaceH4/MATH-500", None)] = [{"problem": "p", "answer": "\\frac{1}{2}", "solution": "s"}]
+    tables[("opencompass/AIME2025", "AIME2025-I")] = [{"question": "a1", "answer": "17"}]
+    tables[("opencompass/AIME2025", "AIME2025-II")] = [{"question": "a2", "answer": "70"}]
+    tables[("AI-MO/aimo-validation-amc", None)] = [{"problem": "amc", "answer": 142.0}]
+    tables[("Hothan/OlympiadBench", "OE_TO_maths_en_COMP")] = [{"question": "o", "final_answer": ["$\\sqrt{2}$"]}]
+    assert load_problems("math500") == [Problem("p", "\\frac{1}{2}")]
+    assert load_problems("aime2025") == [Problem("a1", "17"), Problem("a2", "70")]
+    assert load_problems("AMC") == [Problem("amc", "142")]
+    assert load_problems("olympiadbench") == [Problem("o", "$\\sqrt{2}$")]
+    assert ("HuggingFaceH4/MATH-500", None, "test") in calls
+    assert ("Hothan/OlympiadBench", "OE_TO_maths_en_COMP", "train") in calls
+
+
+def test_known_multiple_choice_sets(fake_hub):
+    tables, _ = fake_hub
+    tables[("cais/mmlu", "all")] = [{"question": "Q?", "choices": ["a", "b", "c", "d"], "answer": 2, "subject": "x"}]
+    tables[("dmayhem93/agieval-lsat-ar", None)] = [{"query": "Q: ... (A)..(E)", "choices": ["a"] * 5, "gold": [4]}]
+    gpqa_rows = [{"Question": f"G{i}?", "Correct Answer": f"right{i}", "Incorrect Answer 1": "w1",
+                  "Incorrect Answer 2": "w2", "Incorrect Answer 3": "w3"} for i in range(40)]
+    tables[("Idavidrein/gpqa", "gpqa_diamond")] = gpqa_rows
+
+    (mmlu,) = load_problems("mmlu")
+    assert mmlu == Problem("Q?\n\nOptions:\nA. a\nB. b\nC. c\nD. d\n", "C", multiple_choice=True)
+    assert load_problems("lsat") == [Problem("Q: ... (A)..(E)", "E", multiple_choice=True)]
+
+    gpqa = load_problems("gpqa")
+    for i, p in enumerate(gpqa):
+        assert p.multiple_choice
+        assert f"\n{p.answer}. right{i}\n" in p.problem  # the gold letter points at the correct option
+    assert len({p.answer for p in gpqa}) == 4  # the correct option is shuffled, not always A
+    assert load_problems("gpqa") == gpqa  # seeded
+    assert load_problems("gpqa", seed=1) != gpqa
+
+
+def test_hub_set_without_rows(fake_hub):
+    import datasets
+
+    tables, _ = fake_hub
+    tables[("org/empty", None)] = datasets.Dataset.from_dict({"problem": [], "answer": []})
+    with pytest.raises(DataError, match="dataset org/empty has no rows"):
+        load_problems("org/empty")
+
+
+def test_known_set_with_its_real_column_missing(fake_hub):
+    tables, _ = fake_hub
+    tables[("HuggingFaceH4/MATH-500", None)] = [{"question": "p", "answer": "1"}]
+    with pytest.raises(DataError, match="column 'problem' is not in math500"):
+        load_problems("math500")
+
+
+# -----------------------------------------------------------------------------
+# the preview command
+
+
+def test_cli_prints_prompts(capsys):
+    data.main(["--split", "test", "--n", "2", "--mode", "max"])
+    out = capsys.readouterr().out
+    assert out.startswith("200 problems from builtin")
+    assert out.count("Think for maximum") == 2
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--n-min", "50", "--n-max", "10"], "error: n_min (50) is larger than n_max (10)"),
+    (["--data", "no/such.jsonl"], "error: dataset file no/such.jsonl does not exist"),
+])
+def test_cli_refuses_bad_input_in_one_line(argv, message):
+    with pytest.raises(SystemExit) as info:
+        data.main(argv)
+    assert str(info.value).startswith(message)
