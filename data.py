@@ -117,13 +117,16 @@ _ITEMS = ["apples", "books", "coins", "marbles", "pencils", "stickers", "cards",
 
 
 def _word_problem(rng: random.Random) -> tuple[str, int]:
-    """One to three operations (+, -, x2/x3, and a final equal split) on a small starting count."""
+    """One to three operations (+, -, x2/x3, and a final equal split) on a small starting count.
+
+    Half the problems take one step, a third two, a sixth three: a 135M model must get some right.
+    """
     name, friend = rng.sample(_NAMES, 2)
     item = rng.choice(_ITEMS)
-    x = rng.randint(2, 15)
+    x = rng.randint(2, 9)
     sentences = [f"{name} has {x} {item}."]
     question = f"How many {item} does {name} have now?"
-    n_ops = rng.randint(1, 3)
+    n_ops = rng.choice((1, 1, 1, 2, 2, 3))
     for i in range(n_ops):
         ops = ["add", "mul"] + (["sub"] if x >= 3 else [])
         divisors = [k for k in (2, 3, 4, 5) if x % k == 0]
@@ -131,11 +134,11 @@ def _word_problem(rng: random.Random) -> tuple[str, int]:
             ops.append("div")  # a split changes the question, so it can only come last
         op = rng.choice(ops)
         if op == "add":
-            b = rng.randint(2, 12)
+            b = rng.randint(2, 9)
             sentences.append(f"{friend} gives {name} {b} more {item}.")
             x += b
         elif op == "sub":
-            b = rng.randint(1, min(12, x - 1))
+            b = rng.randint(1, min(9, x - 1))
             sentences.append(f"{name} gives {b} {item} to {friend}.")
             x -= b
         elif op == "mul":
@@ -159,7 +162,7 @@ def builtin_problems(split: str, n: int | None = None, seed: int = 0) -> list[Pr
     """The first n problems of a split of the built-in set; the same list for the same (split, seed).
 
         >>> builtin_problems("test", 1)[0].problem
-        'Cara has 5 stamps. Then Cara triples the number of stamps. How many stamps does Cara have now?'
+        'Mia has 9 pencils. Then Mia doubles the number of pencils. How many pencils does Mia have now?'
     """
     if split not in BUILTIN_SIZE:
         raise DataError(f"the built-in set has splits {', '.join(BUILTIN_SIZE)}, not {split!r}")

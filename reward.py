@@ -148,14 +148,36 @@ def _same_text(a: str, b: str) -> bool:
     return norm(a) == norm(b)
 
 
-def is_correct(response: str, gold: str, thinks: bool = False) -> bool:
-    r"""Is the last \boxed{} answer of the response equivalent to the gold answer?
+_NUMBER = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?")
+
+
+def extract_answer(response: str, thinks: bool = False, boxed_only: bool = True) -> str | None:
+    r"""The final answer of a response: the last \boxed{} after </think> (see final_answer_text).
+
+    boxed_only=False also accepts, when there is no box, the last number of the response: small
+    models (the 135M default) often end with "so the answer is 17." and rarely box. The paper
+    judges boxed answers only, which stays the default.
+
+        >>> extract_answer("3 + 4 = 7, so the answer is 7.", boxed_only=False)
+        '7'
+    """
+    text = final_answer_text(response, thinks)
+    answer = extract_boxed(text)
+    if answer is None and not boxed_only:
+        numbers = _NUMBER.findall(text)
+        answer = numbers[-1] if numbers else None
+    return answer
+
+
+def is_correct(response: str, gold: str, thinks: bool = False, boxed_only: bool = True) -> bool:
+    r"""Is the final answer of the response equivalent to the gold answer?
 
     Judged with math-verify, so 1/2 = \frac12 = 0.5, x=3 matches 3, 1,000 matches 1000,
-    \text{(B)} matches B. A response without a box, or a pathological answer that takes longer
-    than JUDGE_TIMEOUT_S to parse or compare, is incorrect. `thinks`: see final_answer_text.
+    \text{(B)} matches B. A response without an answer, or a pathological answer that takes longer
+    than JUDGE_TIMEOUT_S to parse or compare, is incorrect. `thinks` and `boxed_only`: see
+    final_answer_text and extract_answer.
     """
-    answer = extract_boxed(final_answer_text(response, thinks))
+    answer = extract_answer(response, thinks, boxed_only)
     if answer is None or not answer.strip() or len(answer) > MAX_ANSWER_CHARS:
         return False
     gold = str(gold)

@@ -136,7 +136,7 @@ def test_builtin_answers_are_exact_and_problems_short():
         ops = len(re.findall(r"[.?]", p.problem)) - 2
         assert 1 <= ops <= 3
         n_ops[ops] += 1
-        assert all(int(n) <= 200 for n in re.findall(r"\d+", p.problem))
+        assert all(int(n) <= 9 for n in re.findall(r"\d+", p.problem))  # small integers
     assert set(n_ops) == {1, 2, 3}  # every depth occurs
 
 

@@ -301,3 +301,26 @@ def test_judge_uses_only_the_latex_grammar():
     from math_verify import LatexExtractionConfig
 
     assert all(isinstance(c, LatexExtractionConfig) for c in reward._LATEX_ONLY)
+
+
+@pytest.mark.parametrize(
+    "response, answer",
+    [
+        ("3 + 4 = 7, so the answer is 7.", "7"),
+        ("It costs 1,000 dollars, then 2.5 more", "2.5"),
+        ("We get 1,000, so", "1,000"),
+        ("a total of -3", "-3"),
+        (r"first 5, then \boxed{6}, then 7", "6"),  # a box wins over any number
+        ("<think>8</think> no number", None),
+        ("no number at all", None),
+    ],
+)
+def test_last_number_fallback(response, answer):
+    assert reward.extract_answer(response, boxed_only=False) == answer
+
+
+def test_boxed_only_is_the_default():
+    assert not is_correct("3 + 4 = 7, so the answer is 7.", "7")
+    assert is_correct("3 + 4 = 7, so the answer is 7.", "7", boxed_only=False)
+    assert is_correct("so the answer is 1,000.", "1000", boxed_only=False)
+    assert not is_correct("the answer is 7. Check: 7 - 4 = 3", "7", boxed_only=False)  # last number decides
