@@ -14,7 +14,8 @@ so the same functions can be called from train.py, eval.py, verl or TRL.
     0.5
 
 Model output is untrusted text: it only ever reaches math-verify's LaTeX parser (a grammar, not
-Python), never eval/exec or sympy's parse_expr, and every judgement has a time limit.
+Python; the only pieces it hands on to sympy are the number literals it recognised), never
+eval/exec, and every judgement has a time limit.
 """
 
 import re
@@ -25,7 +26,7 @@ from math_verify import LatexExtractionConfig, parse, verify
 ALPHA_EXACT = 0.0003  # LCPO-Exact: reward lost per token of |n_gold - n_y| (paper)
 ALPHA_MAX = 0.001  # LCPO-Max: slope of the budget term (original code: alpha=1/500 on a [-1, 1] scale)
 DELTA_MAX = 0.5  # LCPO-Max: the budget term's value at n_y = n_gold
-JUDGE_TIMEOUT_S = 2  # per-answer limit for math-verify's parse and verify (signal based, whole seconds)
+JUDGE_TIMEOUT_S = 2  # per-answer limit on math-verify's parse and verify (SIGALRM: whole seconds, main thread)
 MAX_ANSWER_CHARS = 1000  # a longer "final answer" is degenerate output: incorrect, never parsed
 THINK_END = "</think>"
 

