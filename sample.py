@@ -1,0 +1,277 @@
+"""
+The generation loop, written by hand: batched, left-padded, KV-cached.
+
+    python sample.py --prompt "Tom has 3 apples and buys 4 more. How many now?" --budget 64 --answer 7
+    python sample.py --adapter runs/exact/adapter --budget 32 --prompt "..."   # a trained adapter
+    python sample.py --s1 --budget 64 --prompt "..."                           # budget forcing (S1)
+
+One prefill over the padded prompts fills the cache; then every step feeds each row the token
+it just sampled. Each row stops at its own EOS (or stop id) or at its own max_new_tokens.
+Per row it returns the tokens, the log-prob of each under the distribution it was sampled
+from (logits / temperature, after top-p), and why it stopped: these are GRPO's "old" log-probs,
+equal to what `sequence_logprobs` computes by a fresh forward pass over prompt + response.
+"""
+
+import argparse
+import math
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+import data
+import model as model_lib
+
+WAIT = "Wait"  # S1: appended when the model stops before its budget
+ANSWER_CUE = "\n\nThe final answer is"  # S1: appended at the budget, then a short greedy answer
+LOGPROB_CHUNK = 256  # positions per lm_head chunk in sequence_logprobs: bounds the [B, chunk, vocab] logits
+
+
+@dataclass
+class Rollout:
+    tokens: list[int]  # generated ids, up to and including the stop token
+    logprobs: list[float]  # log-prob of each token under its sampling distribution (nan: inserted, S1)
+    finish: str  # "eos": a stop id was sampled; "length": max_new_tokens reached
+
+    @property
+    def n_y(self) -> int:
+        return len(self.tokens)
+
+
+def check_sampling_args(max_new_tokens, temperature: float, top_p: float) -> None:
+    if min(max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens]) <= 0:
+        raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+
+
+def sampling_logprobs(logits: torch.Tensor, temperature: float, top_p: float = 1.0) -> torch.Tensor:
+    """Log-probs of the distribution tokens are drawn from: logits / T, then the top-p nucleus.
+
+    Temperature 0 (greedy) scores tokens at temperature 1.
+    """
+    logprobs = F.log_softmax(logits.float() / (temperature or 1.0), dim=-1)  # [B, V]
+    if top_p < 1.0:
+        sorted_lp, order = logprobs.sort(dim=-1, descending=True)
+        mass_before = sorted_lp.exp().cumsum(-1) - sorted_lp.exp()
+        outside = (mass_before >= top_p).scatter(-1, order, mass_before >= top_p)  # back to vocab order
+        logprobs = F.log_softmax(logprobs.masked_fill(outside, -math.inf), dim=-1)
+    return logprobs
+
+
+# -----------------------------------------------------------------------------
+# the loop
+
+
+@torch.no_grad()
+def generate(
+    model,
+    prompts: list[list[int]],
+    max_new_tokens: int | list[int],
+    pad_id: int,
+    stop_ids: list[int],
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+    on_token=None,
+) -> list[Rollout]:
+    """Sample a response for each prompt (token ids, chat template applied). See the module docstring.
+
+    max_new_tokens may differ per row. on_token(step, tokens[B]) is called after every step.
+    """
+    from transformers import DynamicCache
+
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("generate needs at least one prompt, and no empty prompt")
+    check_sampling_args(max_new_tokens, temperature, top_p)
+    limits = max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens] * len(prompts)
+    context = getattr(model.config, "max_position_embeddings", None)
+    longest = max(len(p) + n for p, n in zip(prompts, limits))
+    if context is not None and longest > context:
+        raise ValueError(f"prompt + max_new_tokens is {longest} tokens, more than the model's context of {context}")
+
+    device = next(model.parameters()).device
+    batch, width = len(prompts), max(len(p) for p in prompts)
+    input_ids = torch.full((batch, width), pad_id, dtype=torch.long)
+    mask = torch.zeros((batch, width), dtype=torch.long)
+    for i, p in enumerate(prompts):  # left padding: every row's next token goes in the same column
+        input_ids[i, width - len(p):] = torch.tensor(p)
+        mask[i, width - len(p):] = 1
+    input_ids, mask = input_ids.to(device), mask.to(device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # [B, T] each row counts from its first real token
+    limits_t = torch.tensor(limits, device=device)
+    stop_t = torch.tensor(sorted(set(stop_ids)), device=device, dtype=torch.long)
+
+    cache = DynamicCache(config=model.config)
+    logits = model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
+                   past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]  # [B, V]
+    next_position = positions[:, -1:] + 1  # [B, 1]
+    done = torch.zeros(batch, dtype=torch.bool, device=device)
+    tokens, logprobs = [], []  # per step: [B]
+    for step in range(max(limits)):
+        lp = sampling_logprobs(logits, temperature, top_p)
+        if temperature == 0:
+            token = lp.argmax(-1)
+        else:
+            token = torch.multinomial(lp.exp(), 1, generator=generator).squeeze(-1)
+        token = token.masked_fill(done, pad_id)  # finished rows only carry padding
+        tokens.append(token)
+        logprobs.append(lp.gather(-1, token[:, None]).squeeze(-1))
+        if on_token is not None:
+            on_token(step, token)
+        done = done | torch.isin(token, stop_t) | (step + 1 >= limits_t)
+        if done.all():
+            break
+        mask = torch.cat([mask, torch.ones((batch, 1), dtype=mask.dtype, device=device)], dim=-1)
+        logits = model(input_ids=token[:, None], attention_mask=mask, position_ids=next_position,
+                       past_key_values=cache, use_cache=True).logits[:, -1]
+        next_position = next_position + 1
+
+    tokens_t = torch.stack(tokens, 1).tolist()  # [B, steps]
+    logprobs_t = torch.stack(logprobs, 1).tolist()
+    stop_set = set(stop_ids)
+    rollouts = []
+    for row, row_lp, limit in zip(tokens_t, logprobs_t, limits):
+        n = next((i + 1 for i, t in enumerate(row[:limit]) if t in stop_set), min(limit, len(row)))
+        finish = "eos" if row[n - 1] in stop_set else "length"
+        rollouts.append(Rollout(row[:n], row_lp[:n], finish))
+    return rollouts
+
+
+def sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, temperature: float = 1.0,
+                      chunk: int = LOGPROB_CHUNK) -> torch.Tensor:
+    """Log-prob of each token given the ones before it, at the sampling temperature: [B, T-1].
+
+    Never holds the fp32 logits of the whole batch: the lm_head and log-softmax run `chunk`
+    positions at a time, and under autograd each chunk is recomputed in backward instead of stored.
+    """
+    positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
+                                 position_ids=positions).last_hidden_state  # [B, T, H]
+    lm_head = model.get_output_embeddings()
+    scale = temperature or 1.0
+
+    def chunk_logprobs(h, targets):
+        logits = lm_head(h).float() / scale  # [B, chunk, V]
+        return logits.log_softmax(-1).gather(-1, targets[..., None]).squeeze(-1)
+
+    out = []
+    for start in range(0, input_ids.shape[1] - 1, chunk):
+        h = hidden[:, start:start + chunk][:, : input_ids.shape[1] - 1 - start]
+        targets = input_ids[:, start + 1:start + 1 + h.shape[1]]
+        if torch.is_grad_enabled():
+            out.append(checkpoint(chunk_logprobs, h, targets, use_reentrant=False))
+        else:
+            out.append(chunk_logprobs(h, targets))
+    return torch.cat(out, dim=1)
+
+
+# -----------------------------------------------------------------------------
+# S1 budget forcing, the baseline L1 is compared with
+
+
+def budget_forcing(model, tokenizer, prompts: list[list[int]], budget: int, temperature: float = 0.0,
+                   top_p: float = 1.0, answer_tokens: int = 32, generator=None) -> list[Rollout]:
+    """S1: think for exactly `budget` tokens, then answer.
+
+    Generate up to the budget; while budget remains and the model stopped early (EOS, or
+    </think> for thinking models), drop the stop token, append "Wait" and go on. At the budget,
+    append the answer cue and decode a short answer greedily. The first `budget` tokens of each
+    rollout are its thinking; inserted tokens have log-prob nan.
+    """
+    think_end = tokenizer.convert_tokens_to_ids("</think>") if "</think>" in tokenizer.get_vocab() else None
+    stops = [tokenizer.eos_token_id] + ([think_end] if think_end is not None else [])
+    wait = tokenizer.encode(WAIT, add_special_tokens=False)
+    cue = tokenizer.encode(("\n</think>" if think_end is not None else "") + ANSWER_CUE, add_special_tokens=False)
+    thinking = [Rollout([], [], "length") for _ in prompts]
+    live = list(range(len(prompts)))
+    while live:
+        outs = generate(model, [prompts[i] + thinking[i].tokens for i in live],
+                        [budget - thinking[i].n_y for i in live], tokenizer.pad_token_id, stops,
+                        temperature, top_p, generator)
+        still = []
+        for i, out in zip(live, outs):
+            kept = out.tokens[:-1] if out.finish == "eos" else out.tokens  # a stop token is not thinking
+            thinking[i].tokens += kept
+            thinking[i].logprobs += out.logprobs[: len(kept)]
+            room = budget - thinking[i].n_y
+            if room > 0:
+                thinking[i].tokens += wait[:room]
+                thinking[i].logprobs += [math.nan] * len(wait[:room])
+                if budget - thinking[i].n_y > 0:
+                    still.append(i)
+        live = still
+    answers = generate(model, [p + t.tokens + cue for p, t in zip(prompts, thinking)], answer_tokens,
+                       tokenizer.pad_token_id, [tokenizer.eos_token_id], temperature=0.0)
+    return [Rollout(t.tokens + cue + a.tokens, t.logprobs + [math.nan] * len(cue) + a.logprobs, a.finish)
+            for t, a in zip(thinking, answers)]
+
+
+# -----------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> None:
+    import reward
+
+    parser = argparse.ArgumentParser(description="Sample one response to a length-controlled prompt.")
+    parser.add_argument("--prompt", default=None, help="the problem (default: the first built-in test problem)")
+    parser.add_argument("--budget", type=int, default=64, help="N in 'Think for N tokens.'; 0: no length sentence")
+    parser.add_argument("--mode", default="exact", choices=data.MODES)
+    parser.add_argument("--model", default=None, help="hub id or local directory (default: the embedded model)")
+    parser.add_argument("--adapter", default=None, help="a saved LoRA adapter directory")
+    parser.add_argument("--no-quantize", action="store_true", help="load the base in full precision")
+    parser.add_argument("--answer", default=None, help="gold answer: also say whether the response is correct")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--max-new-tokens", type=int, default=None, help="default: 2 x budget (256 without one)")
+    parser.add_argument("--s1", action="store_true", help="S1 budget forcing: think exactly --budget tokens")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    try:
+        if args.budget < 0:
+            raise ValueError(f"--budget must be >= 0, got {args.budget}")
+        if args.s1 and args.budget == 0:
+            raise ValueError("--s1 needs a --budget")
+        max_new = args.max_new_tokens or (2 * args.budget if args.budget else 256)
+        check_sampling_args(max_new, args.temperature, args.top_p)
+        problem = args.prompt or data.builtin_problems("test", 1)[0].problem
+        if args.prompt is None and args.answer is None:
+            args.answer = data.builtin_problems("test", 1)[0].answer
+        model, tokenizer = model_lib.load_model(args.model, adapter=args.adapter, quantize=not args.no_quantize,
+                                                trainable=False)
+        message = data.build_prompt(problem, args.budget or None, args.mode)
+        prompt = data.encode_prompt(tokenizer, message)
+    except (ValueError, model_lib.ModelError) as e:
+        sys.exit(f"error: {e}")
+    model.eval()
+    print(f"--- prompt\n{message}\n--- response")
+    generator = torch.Generator(device=model.device).manual_seed(args.seed)
+    if args.s1:
+        (out,) = budget_forcing(model, tokenizer, [prompt], args.budget, args.temperature, args.top_p,
+                                generator=generator)
+        text = tokenizer.decode(out.tokens, skip_special_tokens=True)
+        print(text)
+    else:
+        streamed = []
+
+        def stream(step, token):  # print the text as it grows
+            before = tokenizer.decode(streamed, skip_special_tokens=True)
+            streamed.append(int(token[0]))
+            print(tokenizer.decode(streamed, skip_special_tokens=True)[len(before):], end="", flush=True)
+
+        (out,) = generate(model, [prompt], max_new, tokenizer.pad_token_id, [tokenizer.eos_token_id],
+                          args.temperature, args.top_p, generator, on_token=stream)
+        text = tokenizer.decode(out.tokens, skip_special_tokens=True)
+        print()
+    line = f"--- {out.n_y} tokens (target {args.budget or 'none'}), stopped by {out.finish}"
+    if args.answer is not None:
+        line += f", correct: {reward.is_correct(text, args.answer, boxed_only=False)}"
+    print(line)
+
+
+if __name__ == "__main__":
+    main()

