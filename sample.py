@@ -236,7 +236,7 @@ def main(argv: list[str] | None = None) -> None:
             raise ValueError(f"--budget must be >= 0, got {args.budget}")
         if args.s1 and args.budget == 0:
             raise ValueError("--s1 needs a --budget")
-        max_new = args.max_new_tokens or (2 * args.budget if args.budget else 256)
+        max_new = args.max_new_tokens if args.max_new_tokens is not None else (2 * args.budget or 256)
         check_sampling_args(max_new, args.temperature, args.top_p)
         problem = args.prompt or data.builtin_problems("test", 1)[0].problem
         if args.prompt is None and args.answer is None:

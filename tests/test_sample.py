@@ -1,0 +1,211 @@
+import math
+
+import pytest
+import torch
+
+import data
+import sample
+from sample import Rollout, budget_forcing, generate, sequence_logprobs
+from tests.conftest import make_tiny_llama
+
+MESSAGES = ["1+1?", "What is seven times six, please?", "Ava has 3 pencils.", "x"]
+
+
+@pytest.fixture
+def prompts(char_tokenizer):
+    return [data.encode_prompt(char_tokenizer, m) for m in MESSAGES]  # four different lengths
+
+
+def _left_pad(prompts, pad_id):
+    width = max(map(len, prompts))
+    ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    return ids, mask
+
+
+def _run(model, prompts, tok, n=16, **kwargs):
+    return generate(model, prompts, n, tok.pad_token_id, kwargs.pop("stop_ids", []), **kwargs)
+
+
+def test_greedy_matches_hf_generate_with_left_padding(tiny_llama, char_tokenizer, prompts):
+    ids, mask = _left_pad(prompts, char_tokenizer.pad_token_id)
+    expected = tiny_llama.generate(input_ids=ids, attention_mask=mask, max_new_tokens=24, do_sample=False,
+                                   pad_token_id=char_tokenizer.pad_token_id, eos_token_id=None)
+    ours = _run(tiny_llama, prompts, char_tokenizer, 24, temperature=0)
+    assert [r.tokens for r in ours] == expected[:, ids.shape[1]:].tolist()
+    assert all(r.finish == "length" and r.n_y == 24 for r in ours)
+
+
+def test_a_row_alone_equals_the_row_in_a_padded_batch(tiny_llama, char_tokenizer, prompts):
+    batch = _run(tiny_llama, prompts, char_tokenizer, 20, temperature=0)
+    for prompt, in_batch in zip(prompts, batch):
+        (alone,) = _run(tiny_llama, [prompt], char_tokenizer, 20, temperature=0)
+        assert alone.tokens == in_batch.tokens
+        assert alone.logprobs == pytest.approx(in_batch.logprobs, abs=1e-4)
+
+
+def test_stop_id_ends_its_row_and_nothing_after_counts(tiny_llama, char_tokenizer, prompts):
+    free = _run(tiny_llama, prompts, char_tokenizer, 20, temperature=0)
+    stop = free[1].tokens[5]  # a token row 1 produces at step 6
+    stopped = _run(tiny_llama, prompts, char_tokenizer, 20, temperature=0, stop_ids=[stop])
+    for f, s in zip(free, stopped):
+        if stop in f.tokens:
+            n = f.tokens.index(stop) + 1
+            assert s.tokens == f.tokens[:n] and s.finish == "eos" and s.n_y == n
+            assert len(s.logprobs) == n
+        else:
+            assert s.tokens == f.tokens and s.finish == "length"
+    assert stopped[1].n_y <= 6
+
+
+def test_per_row_token_limits(tiny_llama, char_tokenizer, prompts):
+    out = generate(tiny_llama, prompts, [3, 9, 1, 5], char_tokenizer.pad_token_id, [], temperature=0)
+    assert [r.n_y for r in out] == [3, 9, 1, 5]
+    full = _run(tiny_llama, prompts, char_tokenizer, 9, temperature=0)
+    assert [r.tokens for r in out] == [f.tokens[:n] for f, n in zip(full, [3, 9, 1, 5])]
+
+
+@pytest.mark.parametrize("temperature", [0.6, 1.0, 0.0])
+def test_logprobs_equal_a_fresh_forward_pass(tiny_llama, char_tokenizer, prompts, temperature):
+    generator = torch.Generator().manual_seed(0)
+    out = _run(tiny_llama, prompts, char_tokenizer, 16, temperature=temperature, generator=generator)
+    ids, mask = _left_pad([p + r.tokens for p, r in zip(prompts, out)], char_tokenizer.pad_token_id)
+    with torch.no_grad():
+        fresh = sequence_logprobs(tiny_llama, ids, mask, temperature)  # [B, T-1]
+    for i, r in enumerate(out):
+        torch.testing.assert_close(fresh[i, -r.n_y:], torch.tensor(r.logprobs), atol=1e-4, rtol=1e-4)
+
+
+def test_sampling_is_seeded_and_top_p_keeps_to_the_nucleus(tiny_llama, char_tokenizer, prompts):
+    def run(seed, **kw):
+        return _run(tiny_llama, prompts, char_tokenizer, 16, temperature=1.0,
+                    generator=torch.Generator().manual_seed(seed), **kw)
+
+    assert [r.tokens for r in run(3)] == [r.tokens for r in run(3)]
+    assert [r.tokens for r in run(3)] != [r.tokens for r in run(4)]
+    # a nucleus this small holds only the top token: sampling is greedy and certain
+    narrow = run(3, top_p=1e-6)
+    assert [r.tokens for r in narrow] == [r.tokens for r in _run(tiny_llama, prompts, char_tokenizer, 16, temperature=0)]
+    assert all(lp == pytest.approx(0.0, abs=1e-6) for r in narrow for lp in r.logprobs)
+
+
+def test_top_p_renormalises_over_the_nucleus():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    lp = sample.sampling_logprobs(logits, 1.0, top_p=0.8)
+    # 0.5 + 0.3 reaches 0.8: those two are kept and renormalised
+    torch.testing.assert_close(lp.exp(), torch.tensor([[0.625, 0.375, 0.0, 0.0]]))
+
+
+def test_chunked_logprobs_and_their_gradients_match_the_plain_computation(char_tokenizer, prompts):
+    model = make_tiny_llama(char_tokenizer)
+    ids, mask = _left_pad(prompts, char_tokenizer.pad_token_id)
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits
+    plain = (logits[:, :-1].float() / 0.7).log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+    plain.sum().backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    chunked = sequence_logprobs(model, ids, mask, 0.7, chunk=5)  # several chunks, a ragged last one
+    torch.testing.assert_close(chunked, plain)
+    chunked.sum().backward()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, expected[name], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda m, t, p: generate(m, [], 4, t.pad_token_id, []), "at least one prompt"),
+    (lambda m, t, p: generate(m, [p[0], []], 4, t.pad_token_id, []), "no empty prompt"),
+    (lambda m, t, p: generate(m, p, 0, t.pad_token_id, []), "max_new_tokens must be positive"),
+    (lambda m, t, p: generate(m, p, [4, 4, -1, 4], t.pad_token_id, []), "max_new_tokens must be positive"),
+    (lambda m, t, p: generate(m, p, 4, t.pad_token_id, [], temperature=-0.1), "temperature must be >= 0"),
+    (lambda m, t, p: generate(m, p, 4, t.pad_token_id, [], top_p=0.0), r"top_p must be in \(0, 1\]"),
+    (lambda m, t, p: generate(m, p, 4, t.pad_token_id, [], top_p=1.5), r"top_p must be in \(0, 1\]"),
+    (lambda m, t, p: generate(m, [p[0] * 100], 4, t.pad_token_id, []), "more than the model's context of 512"),
+    (lambda m, t, p: generate(m, p, 500, t.pad_token_id, []), "more than the model's context"),
+])
+def test_bad_generation_arguments(tiny_llama, char_tokenizer, prompts, call, message):
+    with pytest.raises(ValueError, match=message):
+        call(tiny_llama, char_tokenizer, prompts)
+
+
+# -----------------------------------------------------------------------------
+# S1 budget forcing
+
+
+@pytest.fixture
+def eager_to_stop(tiny_llama, char_tokenizer):
+    """The tiny model, made to emit EOS on every 4th decoding step, so S1 must keep it going."""
+    calls = {"n": 0}
+    eos = char_tokenizer.eos_token_id
+
+    def hook(module, inputs, logits):
+        calls["n"] += 1
+        if calls["n"] % 4 == 0:
+            logits = logits.clone()
+            logits[:, -1, eos] += 1e4
+        return logits
+
+    handle = tiny_llama.lm_head.register_forward_hook(hook)
+    yield tiny_llama
+    handle.remove()
+
+
+@pytest.mark.parametrize("budget", [1, 7, 30])
+def test_budget_forcing_thinks_exactly_its_budget(eager_to_stop, char_tokenizer, prompts, budget):
+    out = budget_forcing(eager_to_stop, char_tokenizer, prompts, budget, answer_tokens=5)
+    # the character tokenizer knows </think>: the cue closes the thinking before the answer
+    cue = char_tokenizer.encode("\n</think>" + sample.ANSWER_CUE, add_special_tokens=False)
+    wait = char_tokenizer.encode(sample.WAIT, add_special_tokens=False)
+    eos = char_tokenizer.eos_token_id
+    for r in out:
+        thinking = r.tokens[:budget]
+        assert r.tokens[budget:budget + len(cue)] == cue  # the cue comes exactly at the budget
+        assert eos not in thinking  # early stops were replaced by "Wait"
+        assert 0 < r.n_y - budget - len(cue) <= 5  # then a short answer
+        assert len(r.logprobs) == r.n_y
+        assert all(math.isnan(lp) for lp in r.logprobs[budget:budget + len(cue)])
+    if budget == 30:
+        text = char_tokenizer.decode(out[0].tokens[:budget])
+        assert sample.WAIT in text and len(wait) == len(sample.WAIT)
+
+
+def test_budget_forcing_cue_without_think_tokens(tiny_llama, prompts):
+    from tests.conftest import make_char_tokenizer
+
+    plain = make_char_tokenizer()
+    plain.get_vocab = lambda: {}  # as for a model that never thinks in tags
+    (out,) = budget_forcing(tiny_llama, plain, prompts[:1], 6, answer_tokens=3)
+    assert plain.decode(out.tokens[6:]).startswith(sample.ANSWER_CUE)
+
+
+# -----------------------------------------------------------------------------
+# the command line
+
+
+def test_cli_samples_from_a_model_directory(tiny_model_dir, capsys):
+    sample.main(["--model", str(tiny_model_dir), "--prompt", "1+1?", "--budget", "8", "--answer", "2"])
+    out = capsys.readouterr().out
+    assert "Think for 8 tokens." in out
+    assert "--- 16 tokens (target 8), stopped by length, correct: False" in out
+
+
+def test_cli_s1(tiny_model_dir, capsys):
+    sample.main(["--model", str(tiny_model_dir), "--prompt", "1+1?", "--budget", "5", "--s1"])
+    assert "(target 5)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--budget", "-3"], "error: --budget must be >= 0"),
+    (["--temperature", "-1"], "error: temperature must be >= 0"),
+    (["--top-p", "2"], "error: top_p must be in (0, 1]"),
+    (["--max-new-tokens", "0"], "error: max_new_tokens must be positive"),
+    (["--model", "/no/such/dir"], "error: model directory /no/such/dir does not exist"),
+    (["--s1", "--budget", "0"], "error: --s1 needs a --budget"),
+])
+def test_cli_refuses_bad_input_before_loading(argv, message):
+    with pytest.raises(SystemExit) as info:
+        sample.main(argv)
+    assert str(info.value).startswith(message)
+
+
+def test_rollout_length_is_its_token_count():
+    assert Rollout([5, 6, 1], [-0.1, -0.2, -0.3], "eos").n_y == 3
