@@ -110,16 +110,21 @@ def resolve(name: str | None) -> str:
 
 
 def safe_pad_token_id(tokenizer) -> int:
-    """A pad id that is not the EOS: padding is masked out, and the EOS must never be mistaken for it.
+    """A pad id that is neither the EOS nor part of the chat markup.
 
-    The tokenizer's own pad if it differs from EOS, else another special token, else id 0 or 1.
+    Padding is masked out, but code that finds padding by its id must never take an EOS or a
+    prompt token for it. Prefers the tokenizer's own pad, then unk, other special tokens, bos.
     """
     eos = tokenizer.eos_token_id
-    candidates = [tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.unk_token_id]
-    candidates += tokenizer.convert_tokens_to_ids(tokenizer.all_special_tokens)
-    for token_id in candidates + [0, 1]:
-        if token_id is not None and token_id != eos:
-            return token_id
+    markup = set()
+    if tokenizer.chat_template:
+        markup = set(tokenizer.apply_chat_template([{"role": "user", "content": "x"}], add_generation_prompt=True,
+                                                   tokenize=True, return_dict=False))
+    candidates = [tokenizer.pad_token_id, tokenizer.unk_token_id]
+    candidates += tokenizer.convert_tokens_to_ids(tokenizer.all_special_tokens) + [tokenizer.bos_token_id, 0, 1]
+    usable = [t for t in candidates if t is not None and t != eos]
+    for token_id in [t for t in usable if t not in markup] + usable:
+        return token_id
     raise ModelError("the tokenizer has no token that can serve as padding")
 
 

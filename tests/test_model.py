@@ -139,6 +139,8 @@ def test_pad_token_is_never_the_eos(tmp_path):
     tokenizer.save_pretrained(tmp_path)
     loaded = model_lib.load_tokenizer(str(tmp_path))
     assert loaded.pad_token_id is not None and loaded.pad_token_id != loaded.eos_token_id
+    markup = data.encode_prompt(loaded, "x")
+    assert loaded.pad_token_id not in markup  # nor a token every prompt contains
 
 
 def test_bad_model_inputs_are_one_clear_error(tmp_path, char_tokenizer, monkeypatch):
@@ -190,7 +192,8 @@ def test_embedded_default_converts_once_then_loads_in_4bit(tmp_path, monkeypatch
         assert model_lib.embedded_model_dir(cache) == cache
 
     model, tokenizer = load_model(str(cache))
-    assert tokenizer.pad_token_id != tokenizer.eos_token_id
+    assert tokenizer.pad_token_id != tokenizer.eos_token_id  # SmolLM2 ships pad = eos = <|im_end|>
+    assert tokenizer.pad_token_id not in data.encode_prompt(tokenizer, "x")
     problem = data.builtin_problems("test", 1)[0]
     prompt = data.encode_prompt(tokenizer, data.build_prompt(problem.problem, 32, "exact"))
     (out,) = sample.generate(model, [prompt], 12, tokenizer.pad_token_id, [tokenizer.eos_token_id], temperature=0)
