@@ -166,7 +166,9 @@ def load_model(
     """
     from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # weights load in seconds: no bars
     device = device or default_device()
     if adapter is not None:
         saved_base = adapter_base(adapter)
