@@ -37,7 +37,7 @@ class ModelError(RuntimeError):
 
 
 @contextlib.contextmanager
-def _atomic_dir(out_dir: Path):
+def atomic_dir(out_dir: Path):
     """A staging directory beside out_dir that replaces it in one rename if the block succeeds,
     so a crash never leaves a half-written directory where a complete one is expected."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -83,7 +83,7 @@ def embedded_model_dir(cache_dir: Path = DEFAULT_CACHE) -> Path:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    with _atomic_dir(cache_dir) as staging:
+    with atomic_dir(cache_dir) as staging:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
     return cache_dir
@@ -171,6 +171,7 @@ def load_model(
     hf_logging.disable_progress_bar()  # weights load in seconds: no bars
     device = device or default_device()
     if adapter is not None:
+        adapter = str(find_adapter(adapter))
         saved_base = adapter_base(adapter)
         if name is not None and name != saved_base:
             raise ModelError(f"adapter {adapter} was trained on {saved_base}, not on {name}")
@@ -230,17 +231,26 @@ def reference(model):
 def save_adapter(model, tokenizer, out_dir: str | Path) -> None:
     """The adapter in peft's own format (PeftModel.from_pretrained reads it), with the tokenizer
     and the name of its base model; written atomically."""
-    with _atomic_dir(Path(out_dir)) as staging:
+    with atomic_dir(Path(out_dir)) as staging:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         (staging / ADAPTER_BASE_FILE).write_text(json.dumps({"base": getattr(model, "lcpo_base", "embedded")}))
 
 
+def find_adapter(path: str | Path) -> Path:
+    """A saved adapter directory, or a train.py run directory: then its newest checkpoint's adapter."""
+    path = Path(path)
+    if (path / "adapter_config.json").is_file():
+        return path
+    checkpoints = sorted(path.glob("checkpoints/step-*/adapter"))
+    if checkpoints:
+        return checkpoints[-1]
+    raise ModelError(f"{path} is not a saved adapter (no adapter_config.json) nor a run with checkpoints")
+
+
 def adapter_base(adapter: str | Path) -> str:
     """The base model an adapter was trained on, as its user named it ("embedded" for the default)."""
-    path = Path(adapter)
-    if not (path / "adapter_config.json").is_file():
-        raise ModelError(f"{adapter} is not a saved adapter (no adapter_config.json)")
+    path = find_adapter(adapter)
     if (path / ADAPTER_BASE_FILE).is_file():
         return json.loads((path / ADAPTER_BASE_FILE).read_text())["base"]
     return json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"]

@@ -40,7 +40,7 @@ def char_tokenizer():
     return make_char_tokenizer()
 
 
-def make_tiny_llama(tokenizer, seed: int = 0, context: int = 512):
+def make_tiny_llama(tokenizer, seed: int = 0, context: int = 512, init_std: float = 0.02):
     """A 2-layer Llama over the character vocabulary, random weights: fast enough for any test."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -50,6 +50,7 @@ def make_tiny_llama(tokenizer, seed: int = 0, context: int = 512):
         vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=context,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None,
+        initializer_range=init_std,
     )
     return LlamaForCausalLM(config).eval()
 

@@ -1,0 +1,231 @@
+import json
+import math
+import os
+import signal
+
+import pytest
+import torch
+
+import model as model_lib
+import reward
+import train
+from train import Config, group_advantages, normalise, per_token_loss
+from tests.conftest import make_char_tokenizer, make_tiny_llama
+
+TIMING_KEYS = {"rollout_tokens_per_s", "train_tokens_per_s", "peak_memory_mb"}
+
+
+# -----------------------------------------------------------------------------
+# the loss pieces, against hand-computed values
+
+
+def test_group_advantages():
+    rewards = torch.tensor([1.0, 0.0, 0.5, 0.5, 2.0, 0.0])
+    a = group_advantages(rewards, 2)
+    s = 1 / math.sqrt(2)  # (r - mean) / std with the unbiased std of two values 1 apart
+    torch.testing.assert_close(a[:2], torch.tensor([s, -s]), atol=1e-5, rtol=0)
+    assert a[2:4].tolist() == [0.0, 0.0]  # all equal: no gradient from this group
+    torch.testing.assert_close(a[4:], torch.tensor([s, -s]), atol=1e-5, rtol=0)  # scale-free
+    torch.testing.assert_close(group_advantages(rewards, 2, scale=False), torch.tensor([0.5, -0.5, 0, 0, 1, -1]))
+    torch.testing.assert_close(group_advantages(torch.tensor([3.0, 1, 2, 2]), 4), torch.tensor([1.2247, -1.2247, 0, 0]),
+                               atol=1e-4, rtol=0)
+
+
+def test_clipped_loss_on_both_sides():
+    old = torch.zeros(1, 4)
+    logp = torch.log(torch.tensor([[1.5, 0.5, 0.5, 1.5]]))  # ratios
+    for a, expected, clipped in [
+        (1.0, [-1.2, -0.5, -0.5, -1.2], [True, False, False, True]),  # A > 0: gains capped at 1 + eps
+        (-1.0, [1.5, 0.8, 0.8, 1.5], [False, True, True, False]),  # A < 0: the pessimistic side
+    ]:
+        loss, kl, was_clipped = per_token_loss(logp, old, None, torch.tensor([a]), 0.2, 0.001)
+        torch.testing.assert_close(loss, torch.tensor([expected]))
+        assert was_clipped.tolist() == [clipped]
+        assert kl.abs().sum() == 0  # no reference: no KL
+
+
+def test_k3_kl():
+    logp = torch.tensor([[-1.0, -2.0, -0.5]])
+    ref = torch.tensor([[-1.0, -2.0 + math.log(2), -3.0]])
+    loss, kl, _ = per_token_loss(logp, logp.clone(), ref, torch.tensor([0.0]), 0.2, 0.5)
+    assert kl[0, 0] == 0  # equal policies
+    assert kl[0, 1].item() == pytest.approx(2 - math.log(2) - 1)
+    assert (kl >= 0).all()
+    torch.testing.assert_close(loss, 0.5 * kl)  # A = 0 leaves only beta * KL
+    x = torch.linspace(-5, 5, 101)[None]
+    assert (per_token_loss(torch.zeros_like(x), torch.zeros_like(x), x, torch.tensor([0.0]), 0.2, 1.0)[1] >= 0).all()
+
+
+def test_loss_normalisations_and_micro_batches():
+    loss = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
+    mask = torch.tensor([[0.0, 1.0, 1.0], [1.0, 1.0, 1.0]])  # row 0 has 2 tokens, row 1 has 3
+    assert normalise(loss, mask, "token", 5, 2, 10).item() == pytest.approx((2 + 3 + 4 + 5 + 6) / 5)
+    assert normalise(loss, mask, "grpo", 5, 2, 10).item() == pytest.approx((2.5 + 5) / 2)
+    assert normalise(loss, mask, "dr_grpo", 5, 2, 10).item() == pytest.approx(20 / (2 * 10))
+    for how in ("token", "grpo", "dr_grpo"):  # micro-batches add up to the whole batch
+        whole = normalise(loss, mask, how, 5, 2, 10)
+        parts = normalise(loss[:1], mask[:1], how, 5, 2, 10) + normalise(loss[1:], mask[1:], how, 5, 2, 10)
+        assert parts.item() == pytest.approx(whole.item())
+
+
+# -----------------------------------------------------------------------------
+# end to end on the tiny model
+
+
+@pytest.fixture
+def learnable_model_dir(tmp_path):
+    # a wider initialisation than the default 0.02: with it the small adapter can move the EOS logit far
+    tokenizer = make_char_tokenizer()
+    path = tmp_path / "tiny"
+    make_tiny_llama(tokenizer, init_std=0.1).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def tiny_config(model_dir, **overrides):
+    settings = dict(model=str(model_dir), n_min=4, n_max=4, max_new_tokens=24, group_size=8, prompts_per_step=4,
+                    quantize=False, lr=0.05, alpha=0.05, steps=30, save_every=100, sample_every=10)
+    return Config(**{**settings, **overrides})
+
+
+def read_metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_lcpo_exact_reward_alone_teaches_the_target_length(learnable_model_dir, tmp_path):
+    # no answer can be right: the only signal is the length term, for a fixed target of 4 tokens
+    run = train.train(tiny_config(learnable_model_dir), tmp_path / "run")
+    metrics = read_metrics(run)
+    assert len(metrics) == 30 and all(m["updated"] for m in metrics)
+    first = sum(m["length_error"] for m in metrics[:5]) / 5
+    last = sum(m["length_error"] for m in metrics[-5:]) / 5
+    assert first > 2.0 and last < first / 2, (first, last)  # |n_y - 4| / 4 from ~3 to well under half
+    assert all(m["ratio_mean"] == pytest.approx(1.0, abs=1e-3) for m in metrics)  # mu = 1: ratio is 1
+    assert all(m["clip_fraction"] == 0 for m in metrics)
+    assert metrics[-1]["kl"] > 0  # the policy moved away from the reference
+    assert (run / "samples.jsonl").read_text().count('"step"') == 3
+    assert model_lib.find_adapter(run).parent.name == "step-000030"
+
+
+def test_several_epochs_clip(learnable_model_dir, tmp_path):
+    run = train.train(tiny_config(learnable_model_dir, steps=3, epochs=4, clip=0.01), tmp_path / "run")
+    assert any(m["clip_fraction"] > 0 for m in read_metrics(run))  # later epochs leave the trust region
+
+
+def _comparable(metrics):
+    return [{k: v for k, v in m.items() if k not in TIMING_KEYS} for m in metrics]
+
+
+def test_resume_after_ctrl_c_matches_an_uninterrupted_run(learnable_model_dir, tmp_path):
+    cfg = tiny_config(learnable_model_dir, steps=6, save_every=4)
+    straight = read_metrics(train.train(cfg, tmp_path / "straight"))
+
+    def ctrl_c_at_step_2(step, metrics):
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(KeyboardInterrupt):
+        train.train(cfg, tmp_path / "stopped", on_step=ctrl_c_at_step_2)
+    assert [m["step"] for m in read_metrics(tmp_path / "stopped")] == [0, 1, 2]
+    assert train.latest_checkpoint(tmp_path / "stopped").name == "step-000003"  # saved on the way out
+    resumed = read_metrics(train.train(cfg, tmp_path / "stopped", resume=True))
+    assert _comparable(resumed) == _comparable(straight)
+
+
+def test_resume_after_a_crash_redoes_the_steps_since_the_checkpoint(learnable_model_dir, tmp_path):
+    cfg = tiny_config(learnable_model_dir, steps=6, save_every=2)
+    straight = read_metrics(train.train(cfg, tmp_path / "straight"))
+
+    def crash_at_step_4(step, metrics):
+        if step == 4:
+            raise MemoryError("killed")
+
+    with pytest.raises(MemoryError):
+        train.train(cfg, tmp_path / "crashed", on_step=crash_at_step_4)
+    assert train.latest_checkpoint(tmp_path / "crashed").name == "step-000004"
+    resumed = read_metrics(train.train(cfg, tmp_path / "crashed", resume=True))
+    assert _comparable(resumed) == _comparable(straight)  # step 4 is redone, not logged twice
+
+
+def test_a_checkpoint_interrupted_while_written_never_replaces_the_good_one(learnable_model_dir, tmp_path, monkeypatch):
+    cfg = tiny_config(learnable_model_dir, steps=4, save_every=2)
+    real_save = torch.save
+    calls = {"n": 0}
+
+    def save_then_die(obj, path, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the second checkpoint dies half-way
+            raise OSError("disk full")
+        return real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save_then_die)
+    with pytest.raises(OSError):
+        train.train(cfg, tmp_path / "run")
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert [p.name for p in checkpoints.iterdir()] == ["step-000002"]  # no half-written step-000004
+    monkeypatch.setattr(torch, "save", real_save)
+    assert read_metrics(train.train(cfg, tmp_path / "run", resume=True))[-1]["step"] == 3
+
+
+def test_non_finite_rewards_skip_the_update_then_stop_the_run(learnable_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(reward, "lcpo_reward", lambda *args, **kwargs: float("nan"))
+    cfg = tiny_config(learnable_model_dir, steps=10, max_bad_steps=3)
+    before = {k: v.clone() for k, v in model_lib.load_model(str(learnable_model_dir), quantize=False)[0].state_dict().items()}
+    with pytest.raises(RuntimeError, match="3 steps in a row had a non-finite loss or reward"):
+        train.train(cfg, tmp_path / "run")
+    metrics = read_metrics(tmp_path / "run")
+    assert [m["updated"] for m in metrics] == [False, False, False]
+
+
+# -----------------------------------------------------------------------------
+# flags
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--alpha", "-0.1"], "--alpha must be >= 0"),
+    (["--group-size", "1"], "--group-size must be >= 2"),
+    (["--n-min", "50", "--n-max", "10"], "n_min (50) is larger than n_max (10)"),
+    (["--n-min", "0"], "n_min must be a positive"),
+    (["--mode", "min"], "--mode must be exact, max or mix"),
+    (["--preset", "l2"], "unknown preset 'l2'"),
+    (["--loss-norm", "sum"], "--loss-norm must be token, grpo or dr_grpo"),
+    (["--top-p", "0"], "top_p must be in (0, 1]"),
+    (["--resume", "nowhere"], "nowhere is not a run directory"),
+])
+def test_bad_flags_are_refused_before_the_model_loads(argv, message, monkeypatch, tmp_path):
+    monkeypatch.setattr(model_lib, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    with pytest.raises(SystemExit) as info:
+        train.main(argv + ["--out-dir", str(tmp_path)])
+    assert str(info.value).startswith("error: ") and message in str(info.value)
+
+
+def test_an_existing_run_needs_resume(monkeypatch, tmp_path):
+    (tmp_path / "taken").mkdir()
+    monkeypatch.setattr(model_lib, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    with pytest.raises(SystemExit, match="exists: pass --resume"):
+        train.main(["--out-dir", str(tmp_path), "--run-name", "taken"])
+
+
+def test_presets_and_flags():
+    cfg, run_dir, resume = train.parse_args(["--preset", "l1-exact", "--lr", "2e-5", "--no-quantize", "--run-name", "x"])
+    assert (cfg.group_size, cfg.n_min, cfg.n_max, cfg.temperature, cfg.max_new_tokens) == (16, 100, 4000, 0.6, 4096)
+    assert (cfg.lr, cfg.quantize, cfg.boxed_only, resume) == (2e-5, False, True, False)
+    assert run_dir.name == "x"
+    assert train.parse_args(["--preset", "l1-max"])[0].mode == "mix"
+
+
+def test_default_run_smoke(tmp_path, capsys):
+    # the real default, embedded model and built-in problems, shrunk to two quick steps
+    train.main(["--steps", "2", "--group-size", "2", "--prompts-per-step", "2", "--max-new-tokens", "8",
+                "--out-dir", str(tmp_path), "--run-name", "smoke", "--sample-every", "1"])
+    run = tmp_path / "smoke"
+    assert json.loads((run / "config.json").read_text())["group_size"] == 2
+    metrics = read_metrics(run)
+    assert [m["step"] for m in metrics] == [0, 1]
+    expected = {"reward_mean", "reward_std", "accuracy", "mean_n_y", "length_error", "stopped_by_length", "kl",
+                "clip_fraction", "entropy_proxy", "grad_norm", "rollout_tokens_per_s", "train_tokens_per_s",
+                "peak_memory_mb"}
+    assert expected <= set(metrics[0])
+    assert all(math.isfinite(m["reward_mean"]) and m["mean_n_y"] <= 8 for m in metrics)
+    assert (run / "checkpoints" / "step-000002" / "adapter" / "adapter_config.json").is_file()
+    assert '"group_size": 2' in capsys.readouterr().out  # the resolved config is printed

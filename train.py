@@ -1,0 +1,460 @@
+"""
+LCPO: GRPO with a length-controlled reward, written by hand.
+
+    python train.py                                   # LCPO-Exact on the embedded default, on a CPU
+    python train.py --mode mix                        # L1-Max style: half Exact, half Max prompts
+    python train.py --alpha 0.001 --run-name a1e-3    # an alpha ablation
+    python train.py --preset l1-exact                 # the paper's settings, 1.5B model, one GPU
+    python train.py --resume runs/a1e-3               # continue an interrupted run
+
+One step: sample problems and targets -> roll out G responses each -> judge and reward them ->
+group-normalised advantages -> clipped policy loss + k3 KL to the adapter-free reference -> one
+AdamW update of the LoRA weights (per epoch over the rollouts).
+"""
+
+import argparse
+import dataclasses
+import inspect
+import json
+import math
+import random
+import re
+import shutil
+import signal
+import sys
+import time
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+import data
+import model as model_lib
+import reward
+import sample
+
+
+@dataclass
+class Config:
+    # what to train
+    model: str | None = None  # hub id or local directory; None: the embedded SmolLM2-135M-Instruct
+    data: str = "builtin"  # builtin, a known set (data.KNOWN_SETS), a hub id or a local file
+    problem_column: str = "problem"  # the dataset's problem column
+    answer_column: str = "answer"  # the dataset's gold answer column
+    # the LCPO reward
+    mode: str = "exact"  # exact, max, or mix (L1-Max: each prompt Exact or Max with probability 1/2)
+    alpha: float | None = None  # reward per token of length error; None: 0.0003 for exact, 0.001 for max
+    delta: float = 0.5  # Max reward of a correct answer at exactly n_gold tokens
+    n_min: int = 16  # smallest target length n_gold, tokens
+    n_max: int = 160  # largest target length n_gold, tokens
+    boxed_only: bool = False  # judge only \boxed{} answers (the paper); off: the last number counts too
+    # GRPO
+    group_size: int = 4  # G: responses per prompt
+    prompts_per_step: int = 4  # prompts per update (x G responses)
+    epochs: int = 1  # mu: optimisation passes over each batch of rollouts
+    clip: float = 0.2  # epsilon of the clipped ratio
+    beta: float = 0.001  # weight of the k3 KL to the reference; 0 skips the reference pass
+    loss_norm: str = "token"  # token (DAPO/verl), grpo (per-sequence mean) or dr_grpo (sum / max length)
+    temperature: float = 1.0  # sampling temperature (log-probs are taken at it too)
+    top_p: float = 1.0  # nucleus sampling
+    max_new_tokens: int = 256  # response cap
+    # optimisation
+    lr: float = 1e-4  # AdamW learning rate of the LoRA weights
+    warmup_steps: int = 0  # linear warm-up, then constant
+    grad_clip: float = 1.0  # max gradient norm
+    steps: int = 200  # updates in the whole run
+    micro_batch: int = 8  # rows per forward/backward (gradient accumulation over the batch)
+    rollout_batch: int = 64  # rows per generation batch
+    lora_rank: int = 16  # LoRA r
+    lora_alpha: int = 32  # LoRA scaling numerator
+    lora_dropout: float = 0.0  # dropout on the LoRA input
+    quantize: bool = True  # 4-bit NF4 base (off: full precision)
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, more time
+    # bookkeeping
+    seed: int = 0  # everything random derives from it (problems, targets, sampling)
+    out_dir: str = "runs"  # where run directories go
+    run_name: str | None = None  # default: the date and time
+    save_every: int = 10  # steps between checkpoints
+    keep_checkpoints: int = 3  # the newest ones kept
+    sample_every: int = 5  # steps between saved example responses
+    max_bad_steps: int = 5  # non-finite losses in a row before the run stops
+
+
+PRESETS = {
+    "default": {},
+    # the paper's runs, for a 1.5B model on one GPU. The paper's lr (1e-6) was for full fine-tuning;
+    # a LoRA adapter needs a larger step for the same change of the weights: 1e-5 is 10x.
+    "l1-exact": dict(model="agentica-org/DeepScaleR-1.5B-Preview", data="deepscaler", mode="exact", n_min=100,
+                     n_max=4000, group_size=16, prompts_per_step=128, temperature=0.6, max_new_tokens=4096,
+                     alpha=0.0003, beta=0.001, lr=1e-5, boxed_only=True, micro_batch=4, rollout_batch=256,
+                     gradient_checkpointing=True, lora_rank=64, lora_alpha=128, save_every=5),
+    "l1-max": dict(model="agentica-org/DeepScaleR-1.5B-Preview", data="deepscaler", mode="mix", n_min=100,
+                   n_max=4000, group_size=16, prompts_per_step=128, temperature=0.6, max_new_tokens=4096,
+                   alpha=None, beta=0.001, lr=1e-5, boxed_only=True, micro_batch=4, rollout_batch=256,
+                   gradient_checkpointing=True, lora_rank=64, lora_alpha=128, save_every=5),
+}
+
+
+def check_config(cfg: Config) -> None:
+    """Refuse a configuration that cannot run, before anything is loaded."""
+    problems = []
+    if cfg.mode not in ("exact", "max", "mix"):
+        problems.append(f"--mode must be exact, max or mix, not {cfg.mode!r}")
+    if cfg.alpha is not None and cfg.alpha < 0:
+        problems.append(f"--alpha must be >= 0, got {cfg.alpha}")
+    if not 0 <= cfg.delta <= 1:
+        problems.append(f"--delta must be in [0, 1], got {cfg.delta}")
+    if cfg.group_size < 2:
+        problems.append(f"--group-size must be >= 2 (advantages compare responses to the same prompt), got {cfg.group_size}")
+    if cfg.loss_norm not in ("token", "grpo", "dr_grpo"):
+        problems.append(f"--loss-norm must be token, grpo or dr_grpo, not {cfg.loss_norm!r}")
+    for name in ("prompts_per_step", "epochs", "steps", "micro_batch", "rollout_batch", "max_new_tokens",
+                 "save_every", "keep_checkpoints", "sample_every", "max_bad_steps", "lora_rank"):
+        if getattr(cfg, name) < 1:
+            problems.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
+    for name in ("beta", "clip", "lr", "warmup_steps", "grad_clip", "lora_dropout"):
+        if getattr(cfg, name) < 0:
+            problems.append(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
+    try:
+        data.check_target_range(cfg.n_min, cfg.n_max)
+        sample.check_sampling_args(cfg.max_new_tokens, cfg.temperature, cfg.top_p)
+    except ValueError as e:
+        problems.append(str(e))
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
+# -----------------------------------------------------------------------------
+# the GRPO pieces
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, scale: bool = True) -> torch.Tensor:
+    """A_i = (r_i - mean(r)) / (std(r) + 1e-6) within each group of G responses to one prompt.
+
+    A group whose rewards are all equal gets 0: it says nothing about which response was better.
+    scale=False (Dr. GRPO) keeps r_i - mean(r). `rewards` is [P * G], grouped contiguously.
+    """
+    groups = rewards.view(-1, group_size)  # [P, G]
+    centred = groups - groups.mean(-1, keepdim=True)
+    if scale:
+        centred = centred / (groups.std(-1, keepdim=True) + 1e-6)
+    return centred.view(-1)
+
+
+def per_token_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor | None,
+                   advantages: torch.Tensor, clip: float, beta: float):
+    """Clipped policy-gradient loss plus beta * k3 KL, per token: ([B, T] loss, [B, T] kl, [B, T] clipped).
+
+        ratio = exp(logp - old_logp)
+        L_pg  = -min(ratio * A, clip(ratio, 1 - eps, 1 + eps) * A)
+        KL_k3 = exp(ref - logp) - (ref - logp) - 1        (>= 0, and 0 where the two agree)
+    """
+    ratio = torch.exp(logp - old_logp)
+    a = advantages[:, None]  # [B, 1]: one advantage for every token of a response
+    unclipped, clipped = ratio * a, torch.clamp(ratio, 1 - clip, 1 + clip) * a
+    loss = -torch.minimum(unclipped, clipped)
+    kl = torch.zeros_like(logp)
+    if ref_logp is not None and beta > 0:
+        kl = torch.exp(ref_logp - logp) - (ref_logp - logp) - 1
+        loss = loss + beta * kl
+    return loss, kl, (clipped < unclipped)
+
+
+def normalise(loss: torch.Tensor, mask: torch.Tensor, how: str, batch_tokens: int, batch_rows: int,
+              max_new_tokens: int) -> torch.Tensor:
+    """This micro-batch's share of the batch loss, so that summing over micro-batches gives:
+
+    token   : sum over every response token of the batch / number of those tokens (DAPO, verl)
+    grpo    : mean over sequences of each sequence's token mean
+    dr_grpo : sum over tokens / (rows x max_new_tokens), a constant (Dr. GRPO)
+    """
+    if how == "token":
+        return (loss * mask).sum() / batch_tokens
+    if how == "grpo":
+        return ((loss * mask).sum(-1) / mask.sum(-1).clamp(min=1)).sum() / batch_rows
+    return (loss * mask).sum() / (batch_rows * max_new_tokens)
+
+
+# -----------------------------------------------------------------------------
+# checkpoints
+
+
+def save_checkpoint(run_dir: Path, step: int, model, tokenizer, optimizer, cfg: Config) -> None:
+    """adapter + optimizer + RNG + step, written atomically; the newest keep_checkpoints are kept."""
+    path = run_dir / "checkpoints" / f"step-{step:06d}"
+    with model_lib.atomic_dir(path) as staging:
+        model_lib.save_adapter(model, tokenizer, staging / "adapter")
+        torch.save({"optimizer": optimizer.state_dict(), "step": step, "torch_rng": torch.get_rng_state()},
+                   staging / "state.pt")
+    for old in sorted((run_dir / "checkpoints").glob("step-*"))[: -cfg.keep_checkpoints]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    done = sorted((run_dir / "checkpoints").glob("step-*"))  # staging dirs start with "." : never listed
+    return done[-1] if done else None
+
+
+# -----------------------------------------------------------------------------
+# the loop
+
+
+def train(cfg: Config, run_dir: Path, resume: bool = False, on_step=None) -> Path:
+    """Train until cfg.steps updates are done; returns the run directory. on_step(step, metrics) is for tests."""
+    if not resume:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
+    checkpoint = latest_checkpoint(run_dir) if resume else None
+    torch.manual_seed(cfg.seed)  # the new adapter's initial weights
+    model, tokenizer = model_lib.load_model(
+        cfg.model, adapter=str(checkpoint / "adapter") if checkpoint else None, quantize=cfg.quantize,
+        lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+        gradient_checkpointing=cfg.gradient_checkpointing)
+    problems = data.load_problems(cfg.data, "train", cfg.problem_column, cfg.answer_column, seed=cfg.seed)
+    thinks = "</think>" in tokenizer.get_vocab()  # R1-style models: an answer only counts after </think>
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    start = 0
+    if checkpoint is not None:
+        state = torch.load(checkpoint / "state.pt", weights_only=False)
+        optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["torch_rng"])
+        start = state["step"]
+    device = next(model.parameters()).device
+    print(f"training {model.lcpo_base} on {len(problems)} problems of {cfg.data}; run: {run_dir}")
+
+    for log in ("metrics.jsonl", "samples.jsonl"):  # a resumed run redoes the steps after its checkpoint
+        path = run_dir / log
+        if path.exists():
+            kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] < start]
+            path.write_text("".join(line + "\n" for line in kept))
+
+    stop = {"asked": False}
+
+    def ask_to_stop(signum, frame):  # Ctrl-C or kill: finish this step, save, exit; twice: exit now
+        if stop["asked"]:
+            raise KeyboardInterrupt
+        stop["asked"] = True
+        print("\nstopping after this step (press Ctrl-C again to quit without saving it)", file=sys.stderr)
+
+    previous = {sig: signal.signal(sig, ask_to_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    from tqdm import tqdm
+
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="steps", dynamic_ncols=True)
+    bad_steps = 0
+    try:
+        for step in bar:
+            metrics, examples = train_step(cfg, step, model, tokenizer, optimizer, params, problems, thinks, device)
+            bad_steps = 0 if metrics["updated"] else bad_steps + 1
+            with open(run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(metrics) + "\n")
+            if step % cfg.sample_every == 0:
+                with open(run_dir / "samples.jsonl", "a") as f:
+                    f.write(json.dumps({"step": step, "examples": examples}) + "\n")
+            bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", acc=f"{metrics['accuracy']:.2f}",
+                            len_err=f"{metrics['length_error']:.2f}")
+            if on_step is not None:
+                on_step(step, metrics)
+            if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps or stop["asked"]:
+                save_checkpoint(run_dir, step + 1, model, tokenizer, optimizer, cfg)
+            if stop["asked"]:
+                print(f"saved step {step + 1}; continue with  python train.py --resume {run_dir}")
+                raise KeyboardInterrupt
+            if bad_steps >= cfg.max_bad_steps:
+                raise RuntimeError(f"{bad_steps} steps in a row had a non-finite loss or reward: lower --lr or "
+                                   f"check the data, then resume from the last good checkpoint ({run_dir})")
+    finally:
+        bar.close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return run_dir
+
+
+def train_step(cfg: Config, step: int, model, tokenizer, optimizer, params, problems, thinks, device):
+    """One GRPO update. Everything random is seeded by (seed, step), so a resumed run repeats it exactly."""
+    rng = random.Random(cfg.seed * 1_000_003 + step)
+    generator = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + step)
+    G = cfg.group_size
+
+    # 1. problems and targets
+    batch = [problems[rng.randrange(len(problems))] for _ in range(cfg.prompts_per_step)]
+    targets = data.sample_targets(len(batch), cfg.n_min, cfg.n_max, cfg.mode, rng)  # [(n_gold, mode)]
+    prompts = [data.encode_prompt(tokenizer, data.build_prompt(p.problem, n, m, p.multiple_choice))
+               for p, (n, m) in zip(batch, targets)]
+
+    # 2. roll out G responses per prompt; their log-probs are GRPO's old log-probs
+    t0 = time.perf_counter()
+    model.eval()
+    rows = [prompt for prompt in prompts for _ in range(G)]  # [P * G], groups contiguous
+    rollouts = []
+    for i in range(0, len(rows), cfg.rollout_batch):
+        rollouts += sample.generate(model, rows[i:i + cfg.rollout_batch], cfg.max_new_tokens, tokenizer.pad_token_id,
+                                    [tokenizer.eos_token_id], cfg.temperature, cfg.top_p, generator)
+    rollout_s = time.perf_counter() - t0
+
+    # 3. judge and reward
+    texts = [tokenizer.decode(r.tokens, skip_special_tokens=True) for r in rollouts]
+    correct, rewards = [], []
+    for j, (r, text) in enumerate(zip(rollouts, texts)):
+        problem, (n_gold, mode) = batch[j // G], targets[j // G]
+        if problem.multiple_choice:
+            ok = reward.is_correct_choice(text, problem.answer, thinks)
+        else:
+            ok = reward.is_correct(text, problem.answer, thinks, cfg.boxed_only)
+        correct.append(ok)
+        rewards.append(reward.lcpo_reward(ok, r.n_y, n_gold, mode, cfg.alpha, cfg.delta))
+    rewards_t = torch.tensor(rewards, dtype=torch.float32)
+
+    # 4. advantages
+    advantages = group_advantages(rewards_t, G, scale=cfg.loss_norm != "dr_grpo")  # [P * G]
+
+    # 5. the loss, over micro-batches, epochs times
+    t1 = time.perf_counter()
+    model.train()
+    batch_tokens = sum(r.n_y for r in rollouts)
+    order = sorted(range(len(rows)), key=lambda j: len(rows[j]) + rollouts[j].n_y)  # similar lengths together
+    micro = [order[i:i + cfg.micro_batch] for i in range(0, len(order), cfg.micro_batch)]
+    tensors = [pack([rows[j] for j in idx], [rollouts[j] for j in idx], tokenizer.pad_token_id, device) for idx in micro]
+    ref = []
+    for ids, mask, resp_mask, _ in tensors:  # the reference pass, once per rollout batch
+        if cfg.beta > 0:
+            with model_lib.reference(model):
+                ref.append(response_logprobs(model, ids, mask, resp_mask, cfg.temperature))
+        else:
+            ref.append(None)
+    sums = dict(kl=0.0, clipped=0.0, ratio=0.0, entropy_proxy=0.0, loss=0.0)
+    updated, grad_norm = True, float("nan")
+    for _ in range(cfg.epochs):
+        optimizer.zero_grad(set_to_none=True)
+        finite = bool(torch.isfinite(rewards_t).all())
+        for idx, (ids, mask, resp_mask, old), ref_logp in zip(micro, tensors, ref):
+            logp = response_logprobs(model, ids, mask, resp_mask, cfg.temperature)  # [b, R]
+            loss_tok, kl, clipped = per_token_loss(logp, old, ref_logp, advantages[idx].to(device), cfg.clip, cfg.beta)
+            loss = normalise(loss_tok, resp_mask, cfg.loss_norm, batch_tokens, len(rows), cfg.max_new_tokens)
+            if not torch.isfinite(loss):
+                finite = False
+                break
+            loss.backward()
+            with torch.no_grad():
+                sums["loss"] += loss.item()
+                sums["kl"] += (kl * resp_mask).sum().item()
+                sums["clipped"] += (clipped * resp_mask).sum().item()
+                sums["ratio"] += (torch.exp(logp - old) * resp_mask).sum().item()
+                sums["entropy_proxy"] += (-logp * resp_mask).sum().item()  # mean -log p of sampled tokens
+        if not finite:  # skip the update, keep the weights
+            optimizer.zero_grad(set_to_none=True)
+            updated = False
+            break
+        for group in optimizer.param_groups:  # linear warm-up, then constant
+            group["lr"] = cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip).item()
+        optimizer.step()
+    train_s = time.perf_counter() - t1
+
+    # 6. what happened
+    n_y = [r.n_y for r in rollouts]
+    n_gold = [targets[j // G][0] for j in range(len(rows))]
+    denom = batch_tokens * (cfg.epochs if updated else 1)
+    metrics = dict(
+        step=step, updated=updated, loss=sums["loss"] / cfg.epochs,
+        reward_mean=rewards_t.mean().item(), reward_std=rewards_t.std().item(),
+        accuracy=sum(correct) / len(correct), mean_n_y=sum(n_y) / len(n_y),
+        length_error=sum(abs(y - g) / g for y, g in zip(n_y, n_gold)) / len(n_y),
+        stopped_by_length=sum(r.finish == "length" for r in rollouts) / len(rollouts),
+        kl=sums["kl"] / denom, clip_fraction=sums["clipped"] / denom, ratio_mean=sums["ratio"] / denom,
+        entropy_proxy=sums["entropy_proxy"] / denom, grad_norm=grad_norm,
+        rollout_tokens_per_s=batch_tokens / rollout_s, train_tokens_per_s=batch_tokens * cfg.epochs / train_s,
+        peak_memory_mb=peak_memory_mb(device),
+    )
+    examples = [dict(prompt=tokenizer.decode(prompts[j // G]), response=texts[j], n_y=n_y[j], n_gold=n_gold[j],
+                     correct=correct[j], reward=rewards[j]) for j in range(0, len(rows), G)]
+    return metrics, examples
+
+
+def pack(prompts: list[list[int]], rollouts, pad_id: int, device):
+    """Left-padded prompt + response rows: (ids [b, T], mask [b, T], response mask [b, R], old log-probs [b, R]).
+
+    R is the longest response; every row's response ends at the last column.
+    """
+    width = max(len(p) + r.n_y for p, r in zip(prompts, rollouts))
+    longest = max(r.n_y for r in rollouts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    resp_mask = torch.zeros((len(prompts), longest))
+    old = torch.zeros((len(prompts), longest))
+    for i, (p, r) in enumerate(zip(prompts, rollouts)):
+        seq = p + r.tokens
+        ids[i, width - len(seq):] = torch.tensor(seq)
+        mask[i, width - len(seq):] = 1
+        resp_mask[i, longest - r.n_y:] = 1
+        old[i, longest - r.n_y:] = torch.tensor(r.logprobs)
+    return ids.to(device), mask.to(device), resp_mask.to(device), old.to(device)
+
+
+def response_logprobs(model, ids, mask, resp_mask, temperature: float) -> torch.Tensor:
+    """Log-probs of the response tokens only: the last R columns of sample.sequence_logprobs. [b, R]"""
+    return sample.sequence_logprobs(model, ids, mask, temperature)[:, -resp_mask.shape[1]:]
+
+
+def peak_memory_mb(device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+# -----------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[Config, Path, bool]:
+    """Flags from the Config fields (--group-size 8, --no-quantize, ...), a preset under them, or --resume."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
+    parser.add_argument("--preset", default="default", help=f"one of {', '.join(PRESETS)}")
+    parser.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue this run from its last checkpoint")
+    comments = dict(re.findall(r"^    (\w+): .*?  # (.*)$", inspect.getsource(Config), re.M))  # the knob's comment
+    for f in dataclasses.fields(Config):
+        flag, help = "--" + f.name.replace("_", "-"), f"{comments[f.name]} (default: {f.default})"
+        if f.type is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help)
+        else:  # int, float, str, or one of them | None
+            kind = next(t for t in typing.get_args(f.type) or (f.type,) if t is not type(None))
+            parser.add_argument(flag, type=kind, default=None, metavar=kind.__name__.upper(), help=help)
+    args = parser.parse_args(argv)
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if getattr(args, f.name) is not None}
+
+    if args.resume is not None:
+        run_dir = Path(args.resume)
+        if not (run_dir / "config.json").is_file():
+            raise ValueError(f"{run_dir} is not a run directory (no config.json)")
+        saved = json.loads((run_dir / "config.json").read_text())
+        cfg = Config(**{**saved, **{k: v for k, v in given.items() if k == "steps"}})  # only the length may change
+        check_config(cfg)
+        return cfg, run_dir, True
+    if args.preset not in PRESETS:
+        raise ValueError(f"unknown preset {args.preset!r}: use one of {', '.join(PRESETS)}")
+    cfg = Config(**{**PRESETS[args.preset], **given})
+    check_config(cfg)
+    run_dir = Path(cfg.out_dir) / (cfg.run_name or time.strftime("%Y%m%d-%H%M%S"))
+    if run_dir.exists():
+        raise ValueError(f"{run_dir} exists: pass --resume {run_dir} to continue it, or another --run-name")
+    return cfg, run_dir, False
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        cfg, run_dir, resume = parse_args(argv)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+    print(json.dumps(dataclasses.asdict(cfg), indent=1))
+    try:
+        train(cfg, run_dir, resume)
+    except (ValueError, model_lib.ModelError, RuntimeError) as e:
+        sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()
