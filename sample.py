@@ -26,7 +26,7 @@ import model as model_lib
 
 WAIT = "Wait"  # S1: appended when the model stops before its budget
 ANSWER_CUE = "\n\nThe final answer is"  # S1: appended at the budget, then a short greedy answer
-LOGPROB_CHUNK = 256  # positions per lm_head chunk in sequence_logprobs: bounds the [B, chunk, vocab] logits
+LOGPROB_CHUNK = 64  # positions per lm_head chunk in sequence_logprobs: bounds the [B, chunk, vocab] logits
 
 
 @dataclass
@@ -150,8 +150,8 @@ def sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tens
     positions at a time, and under autograd each chunk is recomputed in backward instead of stored.
     """
     positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
-                                 position_ids=positions).last_hidden_state  # [B, T, H]
+    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                                 use_cache=False).last_hidden_state  # [B, T, H]; no KV cache to keep
     lm_head = model.get_output_embeddings()
     scale = temperature or 1.0
 
