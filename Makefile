@@ -21,9 +21,9 @@ $(VENV)/.installed: requirements.txt
 test: setup
 	$(BIN)/python -m pytest
 
+# extra flags: make train ARGS="--mode mix --steps 50"
 train: setup
-	@if [ -f train.py ]; then $(BIN)/python train.py $(ARGS); \
-	else echo "train.py is not built yet: data.py and reward.py are (see README, 'Reading the code')"; fi
+	$(BIN)/python train.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis
