@@ -197,7 +197,6 @@ def load_model(
             raise ModelError(f"bitsandbytes cannot run here ({str(e).splitlines()[0]}): pass --no-quantize") from None
         raise
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.config.use_cache = True
 
     if gradient_checkpointing:
         # with a frozen 4-bit base nothing before the first LoRA layer needs grad; make the embeddings'

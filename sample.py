@@ -23,6 +23,7 @@ from torch.utils.checkpoint import checkpoint
 
 import data
 import model as model_lib
+import reward
 
 WAIT = "Wait"  # S1: appended when the model stops before its budget
 ANSWER_CUE = "\n\nThe final answer is"  # S1: appended at the budget, then a short greedy answer
@@ -215,8 +216,6 @@ def budget_forcing(model, tokenizer, prompts: list[list[int]], budget: int, temp
 
 
 def main(argv: list[str] | None = None) -> None:
-    import reward
-
     parser = argparse.ArgumentParser(description="Sample one response to a length-controlled prompt.")
     parser.add_argument("--prompt", default=None, help="the problem (default: the first built-in test problem)")
     parser.add_argument("--budget", type=int, default=64, help="N in 'Think for N tokens.'; 0: no length sentence")
@@ -238,12 +237,12 @@ def main(argv: list[str] | None = None) -> None:
             raise ValueError("--s1 needs a --budget")
         max_new = args.max_new_tokens if args.max_new_tokens is not None else (2 * args.budget or 256)
         check_sampling_args(max_new, args.temperature, args.top_p)
-        problem = args.prompt or data.builtin_problems("test", 1)[0].problem
-        if args.prompt is None and args.answer is None:
-            args.answer = data.builtin_problems("test", 1)[0].answer
+        if args.prompt is None:  # the first built-in test problem, with its answer
+            example = data.builtin_problems("test", 1)[0]
+            args.prompt, args.answer = example.problem, args.answer or example.answer
         model, tokenizer = model_lib.load_model(args.model, adapter=args.adapter, quantize=not args.no_quantize,
                                                 trainable=False)
-        message = data.build_prompt(problem, args.budget or None, args.mode)
+        message = data.build_prompt(args.prompt, args.budget or None, args.mode)
         prompt = data.encode_prompt(tokenizer, message)
     except (ValueError, model_lib.ModelError) as e:
         sys.exit(f"error: {e}")
