@@ -321,16 +321,15 @@ def train_step(cfg: Config, step: int, model, tokenizer, optimizer, params, prob
         else:
             ref.append(None)
     sums = dict(kl=0.0, clipped=0.0, ratio=0.0, entropy_proxy=0.0, loss=0.0)
-    updated, grad_norm = True, float("nan")
-    for _ in range(cfg.epochs):
+    updated, grad_norm = bool(torch.isfinite(rewards_t).all()), float("nan")  # non-finite rewards: no passes
+    for _ in range(cfg.epochs if updated else 0):
         optimizer.zero_grad(set_to_none=True)
-        finite = bool(torch.isfinite(rewards_t).all())
         for idx, (ids, mask, resp_mask, old), ref_logp in zip(micro, tensors, ref):
             logp = response_logprobs(model, ids, mask, resp_mask, cfg.temperature)  # [b, R]
             loss_tok, kl, clipped = per_token_loss(logp, old, ref_logp, advantages[idx].to(device), cfg.clip, cfg.beta)
             loss = normalise(loss_tok, resp_mask, cfg.loss_norm, batch_tokens, len(rows), cfg.max_new_tokens)
             if not torch.isfinite(loss):
-                finite = False
+                updated = False
                 break
             loss.backward()
             with torch.no_grad():
@@ -339,16 +338,13 @@ def train_step(cfg: Config, step: int, model, tokenizer, optimizer, params, prob
                 sums["clipped"] += (clipped * resp_mask).sum().item()
                 sums["ratio"] += (torch.exp(logp - old) * resp_mask).sum().item()
                 sums["entropy_proxy"] += (-logp * resp_mask).sum().item()  # mean -log p of sampled tokens
-        if not finite:  # skip the update, keep the weights
+        if updated:
+            for group in optimizer.param_groups:  # linear warm-up, then constant
+                group["lr"] = cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip).item()
+            updated = math.isfinite(grad_norm)
+        if not updated:  # a non-finite loss or gradient: skip the update, keep the weights
             optimizer.zero_grad(set_to_none=True)
-            updated = False
-            break
-        for group in optimizer.param_groups:  # linear warm-up, then constant
-            group["lr"] = cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip).item()
-        if not math.isfinite(grad_norm):  # an inf/nan gradient: skip the update, keep the weights
-            optimizer.zero_grad(set_to_none=True)
-            updated = False
             break
         optimizer.step()
     train_s = time.perf_counter() - t1
