@@ -79,10 +79,16 @@ def generate(
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
     on_token=None,
+    share_prefix: bool = True,
+    compact: bool = True,
 ) -> list[Rollout]:
     """Sample a response for each prompt (token ids, chat template applied). See the module docstring.
 
-    max_new_tokens may differ per row. on_token(step, tokens[B]) is called after every step.
+    max_new_tokens may differ per row. on_token(step, tokens[B]) is called after every step
+    (pad_id for rows already finished). The two speed-ups, each exact up to float rounding:
+    share_prefix prefills each distinct prompt once and copies its KV cache to the rows that
+    repeat it (GRPO's G samples per prompt); compact drops finished rows from the batch and the
+    cache, so a batch costs the sum of its lengths, not rows x the longest.
     """
     from transformers import DynamicCache
 
@@ -96,48 +102,65 @@ def generate(
         raise ValueError(f"prompt + max_new_tokens is {longest} tokens, more than the model's context of {context}")
 
     device = next(model.parameters()).device
-    batch, width = len(prompts), max(len(p) for p in prompts)
-    input_ids = torch.full((batch, width), pad_id, dtype=torch.long)
-    mask = torch.zeros((batch, width), dtype=torch.long)
-    for i, p in enumerate(prompts):  # left padding: every row's next token goes in the same column
+    batch = len(prompts)
+    distinct = list(dict.fromkeys(map(tuple, prompts))) if share_prefix else [tuple(p) for p in prompts]
+    copy_of = torch.tensor([distinct.index(tuple(p)) for p in prompts] if share_prefix else range(batch), device=device)
+    width = max(len(p) for p in distinct)
+    input_ids = torch.full((len(distinct), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(distinct), width), dtype=torch.long)
+    for i, p in enumerate(distinct):  # left padding: every row's next token goes in the same column
         input_ids[i, width - len(p):] = torch.tensor(p)
         mask[i, width - len(p):] = 1
     input_ids, mask = input_ids.to(device), mask.to(device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # [B, T] each row counts from its first real token
-    limits_t = torch.tensor(limits, device=device)
-    stop_t = torch.tensor(sorted(set(stop_ids)), device=device, dtype=torch.long)
 
     cache = DynamicCache(config=model.config)
     logits = model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
-                   past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]  # [B, V]
+                   past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]  # [distinct, V]
+    if share_prefix:  # one row per sample from here on
+        cache.batch_select_indices(copy_of)
+        logits, mask, positions = logits[copy_of], mask[copy_of], positions[copy_of]
     next_position = positions[:, -1:] + 1  # [B, 1]
-    done = torch.zeros(batch, dtype=torch.bool, device=device)
-    tokens, logprobs = [], []  # per step: [B]
+
+    live = torch.arange(batch, device=device)  # original index of each row in the batch
+    active = torch.ones(batch, dtype=torch.bool, device=device)  # rows of the batch still generating
+    limits_t = torch.tensor(limits, device=device)
+    stop_t = torch.tensor(sorted(set(stop_ids)), device=device, dtype=torch.long)
+    out_tokens = torch.full((batch, max(limits)), pad_id, dtype=torch.long, device=device)
+    out_logprobs = torch.zeros((batch, max(limits)), device=device)
+    lengths = torch.zeros(batch, dtype=torch.long, device=device)
     for step in range(max(limits)):
-        lp = sampling_logprobs(logits, temperature, top_p)
+        lp = sampling_logprobs(logits, temperature, top_p)  # [rows in the batch, V]
         if temperature == 0:
             token = lp.argmax(-1)
-        else:
-            token = torch.multinomial(lp.exp(), 1, generator=generator).squeeze(-1)
-        token = token.masked_fill(done, pad_id)  # finished rows only carry padding
-        tokens.append(token)
-        logprobs.append(lp.gather(-1, token[:, None]).squeeze(-1))
+        else:  # inverse CDF, one uniform per original row: a row's draw does not depend on the others
+            u = torch.rand(batch, generator=generator, device=device)[live]
+            cdf = lp.exp().cumsum(-1)
+            token = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(-1)
+            token = token.clamp(max=cdf.shape[-1] - 1)
+        rows = live[active]
+        out_tokens[rows, step] = token[active]
+        out_logprobs[rows, step] = lp.gather(-1, token[:, None]).squeeze(-1)[active]
+        lengths[rows] = step + 1
         if on_token is not None:
-            on_token(step, token)
-        done = done | torch.isin(token, stop_t) | (step + 1 >= limits_t)
-        if done.all():
+            on_token(step, out_tokens[:, step])
+        finished = active & (torch.isin(token, stop_t) | (step + 1 >= limits_t[live]))
+        active = active & ~finished
+        if not active.any():
             break
-        mask = torch.cat([mask, torch.ones((batch, 1), dtype=mask.dtype, device=device)], dim=-1)
+        if compact and finished.any():  # drop the finished rows from the batch and the cache
+            keep = active.nonzero().squeeze(-1)
+            live, active, token, mask, next_position = live[keep], active[keep], token[keep], mask[keep], next_position[keep]
+            cache.batch_select_indices(keep)
+        token = token.masked_fill(~active, pad_id)  # without compaction, finished rows are fed padding
+        mask = torch.cat([mask, torch.ones((mask.shape[0], 1), dtype=mask.dtype, device=device)], dim=-1)
         logits = model(input_ids=token[:, None], attention_mask=mask, position_ids=next_position,
                        past_key_values=cache, use_cache=True).logits[:, -1]
         next_position = next_position + 1
 
-    tokens_t = torch.stack(tokens, 1).tolist()  # [B, steps]
-    logprobs_t = torch.stack(logprobs, 1).tolist()
     stop_set = set(stop_ids)
     rollouts = []
-    for row, row_lp, limit in zip(tokens_t, logprobs_t, limits):
-        n = next((i + 1 for i, t in enumerate(row[:limit]) if t in stop_set), min(limit, len(row)))
+    for row, row_lp, n in zip(out_tokens.tolist(), out_logprobs.tolist(), lengths.tolist()):
         finish = "eos" if row[n - 1] in stop_set else "length"
         rollouts.append(Rollout(row[:n], row_lp[:n], finish))
     return rollouts

@@ -64,8 +64,8 @@ class Config:
     warmup_steps: int = 0  # linear warm-up, then constant
     grad_clip: float = 1.0  # max gradient norm
     steps: int = 200  # updates in the whole run
-    micro_batch: int = 4  # rows per forward/backward (gradient accumulation over the batch)
-    rollout_batch: int = 64  # rows per generation batch
+    micro_batch_tokens: int = 1024  # padded tokens per forward/backward: rows are packed up to it, by length
+    rollout_batch: int = 64  # rows per generation batch (rows with similar targets batched together)
     lora_rank: int = 16  # LoRA r
     lora_alpha: int = 32  # LoRA scaling numerator
     lora_dropout: float = 0.0  # dropout on the LoRA input
@@ -83,7 +83,7 @@ class Config:
 
 _PAPER = dict(model="agentica-org/DeepScaleR-1.5B-Preview", data="deepscaler", n_min=100, n_max=4000, group_size=16,
               prompts_per_step=128, temperature=0.6, max_new_tokens=4096, beta=0.001, boxed_only=True,
-              micro_batch=4, rollout_batch=256, gradient_checkpointing=True, lora_rank=64, lora_alpha=128,
+              micro_batch_tokens=16384, rollout_batch=256, gradient_checkpointing=True, lora_rank=64, lora_alpha=128,
               save_every=5, lr=1e-5)  # the paper's lr, 1e-6, was for full fine-tuning: LoRA needs a larger step
 PRESETS = {
     "default": {},  # the CPU demo: the embedded model, short targets
@@ -105,7 +105,7 @@ def check_config(cfg: Config) -> None:
         problems.append(f"--group-size must be >= 2 (advantages compare responses to the same prompt), got {cfg.group_size}")
     if cfg.loss_norm not in ("token", "grpo", "dr_grpo"):
         problems.append(f"--loss-norm must be token, grpo or dr_grpo, not {cfg.loss_norm!r}")
-    for name in ("prompts_per_step", "epochs", "steps", "micro_batch", "rollout_batch", "max_new_tokens",
+    for name in ("prompts_per_step", "epochs", "steps", "micro_batch_tokens", "rollout_batch", "max_new_tokens",
                  "save_every", "keep_checkpoints", "sample_every", "max_bad_steps", "lora_rank"):
         if getattr(cfg, name) < 1:
             problems.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
@@ -284,10 +284,14 @@ def train_step(cfg: Config, step: int, model, tokenizer, optimizer, params, prob
     t0 = time.perf_counter()
     model.eval()
     rows = [prompt for prompt in prompts for _ in range(G)]  # [P * G], groups contiguous
-    rollouts = []
+    by_target = sorted(range(len(rows)), key=lambda j: targets[j // G][0])  # similar lengths share a batch
+    rollouts = [None] * len(rows)
     for i in range(0, len(rows), cfg.rollout_batch):
-        rollouts += sample.generate(model, rows[i:i + cfg.rollout_batch], cfg.max_new_tokens, tokenizer.pad_token_id,
-                                    [tokenizer.eos_token_id], cfg.temperature, cfg.top_p, generator)
+        chunk = by_target[i:i + cfg.rollout_batch]
+        outs = sample.generate(model, [rows[j] for j in chunk], cfg.max_new_tokens, tokenizer.pad_token_id,
+                               [tokenizer.eos_token_id], cfg.temperature, cfg.top_p, generator)
+        for j, out in zip(chunk, outs):
+            rollouts[j] = out
     rollout_s = time.perf_counter() - t0
 
     # 3. judge and reward
@@ -310,8 +314,7 @@ def train_step(cfg: Config, step: int, model, tokenizer, optimizer, params, prob
     t1 = time.perf_counter()
     model.train()
     batch_tokens = sum(r.n_y for r in rollouts)
-    order = sorted(range(len(rows)), key=lambda j: len(rows[j]) + rollouts[j].n_y)  # similar lengths together
-    micro = [order[i:i + cfg.micro_batch] for i in range(0, len(order), cfg.micro_batch)]
+    micro = micro_batches([len(p) + r.n_y for p, r in zip(rows, rollouts)], cfg.micro_batch_tokens)
     tensors = [pack([rows[j] for j in idx], [rollouts[j] for j in idx], tokenizer.pad_token_id, device) for idx in micro]
     ref = []
     for ids, mask, resp_mask, _ in tensors:  # the reference pass, once per rollout batch
@@ -367,6 +370,21 @@ def train_step(cfg: Config, step: int, model, tokenizer, optimizer, params, prob
     examples = [dict(prompt=tokenizer.decode(prompts[j // G]), response=texts[j], n_y=n_y[j], n_gold=n_gold[j],
                      correct=correct[j], reward=rewards[j]) for j in range(0, len(rows), G)]
     return metrics, examples
+
+
+def micro_batches(lengths: list[int], max_tokens: int) -> list[list[int]]:
+    """Row indices in micro-batches of similar length, each at most max_tokens once padded (rows x longest).
+
+    Memory follows the tokens of a micro-batch, not its rows: many short rows or a few long ones.
+    A row longer than max_tokens goes alone.
+    """
+    batches, current = [], []
+    for j in sorted(range(len(lengths)), key=lambda j: lengths[j]):
+        if current and (len(current) + 1) * lengths[j] > max_tokens:  # sorted: row j is the longest so far
+            batches.append(current)
+            current = []
+        current.append(j)
+    return batches + [current] if current else batches
 
 
 def pack(prompts: list[list[int]], rollouts, pad_id: int, device):

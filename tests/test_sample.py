@@ -65,6 +65,51 @@ def test_per_row_token_limits(tiny_llama, char_tokenizer, prompts):
     assert [r.tokens for r in out] == [f.tokens[:n] for f, n in zip(full, [3, 9, 1, 5])]
 
 
+def _grpo_rows(prompts, G=3):
+    return [p for p in prompts for _ in range(G)]  # each prompt G times, as in a GRPO step
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_prefix_sharing_and_compaction_sample_the_same_tokens(tiny_llama, char_tokenizer, prompts, temperature):
+    rows = _grpo_rows(prompts)
+    limits = [3 + 2 * i for i in range(len(rows))]  # rows finish at different steps
+    runs = {}
+    for share in (True, False):
+        for compact in (True, False):
+            generator = torch.Generator().manual_seed(7)
+            runs[share, compact] = generate(tiny_llama, rows, limits, char_tokenizer.pad_token_id, [], temperature,
+                                            generator=generator, share_prefix=share, compact=compact)
+    plain = runs[False, False]
+    assert [r.n_y for r in plain] == limits
+    for out in runs.values():
+        assert [r.tokens for r in out] == [r.tokens for r in plain]
+        for a, b in zip(out, plain):
+            assert a.logprobs == pytest.approx(b.logprobs, abs=1e-4)
+    if temperature > 0:  # the G copies of a prompt are different samples, not one sample copied
+        assert len({tuple(r.tokens) for r in runs[True, True][:3]}) > 1
+
+
+def test_compaction_feeds_only_live_rows_and_sharing_prefills_each_prompt_once(tiny_llama, char_tokenizer, prompts):
+    rows = _grpo_rows(prompts)
+    limits = [1 + i for i in range(len(rows))]
+    for share, compact in ((True, True), (False, False)):
+        widths = []  # rows in each forward pass
+        hook = tiny_llama.register_forward_pre_hook(lambda m, a, kw: widths.append(kw["input_ids"].shape[0]),
+                                                    with_kwargs=True)
+        try:
+            generate(tiny_llama, rows, limits, char_tokenizer.pad_token_id, [], 1.0, share_prefix=share,
+                     compact=compact)
+        finally:
+            hook.remove()
+        prefill, decode = widths[0], widths[1:]
+        if share:
+            assert prefill == len(prompts)
+            assert sum(decode) == sum(n - 1 for n in limits)  # a row is fed once per token after its first
+        else:
+            assert prefill == len(rows)
+            assert decode == [len(rows)] * (max(limits) - 1)
+
+
 @pytest.mark.parametrize("temperature", [0.6, 1.0, 0.0])
 def test_logprobs_equal_a_fresh_forward_pass(tiny_llama, char_tokenizer, prompts, temperature):
     generator = torch.Generator().manual_seed(0)

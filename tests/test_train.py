@@ -4,6 +4,7 @@ import os
 import signal
 
 import pytest
+from hypothesis import given, strategies as st
 import torch
 
 import model as model_lib
@@ -66,6 +67,23 @@ def test_loss_normalisations_and_micro_batches():
         whole = normalise(loss, mask, how, 5, 2, 10)
         parts = normalise(loss[:1], mask[:1], how, 5, 2, 10) + normalise(loss[1:], mask[1:], how, 5, 2, 10)
         assert parts.item() == pytest.approx(whole.item())
+
+
+@given(st.lists(st.integers(1, 300), min_size=1, max_size=60), st.integers(1, 1000))
+def test_micro_batches_pack_by_tokens(lengths, max_tokens):
+    batches = train.micro_batches(lengths, max_tokens)
+    assert sorted(j for b in batches for j in b) == list(range(len(lengths)))  # every row exactly once
+    for b in batches:
+        padded = len(b) * max(lengths[j] for j in b)
+        assert padded <= max_tokens or len(b) == 1
+    for a, b in zip(batches, batches[1:]):  # by length, and no batch could have taken the next row
+        assert max(lengths[j] for j in a) <= min(lengths[j] for j in b)
+        assert (len(a) + 1) * lengths[b[0]] > max_tokens
+
+
+def test_micro_batches_hold_more_short_rows_than_long_ones():
+    batches = train.micro_batches([10] * 20 + [100] * 4, 200)
+    assert [len(b) for b in batches] == [20, 2, 2]
 
 
 # -----------------------------------------------------------------------------
