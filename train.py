@@ -83,7 +83,7 @@ class Config:
 
 _PAPER = dict(model="agentica-org/DeepScaleR-1.5B-Preview", data="deepscaler", n_min=100, n_max=4000, group_size=16,
               prompts_per_step=128, temperature=0.6, max_new_tokens=4096, beta=0.001, boxed_only=True,
-              micro_batch_tokens=16384, rollout_batch=256, gradient_checkpointing=True, lora_rank=64, lora_alpha=128,
+              micro_batch_tokens=16384, rollout_batch=64, gradient_checkpointing=True, lora_rank=64, lora_alpha=128,
               save_every=5, lr=1e-5)  # the paper's lr, 1e-6, was for full fine-tuning: LoRA needs a larger step
 PRESETS = {
     "default": {},  # the CPU demo: the embedded model, short targets
@@ -317,12 +317,16 @@ def train_step(cfg: Config, step: int, model, tokenizer, optimizer, params, prob
     micro = micro_batches([len(p) + r.n_y for p, r in zip(rows, rollouts)], cfg.micro_batch_tokens)
     tensors = [pack([rows[j] for j in idx], [rollouts[j] for j in idx], tokenizer.pad_token_id, device) for idx in micro]
     ref = []
+    t_ref = time.perf_counter()
     for ids, mask, resp_mask, _ in tensors:  # the reference pass, once per rollout batch
         if cfg.beta > 0:
             with model_lib.reference(model):
                 ref.append(response_logprobs(model, ids, mask, resp_mask, cfg.temperature))
         else:
             ref.append(None)
+    if device.type == "cuda":  # let the reference pass finish before timing it
+        torch.cuda.synchronize(device)
+    reference_s, optimizer_s = time.perf_counter() - t_ref, 0.0
     sums = dict(kl=0.0, clipped=0.0, ratio=0.0, entropy_proxy=0.0, loss=0.0)
     updated, grad_norm = bool(torch.isfinite(rewards_t).all()), float("nan")  # non-finite rewards: no passes
     for _ in range(cfg.epochs if updated else 0):
@@ -349,7 +353,9 @@ def train_step(cfg: Config, step: int, model, tokenizer, optimizer, params, prob
         if not updated:  # a non-finite loss or gradient: skip the update, keep the weights
             optimizer.zero_grad(set_to_none=True)
             break
+        t_opt = time.perf_counter()
         optimizer.step()
+        optimizer_s += time.perf_counter() - t_opt
     train_s = time.perf_counter() - t1
 
     # 6. what happened
@@ -365,7 +371,8 @@ def train_step(cfg: Config, step: int, model, tokenizer, optimizer, params, prob
         kl=sums["kl"] / denom, clip_fraction=sums["clipped"] / denom, ratio_mean=sums["ratio"] / denom,
         entropy_proxy=sums["entropy_proxy"] / denom, grad_norm=grad_norm,
         rollout_tokens_per_s=batch_tokens / rollout_s, train_tokens_per_s=batch_tokens * cfg.epochs / train_s,
-        peak_memory_mb=peak_memory_mb(device),
+        peak_memory_mb=peak_memory_mb(device), rollout_s=rollout_s, reference_s=reference_s,
+        policy_s=train_s - reference_s - optimizer_s, optimizer_s=optimizer_s,
     )
     examples = [dict(prompt=tokenizer.decode(prompts[j // G]), response=texts[j], n_y=n_y[j], n_gold=n_gold[j],
                      correct=correct[j], reward=rewards[j]) for j in range(0, len(rows), G)]

@@ -1,0 +1,245 @@
+"""
+Speed and memory of the LCPO loop, measured against the alternative in the same run.
+
+    python bench.py rollout                    # our rollouts vs model.generate() on the LCPO workload
+    python bench.py train                      # one GRPO step: rollout / reference / policy / optimizer
+    python bench.py memory --preset l1-exact   # peak GPU memory of a full step, 1.5B model, paper lengths
+
+On a CPU the embedded default is used with short targets; on a GPU, a randomly initialised model
+with the configuration of DeepSeek-R1-Distill-Qwen-1.5B at the paper's lengths. Random weights
+never stop by themselves, so the rollout workload forces each row to stop after n_y tokens drawn
+around its target, the same rows and lengths for both sides. Results: bench-results/<what>.json.
+"""
+
+import argparse
+import json
+import platform
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import data
+import model as model_lib
+import sample
+import train
+
+# DeepSeek-R1-Distill-Qwen-1.5B's architecture (its config.json); random weights are enough for speed and memory
+QWEN_1_5B = dict(architectures=["Qwen2ForCausalLM"], hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                 num_attention_heads=12, num_key_value_heads=2, vocab_size=151936, max_position_embeddings=131072,
+                 rope_theta=10000.0, rms_norm_eps=1e-6, tie_word_embeddings=False, hidden_act="silu")
+
+
+def random_qwen(directory: Path, tokenizer, overrides: dict | None = None) -> str:
+    """Save a randomly initialised Qwen2 with the 1.5B configuration, and `tokenizer`, to `directory`."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen2Config(**{**QWEN_1_5B, **(overrides or {})})
+    Qwen2ForCausalLM(config).to(torch.bfloat16).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return str(directory)
+
+
+def workload(tokenizer, prompts: int, group_size: int, n_min: int, n_max: int, cap: int, seed: int = 0):
+    """LCPO rollout rows: prompts x G, targets drawn as in training, and each row's forced length n_y
+    uniform in [target/2, 3 target/2] (capped): (rows, targets per row, lengths per row)."""
+    rng = random.Random(seed)
+    problems = data.builtin_problems("test", prompts, seed)
+    targets = [n for n, _ in data.sample_targets(prompts, n_min, n_max, "exact", rng)]
+    encoded = [data.encode_prompt(tokenizer, data.build_prompt(p.problem, n)) for p, n in zip(problems, targets)]
+    rows = [e for e in encoded for _ in range(group_size)]
+    row_targets = [n for n in targets for _ in range(group_size)]
+    lengths = [min(cap, max(1, round(n * rng.uniform(0.5, 1.5)))) for n in row_targets]
+    return rows, row_targets, lengths
+
+
+def ours(model, tokenizer, rows, targets, lengths, batch: int, temperature: float, top_p: float, **flags):
+    """train.py's rollout: rows sorted by target, `batch` rows per generate call; each stops at its length."""
+    order = sorted(range(len(rows)), key=lambda j: targets[j])
+    generator = torch.Generator(device=model.device).manual_seed(0)
+    produced = 0
+    for i in range(0, len(rows), batch):
+        chunk = order[i:i + batch]
+        outs = sample.generate(model, [rows[j] for j in chunk], [lengths[j] for j in chunk], tokenizer.pad_token_id,
+                               [], temperature, top_p, generator, **flags)
+        produced += sum(o.n_y for o in outs)
+    return produced
+
+
+def hf_generate(model, tokenizer, rows, targets, lengths, batch: int, temperature: float, top_p: float):
+    """model.generate() on the same rows in the same batches, each row stopped after its length."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class StopAtLength(StoppingCriteria):
+        def __init__(self, start, limits):
+            self.start, self.limits = start, limits
+
+        def __call__(self, input_ids, scores, **kwargs):  # per row: True once it has its n_y tokens
+            return (input_ids.shape[1] - self.start) >= self.limits
+
+    order = sorted(range(len(rows)), key=lambda j: targets[j])
+    produced = 0
+    for i in range(0, len(rows), batch):
+        chunk = order[i:i + batch]
+        width = max(len(rows[j]) for j in chunk)
+        ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(rows[j])) + rows[j] for j in chunk])
+        mask = (torch.arange(width)[None] >= torch.tensor([width - len(rows[j]) for j in chunk])[:, None]).long()
+        limits = torch.tensor([lengths[j] for j in chunk], device=model.device)
+        out = model.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
+                             max_new_tokens=int(limits.max()), do_sample=temperature > 0, temperature=temperature or None,
+                             top_p=top_p, top_k=0, pad_token_id=tokenizer.pad_token_id, eos_token_id=None,
+                             stopping_criteria=StoppingCriteriaList([StopAtLength(width, limits)]))
+        produced += int(torch.minimum(torch.full_like(limits, out.shape[1] - width), limits).sum())
+    return produced
+
+
+VARIANTS = {  # name -> how to roll out; "ours" is what train.py runs
+    "generate()": lambda *a: hf_generate(*a),
+    "loop only": lambda *a: ours(*a, share_prefix=False, compact=False),
+    "+ shared prefix": lambda *a: ours(*a, share_prefix=True, compact=False),
+    "+ compaction": lambda *a: ours(*a, share_prefix=False, compact=True),
+    "ours": lambda *a: ours(*a, share_prefix=True, compact=True),
+}
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_mb(device, reset: bool = False) -> float:
+    if device.type == "cuda":
+        value = torch.cuda.max_memory_allocated(device) / 2**20
+        if reset:
+            torch.cuda.reset_peak_memory_stats(device)
+        return value
+    return train.peak_memory_mb(device)  # the process's peak RSS: it only grows
+
+
+def bench_rollout(args, model_name, device) -> dict:
+    model, tokenizer = model_lib.load_model(model_name, quantize=not args.no_quantize, trainable=False)
+    model.eval()
+    rows, targets, lengths = workload(tokenizer, args.prompts, args.group_size, args.n_min, args.n_max,
+                                      args.max_new_tokens, args.seed)
+    batch = args.rollout_batch or len(rows)
+    useful = sum(lengths)
+    print(f"{len(rows)} rows ({args.prompts} prompts x {args.group_size}), targets {args.n_min}-{args.n_max}, "
+          f"{useful} tokens to generate (longest {max(lengths)}), {batch} rows per batch")
+    variants = [v for v in VARIANTS if v in args.variants]
+    times = {v: [] for v in variants}
+    memory = {v: 0.0 for v in variants}
+    with torch.no_grad():
+        VARIANTS["ours"](model, tokenizer, rows[:2], targets[:2], [4, 4], 2, 1.0, 1.0)  # warm-up
+        for repeat in range(args.repeats):  # alternating, so drift in the machine's speed hits all of them
+            for v in variants:
+                peak_mb(device, reset=True)
+                sync(device)
+                t = time.perf_counter()
+                produced = VARIANTS[v](model, tokenizer, rows, targets, lengths, batch, args.temperature, args.top_p)
+                sync(device)
+                times[v].append(time.perf_counter() - t)
+                memory[v] = max(memory[v], peak_mb(device))
+                assert produced == useful, (v, produced, useful)  # both sides did the same work
+                print(f"  repeat {repeat + 1}  {v:16s} {times[v][-1]:8.1f} s  {useful / times[v][-1]:8.1f} tokens/s")
+    best = {v: min(ts) for v, ts in times.items()}
+    base = best.get("generate()")
+    table = {v: dict(seconds=times[v], tokens_per_s=useful / best[v], peak_memory_mb=memory[v],
+                     vs_generate=(base / best[v]) if base else None) for v in variants}
+    print(f"\n| rollout | tokens/s | x generate() | peak MB |\n|---|---:|---:|---:|")
+    for v, r in table.items():
+        ratio = f"{r['vs_generate']:.2f}" if r["vs_generate"] else "-"
+        print(f"| {v} | {r['tokens_per_s']:.1f} | {ratio} | {r['peak_memory_mb']:.0f} |")
+    return dict(rows=len(rows), useful_tokens=useful, longest=max(lengths), batch=batch, variants=table)
+
+
+def bench_train(args, model_name, device, preset: str) -> dict:
+    overrides = dict(model=model_name, steps=2, quantize=not args.no_quantize)
+    if args.prompts is not None:
+        overrides["prompts_per_step"] = args.prompts
+    for knob in ("group_size", "n_min", "n_max", "max_new_tokens", "rollout_batch", "micro_batch_tokens"):
+        if getattr(args, knob, None) is not None:
+            overrides[knob] = getattr(args, knob)
+    cfg = train.Config(**{**train.PRESETS[preset], **overrides, "data": "builtin"})
+    train.check_config(cfg)
+    steps = []
+    with tempfile.TemporaryDirectory() as tmp:
+        train.train(cfg, Path(tmp) / "run", on_step=lambda step, m: steps.append(m))
+    m = steps[-1]  # the second step: the first pays for warm-up
+    total = m["rollout_s"] + m["reference_s"] + m["policy_s"] + m["optimizer_s"]
+    print(f"\none step ({cfg.prompts_per_step} prompts x {cfg.group_size}, mean response {m['mean_n_y']:.0f} tokens):")
+    for part in ("rollout_s", "reference_s", "policy_s", "optimizer_s"):
+        print(f"  {part[:-2]:10s} {m[part]:8.1f} s  {100 * m[part] / total:5.1f} %")
+    print(f"  rollout {m['rollout_tokens_per_s']:.1f} tokens/s, training {m['train_tokens_per_s']:.1f} tokens/s, "
+          f"peak memory {m['peak_memory_mb']:.0f} MB")
+    return dict(config={k: v for k, v in vars(cfg).items()}, step=m)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
+    parser.add_argument("what", choices=["rollout", "train", "memory"])
+    parser.add_argument("--model", default=None, help="hub id or directory; default: the embedded model on a CPU, "
+                        "a random 1.5B Qwen2 on a GPU")
+    parser.add_argument("--preset", default=None, help="train/memory: a train.py preset (default: default on a CPU, "
+                        "l1-exact on a GPU)")
+    parser.add_argument("--prompts", type=int, default=None, help="prompts per batch")
+    parser.add_argument("--group-size", type=int, default=None, help="G")
+    parser.add_argument("--n-min", type=int, default=None)
+    parser.add_argument("--n-max", type=int, default=None)
+    parser.add_argument("--max-new-tokens", type=int, default=None)
+    parser.add_argument("--rollout-batch", type=int, default=None, help="rows per generation batch (default: all)")
+    parser.add_argument("--micro-batch-tokens", type=int, default=None)
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), help=f"rollout: some of {list(VARIANTS)}")
+    parser.add_argument("--no-quantize", action="store_true")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="bench-results", help="directory for the JSON results")
+    args = parser.parse_args(argv)
+    device = torch.device(model_lib.default_device())
+    gpu = device.type == "cuda"
+    if args.what == "memory" and not gpu:
+        sys.exit("error: bench.py memory measures GPU memory and needs a CUDA device (on a CPU: bench.py train)")
+    unknown = [v for v in args.variants if v not in VARIANTS]
+    if unknown or any(getattr(args, k) is not None and getattr(args, k) < 1 for k in
+                      ("prompts", "group_size", "n_min", "n_max", "max_new_tokens", "rollout_batch")) or args.repeats < 1:
+        sys.exit(f"error: unknown variant {unknown[0]!r}" if unknown else "error: sizes and --repeats must be >= 1")
+    preset = args.preset or ("l1-exact" if gpu else "default")
+    if preset not in train.PRESETS:
+        sys.exit(f"error: unknown preset {preset!r}: use one of {', '.join(train.PRESETS)}")
+    paper = gpu and args.model is None
+    defaults = dict(prompts=4, group_size=16, n_min=100, n_max=4000, max_new_tokens=4096) if paper else \
+        dict(prompts=8, group_size=4, n_min=16, n_max=160, max_new_tokens=256)
+    if args.what != "rollout":  # the preset's settings; memory: one prompt's G rows (peak = one micro-batch)
+        defaults = dict(prompts=1) if args.what == "memory" else {}
+    for k, v in defaults.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            model_name = random_qwen(Path(tmp) / "qwen-1.5b-random",
+                                     model_lib.load_tokenizer(model_lib.embedded_model_dir())) if paper else args.model
+            if args.what == "rollout":
+                result = bench_rollout(args, model_name, device)
+            else:
+                result = bench_train(args, model_name, device, preset)
+        except (ValueError, model_lib.ModelError) as e:
+            sys.exit(f"error: {e}")
+    result.update(what=args.what, command="python bench.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+                  model=args.model or ("random Qwen2 1.5B configuration" if paper else "embedded SmolLM2-135M-Instruct"),
+                  device=torch.cuda.get_device_name(device) if gpu else f"CPU, {torch.get_num_threads()} threads, "
+                  f"{platform.processor() or platform.machine()}", date=time.strftime("%Y-%m-%d"),
+                  torch=torch.__version__)
+    out = Path(args.out) / f"{args.what}-{'gpu' if gpu else 'cpu'}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1, default=str))
+    print(f"\nwritten {out}")
+
+
+if __name__ == "__main__":
+    main()

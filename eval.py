@@ -1,0 +1,313 @@
+"""
+The paper's evaluation: accuracy and length against the budget in the prompt.
+
+    python eval.py                                    # the embedded default, built-in test set, budgets 32 64 128
+    python eval.py --adapter runs/exact               # a trained adapter (or a train.py run: its newest checkpoint)
+    python eval.py --s1                               # the S1 baseline: budget forcing on the same base
+    python eval.py --mode none                        # no length sentence: the model's natural length
+    python eval.py --model agentica-org/DeepScaleR-1.5B-Preview --data aime2025 --budgets 512 1024 2048 3600 \\
+                   --samples 16 --temperature 0.6 --top-p 0.95
+    python eval.py --compare evals/a.json evals/b.json --plot compare.png   # side by side, and the figure
+
+For each budget: K samples per problem with "Think for N tokens." in the prompt, and per budget
+pass@1 (mean correctness over samples), mean n_y, mean signed and absolute relative length error
+(n_y - N) / N, the share over budget and the share cut by the token cap. Writes OUT.json (every
+number and the exact settings) and OUT.records.jsonl (one line per response); an interrupted run
+started again with the same command skips the budgets already finished.
+"""
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+import data
+import model as model_lib
+import reward
+import sample
+
+MAX_CAP_FACTOR = 4  # Max prompts: the cap is 4 x the budget (Exact: 2 x), room to show they stay under it
+NO_BUDGET = 0  # the budget recorded for --mode none
+
+
+def summarise(records: list[dict], budget: int) -> dict:
+    """Per-budget numbers from response records (n_y, correct, cut). budget NO_BUDGET: no length errors."""
+    n = len(records)
+    out = dict(budget=budget, responses=n, accuracy=sum(r["correct"] for r in records) / n,
+               mean_tokens=sum(r["n_y"] for r in records) / n, cut_by_cap=sum(r["cut"] for r in records) / n)
+    if budget != NO_BUDGET:
+        errors = [(r["n_y"] - budget) / budget for r in records]
+        out.update(length_error=sum(errors) / n, abs_length_error=sum(map(abs, errors)) / n,
+                   over_budget=sum(r["n_y"] > budget for r in records) / n)
+    return out
+
+
+def table(rows: list[dict], label: str | None = None) -> str:
+    """A Markdown table of per-budget summaries (a label column when comparing runs)."""
+    head = (["run"] if label else []) + ["budget", "pass@1", "mean tokens", "length error", "|length error|",
+                                         "over budget", "cut by cap"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        pct = lambda k: f"{100 * r[k]:.1f}%" if k in r else "-"
+        err = lambda k: f"{r[k]:+.3f}" if k in r else "-"
+        cells = ([r[label]] if label else []) + [str(r["budget"] or "none"), pct("accuracy"), f"{r['mean_tokens']:.1f}",
+                                                 err("length_error"), f"{r['abs_length_error']:.3f}" if "abs_length_error"
+                                                 in r else "-", pct("over_budget"), pct("cut_by_cap")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# -----------------------------------------------------------------------------
+# evaluating one model
+
+
+def settings_from(args) -> dict:
+    """Everything that decides the numbers; a resumed run must match them exactly."""
+    keys = ("model", "adapter", "data", "split", "problem_column", "answer_column", "limit", "budgets", "mode", "s1",
+            "samples", "temperature", "top_p", "boxed_only", "answer_tokens", "quantize", "seed")
+    settings = {k: getattr(args, k) for k in keys}
+    settings["adapter"] = str(model_lib.find_adapter(args.adapter)) if args.adapter else None
+    settings["base"] = model_lib.adapter_base(args.adapter) if args.adapter else (args.model or "embedded")
+    return settings
+
+
+def train_config(adapter: str | None) -> dict:
+    """The train.py config of the run an adapter came from (its config.json), if it can be found."""
+    if adapter is None:
+        return {}
+    path = Path(adapter)
+    for candidate in (path / "config.json", path.parents[2] / "config.json" if len(path.parents) > 2 else None):
+        if candidate is not None and candidate.is_file():
+            return json.loads(candidate.read_text())
+    return {}
+
+
+def evaluate(args, out: Path) -> dict:
+    settings = settings_from(args)
+    records_path = out.with_suffix(".records.jsonl")
+    result = dict(settings=settings, train_config=train_config(settings["adapter"]), budgets=[])
+    if out.exists():  # resume: keep the finished budgets if the settings are the same
+        previous = json.loads(out.read_text())
+        if previous.get("settings") != settings:
+            raise ValueError(f"{out} holds an evaluation with other settings: pass another --out, or delete it")
+        result["budgets"] = previous["budgets"]
+    done = {b["budget"] for b in result["budgets"]}
+    budgets = [NO_BUDGET] if args.mode == "none" else args.budgets
+    kept = [line for line in (records_path.read_text().splitlines() if records_path.exists() else [])
+            if json.loads(line)["budget"] in done]
+    records_path.parent.mkdir(parents=True, exist_ok=True)
+    records_path.write_text("".join(line + "\n" for line in kept))
+    if all(b in done for b in budgets):
+        print(f"{out}: every budget is already done")
+        return result
+
+    problems = data.load_problems(args.data, args.split, args.problem_column, args.answer_column, limit=args.limit,
+                                  seed=args.seed)
+    model, tokenizer = model_lib.load_model(args.model, adapter=args.adapter, quantize=args.quantize, trainable=False)
+    model.eval()
+    thinks = "</think>" in tokenizer.get_vocab()
+    from tqdm import tqdm
+
+    todo = [b for b in budgets if b not in done]
+    bar = tqdm(total=len(todo) * len(problems) * args.samples, desc="responses", dynamic_ncols=True)
+    for budget in todo:
+        generator = torch.Generator(device=model.device).manual_seed(args.seed * 1_000_003 + budget)
+        rows = [(i, k) for i in range(len(problems)) for k in range(args.samples)]
+        length_sentence = budget if (budget != NO_BUDGET and not args.s1) else None
+        mode = "exact" if args.mode == "none" else args.mode
+        prompts = [data.encode_prompt(tokenizer, data.build_prompt(p.problem, length_sentence, mode, p.multiple_choice))
+                   for p in problems]
+        cap = args.max_new_tokens or (2 * max(args.budgets) if budget == NO_BUDGET else
+                                      (MAX_CAP_FACTOR if mode == "max" else 2) * budget)
+        records = []
+        for start in range(0, len(rows), args.batch):
+            chunk = rows[start:start + args.batch]
+            batch_prompts = [prompts[i] for i, _ in chunk]
+            if args.s1:
+                outs = sample.budget_forcing(model, tokenizer, batch_prompts, budget, args.temperature, args.top_p,
+                                             args.answer_tokens, generator)
+            else:
+                outs = sample.generate(model, batch_prompts, cap, tokenizer.pad_token_id, [tokenizer.eos_token_id],
+                                       args.temperature, args.top_p, generator)
+            for (i, k), o in zip(chunk, outs):
+                text = tokenizer.decode(o.tokens, skip_special_tokens=True)
+                p = problems[i]
+                ok = (reward.is_correct_choice(text, p.answer, thinks) if p.multiple_choice
+                      else reward.is_correct(text, p.answer, thinks, args.boxed_only))
+                records.append(dict(problem=i, budget=budget, sample=k, n_y=o.n_y, correct=ok,
+                                    cut=(o.finish == "length" and not args.s1), text=text))
+            bar.update(len(chunk))
+        with open(records_path, "a") as f:
+            f.writelines(json.dumps(r) + "\n" for r in records)
+        summary = summarise(records, budget)
+        summary["cap"] = None if args.s1 else cap
+        result["budgets"] = sorted(result["budgets"] + [summary], key=lambda b: b["budget"])
+        out.write_text(json.dumps(result, indent=1))  # after every budget: what a resumed run keeps
+    bar.close()
+    return result
+
+
+# -----------------------------------------------------------------------------
+# comparing runs
+
+
+PRETTY = {"alpha": "α", "mode": "mode", "lr": "lr", "n_min": "n_min", "n_max": "n_max", "group_size": "G",
+          "beta": "β", "steps": "steps", "delta": "δ"}
+IGNORED = {"run_name", "out_dir", "save_every", "keep_checkpoints", "sample_every", "max_bad_steps", "adapter"}
+
+
+def method(result: dict) -> str:
+    s = result["settings"]
+    if s["s1"]:
+        return "S1"
+    if not s["adapter"]:
+        return "base" + (" (no length)" if s["mode"] == "none" else "")
+    return "LCPO" + ("-Max" if s["mode"] == "max" else "")
+
+
+def labels(results: list[dict], names: list[str]) -> list[str]:
+    """Name each run by what differs: the method, then train.py settings (e.g. "LCPO α=0.001")."""
+    keys = sorted({k for r in results for k in r.get("train_config", {})} - IGNORED)
+    differ = [k for k in keys if len({json.dumps(r.get("train_config", {}).get(k)) for r in results
+                                      if r.get("train_config")}) > 1]
+    out = []
+    for r, name in zip(results, names):
+        parts = [method(r)]
+        if r.get("train_config"):
+            parts += [f"{PRETTY.get(k, k)}={r['train_config'].get(k)}" for k in differ[:3]]
+        out.append(" ".join(parts))
+    if len(set(out)) < len(out):  # still ambiguous: the file names decide
+        out = [f"{label} ({name})" for label, name in zip(out, names)]
+    return out
+
+
+def load_result(path: str) -> dict:
+    try:
+        result = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ValueError(f"{path} does not exist") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ValueError(f"{path} is not JSON: give result files written by eval.py") from None
+    if not isinstance(result, dict) or "settings" not in result or not result.get("budgets"):
+        raise ValueError(f"{path} is not an eval.py result (no settings and budgets): give files written by eval.py")
+    return result
+
+
+def compare(paths: list[str], plot: str | None) -> str:
+    results = [load_result(p) for p in paths]
+    names = labels(results, [Path(p).stem for p in paths])
+    rows = [dict(b, run=name) for name, r in zip(names, results) for b in r["budgets"]]
+    text = table(rows, label="run")
+    if plot:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        import matplotlib.ticker
+
+        fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+        for name, r in zip(names, results):
+            b = r["budgets"]
+            line, = left.plot([x["mean_tokens"] for x in b], [100 * x["accuracy"] for x in b], "o-", label=name)
+            for x in b:
+                left.annotate(str(x["budget"] or "none"), (x["mean_tokens"], 100 * x["accuracy"]), fontsize=7,
+                              textcoords="offset points", xytext=(3, 3), color=line.get_color())
+            with_err = [x for x in b if "abs_length_error" in x]
+            if with_err:
+                right.plot([x["budget"] for x in with_err], [x["abs_length_error"] for x in with_err], "o-",
+                           label=name, color=line.get_color())
+        left.set(xscale="log", xlabel="mean tokens used", ylabel="pass@1 (%)", title="accuracy against tokens used")
+        right.set(xscale="log", xlabel="budget N in the prompt (tokens)", ylabel="mean |n_y - N| / N",
+                  title="length error against budget")
+        budgets = sorted({x["budget"] for r in results for x in r["budgets"] if x["budget"]})
+        right.set_xticks(budgets)
+        left.set_ylim(bottom=0)
+        for ax in (left, right):  # log axes labelled with plain token counts
+            ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+            ax.grid(alpha=0.3, which="both")
+            ax.legend(fontsize=8)
+        fig.tight_layout()
+        Path(plot).parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(plot, dpi=120)
+        plt.close(fig)
+    return text
+
+
+# -----------------------------------------------------------------------------
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
+    parser.add_argument("--compare", nargs="+", metavar="RESULT", help="eval.py result files: one table, one figure")
+    parser.add_argument("--plot", default=None, help="with --compare: write the figure here (.png)")
+    parser.add_argument("--model", default=None, help="hub id or local directory (default: the embedded model)")
+    parser.add_argument("--adapter", default=None, help="a saved adapter, or a train.py run directory")
+    parser.add_argument("--data", default="builtin", help="builtin, a known set (data.KNOWN_SETS), a hub id or a file")
+    parser.add_argument("--split", default=None, help="default: test for the built-in set, the set's own otherwise")
+    parser.add_argument("--problem-column", default="problem")
+    parser.add_argument("--answer-column", default="answer")
+    parser.add_argument("--limit", type=int, default=64, help="problems (first N; 0: all)")
+    parser.add_argument("--budgets", type=int, nargs="+", default=[32, 64, 128], help="N of 'Think for N tokens.'")
+    parser.add_argument("--mode", default="exact", choices=["exact", "max", "none"], help="none: no length sentence")
+    parser.add_argument("--s1", action="store_true", help="S1 budget forcing at each budget (no length sentence)")
+    parser.add_argument("--samples", type=int, default=2, help="K samples per problem (the paper: 16)")
+    parser.add_argument("--temperature", type=float, default=0.6)
+    parser.add_argument("--top-p", type=float, default=0.95)
+    parser.add_argument("--max-new-tokens", type=int, default=None,
+                        help=f"cap (default: 2 x budget for exact, {MAX_CAP_FACTOR} x for max, 2 x the largest for none)")
+    parser.add_argument("--answer-tokens", type=int, default=32, help="S1: tokens for the answer after the budget")
+    parser.add_argument("--boxed-only", action="store_true", help="judge only \\boxed{} answers (the paper)")
+    parser.add_argument("--no-quantize", dest="quantize", action="store_false", help="load the base in full precision")
+    parser.add_argument("--batch", type=int, default=64, help="responses per generation batch")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=None, help="result file (default: evals/<base or run>-<mode>.json)")
+    args = parser.parse_args(argv)
+    if args.compare:
+        if args.plot and not args.plot.lower().endswith(".png"):
+            raise ValueError(f"--plot writes a PNG: give a file name ending in .png, not {args.plot!r}")
+        return args
+    if args.plot:
+        raise ValueError("--plot goes with --compare")
+    if any(b <= 0 for b in args.budgets):
+        raise ValueError(f"budgets must be positive token counts, got {args.budgets}")
+    for name in ("samples", "batch", "answer_tokens"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.limit < 0:
+        raise ValueError(f"--limit must be >= 0 (0: all problems), got {args.limit}")
+    if args.s1 and args.mode == "none":
+        raise ValueError("--s1 forces each budget: it cannot go with --mode none")
+    args.limit = args.limit or None
+    if args.split is None and args.data == "builtin":
+        args.split = "test"
+    sample.check_sampling_args(args.max_new_tokens or 1, args.temperature, args.top_p)
+    if args.out is None:
+        run = Path(args.adapter).resolve().name if args.adapter else "base"
+        args.out = f"evals/{run}-{'s1' if args.s1 else args.mode}.json"
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        args = parse_args(argv)
+        if args.compare:
+            print(compare(args.compare, args.plot))
+            if args.plot:
+                print(f"figure: {args.plot}")
+            return
+        out = Path(args.out)
+        result = evaluate(args, out)
+    except (ValueError, model_lib.ModelError) as e:
+        sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        sys.exit(f"\ninterrupted: the finished budgets are in {args.out}; the same command resumes")
+    print(table(result["budgets"]))
+    print(f"results: {out}  responses: {out.with_suffix('.records.jsonl')}")
+
+
+if __name__ == "__main__":
+    main()

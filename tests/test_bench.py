@@ -1,0 +1,60 @@
+import json
+
+import pytest
+
+import bench
+
+
+def run(tiny_model_dir, tmp_path, *args):
+    bench.main([*args, "--model", str(tiny_model_dir), "--no-quantize", "--out", str(tmp_path)])
+    return json.loads(next(tmp_path.glob(f"{args[0]}-*.json")).read_text())
+
+
+def test_rollout_runs_every_variant_on_the_same_work(tiny_model_dir, tmp_path, capsys):
+    result = run(tiny_model_dir, tmp_path, "rollout", "--prompts", "2", "--group-size", "3", "--n-min", "4",
+                 "--n-max", "20", "--max-new-tokens", "24", "--repeats", "2")
+    assert set(result["variants"]) == set(bench.VARIANTS)
+    assert result["rows"] == 6 and result["longest"] <= 24
+    for name, r in result["variants"].items():
+        assert len(r["seconds"]) == 2 and r["tokens_per_s"] == pytest.approx(result["useful_tokens"] / min(r["seconds"]))
+    assert result["variants"]["generate()"]["vs_generate"] == 1.0
+    assert "| ours |" in capsys.readouterr().out
+
+
+def test_workload_lengths_follow_the_targets(char_tokenizer):
+    rows, targets, lengths = bench.workload(char_tokenizer, 5, 4, 10, 100, 120, seed=1)
+    assert len(rows) == len(targets) == len(lengths) == 20
+    assert all(rows[i] == rows[i - i % 4] for i in range(20))  # G copies of each prompt
+    assert all(max(1, round(t / 2)) <= n <= min(120, round(1.5 * t)) for t, n in zip(targets, lengths))
+    assert bench.workload(char_tokenizer, 5, 4, 10, 100, 120, seed=1)[2] == lengths
+
+
+def test_train_splits_a_step(tiny_model_dir, tmp_path, capsys):
+    result = run(tiny_model_dir, tmp_path, "train", "--prompts", "2", "--group-size", "2", "--n-min", "4",
+                 "--n-max", "8", "--max-new-tokens", "8")
+    step = result["step"]
+    assert step["step"] == 1 and all(step[k] >= 0 for k in ("rollout_s", "reference_s", "policy_s", "optimizer_s"))
+    assert "rollout" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["memory"], "needs a CUDA device"),
+    (["rollout", "--repeats", "0"], "must be >= 1"),
+    (["rollout", "--variants", "fast"], "unknown variant 'fast'"),
+    (["train", "--preset", "huge"], "unknown preset 'huge'"),
+])
+def test_bad_input_is_one_line(args, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        bench.main(args)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_random_qwen_has_the_1_5b_shape_when_asked(tmp_path, char_tokenizer):
+    from transformers import AutoConfig
+
+    small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=300)
+    path = bench.random_qwen(tmp_path / "q", char_tokenizer, small)
+    config = AutoConfig.from_pretrained(path)
+    assert config.model_type == "qwen2" and config.num_hidden_layers == 2
+    assert bench.QWEN_1_5B["num_hidden_layers"] == 28 and bench.QWEN_1_5B["hidden_size"] == 1536

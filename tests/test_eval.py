@@ -1,0 +1,142 @@
+import json
+
+import pytest
+
+import data
+import eval as ev
+import model as model_lib
+import reward
+import sample
+
+
+def rec(n_y, correct, cut=False):
+    return dict(n_y=n_y, correct=correct, cut=cut)
+
+
+def test_summary_numbers_are_the_formulas():
+    records = [rec(50, True), rec(100, False), rec(150, True, cut=True), rec(20, False)]
+    s = ev.summarise(records, 100)
+    assert s["responses"] == 4 and s["accuracy"] == 0.5 and s["mean_tokens"] == 80
+    assert s["length_error"] == pytest.approx((-0.5 + 0 + 0.5 - 0.8) / 4)
+    assert s["abs_length_error"] == pytest.approx((0.5 + 0 + 0.5 + 0.8) / 4)
+    assert s["over_budget"] == 0.25 and s["cut_by_cap"] == 0.25
+    none = ev.summarise(records, ev.NO_BUDGET)  # no length sentence: no target to miss
+    assert "length_error" not in none and none["mean_tokens"] == 80
+
+
+def args_for(tiny_model_dir, out, *extra):
+    return ["--model", str(tiny_model_dir), "--no-quantize", "--limit", "3", "--samples", "2", "--budgets", "4", "8",
+            "12", "--out", str(out), *extra]
+
+
+def test_an_interrupted_evaluation_resumes_without_redoing_budgets(tiny_model_dir, tmp_path, monkeypatch):
+    out = tmp_path / "e.json"
+    real = sample.generate
+    calls = []
+
+    def interrupt_at_budget_8(model, prompts, cap, *a, **k):
+        calls.append(cap)
+        if cap == 16:  # 2 x budget 8
+            raise KeyboardInterrupt
+        return real(model, prompts, cap, *a, **k)
+
+    monkeypatch.setattr(sample, "generate", interrupt_at_budget_8)
+    with pytest.raises(SystemExit, match="the same command resumes"):
+        ev.main(args_for(tiny_model_dir, out))
+    assert [b["budget"] for b in json.loads(out.read_text())["budgets"]] == [4]
+    calls.clear()
+    monkeypatch.setattr(sample, "generate", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
+    ev.main(args_for(tiny_model_dir, out))
+    assert sorted(set(calls)) == [16, 24]  # budget 4 was not generated again
+    result = json.loads(out.read_text())
+    assert [b["budget"] for b in result["budgets"]] == [4, 8, 12]
+    records = [json.loads(line) for line in out.with_suffix(".records.jsonl").read_text().splitlines()]
+    assert len(records) == 3 * 2 * 3 and len({(r["budget"], r["problem"], r["sample"]) for r in records}) == 18
+    for b in result["budgets"]:  # the JSON is the summary of the records
+        mine = ev.summarise([r for r in records if r["budget"] == b["budget"]], b["budget"])
+        assert all(b[k] == pytest.approx(v) for k, v in mine.items())
+    assert result["settings"]["budgets"] == [4, 8, 12] and result["settings"]["samples"] == 2
+    with pytest.raises(SystemExit, match="other settings"):
+        ev.main(args_for(tiny_model_dir, out, "--temperature", "1.0"))
+
+
+def test_s1_and_no_length_sentence(tiny_model_dir, tmp_path, monkeypatch):
+    prompts = []
+    monkeypatch.setattr(data, "build_prompt", lambda p, n, *a: prompts.append(n) or f"{p} [{n}]")
+    ev.main(args_for(tiny_model_dir, tmp_path / "s1.json", "--s1"))
+    s1 = json.loads((tmp_path / "s1.json").read_text())
+    assert set(prompts) == {None}  # S1 forces the budget instead of stating it
+    assert all(b["mean_tokens"] >= b["budget"] for b in s1["budgets"])  # it thinks the whole budget, then answers
+    ev.main(args_for(tiny_model_dir, tmp_path / "none.json", "--mode", "none"))
+    assert [b["budget"] for b in json.loads((tmp_path / "none.json").read_text())["budgets"]] == [ev.NO_BUDGET]
+
+
+def test_multiple_choice_sets_use_the_choice_judge(tiny_model_dir, tmp_path, monkeypatch):
+    problems = [data.Problem("Pick one.\n\n(A) 1\n(B) 2", "B", True)]
+    monkeypatch.setattr(data, "load_problems", lambda *a, **k: problems)
+    judged = []
+    monkeypatch.setattr(reward, "is_correct_choice", lambda text, gold, thinks: judged.append(gold) or True)
+    monkeypatch.setattr(reward, "is_correct", lambda *a: pytest.fail("the math judge was used"))
+    ev.main(args_for(tiny_model_dir, tmp_path / "mc.json", "--budgets", "4"))
+    assert judged == ["B", "B"]
+    assert json.loads((tmp_path / "mc.json").read_text())["budgets"][0]["accuracy"] == 1.0
+
+
+def fake_result(path, alpha, mode="exact", s1=False, adapter="a"):
+    budgets = [dict(budget=b, responses=4, accuracy=0.1 * i, mean_tokens=b * 1.1, cut_by_cap=0.0,
+                    length_error=0.1, abs_length_error=0.2 / (i + 1), over_budget=0.5) for i, b in enumerate([32, 64, 128])]
+    settings = dict(s1=s1, adapter=adapter, mode=mode)
+    path.write_text(json.dumps(dict(settings=settings, budgets=budgets,
+                                    train_config=dict(alpha=alpha, lr=1e-4, run_name=str(path)) if adapter else {})))
+    return str(path)
+
+
+def test_compare_labels_runs_by_what_differs_and_draws_a_readable_figure(tmp_path, capsys):
+    import matplotlib.image
+
+    paths = [fake_result(tmp_path / "a.json", 0.001), fake_result(tmp_path / "b.json", 0.01),
+             fake_result(tmp_path / "base.json", None, adapter=None), fake_result(tmp_path / "s1.json", None, s1=True, adapter=None)]
+    ev.main(["--compare", *paths, "--plot", str(tmp_path / "fig.png")])
+    out = capsys.readouterr().out
+    assert "| LCPO α=0.001 | 32 |" in out and "| LCPO α=0.01 | 128 |" in out and "| base | 64 |" in out
+    assert "| S1 | 32 |" in out and out.count("\n| ") == 4 * 3  # a row per run and budget
+    image = matplotlib.image.imread(tmp_path / "fig.png")
+    assert image.shape[0] > 300 and image.shape[1] > 800  # a real figure, not an empty file
+    assert image[..., :3].std() > 0.05  # with something drawn on it
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--budgets", "32", "0"], "budgets must be positive"),
+    (["--budgets", "-5"], "budgets must be positive"),
+    (["--samples", "0"], "--samples must be >= 1"),
+    (["--s1", "--mode", "none"], "cannot go with --mode none"),
+    (["--plot", "x.png"], "--plot goes with --compare"),
+    (["--temperature", "-1"], "temperature must be >= 0"),
+])
+def test_bad_flags_are_refused_in_one_line(argv, message):
+    with pytest.raises(SystemExit) as e:
+        ev.main(argv)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_compare_refuses_other_files(tmp_path):
+    (tmp_path / "metrics.json").write_text(json.dumps({"step": 3, "loss": 0.1}))
+    (tmp_path / "notes.json").write_text("not json at all")
+    for name, message in (("metrics.json", "not an eval.py result"), ("notes.json", "is not JSON"),
+                          ("missing.json", "does not exist")):
+        with pytest.raises(SystemExit) as e:
+            ev.main(["--compare", str(tmp_path / name)])
+        assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_an_empty_set_and_an_adapter_of_another_base_are_refused(tiny_model_dir, tmp_path, char_tokenizer):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text(json.dumps({"problem": "", "answer": "1"}) + "\n")
+    with pytest.raises(SystemExit) as e:
+        ev.main(args_for(tiny_model_dir, tmp_path / "x.json", "--data", str(empty)))
+    assert "no usable problems" in str(e.value) and "\n" not in str(e.value)
+    model, tok = model_lib.load_model(str(tiny_model_dir), quantize=False)
+    model_lib.save_adapter(model, tok, tmp_path / "adapter")
+    with pytest.raises(SystemExit) as e:
+        ev.main(["--adapter", str(tmp_path / "adapter"), "--model", "some/other-model", "--out", str(tmp_path / "y.json")])
+    assert "some/other-model" in str(e.value) and str(tiny_model_dir) in str(e.value)
