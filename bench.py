@@ -70,7 +70,7 @@ def ours(model, tokenizer, rows, targets, lengths, batch: int, temperature: floa
     return produced
 
 
-def hf_generate(model, tokenizer, rows, targets, lengths, batch: int, temperature: float, top_p: float):
+def hf_generate(model, tokenizer, rows, targets, lengths, batch: int, temperature: float, top_p: float, **unused):
     """model.generate() on the same rows in the same batches, each row stopped after its length."""
     from transformers import StoppingCriteria, StoppingCriteriaList
 
@@ -97,13 +97,22 @@ def hf_generate(model, tokenizer, rows, targets, lengths, batch: int, temperatur
     return produced
 
 
-VARIANTS = {  # name -> how to roll out; "ours" is what train.py runs
-    "generate()": lambda *a: hf_generate(*a),
-    "loop only": lambda *a: ours(*a, share_prefix=False, compact=False),
-    "+ shared prefix": lambda *a: ours(*a, share_prefix=True, compact=False),
-    "+ compaction": lambda *a: ours(*a, share_prefix=False, compact=True),
-    "ours": lambda *a: ours(*a, share_prefix=True, compact=True),
+VARIANTS = {  # name -> (rollout function, generate on a dense copy, flags of sample.generate); "ours" = train.py
+    "generate()": (hf_generate, False, {}),
+    "generate(), dense copy": (hf_generate, True, {}),
+    "loop only": (ours, False, dict(share_prefix=False, compact=False, static_cache=False)),
+    "+ shared prefix": (ours, False, dict(share_prefix=True, compact=False, static_cache=False)),
+    "+ compaction": (ours, False, dict(share_prefix=False, compact=True, static_cache=False)),
+    "+ static cache": (ours, False, dict(share_prefix=False, compact=False, static_cache=True)),
+    "+ dense copy": (ours, True, dict(share_prefix=False, compact=False, static_cache=False)),
+    "ours": (ours, True, dict(share_prefix=True, compact=True, static_cache=False)),
 }
+
+
+def run_variant(name, model, copy, *args):
+    """One rollout of the workload; a dense copy is refreshed first, as train.py does after every update."""
+    function, dense, flags = VARIANTS[name]
+    return function(model_lib.rollout_copy(model, copy) if dense else model, *args, **flags)
 
 
 def sync(device):
@@ -123,6 +132,7 @@ def peak_mb(device, reset: bool = False) -> float:
 def bench_rollout(args, model_name, device) -> dict:
     model, tokenizer = model_lib.load_model(model_name, quantize=not args.no_quantize, trainable=False)
     model.eval()
+    copy = model_lib.rollout_copy(model)
     rows, targets, lengths = workload(tokenizer, args.prompts, args.group_size, args.n_min, args.n_max,
                                       args.max_new_tokens, args.seed)
     batch = args.rollout_batch or len(rows)
@@ -133,18 +143,19 @@ def bench_rollout(args, model_name, device) -> dict:
     times = {v: [] for v in variants}
     memory = {v: 0.0 for v in variants}
     with torch.no_grad():
-        VARIANTS["ours"](model, tokenizer, rows[:2], targets[:2], [4, 4], 2, 1.0, 1.0)  # warm-up
+        run_variant("ours", model, copy, tokenizer, rows[:2], targets[:2], [4, 4], 2, 1.0, 1.0)  # warm-up
         for repeat in range(args.repeats):  # alternating, so drift in the machine's speed hits all of them
             for v in variants:
                 peak_mb(device, reset=True)
                 sync(device)
                 t = time.perf_counter()
-                produced = VARIANTS[v](model, tokenizer, rows, targets, lengths, batch, args.temperature, args.top_p)
+                produced = run_variant(v, model, copy, tokenizer, rows, targets, lengths, batch, args.temperature,
+                                       args.top_p)
                 sync(device)
                 times[v].append(time.perf_counter() - t)
                 memory[v] = max(memory[v], peak_mb(device))
                 assert produced == useful, (v, produced, useful)  # both sides did the same work
-                print(f"  repeat {repeat + 1}  {v:16s} {times[v][-1]:8.1f} s  {useful / times[v][-1]:8.1f} tokens/s")
+                print(f"  repeat {repeat + 1}  {v:24s} {times[v][-1]:8.1f} s  {useful / times[v][-1]:8.1f} tokens/s")
     best = {v: min(ts) for v, ts in times.items()}
     base = best.get("generate()")
     table = {v: dict(seconds=times[v], tokens_per_s=useful / best[v], peak_memory_mb=memory[v],

@@ -223,6 +223,68 @@ def reference(model):
         yield model
 
 
+def _dense_weight(module, dtype: torch.dtype) -> torch.Tensor:
+    """A linear layer's effective weight: dequantized if 4-bit, plus its active LoRA update if it has one."""
+    from peft.tuners.lora import LoraLayer
+
+    delta = None
+    if isinstance(module, LoraLayer):
+        deltas = [module.get_delta_weight(name) for name in module.active_adapters if name in module.lora_A]
+        delta = sum(deltas) if deltas else None
+        module = module.get_base_layer()
+    weight = module.weight
+    if type(weight).__name__ == "Params4bit":
+        import bitsandbytes.functional as bnb_functional
+
+        weight = bnb_functional.dequantize_4bit(weight.data, weight.quant_state)
+    weight = weight.float() if delta is None else weight.float() + delta.float()
+    return weight.to(dtype)
+
+
+@torch.no_grad()
+def rollout_copy(model, previous=None):
+    """The policy as a plain model, for generation: the base dequantized, the LoRA merged into each weight.
+
+    It computes what `model` computes (up to rounding) without dequantizing the 4-bit weights and
+    running the LoRA's extra matmuls at every token. Pass the copy made at an earlier step to
+    refresh it in place after an update: only the weights under a LoRA change.
+    """
+    from peft.tuners.lora import LoraLayer
+    from transformers import AutoModelForCausalLM
+
+    inner = model.get_base_model()  # the transformers model with the LoRA layers in it
+    if previous is not None:
+        for parameter, module in previous.lcpo_lora_weights:
+            parameter.copy_(_dense_weight(module, parameter.dtype))
+        return previous
+    device = next(model.parameters()).device
+    dtype = compute_dtype(device.type)
+    with torch.device("meta"):
+        copy = AutoModelForCausalLM.from_config(inner.config, dtype=dtype)
+    state, lora_weights = {}, []
+    for name in copy.state_dict():
+        prefix, _, attr = name.rpartition(".")
+        module = inner.get_submodule(prefix)
+        is_linear = attr == "weight" and (isinstance(module, LoraLayer) or type(module.weight).__name__ == "Params4bit")
+        if is_linear:
+            state[name] = _dense_weight(module, dtype)
+            if isinstance(module, LoraLayer):
+                lora_weights.append((name, module))
+        else:
+            owner = module.get_base_layer() if isinstance(module, LoraLayer) else module
+            state[name] = getattr(owner, attr).detach().to(dtype if getattr(owner, attr).is_floating_point() else None)
+    copy.load_state_dict(state, assign=True)
+    for name, buffer in list(copy.named_buffers()):  # buffers outside the state dict (rotary frequencies)
+        if buffer.is_meta:
+            prefix, _, attr = name.rpartition(".")
+            copy.get_submodule(prefix)._buffers[attr] = inner.get_buffer(name).clone()
+    copy.tie_weights()
+    copy.eval().requires_grad_(False)
+    copy.generation_config = model.generation_config
+    copy.lcpo_lora_weights = [(copy.get_parameter(name), module) for name, module in lora_weights]
+    return copy
+
+
 # -----------------------------------------------------------------------------
 # saving
 

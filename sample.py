@@ -81,6 +81,7 @@ def generate(
     on_token=None,
     share_prefix: bool = True,
     compact: bool = True,
+    static_cache: bool = True,
 ) -> list[Rollout]:
     """Sample a response for each prompt (token ids, chat template applied). See the module docstring.
 
@@ -88,9 +89,10 @@ def generate(
     (pad_id for rows already finished). The two speed-ups, each exact up to float rounding:
     share_prefix prefills each distinct prompt once and copies its KV cache to the rows that
     repeat it (GRPO's G samples per prompt); compact drops finished rows from the batch and the
-    cache, so a batch costs the sum of its lengths, not rows x the longest.
+    cache, so a batch costs the sum of its lengths, not rows x the longest; static_cache writes the
+    keys and values into buffers allocated once instead of concatenating the cache every step.
     """
-    from transformers import DynamicCache
+    from transformers import DynamicCache, StaticCache
 
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate needs at least one prompt, and no empty prompt")
@@ -114,11 +116,15 @@ def generate(
     input_ids, mask = input_ids.to(device), mask.to(device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # [B, T] each row counts from its first real token
 
-    cache = DynamicCache(config=model.config)
+    if static_cache:  # room for the longest response; the mask's columns open as tokens are written
+        cache = StaticCache(config=model.config, max_cache_len=width + max(limits))
+        mask = F.pad(mask, (0, max(limits)))
+    else:
+        cache = DynamicCache(config=model.config)
     logits = model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
                    past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]  # [distinct, V]
     if share_prefix:  # one row per sample from here on
-        cache.batch_select_indices(copy_of)
+        cache.reorder_cache(copy_of)
         logits, mask, positions = logits[copy_of], mask[copy_of], positions[copy_of]
     next_position = positions[:, -1:] + 1  # [B, 1]
 
@@ -151,9 +157,12 @@ def generate(
         if compact and finished.any():  # drop the finished rows from the batch and the cache
             keep = active.nonzero().squeeze(-1)
             live, active, token, mask, next_position = live[keep], active[keep], token[keep], mask[keep], next_position[keep]
-            cache.batch_select_indices(keep)
+            cache.reorder_cache(keep)
         token = token.masked_fill(~active, pad_id)  # without compaction, finished rows are fed padding
-        mask = torch.cat([mask, torch.ones((mask.shape[0], 1), dtype=mask.dtype, device=device)], dim=-1)
+        if static_cache:
+            mask[:, width + step] = 1
+        else:
+            mask = torch.cat([mask, torch.ones((mask.shape[0], 1), dtype=mask.dtype, device=device)], dim=-1)
         logits = model(input_ids=token[:, None], attention_mask=mask, position_ids=next_position,
                        past_key_values=cache, use_cache=True).logits[:, -1]
         next_position = next_position + 1

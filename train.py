@@ -66,6 +66,7 @@ class Config:
     steps: int = 200  # updates in the whole run
     micro_batch_tokens: int = 1024  # padded tokens per forward/backward: rows are packed up to it, by length
     rollout_batch: int = 64  # rows per generation batch (rows with similar targets batched together)
+    rollout_copy: bool = True  # generate with a dense copy (base dequantized, LoRA merged): faster, + the base's size
     lora_rank: int = 16  # LoRA r
     lora_alpha: int = 32  # LoRA scaling numerator
     lora_dropout: float = 0.0  # dropout on the LoRA input
@@ -239,10 +240,12 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, on_step=None) -> Pat
     from tqdm import tqdm
 
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="steps", dynamic_ncols=True)
-    bad_steps = 0
+    bad_steps, policy = 0, None
     try:
         for step in bar:
-            metrics, examples = train_step(cfg, step, model, tokenizer, optimizer, params, problems, thinks, device)
+            policy = model_lib.rollout_copy(model, policy) if cfg.rollout_copy else model  # today's weights
+            metrics, examples = train_step(cfg, step, model, tokenizer, optimizer, params, problems, thinks, device,
+                                           policy)
             bad_steps = 0 if metrics["updated"] else bad_steps + 1
             with open(run_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(metrics) + "\n")
@@ -268,8 +271,11 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, on_step=None) -> Pat
     return run_dir
 
 
-def train_step(cfg: Config, step: int, model, tokenizer, optimizer, params, problems, thinks, device):
-    """One GRPO update. Everything random is seeded by (seed, step), so a resumed run repeats it exactly."""
+def train_step(cfg: Config, step: int, model, tokenizer, optimizer, params, problems, thinks, device, policy=None):
+    """One GRPO update. Everything random is seeded by (seed, step), so a resumed run repeats it exactly.
+
+    policy: what generates the rollouts, `model` itself or its dense copy (model.rollout_copy).
+    """
     rng = random.Random(cfg.seed * 1_000_003 + step)
     generator = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + step)
     G = cfg.group_size
@@ -288,8 +294,8 @@ def train_step(cfg: Config, step: int, model, tokenizer, optimizer, params, prob
     rollouts = [None] * len(rows)
     for i in range(0, len(rows), cfg.rollout_batch):
         chunk = by_target[i:i + cfg.rollout_batch]
-        outs = sample.generate(model, [rows[j] for j in chunk], cfg.max_new_tokens, tokenizer.pad_token_id,
-                               [tokenizer.eos_token_id], cfg.temperature, cfg.top_p, generator)
+        outs = sample.generate(model if policy is None else policy, [rows[j] for j in chunk], cfg.max_new_tokens,
+                               tokenizer.pad_token_id, [tokenizer.eos_token_id], cfg.temperature, cfg.top_p, generator)
         for j, out in zip(chunk, outs):
             rollouts[j] = out
     rollout_s = time.perf_counter() - t0

@@ -134,7 +134,7 @@ def test_an_empty_set_and_an_adapter_of_another_base_are_refused(tiny_model_dir,
     empty.write_text(json.dumps({"problem": "", "answer": "1"}) + "\n")
     with pytest.raises(SystemExit) as e:
         ev.main(args_for(tiny_model_dir, tmp_path / "x.json", "--data", str(empty)))
-    assert "no usable problems" in str(e.value) and "\n" not in str(e.value)
+    assert "no usable rows" in str(e.value) and "\n" not in str(e.value)
     model, tok = model_lib.load_model(str(tiny_model_dir), quantize=False)
     model_lib.save_adapter(model, tok, tmp_path / "adapter")
     with pytest.raises(SystemExit) as e:

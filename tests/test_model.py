@@ -198,3 +198,29 @@ def test_embedded_default_converts_once_then_loads_in_4bit(tmp_path, monkeypatch
     prompt = data.encode_prompt(tokenizer, data.build_prompt(problem.problem, 32, "exact"))
     (out,) = sample.generate(model, [prompt], 12, tokenizer.pad_token_id, [tokenizer.eos_token_id], temperature=0)
     assert out.n_y == 12 and tokenizer.decode(out.tokens).strip()  # real words from the real model
+
+
+@pytest.mark.parametrize("targets", ["all-linear", ["q_proj", "v_proj"]])  # the other layers stay plain 4-bit
+def test_rollout_copy_computes_what_the_adapter_model_computes(tiny_model_dir, char_tokenizer, targets):
+    model, tok = load_model(str(tiny_model_dir), quantize=True, lora_targets=targets)
+    _perturb_adapter(model)
+    ids, mask = _batch(tok)
+    copy = model_lib.rollout_copy(model)
+    assert not any(p.requires_grad for p in copy.parameters()) and "lora" not in str(copy)
+    assert not any(type(p).__name__ == "Params4bit" for p in copy.parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(copy(input_ids=ids, attention_mask=mask).logits,
+                                   model(input_ids=ids, attention_mask=mask).logits, atol=1e-4, rtol=1e-4)
+    prompts = [data.encode_prompt(tok, m) for m in ("1+1?", "what is seven times six?")]
+    greedy = lambda m: [r.tokens for r in sample.generate(m, prompts, 12, tok.pad_token_id, [], temperature=0)]
+    assert greedy(copy) == greedy(model)
+
+    _perturb_adapter(model, seed=2)  # an update; the copy is refreshed in place
+    assert model_lib.rollout_copy(model, copy) is copy
+    with torch.no_grad():
+        torch.testing.assert_close(copy(input_ids=ids, attention_mask=mask).logits,
+                                   model(input_ids=ids, attention_mask=mask).logits, atol=1e-4, rtol=1e-4)
+        with reference(model):  # and the copy did not change the model it came from
+            base = load_model(str(tiny_model_dir), quantize=True)[0]
+            torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).logits,
+                                       base(input_ids=ids, attention_mask=mask).logits)

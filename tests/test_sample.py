@@ -1,3 +1,4 @@
+import itertools
 import math
 
 import pytest
@@ -70,23 +71,22 @@ def _grpo_rows(prompts, G=3):
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
-def test_prefix_sharing_and_compaction_sample_the_same_tokens(tiny_llama, char_tokenizer, prompts, temperature):
+def test_prefix_sharing_compaction_and_static_cache_sample_the_same_tokens(tiny_llama, char_tokenizer, prompts, temperature):
     rows = _grpo_rows(prompts)
     limits = [3 + 2 * i for i in range(len(rows))]  # rows finish at different steps
     runs = {}
-    for share in (True, False):
-        for compact in (True, False):
-            generator = torch.Generator().manual_seed(7)
-            runs[share, compact] = generate(tiny_llama, rows, limits, char_tokenizer.pad_token_id, [], temperature,
-                                            generator=generator, share_prefix=share, compact=compact)
-    plain = runs[False, False]
+    for flags in itertools.product((True, False), repeat=3):
+        generator = torch.Generator().manual_seed(7)
+        runs[flags] = generate(tiny_llama, rows, limits, char_tokenizer.pad_token_id, [], temperature,
+                               generator=generator, share_prefix=flags[0], compact=flags[1], static_cache=flags[2])
+    plain = runs[False, False, False]
     assert [r.n_y for r in plain] == limits
     for out in runs.values():
         assert [r.tokens for r in out] == [r.tokens for r in plain]
         for a, b in zip(out, plain):
             assert a.logprobs == pytest.approx(b.logprobs, abs=1e-4)
     if temperature > 0:  # the G copies of a prompt are different samples, not one sample copied
-        assert len({tuple(r.tokens) for r in runs[True, True][:3]}) > 1
+        assert len({tuple(r.tokens) for r in runs[True, True, True][:3]}) > 1
 
 
 def test_compaction_feeds_only_live_rows_and_sharing_prefills_each_prompt_once(tiny_llama, char_tokenizer, prompts):

@@ -13,7 +13,8 @@ import train
 from train import Config, group_advantages, normalise, per_token_loss
 from tests.conftest import make_char_tokenizer, make_tiny_llama
 
-TIMING_KEYS = {"rollout_tokens_per_s", "train_tokens_per_s", "peak_memory_mb"}
+TIMING_KEYS = {"rollout_tokens_per_s", "train_tokens_per_s", "peak_memory_mb", "rollout_s", "reference_s", "policy_s",
+               "optimizer_s"}
 
 
 # -----------------------------------------------------------------------------
