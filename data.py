@@ -4,6 +4,7 @@ Problems in, prompts out.
     python data.py                                  # preview the built-in set's prompts
     python data.py --data math500 --n 3             # a known eval set (needs the hub, or its cache)
     python data.py --data my_problems.jsonl --problem-column question --answer-column solution
+    python data.py --data deepscaler --export verl --out lcpo-verl.parquet --n-min 100 --n-max 4000
 
 A dataset is any table with a problem and an answer column: the built-in offline set, a Hugging
 Face hub id, a local .json/.jsonl/.parquet file, or a known eval set by name (KNOWN_SETS). Each
@@ -316,6 +317,41 @@ def load_problems(
 # -----------------------------------------------------------------------------
 
 
+# -----------------------------------------------------------------------------
+# export, for training in TRL or verl (scale_out.py reads these columns back)
+
+
+def export(problems: list[Problem], path: str | Path, engine: str, n_min: int, n_max: int, mode: str = "exact",
+           seed: int = 0, data_source: str = "lcpo", tokenizer: str = "embedded", boxed_only: bool = True) -> int:
+    """Write LCPO prompts, targets drawn as train.py draws them, to a parquet file for `engine`.
+
+    trl : prompt (one user message), answer, n_gold, mode, multiple_choice: GRPOTrainer hands every
+          column but the prompt to the reward function (scale_out.trl_reward).
+    verl: data_source, prompt, ability, reward_model {style, ground_truth}, extra_info {n_gold, mode,
+          multiple_choice, tokenizer, boxed_only}: the layout of verl's data loader, read back
+          by scale_out.compute_score. `tokenizer` names the model whose tokens n_y counts.
+    """
+    import datasets
+
+    if engine not in ("trl", "verl"):
+        raise DataError(f"unknown engine {engine!r}: export for trl or verl")
+    check_target_range(n_min, n_max)
+    targets = sample_targets(len(problems), n_min, n_max, mode, random.Random(seed))
+    rows = []
+    for i, (p, (n_gold, m)) in enumerate(zip(problems, targets)):
+        prompt = [{"role": "user", "content": build_prompt(p.problem, n_gold, m, p.multiple_choice)}]
+        if engine == "trl":
+            rows.append(dict(prompt=prompt, answer=p.answer, n_gold=n_gold, mode=m, multiple_choice=p.multiple_choice))
+        else:
+            rows.append(dict(data_source=data_source, prompt=prompt, ability="math",
+                             reward_model={"style": "rule", "ground_truth": p.answer},
+                             extra_info=dict(index=i, n_gold=n_gold, mode=m, multiple_choice=p.multiple_choice,
+                                             tokenizer=tokenizer, boxed_only=boxed_only)))
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    datasets.Dataset.from_list(rows).to_parquet(str(path))
+    return len(rows)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Preview the LCPO prompts of a dataset.")
     parser.add_argument("--data", default="builtin", help="builtin, a known set (%s), a hub id or a local file"
@@ -329,11 +365,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--n-max", type=int, default=160, help="largest target length, tokens")
     parser.add_argument("--n", type=int, default=3, help="how many prompts to show")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--export", choices=["trl", "verl"], default=None, help="write the prompts for TRL or verl")
+    parser.add_argument("--out", default=None, help="with --export: the parquet file to write")
+    parser.add_argument("--tokenizer", default="embedded", help="with --export verl: the model whose tokens n_y counts")
+    parser.add_argument("--boxed-only", action=argparse.BooleanOptionalAction, default=True,
+                        help="with --export verl: judge only \\boxed{} answers (the paper)")
     args = parser.parse_args(argv)
     try:
         check_target_range(args.n_min, args.n_max)
+        if (args.export is None) != (args.out is None):
+            raise DataError("--export and --out go together: --export trl|verl --out FILE.parquet")
         problems = load_problems(args.data, args.split, args.problem_column, args.answer_column, args.config,
                                  seed=args.seed)
+        if args.export:
+            n = export(problems, args.out, args.export, args.n_min, args.n_max, args.mode, args.seed,
+                       data_source=args.data, tokenizer=args.tokenizer, boxed_only=args.boxed_only)
+            print(f"wrote {n} {args.mode} prompts (N {args.n_min}-{args.n_max}) for {args.export} to {args.out}")
+            return
     except DataError as e:
         sys.exit(f"error: {e}")
     print(f"{len(problems)} problems from {args.data}")

@@ -107,7 +107,7 @@ def evaluate(args, out: Path) -> dict:
     problems = data.load_problems(args.data, args.split, args.problem_column, args.answer_column, limit=args.limit,
                                   seed=args.seed)
     model, tokenizer = model_lib.load_model(args.model, adapter=args.adapter, quantize=args.quantize, trainable=False)
-    model.eval()
+    model = model_lib.rollout_copy(model)  # the same function, dequantized and merged once: faster to sample from
     thinks = "</think>" in tokenizer.get_vocab()
     from tqdm import tqdm
 

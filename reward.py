@@ -19,6 +19,7 @@ eval/exec, and every judgement has a time limit.
 """
 
 import re
+import threading
 from functools import lru_cache
 
 from math_verify import LatexExtractionConfig, parse, verify
@@ -131,8 +132,14 @@ def final_answer_text(response: str, thinks: bool = False) -> str:
 _LATEX_ONLY = [LatexExtractionConfig(boxed_match_priority=0)]  # never ExprExtractionConfig: it calls parse_expr
 
 
+def _time_limit() -> int | None:
+    # math-verify's limit is a SIGALRM, which only the main thread may set: elsewhere (an engine's
+    # worker thread) answers are judged without it; MAX_ANSWER_CHARS still bounds what is parsed
+    return JUDGE_TIMEOUT_S if threading.current_thread() is threading.main_thread() else None
+
+
 def _parse_latex(answer: str) -> list:
-    return parse(f"${answer}$", extraction_config=_LATEX_ONLY, parsing_timeout=JUDGE_TIMEOUT_S)
+    return parse(f"${answer}$", extraction_config=_LATEX_ONLY, parsing_timeout=_time_limit())
 
 
 @lru_cache(maxsize=4096)
@@ -184,7 +191,7 @@ def is_correct(response: str, gold: str, thinks: bool = False, boxed_only: bool 
     gold = str(gold)
     if _same_text(answer, gold):
         return True
-    return bool(verify(_parse_gold(gold), _parse_latex(answer), timeout_seconds=JUDGE_TIMEOUT_S))
+    return bool(verify(_parse_gold(gold), _parse_latex(answer), timeout_seconds=_time_limit()))
 
 
 _CHOICE = re.compile(r"^\s*\(?\s*([A-J])\s*\)?(?:[\s.:)]|$)")

@@ -29,7 +29,8 @@ def make_char_tokenizer(chat_template: str | None = CHAT_TEMPLATE):
     raw = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     raw.pre_tokenizer = pre_tokenizers.Split("", "isolated")
     raw.decoder = decoders.Fuse()
-    raw.add_special_tokens(specials)
+    raw.add_special_tokens(specials[:5])
+    raw.add_tokens(specials[5:])  # as in R1-style tokenizers: whole tokens, but kept by skip_special_tokens
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=raw, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
     tokenizer.chat_template = chat_template
     return tokenizer

@@ -324,3 +324,15 @@ def test_boxed_only_is_the_default():
     assert is_correct("3 + 4 = 7, so the answer is 7.", "7", boxed_only=False)
     assert is_correct("so the answer is 1,000.", "1000", boxed_only=False)
     assert not is_correct("the answer is 7. Check: 7 - 4 = 3", "7", boxed_only=False)  # last number decides
+
+
+def test_judging_off_the_main_thread_works_without_the_alarm():
+    # engines (verl's reward workers) may judge in a worker thread, where SIGALRM cannot be set
+    import threading
+
+    out = []
+    worker = threading.Thread(target=lambda: out.append((reward.is_correct(r"so \boxed{\dfrac{1}{2}}", "0.5"),
+                                                         reward.is_correct(r"\boxed{3}", "4"))))
+    worker.start()
+    worker.join()
+    assert out == [(True, False)]
