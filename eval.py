@@ -224,7 +224,9 @@ def compare(paths: list[str], plot: str | None) -> str:
                   title="length error against budget")
         budgets = sorted({x["budget"] for r in results for x in r["budgets"] if x["budget"]})
         right.set_xticks(budgets)
+        left.xaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))  # 20, 50, 100, 200, ...
         left.set_ylim(bottom=0)
+        right.set_ylim(bottom=0)
         for ax in (left, right):  # log axes labelled with plain token counts
             ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
             ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
