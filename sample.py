@@ -5,8 +5,9 @@ The generation loop, written by hand: batched, left-padded, KV-cached.
     python sample.py --adapter runs/exact/adapter --budget 32 --prompt "..."   # a trained adapter
     python sample.py --s1 --budget 64 --prompt "..."                           # budget forcing (S1)
 
-One prefill over the padded prompts fills the cache; then every step feeds each row the token
-it just sampled. Each row stops at its own EOS (or stop id) or at its own max_new_tokens.
+One prefill over the padded prompts fills the cache (once per distinct prompt: GRPO's G samples
+of a prompt share it); then every step feeds each live row the token it just sampled. Each row
+stops at its own EOS (or stop id) or at its own max_new_tokens, and then leaves the batch.
 Per row it returns the tokens, the log-prob of each under the distribution it was sampled
 from (logits / temperature, after top-p), and why it stopped: these are GRPO's "old" log-probs,
 equal to what `sequence_logprobs` computes by a fresh forward pass over prompt + response.
@@ -81,16 +82,17 @@ def generate(
     on_token=None,
     share_prefix: bool = True,
     compact: bool = True,
-    static_cache: bool = True,
+    static_cache: bool = False,
 ) -> list[Rollout]:
     """Sample a response for each prompt (token ids, chat template applied). See the module docstring.
 
     max_new_tokens may differ per row. on_token(step, tokens[B]) is called after every step
-    (pad_id for rows already finished). The two speed-ups, each exact up to float rounding:
+    (pad_id for rows already finished). The speed-ups, each exact up to float rounding:
     share_prefix prefills each distinct prompt once and copies its KV cache to the rows that
     repeat it (GRPO's G samples per prompt); compact drops finished rows from the batch and the
     cache, so a batch costs the sum of its lengths, not rows x the longest; static_cache writes the
-    keys and values into buffers allocated once instead of concatenating the cache every step.
+    keys and values into buffers allocated once instead of concatenating the cache every step (no
+    gain on a CPU, off by default; the precondition for CUDA graphs).
     """
     from transformers import DynamicCache, StaticCache
 
