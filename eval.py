@@ -8,6 +8,7 @@ The paper's evaluation: accuracy and length against the budget in the prompt.
     python eval.py --model agentica-org/DeepScaleR-1.5B-Preview --data aime2025 --budgets 512 1024 2048 3600 \\
                    --samples 16 --temperature 0.6 --top-p 0.95
     python eval.py --compare evals/a.json evals/b.json --plot compare.png   # side by side, and the figure
+    python eval.py --curves runs/exact runs/max --plot curves.png           # training curves from metrics.jsonl
 
 For each budget: K samples per problem with "Think for N tokens." in the prompt, and per budget
 pass@1 (mean correctness over samples), mean n_y, mean signed and absolute relative length error
@@ -239,13 +240,61 @@ def compare(paths: list[str], plot: str | None) -> str:
     return text
 
 
+def read_metrics(run_dir: str) -> list[dict]:
+    """A train.py run's metrics.jsonl, one dict per step."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise ValueError(f"{run_dir} is not a train.py run (no metrics.jsonl): give run directories to --curves")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def curves(run_dirs: list[str], plot: str | None, window: int = 10) -> str:
+    """Training curves from train.py runs: reward and length error per step (and a moving mean over `window`)."""
+    runs = [read_metrics(d) for d in run_dirs]
+    names = [Path(d).name for d in run_dirs]
+    keys = ("reward_mean", "length_error", "accuracy", "mean_n_y")
+    head = ["run", "steps"] + [f"{k} (first {window} → last {window})" for k in keys]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, m in zip(names, runs):
+        mean = lambda rows, k: sum(r[k] for r in rows) / len(rows)
+        lines.append("| " + " | ".join([name, str(len(m))] + [f"{mean(m[:window], k):.3f} → {mean(m[-window:], k):.3f}"
+                                                              for k in keys]) + " |")
+    if plot:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+        for name, m in zip(names, runs):
+            steps = [r["step"] for r in m]
+            for ax, key in zip(axes, ("reward_mean", "length_error")):
+                values = [r[key] for r in m]
+                smooth = [sum(values[max(0, i - window + 1):i + 1]) / len(values[max(0, i - window + 1):i + 1])
+                          for i in range(len(values))]
+                line, = ax.plot(steps, smooth, label=f"{name} (mean of {window})")
+                ax.plot(steps, values, color=line.get_color(), alpha=0.25, linewidth=0.8)
+        axes[0].set(xlabel="step", ylabel="mean reward", title="reward per step")
+        axes[1].set(xlabel="step", ylabel="mean |n_y - N| / N", title="length error per step")
+        axes[1].set_ylim(bottom=0)
+        for ax in axes:
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+        fig.tight_layout()
+        Path(plot).parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(plot, dpi=120)
+        plt.close(fig)
+    return "\n".join(lines)
+
+
 # -----------------------------------------------------------------------------
 
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
     parser.add_argument("--compare", nargs="+", metavar="RESULT", help="eval.py result files: one table, one figure")
-    parser.add_argument("--plot", default=None, help="with --compare: write the figure here (.png)")
+    parser.add_argument("--curves", nargs="+", metavar="RUN_DIR", help="train.py runs: reward and length error per step")
+    parser.add_argument("--plot", default=None, help="with --compare or --curves: write the figure here (.png)")
     parser.add_argument("--model", default=None, help="hub id or local directory (default: the embedded model)")
     parser.add_argument("--adapter", default=None, help="a saved adapter, or a train.py run directory")
     parser.add_argument("--data", default="builtin", help="builtin, a known set (data.KNOWN_SETS), a hub id or a file")
@@ -268,12 +317,14 @@ def parse_args(argv):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, help="result file (default: evals/<base or run>-<mode>.json)")
     args = parser.parse_args(argv)
-    if args.compare:
+    if args.compare and args.curves:
+        raise ValueError("--compare and --curves are two different figures: give one of them")
+    if args.compare or args.curves:
         if args.plot and not args.plot.lower().endswith(".png"):
             raise ValueError(f"--plot writes a PNG: give a file name ending in .png, not {args.plot!r}")
         return args
     if args.plot:
-        raise ValueError("--plot goes with --compare")
+        raise ValueError("--plot goes with --compare or --curves")
     if any(b <= 0 for b in args.budgets):
         raise ValueError(f"budgets must be positive token counts, got {args.budgets}")
     for name in ("samples", "batch", "answer_tokens"):
@@ -296,8 +347,8 @@ def parse_args(argv):
 def main(argv: list[str] | None = None) -> None:
     try:
         args = parse_args(argv)
-        if args.compare:
-            print(compare(args.compare, args.plot))
+        if args.compare or args.curves:
+            print(compare(args.compare, args.plot) if args.compare else curves(args.curves, args.plot))
             if args.plot:
                 print(f"figure: {args.plot}")
             return

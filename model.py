@@ -317,6 +317,22 @@ def adapter_base(adapter: str | Path) -> str:
     return json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"]
 
 
+def export_adapter(adapter: str | Path, out_dir: str | Path, dtype: torch.dtype = torch.bfloat16) -> Path:
+    """A saved adapter (or a run's newest one) copied alone, its weights cast to `dtype`: a small file to share.
+
+    bf16 halves the fp32 file; loading casts the weights back to the model's compute dtype.
+    Nothing of the run comes with it (no optimizer state).
+    """
+    from safetensors.torch import load_file, save_file
+
+    source = find_adapter(adapter)
+    with atomic_dir(Path(out_dir)) as staging:
+        shutil.copytree(source, staging, dirs_exist_ok=True)
+        weights = staging / "adapter_model.safetensors"
+        save_file({k: v.to(dtype) for k, v in load_file(weights).items()}, weights, metadata={"format": "pt"})
+    return Path(out_dir)
+
+
 def export_merged(adapter: str | Path, out_dir: str | Path, device: str = "cpu") -> None:
     """A standalone full-precision model: the adapter merged into an unquantized copy of its base."""
     model, tokenizer = load_model(adapter=str(adapter), quantize=False, trainable=False, device=device)

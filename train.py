@@ -42,6 +42,7 @@ class Config:
     data: str = "builtin"  # builtin, a known set (data.KNOWN_SETS), a hub id or a local file
     problem_column: str = "problem"  # the dataset's problem column
     answer_column: str = "answer"  # the dataset's gold answer column
+    init_adapter: str | None = None  # start from this adapter or run (L1-Max starts from the L1-Exact adapter)
     # the LCPO reward
     mode: str = "exact"  # exact, max, or mix (L1-Max: each prompt Exact or Max with probability 1/2)
     alpha: float | None = None  # reward per token of length error; None: 0.0003 for exact, 0.001 for max
@@ -113,6 +114,13 @@ def check_config(cfg: Config) -> None:
     for name in ("beta", "clip", "lr", "warmup_steps", "grad_clip", "lora_dropout"):
         if getattr(cfg, name) < 0:
             problems.append(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
+    if cfg.init_adapter is not None:
+        try:
+            base = model_lib.adapter_base(cfg.init_adapter)
+            if cfg.model is not None and cfg.model != base:
+                problems.append(f"--init-adapter {cfg.init_adapter} was trained on {base}, not on --model {cfg.model}")
+        except model_lib.ModelError as e:
+            problems.append(f"--init-adapter: {e}")
     try:
         data.check_target_range(cfg.n_min, cfg.n_max)
         sample.check_sampling_args(cfg.max_new_tokens, cfg.temperature, cfg.top_p)
@@ -205,7 +213,7 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, on_step=None) -> Pat
     checkpoint = latest_checkpoint(run_dir) if resume else None
     torch.manual_seed(cfg.seed)  # the new adapter's initial weights
     model, tokenizer = model_lib.load_model(
-        cfg.model, adapter=str(checkpoint / "adapter") if checkpoint else None, quantize=cfg.quantize,
+        cfg.model, adapter=str(checkpoint / "adapter") if checkpoint else cfg.init_adapter, quantize=cfg.quantize,
         lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
         gradient_checkpointing=cfg.gradient_checkpointing)
     # split None: the set's own (train for the built-in one, e.g. test for math500)

@@ -140,3 +140,31 @@ def test_an_empty_set_and_an_adapter_of_another_base_are_refused(tiny_model_dir,
     with pytest.raises(SystemExit) as e:
         ev.main(["--adapter", str(tmp_path / "adapter"), "--model", "some/other-model", "--out", str(tmp_path / "y.json")])
     assert "some/other-model" in str(e.value) and str(tiny_model_dir) in str(e.value)
+
+
+def test_curves_summarise_and_plot_training_runs(tmp_path, capsys):
+    import matplotlib.image
+
+    for name, slope in (("alpha-a", 0.01), ("alpha-b", 0.02)):
+        run = tmp_path / name
+        run.mkdir()
+        lines = [json.dumps(dict(step=s, reward_mean=-1 + slope * s, length_error=2 - slope * s, accuracy=0.1,
+                                 mean_n_y=100 - s)) for s in range(30)]
+        (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    ev.main(["--curves", str(tmp_path / "alpha-a"), str(tmp_path / "alpha-b"), "--plot", str(tmp_path / "c.png"),
+             ])
+    out = capsys.readouterr().out
+    # first ten steps average step 4.5, the last ten step 24.5
+    assert "| alpha-a | 30 | -0.955 → -0.755 | 1.955 → 1.755 | 0.100 → 0.100 | 95.500 → 75.500 |" in out
+    assert "| alpha-b | 30 | -0.910 → -0.510 |" in out
+    image = matplotlib.image.imread(tmp_path / "c.png")
+    assert image.shape[1] > 800 and image[..., :3].std() > 0.05
+
+
+def test_curves_refuse_a_directory_without_metrics(tmp_path):
+    with pytest.raises(SystemExit) as e:
+        ev.main(["--curves", str(tmp_path)])
+    assert "not a train.py run (no metrics.jsonl)" in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(SystemExit) as e:
+        ev.main(["--curves", str(tmp_path), "--compare", "x.json"])
+    assert "give one of them" in str(e.value)

@@ -129,6 +129,29 @@ def test_export_merged_matches_the_adapter(tiny_model_dir, tmp_path):
                                    model(input_ids=ids, attention_mask=mask).logits, rtol=1e-4, atol=1e-4)
 
 
+def test_export_adapter_is_bf16_alone_and_loads_back(tiny_model_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    model, tokenizer = load_model(str(tiny_model_dir), quantize=False)
+    _perturb_adapter(model)
+    save_adapter(model, tokenizer, tmp_path / "run" / "checkpoints" / "step-000004" / "adapter")
+    (tmp_path / "run" / "checkpoints" / "step-000004" / "state.pt").write_bytes(b"optimizer state")
+    out = model_lib.export_adapter(tmp_path / "run", tmp_path / "shared")  # a run: its newest adapter
+    assert not (out / "state.pt").exists() and model_lib.adapter_base(out) == str(tiny_model_dir)
+    saved = load_file(out / "adapter_model.safetensors")
+    full = load_file(tmp_path / "run" / "checkpoints" / "step-000004" / "adapter" / "adapter_model.safetensors")
+    assert saved.keys() == full.keys() and all(v.dtype == torch.bfloat16 for v in saved.values())
+    assert (out / "adapter_model.safetensors").stat().st_size < 0.6 * (
+        tmp_path / "run" / "checkpoints" / "step-000004" / "adapter" / "adapter_model.safetensors").stat().st_size
+
+    ids, mask = _batch(tokenizer)
+    with torch.no_grad():
+        loaded, _ = load_model(adapter=str(out), quantize=False, trainable=False)
+        assert all(p.dtype == torch.float32 for n, p in loaded.named_parameters() if "lora_" in n)
+        torch.testing.assert_close(loaded(input_ids=ids, attention_mask=mask).logits,
+                                   model(input_ids=ids, attention_mask=mask).logits, rtol=0, atol=2e-2)
+
+
 def test_pad_token_is_never_the_eos(tmp_path):
     tokenizer = make_char_tokenizer()
     assert model_lib.safe_pad_token_id(tokenizer) == tokenizer.pad_token_id  # its own pad is fine

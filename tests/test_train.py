@@ -196,6 +196,19 @@ def test_non_finite_rewards_skip_the_update_then_stop_the_run(learnable_model_di
     assert [m["updated"] for m in metrics] == [False, False, False]
 
 
+def test_init_adapter_starts_from_its_weights(learnable_model_dir, tmp_path):
+    first = train.train(tiny_config(learnable_model_dir, steps=2), tmp_path / "exact")
+    # lr 0: the new run's adapter stays what it started from, which must be the first run's, not a fresh one
+    second = train.train(tiny_config(learnable_model_dir, steps=1, lr=0.0, init_adapter=str(first), mode="max"),
+                         tmp_path / "max")
+    from safetensors.torch import load_file
+
+    start = load_file(model_lib.find_adapter(first) / "adapter_model.safetensors")
+    end = load_file(model_lib.find_adapter(second) / "adapter_model.safetensors")
+    assert start.keys() == end.keys() and all(torch.equal(start[k], end[k]) for k in start)
+    assert any(k.endswith("lora_B.weight") and v.abs().sum() > 0 for k, v in start.items())  # not a fresh adapter
+
+
 # -----------------------------------------------------------------------------
 # flags
 
@@ -210,6 +223,7 @@ def test_non_finite_rewards_skip_the_update_then_stop_the_run(learnable_model_di
     (["--loss-norm", "sum"], "--loss-norm must be token, grpo or dr_grpo"),
     (["--top-p", "0"], "top_p must be in (0, 1]"),
     (["--resume", "nowhere"], "nowhere is not a run directory"),
+    (["--init-adapter", "nowhere"], "--init-adapter: nowhere is not a saved adapter"),
 ])
 def test_bad_flags_are_refused_before_the_model_loads(argv, message, monkeypatch, tmp_path):
     monkeypatch.setattr(model_lib, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
