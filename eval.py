@@ -136,8 +136,7 @@ def evaluate(args, out: Path) -> dict:
             for (i, k), o in zip(chunk, outs):
                 text = tokenizer.decode(o.tokens, skip_special_tokens=True)
                 p = problems[i]
-                ok = (reward.is_correct_choice(text, p.answer, thinks) if p.multiple_choice
-                      else reward.is_correct(text, p.answer, thinks, args.boxed_only))
+                ok = reward.judge(text, p.answer, p.multiple_choice, thinks, args.boxed_only)
                 records.append(dict(problem=i, budget=budget, sample=k, n_y=o.n_y, correct=ok,
                                     cut=(o.finish == "length" and not args.s1), text=text))
             bar.update(len(chunk))

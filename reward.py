@@ -220,3 +220,10 @@ def extract_choice(response: str, thinks: bool = False) -> str | None:
 def is_correct_choice(response: str, gold: str, thinks: bool = False) -> bool:
     """Multiple-choice judge (GPQA, MMLU, LSAT): does the picked letter equal the gold letter?"""
     return extract_choice(response, thinks) == str(gold).strip().upper()
+
+
+def judge(response: str, gold, multiple_choice: bool = False, thinks: bool = False, boxed_only: bool = True) -> bool:
+    """The judge a problem calls for: its letter for a multiple-choice problem, math-verify otherwise."""
+    if multiple_choice:
+        return is_correct_choice(response, str(gold), thinks)
+    return is_correct(response, str(gold), thinks, boxed_only)

@@ -27,10 +27,7 @@ import reward
 def _reward(text: str, n_y: int, answer, n_gold, mode: str, multiple_choice: bool, alpha, delta, thinks: bool,
             boxed_only: bool) -> float:
     """train.py's judge and reward for one response (its step 3)."""
-    if multiple_choice:
-        ok = reward.is_correct_choice(text, str(answer), thinks)
-    else:
-        ok = reward.is_correct(text, str(answer), thinks, boxed_only)
+    ok = reward.judge(text, answer, multiple_choice, thinks, boxed_only)
     return reward.lcpo_reward(ok, n_y, None if n_gold is None else int(n_gold), mode or "exact", alpha, delta)
 
 

@@ -313,10 +313,7 @@ def train_step(cfg: Config, step: int, model, tokenizer, optimizer, params, prob
     correct, rewards = [], []
     for j, (r, text) in enumerate(zip(rollouts, texts)):
         problem, (n_gold, mode) = batch[j // G], targets[j // G]
-        if problem.multiple_choice:
-            ok = reward.is_correct_choice(text, problem.answer, thinks)
-        else:
-            ok = reward.is_correct(text, problem.answer, thinks, cfg.boxed_only)
+        ok = reward.judge(text, problem.answer, problem.multiple_choice, thinks, cfg.boxed_only)
         correct.append(ok)
         rewards.append(reward.lcpo_reward(ok, r.n_y, n_gold, mode, cfg.alpha, cfg.delta))
     rewards_t = torch.tensor(rewards, dtype=torch.float32)

@@ -336,3 +336,15 @@ def test_judging_off_the_main_thread_works_without_the_alarm():
     worker.start()
     worker.join()
     assert out == [(True, False)]
+
+
+def test_judge_picks_the_judge_the_problem_calls_for():
+    from reward import judge
+
+    assert judge(r"so \boxed{\frac12}", "0.5")  # math-verify: equivalent forms
+    assert judge(r"\boxed{12}", 12)  # a gold answer of any type
+    assert judge(r"The answer is \boxed{C}", "c", multiple_choice=True)
+    assert not judge(r"\boxed{C}", "B", multiple_choice=True)
+    assert not judge("the answer is 7", "7")  # boxed only, unless asked
+    assert judge("the answer is 7", "7", boxed_only=False)
+    assert not judge(r"<think>\boxed{7}", "7", thinks=True)  # no </think>: no answer
