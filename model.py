@@ -197,6 +197,11 @@ def load_model(
             raise ModelError(f"bitsandbytes cannot run here ({str(e).splitlines()[0]}): pass --no-quantize") from None
         raise
     model.generation_config.pad_token_id = tokenizer.pad_token_id
+    for module in model.modules():
+        # on CPUs with AVX512-BF16, bitsandbytes repacks a 4-bit weight in place at its first no-grad
+        # eval forward and computes with it in bf16 from then on: keep one layout and fp32 on every CPU
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
     if gradient_checkpointing:
         # with a frozen 4-bit base nothing before the first LoRA layer needs grad; make the embeddings'
