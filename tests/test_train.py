@@ -103,7 +103,8 @@ def learnable_model_dir(tmp_path):
 
 def tiny_config(model_dir, **overrides):
     settings = dict(model=str(model_dir), n_min=4, n_max=4, max_new_tokens=24, group_size=8, prompts_per_step=4,
-                    quantize=False, lr=0.05, alpha=0.05, steps=30, save_every=100, sample_every=10)
+                    quantize=False, lr=0.05, alpha=0.05, steps=30, save_every=100, sample_every=10, beta=0.001,
+                    loss_norm="token", temperature=1.0, warmup_steps=0)
     return Config(**{**settings, **overrides})
 
 
