@@ -56,7 +56,7 @@ class Config:
     epochs: int = 1  # mu: optimisation passes over each batch of rollouts
     clip: float = 0.2  # epsilon of the clipped ratio
     beta: float = 0.0  # weight of the k3 KL to the reference (paper 0.001: a term of ~1e-7 here); 0 skips the reference pass
-    loss_norm: str = "grpo"  # grpo (per-sequence mean: a short response's stop weighs as much as a long one), token (DAPO/verl) or dr_grpo
+    loss_norm: str = "token"  # token (DAPO/verl), grpo (per-sequence mean) or dr_grpo (sum / max length)
     temperature: float = 0.7  # sampling temperature (log-probs are taken at it too)
     top_p: float = 1.0  # nucleus sampling
     max_new_tokens: int = 192  # response cap
@@ -86,7 +86,7 @@ class Config:
 _PAPER = dict(model="agentica-org/DeepScaleR-1.5B-Preview", data="deepscaler", n_min=100, n_max=4000, group_size=16,
               prompts_per_step=128, temperature=0.6, max_new_tokens=4096, beta=0.001, boxed_only=True,
               micro_batch_tokens=16384, rollout_batch=64, gradient_checkpointing=True, lora_rank=64, lora_alpha=128,
-              save_every=5, lr=1e-5, loss_norm="token", warmup_steps=0)  # the paper's lr, 1e-6, was for full fine-tuning: LoRA needs a larger step
+              save_every=5, lr=1e-5, warmup_steps=0)  # the paper's lr, 1e-6, was for full fine-tuning: LoRA needs a larger step
 PRESETS = {
     "default": {},  # the CPU demo: the embedded model, short targets
     "l1-exact": {**_PAPER, "mode": "exact", "alpha": 0.0003},  # the paper's runs, a 1.5B model on one GPU
