@@ -263,20 +263,22 @@ def curves(run_dirs: list[str], plot: str | None, window: int = 10) -> str:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
 
         fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
         for name, m in zip(names, runs):
             steps = [r["step"] for r in m]
             for ax, key in zip(axes, ("reward_mean", "length_error")):
                 values = [r[key] for r in m]
-                smooth = [sum(values[max(0, i - window + 1):i + 1]) / len(values[max(0, i - window + 1):i + 1])
-                          for i in range(len(values))]
+                recent = [values[max(0, i - window + 1):i + 1] for i in range(len(values))]
+                smooth = [sum(v) / len(v) for v in recent]
                 line, = ax.plot(steps, smooth, label=f"{name} (mean of {window})")
                 ax.plot(steps, values, color=line.get_color(), alpha=0.25, linewidth=0.8)
         axes[0].set(xlabel="step", ylabel="mean reward", title="reward per step")
         axes[1].set(xlabel="step", ylabel="mean |n_y - N| / N", title="length error per step")
         axes[1].set_ylim(bottom=0)
         for ax in axes:
+            ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
         fig.tight_layout()
