@@ -254,8 +254,8 @@ def curves(run_dirs: list[str], plot: str | None, window: int = 10) -> str:
     keys = ("reward_mean", "length_error", "accuracy", "mean_n_y")
     head = ["run", "steps"] + [f"{k} (first {window} → last {window})" for k in keys]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    mean = lambda rows, k: sum(r[k] for r in rows) / len(rows)
     for name, m in zip(names, runs):
-        mean = lambda rows, k: sum(r[k] for r in rows) / len(rows)
         lines.append("| " + " | ".join([name, str(len(m))] + [f"{mean(m[:window], k):.3f} → {mean(m[-window:], k):.3f}"
                                                               for k in keys]) + " |")
     if plot:

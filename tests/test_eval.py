@@ -151,8 +151,7 @@ def test_curves_summarise_and_plot_training_runs(tmp_path, capsys):
         lines = [json.dumps(dict(step=s, reward_mean=-1 + slope * s, length_error=2 - slope * s, accuracy=0.1,
                                  mean_n_y=100 - s)) for s in range(30)]
         (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
-    ev.main(["--curves", str(tmp_path / "alpha-a"), str(tmp_path / "alpha-b"), "--plot", str(tmp_path / "c.png"),
-             ])
+    ev.main(["--curves", str(tmp_path / "alpha-a"), str(tmp_path / "alpha-b"), "--plot", str(tmp_path / "c.png")])
     out = capsys.readouterr().out
     # first ten steps average step 4.5, the last ten step 24.5
     assert "| alpha-a | 30 | -0.955 → -0.755 | 1.955 → 1.755 | 0.100 → 0.100 | 95.500 → 75.500 |" in out

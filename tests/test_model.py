@@ -134,15 +134,15 @@ def test_export_adapter_is_bf16_alone_and_loads_back(tiny_model_dir, tmp_path):
 
     model, tokenizer = load_model(str(tiny_model_dir), quantize=False)
     _perturb_adapter(model)
-    save_adapter(model, tokenizer, tmp_path / "run" / "checkpoints" / "step-000004" / "adapter")
-    (tmp_path / "run" / "checkpoints" / "step-000004" / "state.pt").write_bytes(b"optimizer state")
+    checkpoint = tmp_path / "run" / "checkpoints" / "step-000004"
+    save_adapter(model, tokenizer, checkpoint / "adapter")
+    (checkpoint / "state.pt").write_bytes(b"optimizer state")
     out = model_lib.export_adapter(tmp_path / "run", tmp_path / "shared")  # a run: its newest adapter
     assert not (out / "state.pt").exists() and model_lib.adapter_base(out) == str(tiny_model_dir)
-    saved = load_file(out / "adapter_model.safetensors")
-    full = load_file(tmp_path / "run" / "checkpoints" / "step-000004" / "adapter" / "adapter_model.safetensors")
-    assert saved.keys() == full.keys() and all(v.dtype == torch.bfloat16 for v in saved.values())
-    assert (out / "adapter_model.safetensors").stat().st_size < 0.6 * (
-        tmp_path / "run" / "checkpoints" / "step-000004" / "adapter" / "adapter_model.safetensors").stat().st_size
+    saved, full = out / "adapter_model.safetensors", checkpoint / "adapter" / "adapter_model.safetensors"
+    assert load_file(saved).keys() == load_file(full).keys()
+    assert all(v.dtype == torch.bfloat16 for v in load_file(saved).values())
+    assert saved.stat().st_size < 0.6 * full.stat().st_size
 
     ids, mask = _batch(tokenizer)
     with torch.no_grad():
