@@ -47,12 +47,13 @@ class Config:
     mode: str = "exact"  # exact, max, or mix (L1-Max: each prompt Exact or Max with probability 1/2)
     alpha: float | None = 0.0075  # reward per token of length error: the paper's 0.0003 x 25 for 25x shorter targets; None: 0.0003 exact, 0.001 max
     delta: float = 0.5  # Max reward of a correct answer at exactly n_gold tokens
-    n_min: int = 16  # smallest target length n_gold, tokens
-    n_max: int = 160  # largest target length n_gold, tokens
+    n_min: int = 32  # smallest target length n_gold, tokens
+    n_max: int = 128  # largest target length n_gold, tokens
+    n_min_steps: int = 15  # the first steps use n_min alone: the model learns to stop before it learns to vary
     boxed_only: bool = False  # judge only \boxed{} answers (the paper); off: the last number counts too
     # GRPO
     group_size: int = 4  # G: responses per prompt
-    prompts_per_step: int = 4  # prompts per update (x G responses)
+    prompts_per_step: int = 8  # prompts per update (x G responses)
     epochs: int = 1  # mu: optimisation passes over each batch of rollouts
     clip: float = 0.2  # epsilon of the clipped ratio
     beta: float = 0.0  # weight of the k3 KL to the reference (paper 0.001: a term of ~1e-7 here); 0 skips the reference pass
@@ -86,7 +87,7 @@ class Config:
 _PAPER = dict(model="agentica-org/DeepScaleR-1.5B-Preview", data="deepscaler", n_min=100, n_max=4000, group_size=16,
               prompts_per_step=128, temperature=0.6, max_new_tokens=4096, beta=0.001, boxed_only=True,
               micro_batch_tokens=16384, rollout_batch=64, gradient_checkpointing=True, lora_rank=64, lora_alpha=128,
-              save_every=5, lr=1e-5, warmup_steps=0)  # the paper's lr, 1e-6, was for full fine-tuning: LoRA needs a larger step
+              save_every=5, lr=1e-5, warmup_steps=0, n_min_steps=0)  # the paper's lr, 1e-6, was for full fine-tuning: LoRA needs a larger step
 PRESETS = {
     "default": {},  # the CPU demo: the embedded model, short targets
     "l1-exact": {**_PAPER, "mode": "exact", "alpha": 0.0003},  # the paper's runs, a 1.5B model on one GPU
@@ -111,7 +112,7 @@ def check_config(cfg: Config) -> None:
                  "save_every", "keep_checkpoints", "sample_every", "max_bad_steps", "lora_rank"):
         if getattr(cfg, name) < 1:
             problems.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
-    for name in ("beta", "clip", "lr", "warmup_steps", "grad_clip", "lora_dropout"):
+    for name in ("beta", "clip", "lr", "warmup_steps", "grad_clip", "lora_dropout", "n_min_steps"):
         if getattr(cfg, name) < 0:
             problems.append(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
     if cfg.init_adapter is not None:
@@ -290,7 +291,8 @@ def train_step(cfg: Config, step: int, model, tokenizer, optimizer, params, prob
 
     # 1. problems and targets
     batch = [problems[rng.randrange(len(problems))] for _ in range(cfg.prompts_per_step)]
-    targets = data.sample_targets(len(batch), cfg.n_min, cfg.n_max, cfg.mode, rng)  # [(n_gold, mode)]
+    n_max = cfg.n_min if step < cfg.n_min_steps else cfg.n_max  # first learn to stop, then to vary the length
+    targets = data.sample_targets(len(batch), cfg.n_min, n_max, cfg.mode, rng)  # [(n_gold, mode)]
     prompts = [data.encode_prompt(tokenizer, data.build_prompt(p.problem, n, m, p.multiple_choice))
                for p, (n, m) in zip(batch, targets)]
 
@@ -376,7 +378,7 @@ def train_step(cfg: Config, step: int, model, tokenizer, optimizer, params, prob
     metrics = dict(
         step=step, updated=updated, loss=sums["loss"] / cfg.epochs,
         reward_mean=rewards_t.mean().item(), reward_std=rewards_t.std().item(),
-        accuracy=sum(correct) / len(correct), mean_n_y=sum(n_y) / len(n_y),
+        accuracy=sum(correct) / len(correct), mean_n_gold=sum(n_gold) / len(n_gold), mean_n_y=sum(n_y) / len(n_y),
         length_error=sum(abs(y - g) / g for y, g in zip(n_y, n_gold)) / len(n_y),
         stopped_by_length=sum(r.finish == "length" for r in rollouts) / len(rollouts),
         kl=sums["kl"] / denom, clip_fraction=sums["clipped"] / denom, ratio_mean=sums["ratio"] / denom,

@@ -127,6 +127,12 @@ def test_lcpo_exact_reward_alone_teaches_the_target_length(learnable_model_dir, 
     assert model_lib.find_adapter(run).parent.name == "step-000030"
 
 
+def test_the_first_steps_train_on_the_shortest_target(learnable_model_dir, tmp_path):
+    run = train.train(tiny_config(learnable_model_dir, n_min=4, n_max=40, n_min_steps=2, steps=5), tmp_path / "run")
+    targets = [m["mean_n_gold"] for m in read_metrics(run)]
+    assert targets[:2] == [4, 4] and all(t > 4 for t in targets[2:]), targets
+
+
 def test_several_epochs_clip(learnable_model_dir, tmp_path):
     run = train.train(tiny_config(learnable_model_dir, steps=3, epochs=4, clip=0.01), tmp_path / "run")
     assert any(m["clip_fraction"] > 0 for m in read_metrics(run))  # later epochs leave the trust region
@@ -219,6 +225,7 @@ def test_init_adapter_starts_from_its_weights(learnable_model_dir, tmp_path):
     (["--group-size", "1"], "--group-size must be >= 2"),
     (["--n-min", "50", "--n-max", "10"], "n_min (50) is larger than n_max (10)"),
     (["--n-min", "0"], "n_min must be a positive"),
+    (["--n-min-steps", "-1"], "--n-min-steps must be >= 0"),
     (["--mode", "min"], "--mode must be exact, max or mix"),
     (["--preset", "l2"], "unknown preset 'l2'"),
     (["--loss-norm", "sum"], "--loss-norm must be token, grpo or dr_grpo"),
