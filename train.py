@@ -50,6 +50,7 @@ class Config:
     n_min: int = 32  # smallest target length n_gold, tokens
     n_max: int = 128  # largest target length n_gold, tokens
     n_min_steps: int = 15  # the first steps use n_min alone: the model learns to stop before it learns to vary
+    targets_per_problem: int = 1  # each problem of a step comes with this many targets: their responses differ by N alone
     boxed_only: bool = False  # judge only \boxed{} answers (the paper); off: the last number counts too
     # GRPO
     group_size: int = 4  # G: responses per prompt
@@ -106,6 +107,9 @@ def check_config(cfg: Config) -> None:
         problems.append(f"--delta must be in [0, 1], got {cfg.delta}")
     if cfg.group_size < 2:
         problems.append(f"--group-size must be >= 2 (advantages compare responses to the same prompt), got {cfg.group_size}")
+    if cfg.targets_per_problem < 1 or cfg.prompts_per_step % cfg.targets_per_problem:
+        problems.append(f"--targets-per-problem must divide --prompts-per-step ({cfg.prompts_per_step}), "
+                        f"got {cfg.targets_per_problem}")
     if cfg.loss_norm not in ("token", "grpo", "dr_grpo"):
         problems.append(f"--loss-norm must be token, grpo or dr_grpo, not {cfg.loss_norm!r}")
     for name in ("prompts_per_step", "epochs", "steps", "micro_batch_tokens", "rollout_batch", "max_new_tokens",
@@ -290,7 +294,8 @@ def train_step(cfg: Config, step: int, model, tokenizer, optimizer, params, prob
     G = cfg.group_size
 
     # 1. problems and targets
-    batch = [problems[rng.randrange(len(problems))] for _ in range(cfg.prompts_per_step)]
+    drawn = [problems[rng.randrange(len(problems))] for _ in range(cfg.prompts_per_step // cfg.targets_per_problem)]
+    batch = [p for p in drawn for _ in range(cfg.targets_per_problem)]  # the same problem, different N
     n_max = cfg.n_min if step < cfg.n_min_steps else cfg.n_max  # first learn to stop, then to vary the length
     targets = data.sample_targets(len(batch), cfg.n_min, n_max, cfg.mode, rng)  # [(n_gold, mode)]
     prompts = [data.encode_prompt(tokenizer, data.build_prompt(p.problem, n, m, p.multiple_choice))

@@ -104,7 +104,7 @@ def learnable_model_dir(tmp_path):
 def tiny_config(model_dir, **overrides):
     settings = dict(model=str(model_dir), n_min=4, n_max=4, max_new_tokens=24, group_size=8, prompts_per_step=4,
                     quantize=False, lr=0.05, alpha=0.05, steps=30, save_every=100, sample_every=10, beta=0.001,
-                    loss_norm="token", temperature=1.0, warmup_steps=0)
+                    loss_norm="token", temperature=1.0, warmup_steps=0, n_min_steps=0)
     return Config(**{**settings, **overrides})
 
 
@@ -131,6 +131,15 @@ def test_the_first_steps_train_on_the_shortest_target(learnable_model_dir, tmp_p
     run = train.train(tiny_config(learnable_model_dir, n_min=4, n_max=40, n_min_steps=2, steps=5), tmp_path / "run")
     targets = [m["mean_n_gold"] for m in read_metrics(run)]
     assert targets[:2] == [4, 4] and all(t > 4 for t in targets[2:]), targets
+
+
+def test_each_problem_comes_with_several_targets(learnable_model_dir, tmp_path):
+    cfg = tiny_config(learnable_model_dir, n_min=4, n_max=40, prompts_per_step=6, targets_per_problem=2, steps=1,
+                      sample_every=1)
+    examples = json.loads((train.train(cfg, tmp_path / "run") / "samples.jsonl").read_text())["examples"]
+    problems = [e["prompt"].split(" Let's think")[0] for e in examples]  # one example per group, in order
+    assert problems[0::2] == problems[1::2] and len(set(problems)) == 3
+    assert any(a["n_gold"] != b["n_gold"] for a, b in zip(examples[0::2], examples[1::2]))
 
 
 def test_several_epochs_clip(learnable_model_dir, tmp_path):
@@ -226,6 +235,7 @@ def test_init_adapter_starts_from_its_weights(learnable_model_dir, tmp_path):
     (["--n-min", "50", "--n-max", "10"], "n_min (50) is larger than n_max (10)"),
     (["--n-min", "0"], "n_min must be a positive"),
     (["--n-min-steps", "-1"], "--n-min-steps must be >= 0"),
+    (["--targets-per-problem", "3"], "--targets-per-problem must divide --prompts-per-step (8)"),
     (["--mode", "min"], "--mode must be exact, max or mix"),
     (["--preset", "l2"], "unknown preset 'l2'"),
     (["--loss-norm", "sum"], "--loss-norm must be token, grpo or dr_grpo"),
