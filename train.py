@@ -107,13 +107,13 @@ def check_config(cfg: Config) -> None:
         problems.append(f"--delta must be in [0, 1], got {cfg.delta}")
     if cfg.group_size < 2:
         problems.append(f"--group-size must be >= 2 (advantages compare responses to the same prompt), got {cfg.group_size}")
-    if cfg.targets_per_problem < 1 or cfg.prompts_per_step % cfg.targets_per_problem:
+    if cfg.targets_per_problem >= 1 and cfg.prompts_per_step % cfg.targets_per_problem:
         problems.append(f"--targets-per-problem must divide --prompts-per-step ({cfg.prompts_per_step}), "
                         f"got {cfg.targets_per_problem}")
     if cfg.loss_norm not in ("token", "grpo", "dr_grpo"):
         problems.append(f"--loss-norm must be token, grpo or dr_grpo, not {cfg.loss_norm!r}")
     for name in ("prompts_per_step", "epochs", "steps", "micro_batch_tokens", "rollout_batch", "max_new_tokens",
-                 "save_every", "keep_checkpoints", "sample_every", "max_bad_steps", "lora_rank"):
+                 "save_every", "keep_checkpoints", "sample_every", "max_bad_steps", "lora_rank", "targets_per_problem"):
         if getattr(cfg, name) < 1:
             problems.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
     for name in ("beta", "clip", "lr", "warmup_steps", "grad_clip", "lora_dropout", "n_min_steps"):

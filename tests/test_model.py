@@ -140,8 +140,8 @@ def test_export_adapter_is_bf16_alone_and_loads_back(tiny_model_dir, tmp_path):
     out = model_lib.export_adapter(tmp_path / "run", tmp_path / "shared")  # a run: its newest adapter
     assert not (out / "state.pt").exists() and model_lib.adapter_base(out) == str(tiny_model_dir)
     saved, full = out / "adapter_model.safetensors", checkpoint / "adapter" / "adapter_model.safetensors"
-    assert load_file(saved).keys() == load_file(full).keys()
-    assert all(v.dtype == torch.bfloat16 for v in load_file(saved).values())
+    weights = load_file(saved)
+    assert weights.keys() == load_file(full).keys() and all(v.dtype == torch.bfloat16 for v in weights.values())
     assert saved.stat().st_size < 0.6 * full.stat().st_size
 
     ids, mask = _batch(tokenizer)

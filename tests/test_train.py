@@ -236,6 +236,7 @@ def test_init_adapter_starts_from_its_weights(learnable_model_dir, tmp_path):
     (["--n-min", "0"], "n_min must be a positive"),
     (["--n-min-steps", "-1"], "--n-min-steps must be >= 0"),
     (["--targets-per-problem", "3"], "--targets-per-problem must divide --prompts-per-step (8)"),
+    (["--targets-per-problem", "0"], "--targets-per-problem must be >= 1"),
     (["--mode", "min"], "--mode must be exact, max or mix"),
     (["--preset", "l2"], "unknown preset 'l2'"),
     (["--loss-norm", "sum"], "--loss-norm must be token, grpo or dr_grpo"),
