@@ -91,21 +91,30 @@ def check_target_range(n_min: int, n_max: int) -> None:
         raise DataError(f"n_min ({n_min}) is larger than n_max ({n_max}): swap them")
 
 
-def sample_targets(n: int, n_min: int, n_max: int, mode: str, rng: random.Random) -> list[tuple[int, str]]:
+def sample_targets(n: int, n_min: int, n_max: int, mode: str, rng: random.Random,
+                   strata: int = 1) -> list[tuple[int, str]]:
     """n pairs (n_gold, mode) with n_gold ~ UniformInt(n_min, n_max), both ends included.
 
     mode "exact" or "max" gives that mode to every pair; "mix" is L1-Max training's 50/50 mix of
     Exact and Max prompts, drawn independently per pair.
 
         >>> sample_targets(4, 100, 4000, "mix", random.Random(1))
-        [(650, 'exact'), (1144, 'exact'), (2129, 'max'), (2034, 'max')]
+        [(624, 'exact'), (1095, 'max'), (3068, 'max'), (2641, 'exact')]
+
+    strata k > 1 cuts the range into k equal slices and draws each run of k consecutive targets one
+    per slice, low to high: each target is still uniform over the range, and the k targets that
+    share a problem (train.py --targets-per-problem) are spread over it instead of bunched by chance.
+
+        >>> sample_targets(4, 32, 128, "exact", random.Random(1), strata=2)
+        [(38, 'exact'), (121, 'exact'), (69, 'exact'), (92, 'exact')]
     """
     check_target_range(n_min, n_max)
     if mode not in (*MODES, "mix"):
         raise DataError(f"unknown mode {mode!r}: use exact, max or mix")
     pairs = []
-    for _ in range(n):
-        n_gold = rng.randint(n_min, n_max)
+    for i in range(n):
+        u = (i % strata + rng.random()) / strata  # uniform in [0, 1), inside slice i % strata
+        n_gold = min(n_max, n_min + int(u * (n_max - n_min + 1)))
         pairs.append((n_gold, rng.choice(MODES) if mode == "mix" else mode))
     return pairs
 

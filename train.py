@@ -50,7 +50,7 @@ class Config:
     n_min: int = 32  # smallest target length n_gold, tokens
     n_max: int = 128  # largest target length n_gold, tokens
     n_min_steps: int = 15  # the first steps use n_min alone: the model learns to stop before it learns to vary
-    targets_per_problem: int = 1  # each problem of a step comes with this many targets: their responses differ by N alone
+    targets_per_problem: int = 1  # each problem of a step comes with this many targets, one per k-th of the range: their responses differ by N alone
     boxed_only: bool = False  # judge only \boxed{} answers (the paper); off: the last number counts too
     # GRPO
     group_size: int = 4  # G: responses per prompt
@@ -297,7 +297,7 @@ def train_step(cfg: Config, step: int, model, tokenizer, optimizer, params, prob
     drawn = [problems[rng.randrange(len(problems))] for _ in range(cfg.prompts_per_step // cfg.targets_per_problem)]
     batch = [p for p in drawn for _ in range(cfg.targets_per_problem)]  # the same problem, different N
     n_max = cfg.n_min if step < cfg.n_min_steps else cfg.n_max  # first learn to stop, then to vary the length
-    targets = data.sample_targets(len(batch), cfg.n_min, n_max, cfg.mode, rng)  # [(n_gold, mode)]
+    targets = data.sample_targets(len(batch), cfg.n_min, n_max, cfg.mode, rng, cfg.targets_per_problem)  # [(n_gold, mode)], a problem's k spread over the range
     prompts = [data.encode_prompt(tokenizer, data.build_prompt(p.problem, n, m, p.multiple_choice))
                for p, (n, m) in zip(batch, targets)]
 

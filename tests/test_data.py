@@ -92,6 +92,14 @@ def test_sample_targets_uniform_in_range_inclusive():
     assert {m for _, m in sample_targets(50, 1, 9, "max", random.Random(0))} == {"max"}
 
 
+def test_sample_targets_strata_spread_each_run_and_keep_the_range_uniform():
+    pairs = sample_targets(6000, 3, 7, "exact", random.Random(0), strata=2)
+    low, high = [n for n, _ in pairs[0::2]], [n for n, _ in pairs[1::2]]
+    assert max(low) <= 5 <= min(high)  # slices [3, 5.5) and [5.5, 8): one target from each
+    counts = Counter(n for n, _ in pairs)
+    assert set(counts) == {3, 4, 5, 6, 7} and all(1000 < c < 1400 for c in counts.values())  # 1200 each
+
+
 def test_sample_targets_is_seeded():
     a = sample_targets(100, 100, 4000, "mix", random.Random(7))
     assert a == sample_targets(100, 100, 4000, "mix", random.Random(7))
