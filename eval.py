@@ -231,7 +231,8 @@ def compare(paths: list[str], plot: str | None) -> str:
             ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
             ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
             ax.grid(alpha=0.3, which="both")
-            ax.legend(fontsize=8)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=8)
         fig.tight_layout()
         Path(plot).parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(plot, dpi=120)
@@ -248,15 +249,20 @@ def read_metrics(run_dir: str) -> list[dict]:
 
 
 def curves(run_dirs: list[str], plot: str | None, window: int = 10) -> str:
-    """Training curves from train.py runs: reward and length error per step (and a moving mean over `window`)."""
+    """Training curves from train.py runs: reward, length error and length slope per step (and a moving
+    mean over `window`). The slope (d n_y / d N) is what says the model reads N: 1 follows it, 0 ignores it."""
     runs = [read_metrics(d) for d in run_dirs]
     names = [Path(d).name for d in run_dirs]
-    keys = ("reward_mean", "length_error", "accuracy", "mean_n_y")
+    keys = ("reward_mean", "length_error", "length_slope", "accuracy", "mean_n_y")
     head = ["run", "steps"] + [f"{k} (first {window} → last {window})" for k in keys]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    mean = lambda rows, k: sum(r[k] for r in rows) / len(rows)
+
+    def mean(rows, k):  # over the steps that have the key (the slope: steps with more than one N)
+        values = [r[k] for r in rows if r.get(k) is not None]
+        return f"{sum(values) / len(values):.3f}" if values else "–"
+
     for name, m in zip(names, runs):
-        lines.append("| " + " | ".join([name, str(len(m))] + [f"{mean(m[:window], k):.3f} → {mean(m[-window:], k):.3f}"
+        lines.append("| " + " | ".join([name, str(len(m))] + [f"{mean(m[:window], k)} → {mean(m[-window:], k)}"
                                                               for k in keys]) + " |")
     if plot:
         import matplotlib
@@ -265,11 +271,13 @@ def curves(run_dirs: list[str], plot: str | None, window: int = 10) -> str:
         import matplotlib.pyplot as plt
         import matplotlib.ticker
 
-        fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+        fig, axes = plt.subplots(1, 3, figsize=(16, 4.2))
         for name, m in zip(names, runs):
-            steps = [r["step"] for r in m]
-            for ax, key in zip(axes, ("reward_mean", "length_error")):
-                values = [r[key] for r in m]
+            for ax, key in zip(axes, ("reward_mean", "length_error", "length_slope")):
+                points = [(r["step"], r[key]) for r in m if r.get(key) is not None]  # older runs have no slope
+                if not points:
+                    continue
+                steps, values = zip(*points)
                 recent = [values[max(0, i - window + 1):i + 1] for i in range(len(values))]
                 smooth = [sum(v) / len(v) for v in recent]
                 line, = ax.plot(steps, smooth, label=f"{name} (mean of {window})")
@@ -277,10 +285,14 @@ def curves(run_dirs: list[str], plot: str | None, window: int = 10) -> str:
         axes[0].set(xlabel="step", ylabel="mean reward", title="reward per step")
         axes[1].set(xlabel="step", ylabel="mean |n_y - N| / N", title="length error per step")
         axes[1].set_ylim(bottom=0)
+        axes[2].axhline(1.0, color="grey", linestyle=":", linewidth=1)
+        axes[2].axhline(0.0, color="grey", linewidth=0.8)
+        axes[2].set(xlabel="step", ylabel="d n_y / d N", title="length slope per step (1: follows N)")
         for ax in axes:
             ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
             ax.grid(alpha=0.3)
-            ax.legend(fontsize=8)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=8)
         fig.tight_layout()
         Path(plot).parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(plot, dpi=120)

@@ -50,6 +50,7 @@ class Config:
     n_min: int = 32  # smallest target length n_gold, tokens
     n_max: int = 128  # largest target length n_gold, tokens
     n_min_steps: int = 15  # the first steps use n_min alone: the model learns to stop before it learns to vary
+    ends_steps: int = 0  # the next steps use n_min and n_max alone: the model learns that N sets the length
     targets_per_problem: int = 1  # each problem of a step comes with this many targets, one per k-th of the range: their responses differ by N alone
     boxed_only: bool = False  # judge only \boxed{} answers (the paper); off: the last number counts too
     # GRPO
@@ -116,7 +117,7 @@ def check_config(cfg: Config) -> None:
                  "save_every", "keep_checkpoints", "sample_every", "max_bad_steps", "lora_rank", "targets_per_problem"):
         if getattr(cfg, name) < 1:
             problems.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
-    for name in ("beta", "clip", "lr", "warmup_steps", "grad_clip", "lora_dropout", "n_min_steps"):
+    for name in ("beta", "clip", "lr", "warmup_steps", "grad_clip", "lora_dropout", "n_min_steps", "ends_steps"):
         if getattr(cfg, name) < 0:
             problems.append(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
     if cfg.init_adapter is not None:
@@ -137,6 +138,20 @@ def check_config(cfg: Config) -> None:
 
 # -----------------------------------------------------------------------------
 # the GRPO pieces
+
+
+def length_slope(n_gold: list[int], n_y: list[int]) -> float | None:
+    """Least-squares slope of the response length on the target: 1 follows N, 0 ignores it.
+
+    The number that says whether LCPO is working (the length error also falls for a model that
+    learns one middle length). None when every target is the same.
+
+        >>> length_slope([32, 64, 128], [40, 72, 136]), length_slope([32, 128], [60, 60]), length_slope([32, 32], [9, 70])
+        (1.0, 0.0, None)
+    """
+    mean_g, mean_y = sum(n_gold) / len(n_gold), sum(n_y) / len(n_y)
+    var_g = sum((g - mean_g) ** 2 for g in n_gold)
+    return sum((g - mean_g) * (y - mean_y) for g, y in zip(n_gold, n_y)) / var_g if var_g else None
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, scale: bool = True) -> torch.Tensor:
@@ -298,6 +313,8 @@ def train_step(cfg: Config, step: int, model, tokenizer, optimizer, params, prob
     batch = [p for p in drawn for _ in range(cfg.targets_per_problem)]  # the same problem, different N
     n_max = cfg.n_min if step < cfg.n_min_steps else cfg.n_max  # first learn to stop, then to vary the length
     targets = data.sample_targets(len(batch), cfg.n_min, n_max, cfg.mode, rng, cfg.targets_per_problem)  # [(n_gold, mode)], a problem's k spread over the range
+    if cfg.n_min_steps <= step < cfg.n_min_steps + cfg.ends_steps:  # only the two ends: the lower half -> n_min
+        targets = [(cfg.n_min if 2 * n < cfg.n_min + n_max else n_max, m) for n, m in targets]
     prompts = [data.encode_prompt(tokenizer, data.build_prompt(p.problem, n, m, p.multiple_choice))
                for p, (n, m) in zip(batch, targets)]
 
@@ -385,6 +402,7 @@ def train_step(cfg: Config, step: int, model, tokenizer, optimizer, params, prob
         reward_mean=rewards_t.mean().item(), reward_std=rewards_t.std().item(),
         accuracy=sum(correct) / len(correct), mean_n_gold=sum(n_gold) / len(n_gold), mean_n_y=sum(n_y) / len(n_y),
         length_error=sum(abs(y - g) / g for y, g in zip(n_y, n_gold)) / len(n_y),
+        length_slope=length_slope(n_gold, n_y),
         stopped_by_length=sum(r.finish == "length" for r in rollouts) / len(rollouts),
         kl=sums["kl"] / denom, clip_fraction=sums["clipped"] / denom, ratio_mean=sums["ratio"] / denom,
         entropy_proxy=sums["entropy_proxy"] / denom, grad_norm=grad_norm,

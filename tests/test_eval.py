@@ -149,13 +149,14 @@ def test_curves_summarise_and_plot_training_runs(tmp_path, capsys):
         run = tmp_path / name
         run.mkdir()
         lines = [json.dumps(dict(step=s, reward_mean=-1 + slope * s, length_error=2 - slope * s, accuracy=0.1,
-                                 mean_n_y=100 - s)) for s in range(30)]
+                                 mean_n_y=100 - s, **({"length_slope": None if s < 5 else s / 20} if name == "alpha-a" else {})))
+                 for s in range(30)]  # alpha-a: one N for 5 steps, then a slope; alpha-b: an older run without one
         (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
     ev.main(["--curves", str(tmp_path / "alpha-a"), str(tmp_path / "alpha-b"), "--plot", str(tmp_path / "c.png")])
     out = capsys.readouterr().out
     # first ten steps average step 4.5, the last ten step 24.5
-    assert "| alpha-a | 30 | -0.955 → -0.755 | 1.955 → 1.755 | 0.100 → 0.100 | 95.500 → 75.500 |" in out
-    assert "| alpha-b | 30 | -0.910 → -0.510 |" in out
+    assert "| alpha-a | 30 | -0.955 → -0.755 | 1.955 → 1.755 | 0.350 → 1.225 | 0.100 → 0.100 | 95.500 → 75.500 |" in out
+    assert "| alpha-b | 30 | -0.910 → -0.510 | 1.910 → 1.510 | – → – |" in out
     image = matplotlib.image.imread(tmp_path / "c.png")
     assert image.shape[1] > 800 and image[..., :3].std() > 0.05
 

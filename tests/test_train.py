@@ -133,6 +133,18 @@ def test_the_first_steps_train_on_the_shortest_target(learnable_model_dir, tmp_p
     assert targets[:2] == [4, 4] and all(t > 4 for t in targets[2:]), targets
 
 
+def test_the_next_steps_train_on_the_two_ends(learnable_model_dir, tmp_path):
+    cfg = tiny_config(learnable_model_dir, n_min=4, n_max=40, n_min_steps=1, ends_steps=2, prompts_per_step=6,
+                      targets_per_problem=2, steps=4, sample_every=1)
+    steps = [json.loads(line) for line in (train.train(cfg, tmp_path / "run") / "samples.jsonl").read_text().splitlines()]
+    targets = [[e["n_gold"] for e in s["examples"]] for s in steps]
+    assert targets[0] == [4] * 6
+    assert targets[1] == targets[2] == [4, 40] * 3  # each problem once short, once long
+    assert not set(targets[3]) <= {4, 40}, targets[3]
+    slopes = [m["length_slope"] for m in read_metrics(tmp_path / "run")]
+    assert slopes[0] is None and all(isinstance(x, float) for x in slopes[1:])  # one N has no slope
+
+
 def test_each_problem_comes_with_several_targets(learnable_model_dir, tmp_path):
     cfg = tiny_config(learnable_model_dir, n_min=4, n_max=40, prompts_per_step=6, targets_per_problem=2, steps=1,
                       sample_every=1)
@@ -235,6 +247,7 @@ def test_init_adapter_starts_from_its_weights(learnable_model_dir, tmp_path):
     (["--n-min", "50", "--n-max", "10"], "n_min (50) is larger than n_max (10)"),
     (["--n-min", "0"], "n_min must be a positive"),
     (["--n-min-steps", "-1"], "--n-min-steps must be >= 0"),
+    (["--ends-steps", "-1"], "--ends-steps must be >= 0"),
     (["--targets-per-problem", "3"], "--targets-per-problem must divide --prompts-per-step (8)"),
     (["--targets-per-problem", "0"], "--targets-per-problem must be >= 1"),
     (["--mode", "min"], "--mode must be exact, max or mix"),
