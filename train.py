@@ -312,9 +312,11 @@ def train_step(cfg: Config, step: int, model, tokenizer, optimizer, params, prob
     drawn = [problems[rng.randrange(len(problems))] for _ in range(cfg.prompts_per_step // cfg.targets_per_problem)]
     batch = [p for p in drawn for _ in range(cfg.targets_per_problem)]  # the same problem, different N
     n_max = cfg.n_min if step < cfg.n_min_steps else cfg.n_max  # first learn to stop, then to vary the length
-    targets = data.sample_targets(len(batch), cfg.n_min, n_max, cfg.mode, rng, cfg.targets_per_problem)  # [(n_gold, mode)], a problem's k spread over the range
-    if cfg.n_min_steps <= step < cfg.n_min_steps + cfg.ends_steps:  # only the two ends: the lower half -> n_min
-        targets = [(cfg.n_min if 2 * n < cfg.n_min + n_max else n_max, m) for n, m in targets]
+    if cfg.n_min_steps <= step < cfg.n_min_steps + cfg.ends_steps:  # then the two ends alone: 1 -> n_min, 2 -> n_max
+        ends = data.sample_targets(len(batch), 1, 2, cfg.mode, rng, cfg.targets_per_problem)
+        targets = [((cfg.n_min, cfg.n_max)[n - 1], m) for n, m in ends]
+    else:  # [(n_gold, mode)]; a problem's k targets spread over the range
+        targets = data.sample_targets(len(batch), cfg.n_min, n_max, cfg.mode, rng, cfg.targets_per_problem)
     prompts = [data.encode_prompt(tokenizer, data.build_prompt(p.problem, n, m, p.multiple_choice))
                for p, (n, m) in zip(batch, targets)]
 
