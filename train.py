@@ -49,7 +49,8 @@ class Config:
     delta: float = 0.5  # Max reward of a correct answer at exactly n_gold tokens
     n_min: int = 32  # smallest target length n_gold, tokens
     n_max: int = 128  # largest target length n_gold, tokens
-    n_min_steps: int = 15  # the first steps use n_min alone: the model learns to stop before it learns to vary
+    hindsight_steps: int = 0  # the first steps are supervised: each response is learnt under a prompt asking for the length it has
+    n_min_steps: int = 15  # the next steps use n_min alone: the model learns to stop before it learns to vary
     ends_steps: int = 0  # the next steps use n_min and n_max alone: the model learns that N sets the length
     targets_per_problem: int = 1  # each problem of a step comes with this many targets, one per k-th of the range: their responses differ by N alone
     boxed_only: bool = False  # judge only \boxed{} answers (the paper); off: the last number counts too
@@ -117,7 +118,8 @@ def check_config(cfg: Config) -> None:
                  "save_every", "keep_checkpoints", "sample_every", "max_bad_steps", "lora_rank", "targets_per_problem"):
         if getattr(cfg, name) < 1:
             problems.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
-    for name in ("beta", "clip", "lr", "warmup_steps", "grad_clip", "lora_dropout", "n_min_steps", "ends_steps"):
+    for name in ("beta", "clip", "lr", "warmup_steps", "grad_clip", "lora_dropout", "n_min_steps", "ends_steps",
+                 "hindsight_steps"):
         if getattr(cfg, name) < 0:
             problems.append(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
     if cfg.init_adapter is not None:
@@ -311,8 +313,9 @@ def train_step(cfg: Config, step: int, model, tokenizer, optimizer, params, prob
     # 1. problems and targets
     drawn = [problems[rng.randrange(len(problems))] for _ in range(cfg.prompts_per_step // cfg.targets_per_problem)]
     batch = [p for p in drawn for _ in range(cfg.targets_per_problem)]  # the same problem, different N
-    n_max = cfg.n_min if step < cfg.n_min_steps else cfg.n_max  # first learn to stop, then to vary the length
-    if cfg.n_min_steps <= step < cfg.n_min_steps + cfg.ends_steps:  # then the two ends alone: 1 -> n_min, 2 -> n_max
+    hindsight, phase = step < cfg.hindsight_steps, step - cfg.hindsight_steps  # the LCPO curriculum follows hindsight
+    n_max = cfg.n_min if 0 <= phase < cfg.n_min_steps else cfg.n_max  # first learn to stop, then to vary the length
+    if cfg.n_min_steps <= phase < cfg.n_min_steps + cfg.ends_steps:  # then the two ends alone: 1 -> n_min, 2 -> n_max
         ends = data.sample_targets(len(batch), 1, 2, cfg.mode, rng, cfg.targets_per_problem)
         targets = [((cfg.n_min, cfg.n_max)[n - 1], m) for n, m in ends]
     else:  # [(n_gold, mode)]; a problem's k targets spread over the range
@@ -346,6 +349,13 @@ def train_step(cfg: Config, step: int, model, tokenizer, optimizer, params, prob
 
     # 4. advantages
     advantages = group_advantages(rewards_t, G, scale=cfg.loss_norm != "dr_grpo")  # [P * G]
+    if hindsight:  # hindsight relabelling: the prompt now asks for the length the response has; learn every
+        # finished response under it (supervised: advantage 1, ratio 1). Its contrast (same problem, other N,
+        # other length) is what reading N needs, and the reward gives it only slowly.
+        rows = [data.encode_prompt(tokenizer, data.build_prompt(batch[j // G].problem, max(1, r.n_y), targets[j // G][1],
+                                                                batch[j // G].multiple_choice))
+                for j, r in enumerate(rollouts)]
+        advantages = torch.tensor([float(r.finish == "eos") for r in rollouts])
 
     # 5. the loss, over micro-batches, epochs times
     t1 = time.perf_counter()
@@ -370,6 +380,7 @@ def train_step(cfg: Config, step: int, model, tokenizer, optimizer, params, prob
         optimizer.zero_grad(set_to_none=True)
         for idx, (ids, mask, resp_mask, old), ref_logp in zip(micro, tensors, ref):
             logp = response_logprobs(model, ids, mask, resp_mask, cfg.temperature)  # [b, R]
+            old = logp.detach() if hindsight else old  # the rollouts' log-probs were under other prompts
             loss_tok, kl, clipped = per_token_loss(logp, old, ref_logp, advantages[idx].to(device), cfg.clip, cfg.beta)
             loss = normalise(loss_tok, resp_mask, cfg.loss_norm, batch_tokens, len(rows), cfg.max_new_tokens)
             if not torch.isfinite(loss):

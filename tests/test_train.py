@@ -7,6 +7,7 @@ import pytest
 from hypothesis import given, strategies as st
 import torch
 
+import data
 import model as model_lib
 import reward
 import train
@@ -143,6 +144,21 @@ def test_the_next_steps_train_on_the_two_ends(learnable_model_dir, tmp_path):
     assert not set(targets[3]) <= {4, 40}, targets[3]
     slopes = [m["length_slope"] for m in read_metrics(tmp_path / "run")]
     assert slopes[0] is None and all(isinstance(x, float) for x in slopes[1:])  # one N has no slope
+
+
+def test_hindsight_steps_learn_each_response_under_its_own_length(learnable_model_dir, tmp_path, monkeypatch):
+    asked = []
+    build_prompt = data.build_prompt
+    monkeypatch.setattr(data, "build_prompt", lambda problem, n, *a: asked.append(n) or build_prompt(problem, n, *a))
+    cfg = tiny_config(learnable_model_dir, n_min=4, n_max=40, hindsight_steps=2, n_min_steps=1, steps=4, beta=0.0)
+    metrics = read_metrics(train.train(cfg, tmp_path / "run"))
+    rows = cfg.prompts_per_step * cfg.group_size
+    per_step = [cfg.prompts_per_step + rows] * 2 + [cfg.prompts_per_step] * 2  # hindsight: a prompt per response
+    assert len(asked) == sum(per_step)
+    relabelled = asked[cfg.prompts_per_step:per_step[0]]
+    assert sum(relabelled) == pytest.approx(metrics[0]["mean_n_y"] * rows)  # N := the length each response has
+    assert all(m["ratio_mean"] == pytest.approx(1.0, abs=1e-3) and m["loss"] < 0 for m in metrics[:2])  # supervised
+    assert [m["mean_n_gold"] == 4 for m in metrics] == [False, False, True, False]  # then the curriculum
 
 
 def test_each_problem_comes_with_several_targets(learnable_model_dir, tmp_path):
