@@ -9,7 +9,8 @@ LCPO: GRPO with a length-controlled reward, written by hand.
 
 One step: sample problems and targets -> roll out G responses each -> judge and reward them ->
 group-normalised advantages -> clipped policy loss + k3 KL to the adapter-free reference -> one
-AdamW update of the LoRA weights (per epoch over the rollouts).
+AdamW update of the LoRA weights (per epoch over the rollouts). A hindsight step (--hindsight-steps)
+keeps the rollouts but rewrites each prompt to ask for the length its response has, and learns them.
 """
 
 import argparse
