@@ -353,7 +353,7 @@ def train_step(cfg: Config, step: int, model, tokenizer, optimizer, params, prob
     if hindsight:  # hindsight relabelling: the prompt now asks for the length the response has; learn every
         # finished response under it (supervised: advantage 1, ratio 1). Its contrast (same problem, other N,
         # other length) is what reading N needs, and the reward gives it only slowly.
-        rows = [data.encode_prompt(tokenizer, data.build_prompt(batch[j // G].problem, max(1, r.n_y), targets[j // G][1],
+        rows = [data.encode_prompt(tokenizer, data.build_prompt(batch[j // G].problem, r.n_y, targets[j // G][1],
                                                                 batch[j // G].multiple_choice))
                 for j, r in enumerate(rollouts)]
         advantages = torch.tensor([float(r.finish == "eos") for r in rollouts])
