@@ -321,8 +321,11 @@ def train_step(cfg: Config, step: int, model, tokenizer, optimizer, params, prob
         targets = [((cfg.n_min, cfg.n_max)[n - 1], m) for n, m in ends]
     else:  # [(n_gold, mode)]; a problem's k targets spread over the range
         targets = data.sample_targets(len(batch), cfg.n_min, n_max, cfg.mode, rng, cfg.targets_per_problem)
-    prompts = [data.encode_prompt(tokenizer, data.build_prompt(p.problem, n, m, p.multiple_choice))
-               for p, (n, m) in zip(batch, targets)]
+
+    def encode(p, n, m):  # problem p asking for n tokens in mode m, as prompt ids
+        return data.encode_prompt(tokenizer, data.build_prompt(p.problem, n, m, p.multiple_choice))
+
+    prompts = [encode(p, n, m) for p, (n, m) in zip(batch, targets)]
 
     # 2. roll out G responses per prompt; their log-probs are GRPO's old log-probs
     t0 = time.perf_counter()
@@ -349,14 +352,13 @@ def train_step(cfg: Config, step: int, model, tokenizer, optimizer, params, prob
     rewards_t = torch.tensor(rewards, dtype=torch.float32)
 
     # 4. advantages
-    advantages = group_advantages(rewards_t, G, scale=cfg.loss_norm != "dr_grpo")  # [P * G]
     if hindsight:  # hindsight relabelling: the prompt now asks for the length the response has; learn every
         # finished response under it (supervised: advantage 1, ratio 1). Its contrast (same problem, other N,
         # other length) is what reading N needs, and the reward gives it only slowly.
-        rows = [data.encode_prompt(tokenizer, data.build_prompt(batch[j // G].problem, r.n_y, targets[j // G][1],
-                                                                batch[j // G].multiple_choice))
-                for j, r in enumerate(rollouts)]
+        rows = [encode(batch[j // G], r.n_y, targets[j // G][1]) for j, r in enumerate(rollouts)]
         advantages = torch.tensor([float(r.finish == "eos") for r in rollouts])
+    else:
+        advantages = group_advantages(rewards_t, G, scale=cfg.loss_norm != "dr_grpo")  # [P * G]
 
     # 5. the loss, over micro-batches, epochs times
     t1 = time.perf_counter()
