@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 MODES = ("exact", "max")  # the two LCPO prompt forms; "mix" (training only) draws one of them per problem
+BUDGET_PLACES = ("user", "system")  # where the length sentence goes: after the problem (the paper) or in a system message
 MATH_INSTRUCTION = "Let's think step by step and output the final answer within \\boxed{}."
 CHOICE_INSTRUCTION = "Let's think step by step and output the final answer (eg, A, B, C, D) within \\boxed{}."
 LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
@@ -62,20 +63,42 @@ def build_prompt(problem: str, n_gold: int | None, mode: str = "exact", multiple
         prompt = f"{problem} {MATH_INSTRUCTION}"
     if n_gold is None:
         return prompt
+    return f"{prompt} {length_sentence(n_gold, mode)}"
+
+
+def length_sentence(n_gold: int, mode: str = "exact") -> str:
+    """The paper's length instruction: "Think for {n_gold} tokens." or "Think for maximum {n_gold} tokens."."""
     if n_gold <= 0:
         raise DataError(f"target length must be a positive number of tokens, got {n_gold}")
-    return prompt + (f" Think for {n_gold} tokens." if mode == "exact" else f" Think for maximum {n_gold} tokens.")
+    return f"Think for {n_gold} tokens." if mode == "exact" else f"Think for maximum {n_gold} tokens."
 
 
-def encode_prompt(tokenizer, message: str) -> list[int]:
-    """Token ids of `message` as one user turn of the tokenizer's chat template, ready to generate from."""
+def lcpo_prompt(tokenizer, problem: "Problem", n_gold: int | None, mode: str = "exact",
+                budget_in: str = "user") -> list[int]:
+    """Token ids of the LCPO prompt for `problem` asking for n_gold tokens, ready to generate from.
+
+    budget_in "user" (the paper) ends the user message with the length sentence; "system" puts the
+    sentence alone in a system message (replacing the template's default one) and leaves the
+    problem as it is, so that a small model does not take N for a quantity of the problem.
+    """
+    if budget_in not in BUDGET_PLACES:
+        raise DataError(f"unknown budget place {budget_in!r}: use one of {', '.join(BUDGET_PLACES)}")
+    if budget_in == "system" and n_gold is not None:
+        message = build_prompt(problem.problem, None, mode, problem.multiple_choice)
+        return encode_prompt(tokenizer, message, system=length_sentence(n_gold, mode))
+    return encode_prompt(tokenizer, build_prompt(problem.problem, n_gold, mode, problem.multiple_choice))
+
+
+def encode_prompt(tokenizer, message: str, system: str | None = None) -> list[int]:
+    """Token ids of `message` as one user turn of the tokenizer's chat template (after a system turn
+    if `system` is given), ready to generate from."""
     if not getattr(tokenizer, "chat_template", None):
         name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
         raise DataError(
             f"tokenizer {name!r} has no chat template: use an instruct/chat model, "
             "or set tokenizer.chat_template to a Jinja template"
         )
-    messages = [{"role": "user", "content": message}]
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": message}]
     return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False))
 
 

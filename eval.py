@@ -20,6 +20,7 @@ started again with the same command skips the budgets already finished.
 import argparse
 import json
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -34,6 +35,13 @@ MAX_CAP_FACTOR = 4  # Max prompts: the cap is 4 x the budget (Exact: 2 x), room 
 NO_BUDGET = 0  # the budget recorded for --mode none
 
 
+def writes_budget(text: str, budget: int, problem: str, answer: str) -> bool:
+    """The response writes the number N although neither the problem nor its answer holds it:
+    the model took the length sentence for one more quantity of the problem."""
+    numbers = lambda s: set(re.findall(r"\d+", s))
+    return str(budget) in numbers(text) and str(budget) not in numbers(f"{problem} {answer}")
+
+
 def summarise(records: list[dict], budget: int) -> dict:
     """Per-budget numbers from response records (n_y, correct, cut). budget NO_BUDGET: no length errors."""
     n = len(records)
@@ -43,20 +51,22 @@ def summarise(records: list[dict], budget: int) -> dict:
         errors = [(r["n_y"] - budget) / budget for r in records]
         out.update(length_error=sum(errors) / n, abs_length_error=sum(map(abs, errors)) / n,
                    over_budget=sum(r["n_y"] > budget for r in records) / n)
+        if all("writes_n" in r for r in records):
+            out["writes_n"] = sum(r["writes_n"] for r in records) / n
     return out
 
 
 def table(rows: list[dict], label: str | None = None) -> str:
     """A Markdown table of per-budget summaries (a label column when comparing runs)."""
     head = (["run"] if label else []) + ["budget", "pass@1", "mean tokens", "length error", "|length error|",
-                                         "over budget", "cut by cap"]
+                                         "over budget", "cut by cap", "writes N"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         pct = lambda k: f"{100 * r[k]:.1f}%" if k in r else "-"
         err = lambda k: f"{r[k]:+.3f}" if k in r else "-"
         cells = ([r[label]] if label else []) + [str(r["budget"] or "none"), pct("accuracy"), f"{r['mean_tokens']:.1f}",
                                                  err("length_error"), f"{r['abs_length_error']:.3f}" if "abs_length_error"
-                                                 in r else "-", pct("over_budget"), pct("cut_by_cap")]
+                                                 in r else "-", pct("over_budget"), pct("cut_by_cap"), pct("writes_n")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -68,7 +78,7 @@ def table(rows: list[dict], label: str | None = None) -> str:
 def settings_from(args) -> dict:
     """Everything that decides the numbers; a resumed run must match them exactly."""
     keys = ("model", "adapter", "data", "split", "problem_column", "answer_column", "limit", "budgets", "mode", "s1",
-            "samples", "temperature", "top_p", "boxed_only", "answer_tokens", "quantize", "seed")
+            "samples", "temperature", "top_p", "boxed_only", "answer_tokens", "quantize", "seed", "budget_in")
     settings = {k: getattr(args, k) for k in keys}
     settings["adapter"] = str(model_lib.find_adapter(args.adapter)) if args.adapter else None
     settings["base"] = model_lib.adapter_base(args.adapter) if args.adapter else (args.model or "embedded")
@@ -117,10 +127,9 @@ def evaluate(args, out: Path) -> dict:
     for budget in todo:
         generator = torch.Generator(device=model.device).manual_seed(args.seed * 1_000_003 + budget)
         rows = [(i, k) for i in range(len(problems)) for k in range(args.samples)]
-        length_sentence = budget if (budget != NO_BUDGET and not args.s1) else None
+        asked = budget if (budget != NO_BUDGET and not args.s1) else None  # N in the prompt, if any
         mode = "exact" if args.mode == "none" else args.mode
-        prompts = [data.encode_prompt(tokenizer, data.build_prompt(p.problem, length_sentence, mode, p.multiple_choice))
-                   for p in problems]
+        prompts = [data.lcpo_prompt(tokenizer, p, asked, mode, args.budget_in) for p in problems]
         cap = args.max_new_tokens or (2 * max(args.budgets) if budget == NO_BUDGET else
                                       (MAX_CAP_FACTOR if mode == "max" else 2) * budget)
         records = []
@@ -138,7 +147,8 @@ def evaluate(args, out: Path) -> dict:
                 p = problems[i]
                 ok = reward.judge(text, p.answer, p.multiple_choice, thinks, args.boxed_only)
                 records.append(dict(problem=i, budget=budget, sample=k, n_y=o.n_y, correct=ok,
-                                    cut=(o.finish == "length" and not args.s1), text=text))
+                                    cut=(o.finish == "length" and not args.s1), text=text,
+                                    writes_n=asked is not None and writes_budget(text, budget, p.problem, p.answer)))
             bar.update(len(chunk))
         with open(records_path, "a") as f:
             f.writelines(json.dumps(r) + "\n" for r in records)
@@ -317,6 +327,8 @@ def parse_args(argv):
     parser.add_argument("--limit", type=int, default=64, help="problems (first N; 0: all)")
     parser.add_argument("--budgets", type=int, nargs="+", default=[32, 64, 128], help="N of 'Think for N tokens.'")
     parser.add_argument("--mode", default="exact", choices=["exact", "max", "none"], help="none: no length sentence")
+    parser.add_argument("--budget-in", default="user", choices=data.BUDGET_PLACES,
+                        help="where the length sentence goes: as the adapter was trained (train.py --budget-in)")
     parser.add_argument("--s1", action="store_true", help="S1 budget forcing at each budget (no length sentence)")
     parser.add_argument("--samples", type=int, default=2, help="K samples per problem (the paper: 16)")
     parser.add_argument("--temperature", type=float, default=0.6)

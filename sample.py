@@ -254,6 +254,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prompt", default=None, help="the problem (default: the first built-in test problem)")
     parser.add_argument("--budget", type=int, default=64, help="N in 'Think for N tokens.'; 0: no length sentence")
     parser.add_argument("--mode", default="exact", choices=data.MODES)
+    parser.add_argument("--budget-in", default="user", choices=data.BUDGET_PLACES,
+                        help="where the length sentence goes: as the adapter was trained (train.py --budget-in)")
     parser.add_argument("--model", default=None, help="hub id or local directory (default: the embedded model)")
     parser.add_argument("--adapter", default=None, help="a saved LoRA adapter, or a train.py run directory (its newest checkpoint)")
     parser.add_argument("--no-quantize", action="store_true", help="load the base in full precision")
@@ -276,12 +278,12 @@ def main(argv: list[str] | None = None) -> None:
             args.prompt, args.answer = example.problem, args.answer or example.answer
         model, tokenizer = model_lib.load_model(args.model, adapter=args.adapter, quantize=not args.no_quantize,
                                                 trainable=False)
-        message = data.build_prompt(args.prompt, args.budget or None, args.mode)
-        prompt = data.encode_prompt(tokenizer, message)
+        problem = data.Problem(args.prompt, args.answer or "", multiple_choice=False)
+        prompt = data.lcpo_prompt(tokenizer, problem, args.budget or None, args.mode, args.budget_in)
     except (ValueError, model_lib.ModelError) as e:
         sys.exit(f"error: {e}")
     model.eval()
-    print(f"--- prompt\n{message}\n--- response")
+    print(f"--- prompt\n{tokenizer.decode(prompt, skip_special_tokens=True).strip()}\n--- response")
     generator = torch.Generator(device=model.device).manual_seed(args.seed)
     if args.s1:
         (out,) = budget_forcing(model, tokenizer, [prompt], args.budget, args.temperature, args.top_p,

@@ -54,6 +54,7 @@ class Config:
     n_min_steps: int = 15  # the next steps use n_min alone: the model learns to stop before it learns to vary
     ends_steps: int = 0  # the next steps use n_min and n_max alone: the model learns that N sets the length
     targets_per_problem: int = 1  # each problem of a step comes with this many targets, one per k-th of the range: their responses differ by N alone
+    budget_in: str = "user"  # where "Think for N tokens." goes: user (after the problem, the paper) or system (a system message)
     boxed_only: bool = False  # judge only \boxed{} answers (the paper); off: the last number counts too
     # GRPO
     group_size: int = 4  # G: responses per prompt
@@ -113,6 +114,8 @@ def check_config(cfg: Config) -> None:
     if cfg.targets_per_problem >= 1 and cfg.prompts_per_step % cfg.targets_per_problem:
         problems.append(f"--targets-per-problem must divide --prompts-per-step ({cfg.prompts_per_step}), "
                         f"got {cfg.targets_per_problem}")
+    if cfg.budget_in not in data.BUDGET_PLACES:
+        problems.append(f"--budget-in must be one of {', '.join(data.BUDGET_PLACES)}, not {cfg.budget_in!r}")
     if cfg.loss_norm not in ("token", "grpo", "dr_grpo"):
         problems.append(f"--loss-norm must be token, grpo or dr_grpo, not {cfg.loss_norm!r}")
     for name in ("prompts_per_step", "epochs", "steps", "micro_batch_tokens", "rollout_batch", "max_new_tokens",
@@ -323,7 +326,7 @@ def train_step(cfg: Config, step: int, model, tokenizer, optimizer, params, prob
         targets = data.sample_targets(len(batch), cfg.n_min, n_max, cfg.mode, rng, cfg.targets_per_problem)
 
     def encode(p, n, m):  # problem p asking for n tokens in mode m, as prompt ids
-        return data.encode_prompt(tokenizer, data.build_prompt(p.problem, n, m, p.multiple_choice))
+        return data.lcpo_prompt(tokenizer, p, n, m, cfg.budget_in)
 
     prompts = [encode(p, n, m) for p, (n, m) in zip(batch, targets)]
 

@@ -6,7 +6,8 @@ from collections import Counter
 import pytest
 
 import data
-from data import DataError, Problem, build_prompt, builtin_problems, encode_prompt, load_problems, sample_targets
+from data import (DataError, Problem, build_prompt, builtin_problems, encode_prompt, lcpo_prompt, load_problems,
+                  sample_targets)
 from tests.conftest import make_char_tokenizer
 
 BOX = "\\boxed{}"
@@ -57,6 +58,19 @@ def test_encode_prompt_applies_the_chat_template(char_tokenizer):
     assert isinstance(ids, list) and all(isinstance(i, int) for i in ids)
     assert char_tokenizer.decode(ids) == f"<|user|>{message}<eos><|assistant|>"
     assert ids[-1] == char_tokenizer.convert_tokens_to_ids("<|assistant|>")  # generation prompt added
+
+
+def test_lcpo_prompt_puts_the_length_sentence_where_asked(char_tokenizer):
+    problem = Problem("What is 2+3?", "5", multiple_choice=False)
+    in_user = char_tokenizer.decode(lcpo_prompt(char_tokenizer, problem, 100, "max"))
+    assert in_user == f"<|user|>{build_prompt('What is 2+3?', 100, 'max')}<eos><|assistant|>"  # the paper's
+    in_system = char_tokenizer.decode(lcpo_prompt(char_tokenizer, problem, 100, "max", budget_in="system"))
+    assert in_system == (f"<|system|>Think for maximum 100 tokens.<eos>"
+                         f"<|user|>{build_prompt('What is 2+3?', None)}<eos><|assistant|>")  # the problem alone
+    # no target, no length sentence anywhere: the template's own system message, the same prompt
+    assert lcpo_prompt(char_tokenizer, problem, None, budget_in="system") == lcpo_prompt(char_tokenizer, problem, None)
+    with pytest.raises(DataError, match="unknown budget place 'prompt'"):
+        lcpo_prompt(char_tokenizer, problem, 100, budget_in="prompt")
 
 
 def test_encode_prompt_with_the_embedded_models_tokenizer():

@@ -56,6 +56,7 @@ def test_an_interrupted_evaluation_resumes_without_redoing_budgets(tiny_model_di
         mine = ev.summarise([r for r in records if r["budget"] == b["budget"]], b["budget"])
         assert all(b[k] == pytest.approx(v) for k, v in mine.items())
     assert result["settings"]["budgets"] == [4, 8, 12] and result["settings"]["samples"] == 2
+    assert all(0 <= b["writes_n"] <= 1 for b in result["budgets"])
     with pytest.raises(SystemExit, match="other settings"):
         ev.main(args_for(tiny_model_dir, out, "--temperature", "1.0"))
 
@@ -69,6 +70,23 @@ def test_s1_and_no_length_sentence(tiny_model_dir, tmp_path, monkeypatch):
     assert all(b["mean_tokens"] >= b["budget"] for b in s1["budgets"])  # it thinks the whole budget, then answers
     ev.main(args_for(tiny_model_dir, tmp_path / "none.json", "--mode", "none"))
     assert [b["budget"] for b in json.loads((tmp_path / "none.json").read_text())["budgets"]] == [ev.NO_BUDGET]
+
+
+def test_writes_budget_catches_n_taken_for_a_quantity():
+    assert ev.writes_budget("3 * 128 = 384, so \\boxed{384}", 128, "Cara has 3 shells.", "3")
+    assert not ev.writes_budget("3 + 4 = 7", 128, "Cara has 3 shells.", "7")  # no N
+    assert not ev.writes_budget("1280 shells", 128, "Cara has 3 shells.", "3")  # a longer number is not N
+    assert not ev.writes_budget("she has 32 now", 32, "Ann has 32 pens.", "32")  # the problem holds it
+    assert not ev.writes_budget("so 64", 64, "Ann has 8 pens. She doubles them twice.", "64")  # so does the answer
+
+
+def test_the_length_sentence_goes_where_the_adapter_learnt_it(tiny_model_dir, tmp_path, monkeypatch):
+    places = []
+    lcpo_prompt = data.lcpo_prompt
+    monkeypatch.setattr(data, "lcpo_prompt", lambda *a: places.append(a[-1]) or lcpo_prompt(*a))
+    ev.main(args_for(tiny_model_dir, tmp_path / "system.json", "--budget-in", "system"))
+    assert places and set(places) == {"system"}
+    assert json.loads((tmp_path / "system.json").read_text())["settings"]["budget_in"] == "system"
 
 
 def test_multiple_choice_sets_use_the_choice_judge(tiny_model_dir, tmp_path, monkeypatch):

@@ -233,6 +233,12 @@ def test_cli_samples_from_a_model_directory(tiny_model_dir, capsys):
     assert "--- 16 tokens (target 8), stopped by length, correct: False" in out
 
 
+def test_cli_puts_the_length_sentence_where_asked(tiny_model_dir, capsys):
+    sample.main(["--model", str(tiny_model_dir), "--prompt", "1+1?", "--budget", "8", "--budget-in", "system"])
+    prompt = capsys.readouterr().out.split("--- response")[0]
+    assert prompt.count("Think for 8 tokens.") == 1 and prompt.index("Think for 8") < prompt.index("1+1?")
+
+
 def test_cli_s1(tiny_model_dir, capsys):
     sample.main(["--model", str(tiny_model_dir), "--prompt", "1+1?", "--budget", "5", "--s1"])
     assert "(target 5)" in capsys.readouterr().out

@@ -146,6 +146,14 @@ def test_the_next_steps_train_on_the_two_ends(learnable_model_dir, tmp_path):
     assert slopes[0] is None and all(isinstance(x, float) for x in slopes[1:])  # one N has no slope
 
 
+def test_the_length_sentence_can_go_in_a_system_message(learnable_model_dir, tmp_path):
+    cfg = tiny_config(learnable_model_dir, budget_in="system", steps=1, sample_every=1)
+    (step,) = [json.loads(line) for line in (train.train(cfg, tmp_path / "run") / "samples.jsonl").read_text().splitlines()]
+    for example in step["examples"]:
+        assert example["prompt"].startswith("<|system|>Think for 4 tokens.<eos><|user|>")
+        assert "Think for" not in example["prompt"].split("<|user|>")[1]  # the problem alone in the user turn
+
+
 def test_hindsight_steps_learn_each_response_under_its_own_length(learnable_model_dir, tmp_path, monkeypatch):
     asked = []
     build_prompt = data.build_prompt
@@ -267,6 +275,7 @@ def test_init_adapter_starts_from_its_weights(learnable_model_dir, tmp_path):
     (["--targets-per-problem", "3"], "--targets-per-problem must divide --prompts-per-step (8)"),
     (["--targets-per-problem", "0"], "--targets-per-problem must be >= 1"),
     (["--mode", "min"], "--mode must be exact, max or mix"),
+    (["--budget-in", "assistant"], "--budget-in must be one of user, system"),
     (["--preset", "l2"], "unknown preset 'l2'"),
     (["--loss-norm", "sum"], "--loss-norm must be token, grpo or dr_grpo"),
     (["--top-p", "0"], "top_p must be in (0, 1]"),
