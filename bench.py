@@ -50,7 +50,7 @@ def workload(tokenizer, prompts: int, group_size: int, n_min: int, n_max: int, c
     rng = random.Random(seed)
     problems = data.builtin_problems("test", prompts, seed)
     targets = [n for n, _ in data.sample_targets(prompts, n_min, n_max, "exact", rng)]
-    encoded = [data.encode_prompt(tokenizer, data.build_prompt(p.problem, n)) for p, n in zip(problems, targets)]
+    encoded = [data.lcpo_prompt(tokenizer, p, n) for p, n in zip(problems, targets)]
     rows = [e for e in encoded for _ in range(group_size)]
     row_targets = [n for n in targets for _ in range(group_size)]
     lengths = [min(cap, max(1, round(n * rng.uniform(0.5, 1.5)))) for n in row_targets]

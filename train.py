@@ -324,11 +324,7 @@ def train_step(cfg: Config, step: int, model, tokenizer, optimizer, params, prob
         targets = [((cfg.n_min, cfg.n_max)[n - 1], m) for n, m in ends]
     else:  # [(n_gold, mode)]; a problem's k targets spread over the range
         targets = data.sample_targets(len(batch), cfg.n_min, n_max, cfg.mode, rng, cfg.targets_per_problem)
-
-    def encode(p, n, m):  # problem p asking for n tokens in mode m, as prompt ids
-        return data.lcpo_prompt(tokenizer, p, n, m, cfg.budget_in)
-
-    prompts = [encode(p, n, m) for p, (n, m) in zip(batch, targets)]
+    prompts = [data.lcpo_prompt(tokenizer, p, n, m, cfg.budget_in) for p, (n, m) in zip(batch, targets)]
 
     # 2. roll out G responses per prompt; their log-probs are GRPO's old log-probs
     t0 = time.perf_counter()
@@ -358,7 +354,8 @@ def train_step(cfg: Config, step: int, model, tokenizer, optimizer, params, prob
     if hindsight:  # hindsight relabelling: the prompt now asks for the length the response has; learn every
         # finished response under it (supervised: advantage 1, ratio 1). Its contrast (same problem, other N,
         # other length) is what reading N needs, and the reward gives it only slowly.
-        rows = [encode(batch[j // G], r.n_y, targets[j // G][1]) for j, r in enumerate(rollouts)]
+        rows = [data.lcpo_prompt(tokenizer, batch[j // G], r.n_y, targets[j // G][1], cfg.budget_in)
+                for j, r in enumerate(rollouts)]
         advantages = torch.tensor([float(r.finish == "eos") for r in rollouts])
     else:
         advantages = group_advantages(rewards_t, G, scale=cfg.loss_norm != "dr_grpo")  # [P * G]
