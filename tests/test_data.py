@@ -363,8 +363,46 @@ def test_cli_prints_prompts(capsys):
 @pytest.mark.parametrize("argv, message", [
     (["--n-min", "50", "--n-max", "10"], "error: n_min (50) is larger than n_max (10)"),
     (["--data", "no/such.jsonl"], "error: dataset file no/such.jsonl does not exist"),
+    (["--data", "{tmp}"], "is a directory: give a .json, .jsonl or .parquet file in it"),
+    (["--n", "-1"], "error: --n must be >= 1"),
+    (["--n", "0"], "error: --n must be >= 1"),
+    (["--export", "trl", "--out", "/proc/nope/x.parquet"], "error: cannot write /proc/nope/x.parquet"),
 ])
-def test_cli_refuses_bad_input_in_one_line(argv, message):
+def test_cli_refuses_bad_input_in_one_line(argv, message, tmp_path):
     with pytest.raises(SystemExit) as info:
-        data.main(argv)
-    assert str(info.value).startswith(message)
+        data.main([a.format(tmp=tmp_path) for a in argv])
+    assert str(info.value).startswith("error: ") and message in str(info.value), str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_cli_previews_the_targets_train_py_draws(capsys):
+    import train
+
+    data.main(["--split", "test", "--n", "50"])
+    targets = [int(n) for n in re.findall(r"Think for (\d+) tokens", capsys.readouterr().out)]
+    assert len(targets) == 50 and train.Config.n_min <= min(targets) and max(targets) <= train.Config.n_max
+    assert max(targets) - min(targets) > (train.Config.n_max - train.Config.n_min) / 2  # the whole range
+
+
+def test_a_line_cut_short_by_a_crash_is_dropped_from_a_log(tmp_path, capsys):
+    log = tmp_path / "metrics.jsonl"
+    log.write_text('{"step": 0}\n{"step": 1}\n{"step": 2, "rew')
+    assert data.read_jsonl(log) == [{"step": 0}, {"step": 1}]
+    assert "dropped a damaged line" in capsys.readouterr().err
+    assert data.read_jsonl(tmp_path / "missing.jsonl") == []
+
+
+def test_an_unreachable_hub_fails_at_once(monkeypatch):
+    import time
+
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens on the discard port
+    monkeypatch.setattr(data, "_HUB_REACHABLE", None)
+    start = time.perf_counter()
+    assert data.hub_reachable() is False
+    assert constants.HF_HUB_OFFLINE  # offline from here on: the libraries stop retrying
+    with pytest.raises(DataError, match="the hub cannot be reached and the set is not in the local cache"):
+        load_problems("nobody/no-such-set")
+    assert time.perf_counter() - start < 10

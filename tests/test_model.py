@@ -250,3 +250,47 @@ def test_rollout_copy_computes_what_the_adapter_model_computes(tiny_model_dir, c
             base = load_model(str(tiny_model_dir), quantize=True)[0]
             torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).logits,
                                        base(input_ids=ids, attention_mask=mask).logits)
+
+
+def _cut_short(path, keep=0.5):
+    content = path.read_bytes()
+    path.write_bytes(content[: int(len(content) * keep)])
+
+
+def test_a_damaged_adapter_is_one_clear_error_and_a_run_falls_back_to_its_previous_one(tiny_model_dir, tmp_path):
+    model, tok = load_model(str(tiny_model_dir), quantize=False)
+    for step in (1, 2):
+        save_adapter(model, tok, tmp_path / "run" / "checkpoints" / f"step-00000{step}" / "adapter")
+    _cut_short(tmp_path / "run" / "checkpoints" / "step-000002" / "adapter" / "adapter_model.safetensors")
+    with pytest.raises(ModelError, match="step-000002/adapter is damaged") as info:
+        load_model(adapter=str(tmp_path / "run" / "checkpoints" / "step-000002" / "adapter"))
+    assert "\n" not in str(info.value)
+    assert model_lib.find_adapter(tmp_path / "run").parent.name == "step-000001"  # a run: the newest good one
+    _cut_short(tmp_path / "run" / "checkpoints" / "step-000001" / "adapter" / "adapter_model.safetensors", 0.0)
+    with pytest.raises(ModelError, match="every checkpoint of .* is damaged"):
+        model_lib.find_adapter(tmp_path / "run")
+
+
+def test_loading_says_nothing_about_the_libraries_own_deprecations(tiny_model_dir):
+    import warnings
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        load_model(str(tiny_model_dir), gradient_checkpointing=True)
+    assert not [w for w in seen if "is_gradient_checkpointing" in str(w.message)]
+
+
+def test_threads_follow_omp_num_threads_or_the_free_cores(monkeypatch):
+    assert 0.0 <= model_lib._idle_share(0.05) <= 1.0
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setenv("OMP_NUM_THREADS", "3")
+        assert model_lib.set_threads() == 3 == torch.get_num_threads()
+        monkeypatch.delenv("OMP_NUM_THREADS")
+        monkeypatch.setattr(model_lib.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+        monkeypatch.setattr(model_lib, "_idle_share", lambda: 0.5)  # two of the four cores busy elsewhere
+        assert model_lib.set_threads() == 2
+        monkeypatch.setattr(model_lib, "_idle_share", lambda: 0.0)
+        assert model_lib.set_threads() == 1  # never none
+    finally:
+        torch.set_num_threads(before)

@@ -238,6 +238,50 @@ def test_a_checkpoint_interrupted_while_written_never_replaces_the_good_one(lear
     assert read_metrics(train.train(cfg, tmp_path / "run", resume=True))[-1]["step"] == 3
 
 
+@pytest.mark.parametrize("damage", ["adapter cut short", "state cut short", "state missing"])
+def test_resume_falls_back_past_a_damaged_checkpoint_and_cleans_up_after_a_kill(learnable_model_dir, tmp_path, damage):
+    cfg = tiny_config(learnable_model_dir, steps=4, save_every=2)
+    straight = read_metrics(train.train(cfg, tmp_path / "straight"))
+    run = train.train(cfg, tmp_path / "run")
+    newest = run / "checkpoints" / "step-000004"
+    target = newest / ("adapter/adapter_model.safetensors" if damage.startswith("adapter") else "state.pt")
+    if damage.endswith("missing"):
+        target.unlink()
+    else:
+        target.write_bytes(target.read_bytes()[: target.stat().st_size // 2])
+    (run / "checkpoints" / ".step-000006-x1y2").mkdir()  # a kill in the middle of a save leaves its staging dir
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 4, "rew')  # and a kill mid-write a torn line
+    assert train.latest_checkpoint(run).name == "step-000002"
+    resumed = read_metrics(train.train(cfg, run, resume=True))
+    assert _comparable(resumed) == _comparable(straight)  # steps 2 and 3 redone from the good checkpoint
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000002", "step-000004"]
+
+
+def test_a_run_whose_checkpoints_are_all_damaged_is_refused(learnable_model_dir, tmp_path):
+    run = train.train(tiny_config(learnable_model_dir, steps=1), tmp_path / "run")
+    (run / "checkpoints" / "step-000001" / "state.pt").write_bytes(b"junk")
+    with pytest.raises(ValueError, match="no checkpoint of .* can be read"):
+        train.train(tiny_config(learnable_model_dir, steps=2), run, resume=True)
+
+
+def test_an_update_that_breaks_the_weights_stops_the_run_and_saves_nothing(learnable_model_dir, tmp_path):
+    cfg = tiny_config(learnable_model_dir, steps=3, save_every=1, lr=float("inf"))  # past check_config, as a bug would
+    with pytest.raises(RuntimeError, match="made the adapter's weights non-finite"):
+        train.train(cfg, tmp_path / "run")
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_a_damaged_init_adapter_is_refused_before_loading(learnable_model_dir, tmp_path, monkeypatch):
+    run = train.train(tiny_config(learnable_model_dir, steps=1), tmp_path / "first")
+    weights = model_lib.find_adapter(run) / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    monkeypatch.setattr(model_lib, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    with pytest.raises(SystemExit) as info:
+        train.main(["--init-adapter", str(weights.parent), "--out-dir", str(tmp_path)])
+    assert "is damaged" in str(info.value) and "\n" not in str(info.value)
+
+
 def test_non_finite_rewards_skip_the_update_then_stop_the_run(learnable_model_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(reward, "lcpo_reward", lambda *args, **kwargs: float("nan"))
     cfg = tiny_config(learnable_model_dir, steps=10, max_bad_steps=3)
