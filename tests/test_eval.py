@@ -129,7 +129,9 @@ def test_compare_labels_runs_by_what_differs_and_draws_a_readable_figure(tmp_pat
     (["--samples", "0"], "--samples must be >= 1"),
     (["--s1", "--mode", "none"], "cannot go with --mode none"),
     (["--plot", "x.png"], "--plot goes with --compare"),
-    (["--temperature", "-1"], "temperature must be >= 0"),
+    (["--temperature", "-1"], "temperature must be a finite number >= 0"),
+    (["--temperature", "nan"], "temperature must be a finite number >= 0"),
+    (["--max-new-tokens", "0"], "max_new_tokens must be positive"),
 ])
 def test_bad_flags_are_refused_in_one_line(argv, message):
     with pytest.raises(SystemExit) as e:
@@ -186,3 +188,38 @@ def test_curves_refuse_a_directory_without_metrics(tmp_path):
     with pytest.raises(SystemExit) as e:
         ev.main(["--curves", str(tmp_path), "--compare", "x.json"])
     assert "give one of them" in str(e.value)
+
+
+def test_a_damaged_result_or_record_line_names_its_file(tiny_model_dir, tmp_path):
+    out = tmp_path / "e.json"
+    out.write_text('{"settings": {"model": ')  # a result file cut short
+    with pytest.raises(SystemExit) as e:
+        ev.main(args_for(tiny_model_dir, out))
+    assert str(out) in str(e.value) and "is not JSON" in str(e.value) and "\n" not in str(e.value)
+    out.unlink()
+    ev.main(args_for(tiny_model_dir, out, "--budgets", "4"))
+    records = out.with_suffix(".records.jsonl")
+    with open(records, "a") as f:
+        f.write('{"problem": 0, "bud')  # a kill mid-write
+    ev.main(args_for(tiny_model_dir, out, "--budgets", "4"))  # every budget done: nothing to redo
+    ev.main(args_for(tiny_model_dir, tmp_path / "more.json", "--budgets", "4", "8"))
+    assert len(data.read_jsonl(records)) == 3 * 2
+
+
+def test_the_bar_counts_responses_as_they_finish(tiny_model_dir, tmp_path, monkeypatch):
+    import tqdm
+
+    inside, seen = [False], []
+    real_update, real_generate = tqdm.tqdm.update, sample.generate
+    monkeypatch.setattr(tqdm.tqdm, "update", lambda self, n=1: seen.append((inside[0], n)) or real_update(self, n))
+
+    def generate(*args, **kwargs):
+        inside[0] = True
+        try:
+            return real_generate(*args, **kwargs)
+        finally:
+            inside[0] = False
+
+    monkeypatch.setattr(sample, "generate", generate)
+    ev.main(args_for(tiny_model_dir, tmp_path / "e.json", "--budgets", "4", "--batch", "6", "--limit", "3"))
+    assert sum(n for during, n in seen if during) == 6  # every response counted as it finished, inside the batch

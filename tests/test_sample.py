@@ -161,7 +161,7 @@ def test_chunked_logprobs_and_their_gradients_match_the_plain_computation(char_t
     (lambda m, t, p: generate(m, [p[0], []], 4, t.pad_token_id, []), "no empty prompt"),
     (lambda m, t, p: generate(m, p, 0, t.pad_token_id, []), "max_new_tokens must be positive"),
     (lambda m, t, p: generate(m, p, [4, 4, -1, 4], t.pad_token_id, []), "max_new_tokens must be positive"),
-    (lambda m, t, p: generate(m, p, 4, t.pad_token_id, [], temperature=-0.1), "temperature must be >= 0"),
+    (lambda m, t, p: generate(m, p, 4, t.pad_token_id, [], temperature=-0.1), "temperature must be a finite number >= 0"),
     (lambda m, t, p: generate(m, p, 4, t.pad_token_id, [], top_p=0.0), r"top_p must be in \(0, 1\]"),
     (lambda m, t, p: generate(m, p, 4, t.pad_token_id, [], top_p=1.5), r"top_p must be in \(0, 1\]"),
     (lambda m, t, p: generate(m, [p[0] * 100], 4, t.pad_token_id, []), "more than the model's context of 512"),
@@ -239,14 +239,48 @@ def test_cli_puts_the_length_sentence_where_asked(tiny_model_dir, capsys):
     assert prompt.count("Think for 8 tokens.") == 1 and prompt.index("Think for 8") < prompt.index("1+1?")
 
 
-def test_cli_s1(tiny_model_dir, capsys):
+def test_cli_s1_is_the_papers_no_length_sentence(tiny_model_dir, capsys):
     sample.main(["--model", str(tiny_model_dir), "--prompt", "1+1?", "--budget", "5", "--s1"])
-    assert "(target 5)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "(target 5)" in out and "Think for" not in out  # as eval.py --s1: the budget is forced, not asked
+
+
+def test_cli_samples_from_the_dense_copy(tiny_model_dir, monkeypatch, capsys):
+    used = []
+    real = sample.generate
+    monkeypatch.setattr(sample, "generate", lambda model, *a, **k: used.append(model) or real(model, *a, **k))
+    sample.main(["--model", str(tiny_model_dir), "--prompt", "1+1?", "--budget", "4"])
+    (model,) = used
+    assert not hasattr(model, "peft_config") and not any("4bit" in type(m).__name__ for m in model.modules())
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--prompt", "x" * 100_000], "do not fit in the model's context of 512 tokens"),
+    (["--max-new-tokens", "100000"], "do not fit in the model's context of 512 tokens"),
+    (["--s1", "--budget", "100000"], "do not fit in the model's context of 512 tokens"),
+])
+def test_cli_refuses_what_does_not_fit_the_context(tiny_model_dir, argv, message):
+    with pytest.raises(SystemExit) as info:
+        sample.main(["--model", str(tiny_model_dir), "--no-quantize"] + argv)
+    assert str(info.value).startswith("error: ") and message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_cli_refuses_a_damaged_adapter(tiny_model_dir, tmp_path):
+    import model as model_lib
+
+    model, tok = model_lib.load_model(str(tiny_model_dir), quantize=False)
+    model_lib.save_adapter(model, tok, tmp_path / "adapter")
+    weights = tmp_path / "adapter" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-10])
+    with pytest.raises(SystemExit) as info:
+        sample.main(["--adapter", str(tmp_path / "adapter"), "--no-quantize"])
+    assert "adapter" in str(info.value) and "is damaged" in str(info.value) and "\n" not in str(info.value)
 
 
 @pytest.mark.parametrize("argv, message", [
     (["--budget", "-3"], "error: --budget must be >= 0"),
-    (["--temperature", "-1"], "error: temperature must be >= 0"),
+    (["--temperature", "-1"], "error: temperature must be a finite number >= 0"),
+    (["--temperature", "nan"], "error: temperature must be a finite number >= 0"),
     (["--top-p", "2"], "error: top_p must be in (0, 1]"),
     (["--max-new-tokens", "0"], "error: max_new_tokens must be positive"),
     (["--model", "/no/such/dir"], "error: model directory /no/such/dir does not exist"),
