@@ -1,11 +1,11 @@
 """
 LCPO: GRPO with a length-controlled reward, written by hand.
 
-    python train.py                                   # LCPO-Exact on the embedded default, on a CPU
+    python train.py                                   # LCPO-Exact on the embedded default, on a CPU: runs/default
     python train.py --mode mix                        # L1-Max style: half Exact, half Max prompts
-    python train.py --alpha 0.001 --run-name a1e-3    # an alpha ablation
+    python train.py --alpha 0.001                     # an alpha ablation: runs/default-alpha-0.001
     python train.py --preset l1-exact                 # the paper's settings, 1.5B model, one GPU
-    python train.py --resume runs/a1e-3               # continue an interrupted run
+    python train.py --alpha 0.001 --steps 200         # the same command again continues its run (here, longer)
 
 One step: sample problems and targets -> roll out G responses each -> judge and reward them ->
 group-normalised advantages -> clipped policy loss + k3 KL to the adapter-free reference -> one
@@ -329,8 +329,8 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, on_step=None) -> Pat
                 bar.write(f"stopped and saved at step {step + 1}; the same command continues the run")
                 break
             if bad_steps >= cfg.max_bad_steps:
-                raise RuntimeError(f"{bad_steps} steps in a row had a non-finite loss or reward: lower --lr or "
-                                   f"check the data, then resume from the last good checkpoint ({run_dir})")
+                raise RuntimeError(f"{bad_steps} steps in a row had a non-finite loss or reward: check the data, or "
+                                   f"start a new run with a lower --lr and --init-adapter {run_dir} (its last checkpoint)")
     finally:
         work.close()
         bar.close()
@@ -458,8 +458,8 @@ def train_step(cfg: Config, step: int, model, tokenizer, optimizer, params, prob
         optimizer.step()
         optimizer_s += time.perf_counter() - t_opt
         if not all(torch.isfinite(p).all() for p in params):  # nothing after this could be saved or trusted
-            raise RuntimeError(f"the update of step {step} made the adapter's weights non-finite: lower --lr "
-                               f"(now {cfg.lr}) and start again from the last checkpoint")
+            raise RuntimeError(f"the update of step {step} made the adapter's weights non-finite: start a new run "
+                               f"with a lower --lr (now {cfg.lr}), from the last checkpoint with --init-adapter")
     train_s = time.perf_counter() - t1
 
     # 6. what happened
