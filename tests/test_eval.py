@@ -171,7 +171,7 @@ def test_curves_summarise_and_plot_training_runs(tmp_path, capsys):
         lines = [json.dumps(dict(step=s, reward_mean=-1 + slope * s, length_error=2 - slope * s, accuracy=0.1,
                                  mean_n_y=100 - s, **({"length_slope": None if s < 5 else s / 20} if name == "alpha-a" else {})))
                  for s in range(30)]  # alpha-a: one N for 5 steps, then a slope; alpha-b: an older run without one
-        (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+        (run / "metrics.jsonl").write_text("\n".join(lines) + "\n" + '{"step": 30, "reward_m')  # torn by a kill
     ev.main(["--curves", str(tmp_path / "alpha-a"), str(tmp_path / "alpha-b"), "--plot", str(tmp_path / "c.png")])
     out = capsys.readouterr().out
     # first ten steps average step 4.5, the last ten step 24.5
@@ -223,3 +223,12 @@ def test_the_bar_counts_responses_as_they_finish(tiny_model_dir, tmp_path, monke
     monkeypatch.setattr(sample, "generate", generate)
     ev.main(args_for(tiny_model_dir, tmp_path / "e.json", "--budgets", "4", "--batch", "6", "--limit", "3"))
     assert sum(n for during, n in seen if during) == 6  # every response counted as it finished, inside the batch
+
+
+def test_a_damaged_train_config_behind_an_adapter_names_its_file(tiny_model_dir, tmp_path):
+    model, tok = model_lib.load_model(str(tiny_model_dir), quantize=False)
+    model_lib.save_adapter(model, tok, tmp_path / "run" / "checkpoints" / "step-000001" / "adapter")
+    (tmp_path / "run" / "config.json").write_text("{not json")
+    with pytest.raises(SystemExit) as e:
+        ev.main(["--adapter", str(tmp_path / "run"), "--no-quantize", "--out", str(tmp_path / "e.json")])
+    assert str(tmp_path / "run" / "config.json") in str(e.value) and "\n" not in str(e.value)
