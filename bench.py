@@ -4,6 +4,7 @@ Speed and memory of the LCPO loop, measured against the alternative in the same 
     python bench.py rollout                    # our rollouts vs model.generate() on the LCPO workload
     python bench.py train                      # one GRPO step: rollout / reference / policy / optimizer
     python bench.py memory --preset l1-exact   # peak GPU memory of a full step, 1.5B model, paper lengths
+    python bench.py trl                        # one GRPO step: ours against TRL's GRPOTrainer, same settings
 
 On a CPU the embedded default is used with short targets; on a GPU, a randomly initialised model
 with the configuration of DeepSeek-R1-Distill-Qwen-1.5B at the paper's lengths. Random weights
@@ -12,6 +13,7 @@ around its target, the same rows and lengths for both sides. Results: bench-resu
 """
 
 import argparse
+import dataclasses
 import json
 import platform
 import random
@@ -189,9 +191,101 @@ def bench_train(args, model_name, device, preset: str) -> dict:
     return dict(config={k: v for k, v in vars(cfg).items()}, step=m)
 
 
+def bench_trl(args, model_name, device) -> dict:
+    """One GRPO step of train.py and one of TRL's GRPOTrainer at the same settings, alternating, `repeats` times.
+
+    Both: the same model in full precision with LoRA r16 on every linear layer, the built-in problems
+    as LCPO-Exact prompts (TRL reads data.export's file), G, temperature, response cap, beta, token-level
+    loss, learning rate, no gradient checkpointing, and the LCPO reward (scale_out.trl_reward for TRL).
+    Each run takes two steps and the second is timed (the first pays for warm-up). Responses are
+    sampled, so lengths differ from run to run: the time per generated token is the fair comparison.
+    """
+    import importlib.util
+
+    if importlib.util.find_spec("trl") is None:
+        raise ValueError("bench.py trl needs TRL, an optional extra: run `make extras`")
+    import trl
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, TrainerCallback
+
+    import scale_out
+
+    cfg = train.Config(model=model_name, quantize=False, gradient_checkpointing=False, prompts_per_step=args.prompts,
+                       group_size=args.group_size, n_min=args.n_min, n_max=args.n_max, n_min_steps=0,
+                       max_new_tokens=args.max_new_tokens, temperature=args.temperature, beta=0.001, steps=2,
+                       save_every=100, sample_every=100)
+    train.check_config(cfg)
+    source = model_lib.resolve(model_name)
+    rows = cfg.prompts_per_step * cfg.group_size
+
+    class StepClock(TrainerCallback):  # wall time of each optimizer step, generation included
+        def __init__(self):
+            self.seconds = []
+
+        def on_step_begin(self, *a, **k):
+            self.start = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            self.seconds.append(time.perf_counter() - self.start)
+
+    def run_ours(tmp: Path, seed: int) -> dict:
+        stamps, steps = [], []
+        train.train(dataclasses.replace(cfg, seed=seed), tmp / f"ours-{seed}",
+                    on_step=lambda step, m: stamps.append(time.perf_counter()) or steps.append(m))
+        m = steps[-1]
+        return dict(step_s=stamps[1] - stamps[0], tokens=m["mean_n_y"] * rows, mean_length=m["mean_n_y"],
+                    split={k: m[k] for k in ("rollout_s", "reference_s", "policy_s", "optimizer_s")})
+
+    def run_trl(tmp: Path, seed: int) -> dict:
+        tokenizer = model_lib.load_tokenizer(source)
+        problems = data.builtin_problems("train", cfg.prompts_per_step * 2, seed)
+        data.export(problems, tmp / "trl.parquet", "trl", cfg.n_min, cfg.n_max, "exact", seed)
+        import datasets
+
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=model_lib.compute_dtype(device.type))
+        config = trl.GRPOConfig(
+            output_dir=str(tmp / f"trl-{seed}"), use_cpu=device.type == "cpu", bf16=device.type == "cuda", seed=seed, max_steps=2, report_to="none",
+            logging_steps=1, save_strategy="no", num_generations=cfg.group_size, per_device_train_batch_size=rows,
+            max_completion_length=cfg.max_new_tokens, temperature=cfg.temperature, top_p=1.0, beta=cfg.beta,
+            epsilon=cfg.clip, loss_type="dapo", learning_rate=cfg.lr, lr_scheduler_type="constant",
+            max_grad_norm=cfg.grad_clip, gradient_checkpointing=False, disable_tqdm=True)
+        clock = StepClock()
+        trainer = trl.GRPOTrainer(
+            model=model, processing_class=tokenizer, args=config, callbacks=[clock],
+            reward_funcs=scale_out.trl_reward(tokenizer, alpha=cfg.alpha, boxed_only=cfg.boxed_only),
+            train_dataset=datasets.load_dataset("parquet", data_files=str(tmp / "trl.parquet"), split="train"),
+            peft_config=LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, target_modules=model_lib.LORA_TARGETS,
+                                   task_type="CAUSAL_LM"))
+        trainer.train()
+        logged = [h for h in trainer.state.log_history if "completions/mean_length" in h]
+        length = logged[-1]["completions/mean_length"]
+        return dict(step_s=clock.seconds[-1], tokens=length * rows, mean_length=length,
+                    split={"step_time (TRL: generation, loss and backward)": logged[-1].get("step_time")})
+
+    runs = {"ours": [], "TRL GRPOTrainer": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for repeat in range(args.repeats):  # alternating, so drift in the machine's speed hits both
+            for name, run in (("ours", run_ours), ("TRL GRPOTrainer", run_trl)):
+                r = run(Path(tmp), seed=repeat)
+                r["ms_per_token"] = 1000 * r["step_s"] / r["tokens"]
+                runs[name].append(r)
+                print(f"  repeat {repeat + 1}  {name:16s} {r['step_s']:7.1f} s a step, {r['tokens']:6.0f} tokens "
+                      f"(mean {r['mean_length']:.0f}), {r['ms_per_token']:.1f} ms per token")
+    best = {name: min(rs, key=lambda r: r["ms_per_token"]) for name, rs in runs.items()}
+    ratio_token = best["TRL GRPOTrainer"]["ms_per_token"] / best["ours"]["ms_per_token"]
+    ratio_step = min(r["step_s"] for r in runs["TRL GRPOTrainer"]) / min(r["step_s"] for r in runs["ours"])
+    print(f"\n| {rows} responses a step | s a step | mean length | ms per generated token |\n|---|---:|---:|---:|")
+    for name, r in best.items():
+        print(f"| {name} | {r['step_s']:.1f} | {r['mean_length']:.0f} | {r['ms_per_token']:.1f} |")
+    print(f"ours is {ratio_token:.2f}x TRL per generated token, {ratio_step:.2f}x per step")
+    return dict(config={k: v for k, v in vars(cfg).items()}, runs=runs, ours_vs_trl_per_token=ratio_token,
+                ours_vs_trl_per_step=ratio_step)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
-    parser.add_argument("what", choices=["rollout", "train", "memory"])
+    parser.add_argument("what", choices=["rollout", "train", "memory", "trl"])
     parser.add_argument("--model", default=None, help="hub id or directory; default: the embedded model on a CPU, "
                         "a random 1.5B Qwen2 on a GPU")
     parser.add_argument("--preset", default=None, help="train/memory: a train.py preset (default: default on a CPU, "
@@ -203,7 +297,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=None)
     parser.add_argument("--rollout-batch", type=int, default=None, help="rows per generation batch (default: all)")
     parser.add_argument("--micro-batch-tokens", type=int, default=None)
-    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--temperature", type=float, default=None, help="default: 1.0 (rollout), 0.6 (trl)")
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), help=f"rollout: some of {list(VARIANTS)}")
@@ -222,10 +316,12 @@ def main(argv: list[str] | None = None) -> None:
     preset = args.preset or ("l1-exact" if gpu else "default")
     if preset not in train.PRESETS:
         sys.exit(f"error: unknown preset {preset!r}: use one of {', '.join(train.PRESETS)}")
-    paper = gpu and args.model is None
-    defaults = dict(prompts=4, group_size=16, n_min=100, n_max=4000, max_new_tokens=4096) if paper else \
-        dict(prompts=8, group_size=4, n_min=16, n_max=160, max_new_tokens=256)
-    if args.what != "rollout":  # the preset's settings; memory: one prompt's G rows (peak = one micro-batch)
+    paper = gpu and args.model is None and args.what != "trl"
+    defaults = dict(prompts=4, group_size=16, n_min=100, n_max=4000, max_new_tokens=4096, temperature=1.0) if paper \
+        else dict(prompts=8, group_size=4, n_min=16, n_max=160, max_new_tokens=256, temperature=1.0)
+    if args.what == "trl":  # small enough to repeat on a CPU
+        defaults = dict(prompts=2, group_size=8, n_min=32, n_max=128, max_new_tokens=160, temperature=0.6)
+    elif args.what != "rollout":  # the preset's settings; memory: one prompt's G rows (peak = one micro-batch)
         defaults = dict(prompts=1) if args.what == "memory" else {}
     for k, v in defaults.items():
         if getattr(args, k) is None:
@@ -237,6 +333,8 @@ def main(argv: list[str] | None = None) -> None:
                                      model_lib.load_tokenizer(model_lib.embedded_model_dir())) if paper else args.model
             if args.what == "rollout":
                 result = bench_rollout(args, model_name, device)
+            elif args.what == "trl":
+                result = bench_trl(args, model_name, device)
             else:
                 result = bench_train(args, model_name, device, preset)
         except (ValueError, model_lib.ModelError) as e:

@@ -58,3 +58,26 @@ def test_random_qwen_has_the_1_5b_shape_when_asked(tmp_path, char_tokenizer):
     config = AutoConfig.from_pretrained(path)
     assert config.model_type == "qwen2" and config.num_hidden_layers == 2
     assert bench.QWEN_1_5B["num_hidden_layers"] == 28 and bench.QWEN_1_5B["hidden_size"] == 1536
+
+
+def test_trl_times_a_step_of_each_at_the_same_settings(tiny_model_dir, tmp_path, capsys):
+    pytest.importorskip("trl", reason="TRL is an optional extra: `make extras` installs it")
+    result = run(tiny_model_dir, tmp_path, "trl", "--prompts", "2", "--group-size", "2", "--n-min", "4", "--n-max",
+                 "8", "--max-new-tokens", "6", "--repeats", "1")
+    assert set(result["runs"]) == {"ours", "TRL GRPOTrainer"}
+    for (r,) in result["runs"].values():
+        assert r["step_s"] > 0 and 0 < r["mean_length"] <= 6 and r["tokens"] == pytest.approx(4 * r["mean_length"])
+    ours, theirs = result["runs"]["ours"][0], result["runs"]["TRL GRPOTrainer"][0]
+    assert result["ours_vs_trl_per_token"] == pytest.approx(theirs["ms_per_token"] / ours["ms_per_token"])
+    assert result["config"]["group_size"] == 2 and result["config"]["beta"] == 0.001
+    assert "ms per generated token" in capsys.readouterr().out
+
+
+def test_trl_without_trl_says_how_to_get_it(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "trl" else real(name, *a))
+    with pytest.raises(SystemExit) as e:
+        bench.main(["trl", "--model", "whatever"])
+    assert "make extras" in str(e.value) and "\n" not in str(e.value)
