@@ -250,18 +250,30 @@ def bench_trl(args, model_name, device) -> dict:
             max_completion_length=cfg.max_new_tokens, temperature=cfg.temperature, top_p=1.0, beta=cfg.beta,
             epsilon=cfg.clip, loss_type="dapo", learning_rate=cfg.lr, lr_scheduler_type="constant",
             max_grad_norm=cfg.grad_clip, gradient_checkpointing=False, disable_tqdm=True)
-        clock = StepClock()
+        clock, spent = StepClock(), {"generation_s": [], "generate_and_score_s": []}
         trainer = trl.GRPOTrainer(
             model=model, processing_class=tokenizer, args=config, callbacks=[clock],
             reward_funcs=scale_out.trl_reward(tokenizer, alpha=cfg.alpha, boxed_only=cfg.boxed_only),
             train_dataset=datasets.load_dataset("parquet", data_files=str(tmp / "trl.parquet"), split="train"),
             peft_config=LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, target_modules=model_lib.LORA_TARGETS,
                                    task_type="CAUSAL_LM"))
+        for name, key in (("_generate", "generation_s"), ("_generate_and_score_completions", "generate_and_score_s")):
+            def timed(*a, _real=getattr(trainer, name), _key=key, **k):  # TRL's own stages, timed from outside
+                start = time.perf_counter()
+                try:
+                    return _real(*a, **k)
+                finally:
+                    spent[_key].append(time.perf_counter() - start)
+            setattr(trainer, name, timed)
         trainer.train()
         logged = [h for h in trainer.state.log_history if "completions/mean_length" in h]
         length = logged[-1]["completions/mean_length"]
-        return dict(step_s=clock.seconds[-1], tokens=length * rows, mean_length=length,
-                    split={"step_time (TRL: generation, loss and backward)": logged[-1].get("step_time")})
+        per_step = {k: v[-1] for k, v in spent.items()}  # one generation a step: the timed step's
+        split = {"generation_s": per_step["generation_s"],
+                 "rewards_and_reference_s": per_step["generate_and_score_s"] - per_step["generation_s"],
+                 "loss_backward_optimizer_s": clock.seconds[-1] - per_step["generate_and_score_s"],
+                 "trl_step_time_s": logged[-1].get("step_time")}
+        return dict(step_s=clock.seconds[-1], tokens=length * rows, mean_length=length, split=split)
 
     runs = {"ours": [], "TRL GRPOTrainer": []}
     with tempfile.TemporaryDirectory() as tmp:
