@@ -306,7 +306,8 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, on_step=None) -> Pat
     from tqdm import tqdm
 
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="steps", dynamic_ncols=True)
-    work = tqdm(total=0, position=1, leave=False, dynamic_ncols=True)  # the work inside a step (train_step)
+    work = tqdm(total=cfg.prompts_per_step * cfg.group_size, desc=f"step {start}: rollout", unit="response",
+                position=1, leave=False, dynamic_ncols=True)  # the work inside a step: train_step moves it
     bad_steps, policy = 0, None
     try:
         for step in bar:
