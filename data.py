@@ -243,11 +243,12 @@ def hub_reachable(timeout: float = 3.0) -> bool:
     if _HUB_REACHABLE is None:
         import socket
         from urllib.parse import urlparse
+        from urllib.request import getproxies
 
         from huggingface_hub import constants
 
         _HUB_REACHABLE = not constants.HF_HUB_OFFLINE
-        if _HUB_REACHABLE:
+        if _HUB_REACHABLE and not getproxies().get("https"):  # behind a proxy, only the libraries can tell
             url = urlparse(constants.ENDPOINT)
             try:
                 socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
