@@ -382,8 +382,7 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"figure: {args.plot}")
             return
         out = Path(args.out)
-        if model_lib.default_device() == "cpu":
-            print(f"{model_lib.set_threads()} CPU threads (set OMP_NUM_THREADS to choose)", file=sys.stderr)
+        model_lib.set_threads()
         result = evaluate(args, out)
     except (ValueError, model_lib.ModelError) as e:
         sys.exit(f"error: {e}")

@@ -65,19 +65,23 @@ def default_device() -> str:
 
 
 def set_threads() -> int:
-    """CPU threads for torch: OMP_NUM_THREADS if set, else the cores no other process is using now.
+    """CPU threads for torch: OMP_NUM_THREADS if set, else the cores no other process is using now;
+    said on stderr. Nothing changes where the model runs on a GPU.
 
     On a shared CPU a thread per core is the slowest choice there is: a thread whose core is busy
     holds up the others, and generation ran 2.8x slower with 2 threads than with 1 beside one busy
     process (2 cores, BENCHMARKS.md). On a quiet machine every core helps (1.4x for generation,
     1.6x for a backward pass). The choice is made once, at the start.
     """
+    if default_device() != "cpu":
+        return torch.get_num_threads()
     if os.environ.get("OMP_NUM_THREADS", "").strip().isdigit() and int(os.environ["OMP_NUM_THREADS"]) > 0:
         threads = int(os.environ["OMP_NUM_THREADS"])
     else:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         threads = max(1, min(cores, round(cores * _idle_share())))
     torch.set_num_threads(threads)
+    print(f"{threads} CPU threads (set OMP_NUM_THREADS to choose)", file=sys.stderr)
     return threads
 
 

@@ -278,8 +278,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.prompt is None:  # the first built-in test problem, with its answer
             example = data.builtin_problems("test", 1)[0]
             args.prompt, args.answer = example.problem, args.answer or example.answer
-        if model_lib.default_device() == "cpu":
-            model_lib.set_threads()
+        model_lib.set_threads()
         model, tokenizer = model_lib.load_model(args.model, adapter=args.adapter, quantize=not args.no_quantize,
                                                 trainable=False)
         model = model_lib.rollout_copy(model)  # the same function, dequantized and merged once: faster to sample from

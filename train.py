@@ -623,8 +623,7 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as e:
         sys.exit(f"error: {e}")
     print(json.dumps(dataclasses.asdict(cfg), indent=1))
-    if model_lib.default_device() == "cpu":
-        print(f"{model_lib.set_threads()} CPU threads (set OMP_NUM_THREADS to choose)")
+    model_lib.set_threads()
     print(f"{'continuing' if resume else 'new'} run: {run_dir}")
     try:
         train(cfg, run_dir, resume)
