@@ -235,17 +235,19 @@ def save_checkpoint(run_dir: Path, step: int, model, tokenizer, optimizer, cfg: 
         shutil.rmtree(old, ignore_errors=True)
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The newest checkpoint that can be read; damaged ones (a crash mid-write, a full disk) are skipped, saying so."""
+def latest_checkpoint(run_dir: Path) -> tuple[Path | None, dict | None]:
+    """(directory, state) of the newest checkpoint that can be read, or (None, None); damaged ones (a crash
+    mid-write, a full disk) are skipped, saying so."""
     for path in sorted((run_dir / "checkpoints").glob("step-*"), reverse=True):  # staging dirs start with ".": never listed
         try:
             model_lib.check_adapter(path / "adapter")
-            torch.load(path / "state.pt", weights_only=False)["step"]
-            return path
+            state = torch.load(path / "state.pt", weights_only=False)
+            state["step"]  # a state without its step is damaged too (KeyError)
+            return path, state
         except Exception as e:  # torch.load fails in many ways (zip, pickle, EOF errors): any of them means damaged
             detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             print(f"note: checkpoint {path} cannot be read ({detail[:200]}): using the one before it", file=sys.stderr)
-    return None
+    return None, None
 
 
 # -----------------------------------------------------------------------------
@@ -258,16 +260,15 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, on_step=None) -> Pat
     Ctrl-C or a kill finishes the step, saves a checkpoint and returns; a second Ctrl-C quits at once.
     """
     run_dir.mkdir(parents=True, exist_ok=True)
-    checkpoint = None
+    checkpoint, state = None, None
     if resume:
         for staging in (run_dir / "checkpoints").glob(".step-*"):  # left by a kill mid-save
             shutil.rmtree(staging, ignore_errors=True)
-        checkpoint = latest_checkpoint(run_dir)
+        checkpoint, state = latest_checkpoint(run_dir)
         if checkpoint is None and any((run_dir / "checkpoints").glob("step-*")):
             raise ValueError(f"no checkpoint of {run_dir} can be read: delete {run_dir / 'checkpoints'} to start "
                              f"the run again")
     (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
-    state = torch.load(checkpoint / "state.pt", weights_only=False) if checkpoint else None
     start = state["step"] if state else 0
     if start >= cfg.steps:
         print(f"{run_dir} has done its {start} steps: pass --steps with more to continue it")

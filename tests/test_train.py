@@ -198,7 +198,7 @@ def test_resume_after_ctrl_c_matches_an_uninterrupted_run(learnable_model_dir, t
 
     train.train(cfg, tmp_path / "stopped", on_step=ctrl_c_at_step_2)  # returns: a stop asked for is no error
     assert [m["step"] for m in read_metrics(tmp_path / "stopped")] == [0, 1, 2]
-    assert train.latest_checkpoint(tmp_path / "stopped").name == "step-000003"  # saved on the way out
+    assert train.latest_checkpoint(tmp_path / "stopped")[0].name == "step-000003"  # saved on the way out
     resumed = read_metrics(train.train(cfg, tmp_path / "stopped", resume=True))
     assert _comparable(resumed) == _comparable(straight)
 
@@ -213,7 +213,7 @@ def test_resume_after_a_crash_redoes_the_steps_since_the_checkpoint(learnable_mo
 
     with pytest.raises(MemoryError):
         train.train(cfg, tmp_path / "crashed", on_step=crash_at_step_4)
-    assert train.latest_checkpoint(tmp_path / "crashed").name == "step-000004"
+    assert train.latest_checkpoint(tmp_path / "crashed")[0].name == "step-000004"
     resumed = read_metrics(train.train(cfg, tmp_path / "crashed", resume=True))
     assert _comparable(resumed) == _comparable(straight)  # step 4 is redone, not logged twice
 
@@ -252,7 +252,7 @@ def test_resume_falls_back_past_a_damaged_checkpoint_and_cleans_up_after_a_kill(
     (run / "checkpoints" / ".step-000006-x1y2").mkdir()  # a kill in the middle of a save leaves its staging dir
     with open(run / "metrics.jsonl", "a") as f:
         f.write('{"step": 4, "rew')  # and a kill mid-write a torn line
-    assert train.latest_checkpoint(run).name == "step-000002"
+    assert train.latest_checkpoint(run)[0].name == "step-000002"
     resumed = read_metrics(train.train(cfg, run, resume=True))
     assert _comparable(resumed) == _comparable(straight)  # steps 2 and 3 redone from the good checkpoint
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000002", "step-000004"]
