@@ -29,6 +29,7 @@ import reward
 WAIT = "Wait"  # S1: appended when the model stops before its budget
 ANSWER_CUE = "\n\nThe final answer is"  # S1: appended at the budget, then a short greedy answer
 LOGPROB_CHUNK = 64  # positions per lm_head chunk in sequence_logprobs: bounds the [B, chunk, vocab] logits
+MIN_BUCKET = 16  # fewest rows a fixed-shape decode step runs (StaticDecoder): below it a GPU step costs its launches
 
 
 @dataclass
@@ -82,7 +83,7 @@ def generate(
     on_token=None,
     share_prefix: bool = True,
     compact: bool = True,
-    static_cache: bool = False,
+    static_cache: bool | None = None,
 ) -> list[Rollout]:
     """Sample a response for each prompt (token ids, chat template applied). See the module docstring.
 
@@ -90,9 +91,9 @@ def generate(
     (pad_id for rows already finished; done: how many rows have finished). The speed-ups, each exact up to float rounding:
     share_prefix prefills each distinct prompt once and copies its KV cache to the rows that
     repeat it (GRPO's G samples per prompt); compact drops finished rows from the batch and the
-    cache, so a batch costs the sum of its lengths, not rows x the longest; static_cache writes the
-    keys and values into buffers allocated once instead of concatenating the cache every step (no
-    gain on a CPU, off by default; the precondition for CUDA graphs).
+    cache, so a batch costs the sum of its lengths, not rows x the longest; static_cache runs the
+    decode step at fixed shapes (`StaticDecoder`), which on a CUDA device replays it from CUDA graphs.
+    None: on a CUDA device only (on a CPU it only adds the padding rows of its buckets).
     """
     from transformers import DynamicCache, StaticCache
 
@@ -118,7 +119,9 @@ def generate(
     input_ids, mask = input_ids.to(device), mask.to(device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # [B, T] each row counts from its first real token
 
-    if static_cache:  # room for the longest response; the mask's columns open as tokens are written
+    if static_cache is None:
+        static_cache = device.type == "cuda"
+    if static_cache:  # room for the longest response; the mask's columns open as tokens are fed
         cache = StaticCache(config=model.config, max_cache_len=width + max(limits))
         mask = F.pad(mask, (0, max(limits)))
     else:
@@ -129,6 +132,7 @@ def generate(
         cache.reorder_cache(copy_of)
         logits, mask, positions = logits[copy_of], mask[copy_of], positions[copy_of]
     next_position = positions[:, -1:] + 1  # [B, 1]
+    decoder = StaticDecoder(model, cache, mask, next_position) if static_cache else None
 
     live = torch.arange(batch, device=device)  # original index of each row in the batch
     active = torch.ones(batch, dtype=torch.bool, device=device)  # rows of the batch still generating
@@ -156,15 +160,20 @@ def generate(
             on_token(step, out_tokens[:, step], batch - int(active.sum()))
         if not active.any():
             break
-        if compact and finished.any():  # drop the finished rows from the batch and the cache
+        # drop the finished rows from the batch and the cache; at fixed shapes, only when the batch drops a bucket
+        if compact and finished.any() and (decoder is None or decoder.bucket(int(active.sum())) < decoder.bucket(len(live))):
             keep = active.nonzero().squeeze(-1)
-            live, active, token, mask, next_position = live[keep], active[keep], token[keep], mask[keep], next_position[keep]
-            cache.reorder_cache(keep)
-        token = token.masked_fill(~active, pad_id)  # without compaction, finished rows are fed padding
-        if static_cache:
-            mask[:, width + step] = 1
-        else:
-            mask = torch.cat([mask, torch.ones((mask.shape[0], 1), dtype=mask.dtype, device=device)], dim=-1)
+            live, active, token = live[keep], active[keep], token[keep]
+            if decoder is not None:
+                decoder.keep(keep)
+            else:
+                cache.reorder_cache(keep)
+                mask, next_position = mask[keep], next_position[keep]
+        token = token.masked_fill(~active, pad_id)  # rows finished but still in the batch are fed padding
+        if decoder is not None:
+            logits = decoder(token, width + step)
+            continue
+        mask = torch.cat([mask, torch.ones((mask.shape[0], 1), dtype=mask.dtype, device=device)], dim=-1)
         logits = model(input_ids=token[:, None], attention_mask=mask, position_ids=next_position,
                        past_key_values=cache, use_cache=True).logits[:, -1]
         next_position = next_position + 1
@@ -175,6 +184,101 @@ def generate(
         finish = "eos" if row[n - 1] in stop_set else "length"
         rollouts.append(Rollout(row[:n], row_lp[:n], finish))
     return rollouts
+
+
+# -----------------------------------------------------------------------------
+# the decode step at fixed shapes, replayed from CUDA graphs on a GPU
+
+
+class StaticDecoder:
+    """The decode step of `generate(static_cache=True)`: fixed shapes, so that a CUDA graph can replay it.
+
+    A decode step of a small model is a few hundred tiny kernels, each launched from Python: on a GPU
+    the launches, not the arithmetic, set its cost. A CUDA graph records those kernels once and
+    replays them with one launch, but only if every tensor they touch keeps its address and shape.
+    So everything a step reads or writes is allocated here once: the KV cache (rows x the longest
+    sequence), the fed tokens, their positions, and an additive attention mask over every cache column
+    (a column opens when its token is fed). The step runs on a bucket of rows, the smallest power of
+    two (at least MIN_BUCKET) holding the rows still in the batch; rows past those are padding and
+    their logits are ignored. generate() moves the live rows to the front (`keep`) only when that
+    drops the batch to a smaller bucket, so compaction still pays and a generation captures a
+    handful of graphs.
+
+    On a CUDA device each bucket's step is captured the first time it runs, and the first replay is
+    checked against the eager step; a capture that fails or disagrees turns graphs off for the rest
+    of the generation (eager steps, the same results). On a CPU every step runs eagerly.
+    """
+
+    def __init__(self, model, cache, mask: torch.Tensor, positions: torch.Tensor):
+        dtype = model.get_input_embeddings().weight.dtype
+        self.model, self.cache, self.rows = model, cache, mask.shape[0]
+        self.kv = [(layer.keys, layer.values) for layer in cache.layers]  # [rows, heads, columns, dim] each
+        self.mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(mask == 0, torch.finfo(dtype).min)
+        self.mask = self.mask[:, None, None, :]  # [rows, 1, 1, columns]
+        self.tokens = torch.zeros((self.rows, 1), dtype=torch.long, device=mask.device)
+        self.positions = positions.clone()  # [rows, 1] the position of the token fed next
+        self.graphs = {} if mask.device.type == "cuda" else None  # bucket -> (graph, its logits)
+        self.pool = None  # the graphs share one memory pool
+
+    def bucket(self, n: int) -> int:
+        return min(self.rows, max(MIN_BUCKET, 1 << (n - 1).bit_length()))
+
+    def keep(self, rows: torch.Tensor) -> None:
+        """Move `rows` (indices into the batch) to its front, in place: the addresses stay."""
+        n = len(rows)
+        for k, v in self.kv:
+            k[:n], v[:n] = k[rows], v[rows]
+        self.mask[:n], self.positions[:n] = self.mask[rows], self.positions[rows]
+
+    def forward(self, bucket: int) -> torch.Tensor:
+        for layer, (k, v) in zip(self.cache.layers, self.kv):  # the cache seen by the model: the bucket's rows
+            layer.keys, layer.values = k[:bucket], v[:bucket]
+        return self.model(input_ids=self.tokens[:bucket], attention_mask=self.mask[:bucket],
+                          position_ids=self.positions[:bucket], past_key_values=self.cache,
+                          use_cache=True).logits[:, -1]  # [bucket, V]
+
+    def __call__(self, tokens: torch.Tensor, column: int) -> torch.Tensor:
+        """Feed tokens[n] (one per row at the front of the batch) at cache column `column`: their logits [n, V]."""
+        n, bucket = len(tokens), self.bucket(len(tokens))
+        self.tokens[:n, 0] = tokens
+        self.mask[:n, 0, 0, column] = 0.0
+        if self.graphs is None:
+            logits = self.forward(bucket)
+        elif bucket in self.graphs:
+            graph, logits = self.graphs[bucket]
+            graph.replay()
+        else:
+            logits = self.capture(bucket)
+        self.positions += 1
+        return logits[:n]
+
+    def capture(self, bucket: int) -> torch.Tensor:
+        """Run this step eagerly (on a side stream, the warm-up a capture needs), then capture it and replay it."""
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            eager = self.forward(bucket).clone()
+        torch.cuda.current_stream().wait_stream(side)
+        for layer in self.cache.layers:  # the replay writes this step's keys and values again
+            layer.cumulative_length.sub_(1)
+        try:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                logits = self.forward(bucket)
+            graph.replay()
+            problem = None if torch.allclose(logits.float(), eager.float(), rtol=0, atol=1e-2 * eager.abs().max().item()) \
+                else "its logits differ from the eager step's"
+        except RuntimeError as e:
+            problem = f"capture failed: {e}"
+            for layer in self.cache.layers:
+                layer.cumulative_length.add_(1)
+        if problem is not None:
+            print(f"warning: CUDA graph of the decode step not used ({problem}); decoding eagerly", file=sys.stderr)
+            self.graphs = None
+            return eager
+        self.pool = graph.pool()
+        self.graphs[bucket] = (graph, logits)
+        return logits
 
 
 def sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, temperature: float = 1.0,
