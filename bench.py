@@ -3,13 +3,14 @@ Speed and memory of the LCPO loop, measured against the alternative in the same 
 
     python bench.py rollout                    # our rollouts vs model.generate() on the LCPO workload
     python bench.py train                      # one GRPO step: rollout / reference / policy / optimizer
-    python bench.py memory --preset l1-exact   # peak GPU memory of a full step, 1.5B model, paper lengths
+    python bench.py memory --preset l1-exact   # does a full step of the 1.5B model at paper lengths fit in 24 GB?
     python bench.py trl                        # one GRPO step: ours against TRL's GRPOTrainer, same settings
 
 On a CPU the embedded default is used with short targets; on a GPU, a randomly initialised model
 with the configuration of DeepSeek-R1-Distill-Qwen-1.5B at the paper's lengths. Random weights
 never stop by themselves, so the rollout workload forces each row to stop after n_y tokens drawn
-around its target, the same rows and lengths for both sides. Results: bench-results/<what>.json.
+around its target, the same rows and lengths for both sides; in a training step (train, memory),
+after a length drawn from n_min..max_new_tokens (--force-lengths). Results: bench-results/<what>.json.
 """
 
 import argparse
@@ -105,10 +106,12 @@ VARIANTS = {  # name -> (rollout function, generate on a dense copy, flags of sa
     "loop only": (ours, False, dict(share_prefix=False, compact=False, static_cache=False)),
     "+ shared prefix": (ours, False, dict(share_prefix=True, compact=False, static_cache=False)),
     "+ compaction": (ours, False, dict(share_prefix=False, compact=True, static_cache=False)),
-    "+ static cache": (ours, False, dict(share_prefix=False, compact=False, static_cache=True)),
+    "+ static cache": (ours, False, dict(share_prefix=False, compact=False, static_cache=True)),  # + CUDA graphs on a GPU
     "+ dense copy": (ours, True, dict(share_prefix=False, compact=False, static_cache=False)),
-    "ours": (ours, True, dict(share_prefix=True, compact=True, static_cache=False)),
+    "ours, eager decode": (ours, True, dict(share_prefix=True, compact=True, static_cache=False)),
+    "ours": (ours, True, dict(share_prefix=True, compact=True, static_cache=None)),  # CUDA graphs on a GPU only
 }
+GPU_ONLY = ("ours, eager decode",)  # on a CPU the same as "ours"
 
 
 def run_variant(name, model, copy, *args):
@@ -141,7 +144,7 @@ def bench_rollout(args, model_name, device) -> dict:
     useful = sum(lengths)
     print(f"{len(rows)} rows ({args.prompts} prompts x {args.group_size}), targets {args.n_min}-{args.n_max}, "
           f"{useful} tokens to generate (longest {max(lengths)}), {batch} rows per batch")
-    variants = [v for v in VARIANTS if v in args.variants]
+    variants = [v for v in VARIANTS if v in args.variants and (device.type == "cuda" or v not in GPU_ONLY)]
     times = {v: [] for v in variants}
     memory = {v: 0.0 for v in variants}
     with torch.no_grad():
@@ -159,14 +162,36 @@ def bench_rollout(args, model_name, device) -> dict:
                 assert produced == useful, (v, produced, useful)  # both sides did the same work
                 print(f"  repeat {repeat + 1}  {v:24s} {times[v][-1]:8.1f} s  {useful / times[v][-1]:8.1f} tokens/s")
     best = {v: min(ts) for v, ts in times.items()}
-    base = best.get("generate()")
+    base, dense = best.get("generate()"), best.get("generate(), dense copy")  # dense: the honest baseline
     table = {v: dict(seconds=times[v], tokens_per_s=useful / best[v], peak_memory_mb=memory[v],
-                     vs_generate=(base / best[v]) if base else None) for v in variants}
-    print(f"\n| rollout | tokens/s | x generate() | peak MB |\n|---|---:|---:|---:|")
+                     vs_generate=(base / best[v]) if base else None,
+                     vs_dense_generate=(dense / best[v]) if dense else None) for v in variants}
+    print(f"\n| rollout | tokens/s | x generate(), dense copy | x generate() | peak MB |\n|---|---:|---:|---:|---:|")
     for v, r in table.items():
-        ratio = f"{r['vs_generate']:.2f}" if r["vs_generate"] else "-"
-        print(f"| {v} | {r['tokens_per_s']:.1f} | {ratio} | {r['peak_memory_mb']:.0f} |")
+        ratios = [f"{r[k]:.2f}" if r[k] else "-" for k in ("vs_dense_generate", "vs_generate")]
+        print(f"| {v} | {r['tokens_per_s']:.1f} | {' | '.join(ratios)} | {r['peak_memory_mb']:.0f} |")
     return dict(rows=len(rows), useful_tokens=useful, longest=max(lengths), batch=batch, variants=table)
+
+
+def forced_lengths(n_min: int, n_max: int, seed: int):
+    """sample.generate with each row stopped after a length drawn uniformly from n_min..n_max, whatever
+    it samples: random weights never stop by themselves, a trained model stops near its target."""
+    rng, generate = random.Random(seed), sample.generate
+
+    def forced(model, prompts, max_new_tokens, *args, **kwargs):
+        return generate(model, prompts, [rng.randint(n_min, n_max) for _ in prompts], *args, **kwargs)
+    return forced
+
+
+def memory_fraction(cap_gb: float, total_bytes: int) -> float:
+    """The share of the device's memory that is `cap_gb` GiB, for torch.cuda.set_per_process_memory_fraction.
+
+    >>> memory_fraction(24, 80 * 2**30)
+    0.3
+    """
+    if not 0 < cap_gb * 2**30 <= total_bytes:
+        raise ValueError(f"--memory-cap-gb {cap_gb} is not within this device's {total_bytes / 2**30:.1f} GiB")
+    return cap_gb * 2**30 / total_bytes
 
 
 def bench_train(args, model_name, device, preset: str) -> dict:
@@ -179,8 +204,14 @@ def bench_train(args, model_name, device, preset: str) -> dict:
     cfg = train.Config(**{**train.PRESETS[preset], **overrides, "data": "builtin"})
     train.check_config(cfg)
     steps = []
-    with tempfile.TemporaryDirectory() as tmp:
-        train.train(cfg, Path(tmp) / "run", on_step=lambda step, m: steps.append(m))
+    real_generate = sample.generate
+    if args.force_lengths:  # train.py's rollouts call sample.generate: each row gets its length
+        sample.generate = forced_lengths(cfg.n_min, cfg.max_new_tokens, cfg.seed)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            train.train(cfg, Path(tmp) / "run", on_step=lambda step, m: steps.append(m))
+    finally:
+        sample.generate = real_generate
     m = steps[-1]  # the second step: the first pays for warm-up
     total = m["rollout_s"] + m["reference_s"] + m["policy_s"] + m["optimizer_s"]
     print(f"\none step ({cfg.prompts_per_step} prompts x {cfg.group_size}, mean response {m['mean_n_y']:.0f} tokens):")
@@ -188,7 +219,10 @@ def bench_train(args, model_name, device, preset: str) -> dict:
         print(f"  {part[:-2]:10s} {m[part]:8.1f} s  {100 * m[part] / total:5.1f} %")
     print(f"  rollout {m['rollout_tokens_per_s']:.1f} tokens/s, training {m['train_tokens_per_s']:.1f} tokens/s, "
           f"peak memory {m['peak_memory_mb']:.0f} MB")
-    return dict(config={k: v for k, v in vars(cfg).items()}, step=m)
+    result = dict(config={k: v for k, v in vars(cfg).items()}, step=m, forced_lengths=args.force_lengths)
+    if device.type == "cuda":  # the cap limits what the allocator reserves; a card also holds the CUDA context
+        result["peak_reserved_mb"] = torch.cuda.max_memory_reserved(device) / 2**20
+    return result
 
 
 def bench_trl(args, model_name, device) -> dict:
@@ -314,6 +348,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), help=f"rollout: some of {list(VARIANTS)}")
     parser.add_argument("--no-quantize", action="store_true")
+    parser.add_argument("--force-lengths", action=argparse.BooleanOptionalAction, default=None,
+                        help="train/memory: stop each response after a length drawn from n_min..max_new_tokens "
+                        "(default: with the random model, whose responses never stop)")
+    parser.add_argument("--memory-cap-gb", type=float, default=24.0, help="memory: the card to fit, GiB")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="bench-results", help="directory for the JSON results")
     args = parser.parse_args(argv)
@@ -321,6 +359,12 @@ def main(argv: list[str] | None = None) -> None:
     gpu = device.type == "cuda"
     if args.what == "memory" and not gpu:
         sys.exit("error: bench.py memory measures GPU memory and needs a CUDA device (on a CPU: bench.py train)")
+    if args.what == "memory":
+        try:
+            torch.cuda.set_per_process_memory_fraction(
+                memory_fraction(args.memory_cap_gb, torch.cuda.get_device_properties(device).total_memory), device)
+        except ValueError as e:
+            sys.exit(f"error: {e}")
     unknown = [v for v in args.variants if v not in VARIANTS]
     if unknown or any(getattr(args, k) is not None and getattr(args, k) < 1 for k in
                       ("prompts", "group_size", "n_min", "n_max", "max_new_tokens", "rollout_batch")) or args.repeats < 1:
@@ -329,12 +373,17 @@ def main(argv: list[str] | None = None) -> None:
     if preset not in train.PRESETS:
         sys.exit(f"error: unknown preset {preset!r}: use one of {', '.join(train.PRESETS)}")
     paper = gpu and args.model is None and args.what != "trl"
+    if args.force_lengths is None:
+        args.force_lengths = paper
     defaults = dict(prompts=4, group_size=16, n_min=100, n_max=4000, max_new_tokens=4096, temperature=1.0) if paper \
         else dict(prompts=8, group_size=4, n_min=16, n_max=160, max_new_tokens=256, temperature=1.0)
     if args.what == "trl":  # small enough to repeat on a CPU
         defaults = dict(prompts=2, group_size=8, n_min=32, n_max=128, max_new_tokens=160, temperature=0.6)
-    elif args.what != "rollout":  # the preset's settings; memory: one prompt's G rows (peak = one micro-batch)
-        defaults = dict(prompts=1) if args.what == "memory" else {}
+    elif args.what == "memory":  # one full rollout batch; training peaks at one micro-batch, whatever the rows
+        settings = {**vars(train.Config()), **train.PRESETS[preset]}
+        defaults = dict(prompts=max(1, settings["rollout_batch"] // settings["group_size"]))
+    elif args.what == "train":  # the preset's settings
+        defaults = {}
     for k, v in defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
@@ -347,6 +396,13 @@ def main(argv: list[str] | None = None) -> None:
                 result = bench_rollout(args, model_name, device)
             elif args.what == "trl":
                 result = bench_trl(args, model_name, device)
+            elif args.what == "memory":
+                try:
+                    result = dict(fits=True, **bench_train(args, model_name, device, preset))
+                except torch.cuda.OutOfMemoryError as e:  # the answer, not a failure of the benchmark
+                    result = dict(fits=False, error=str(e).splitlines()[0], peak_reserved_mb=torch.cuda.max_memory_reserved(device) / 2**20)
+                print(f"{'fits' if result['fits'] else 'does NOT fit'} in {args.memory_cap_gb:g} GiB")
+                result["memory_cap_gb"] = args.memory_cap_gb
             else:
                 result = bench_train(args, model_name, device, preset)
         except (ValueError, model_lib.ModelError) as e:

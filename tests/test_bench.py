@@ -13,11 +13,12 @@ def run(tiny_model_dir, tmp_path, *args):
 def test_rollout_runs_every_variant_on_the_same_work(tiny_model_dir, tmp_path, capsys):
     result = run(tiny_model_dir, tmp_path, "rollout", "--prompts", "2", "--group-size", "3", "--n-min", "4",
                  "--n-max", "20", "--max-new-tokens", "24", "--repeats", "2")
-    assert set(result["variants"]) == set(bench.VARIANTS)
+    assert set(result["variants"]) == set(bench.VARIANTS) - set(bench.GPU_ONLY)  # on a CPU "ours" decodes eagerly
     assert result["rows"] == 6 and result["longest"] <= 24
     for name, r in result["variants"].items():
         assert len(r["seconds"]) == 2 and r["tokens_per_s"] == pytest.approx(result["useful_tokens"] / min(r["seconds"]))
     assert result["variants"]["generate()"]["vs_generate"] == 1.0
+    assert result["variants"]["generate(), dense copy"]["vs_dense_generate"] == 1.0
     assert "| ours |" in capsys.readouterr().out
 
 
@@ -58,6 +59,28 @@ def test_random_qwen_has_the_1_5b_shape_when_asked(tmp_path, char_tokenizer):
     config = AutoConfig.from_pretrained(path)
     assert config.model_type == "qwen2" and config.num_hidden_layers == 2
     assert bench.QWEN_1_5B["num_hidden_layers"] == 28 and bench.QWEN_1_5B["hidden_size"] == 1536
+
+
+def test_train_forces_the_lengths_of_a_random_model(tmp_path, char_tokenizer, capsys):
+    import random
+
+    small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=len(char_tokenizer))
+    path = bench.random_qwen(tmp_path / "q", char_tokenizer, small)
+    bench.main(["train", "--model", path, "--preset", "l1-exact", "--no-quantize", "--prompts", "2", "--group-size",
+                "4", "--n-min", "3", "--n-max", "20", "--max-new-tokens", "12", "--force-lengths", "--out", str(tmp_path)])
+    result = json.loads((tmp_path / "train-cpu.json").read_text())
+    assert result["forced_lengths"] and result["config"]["lora_rank"] == 64 and result["config"]["group_size"] == 4
+    rng = random.Random(0)
+    drawn = [rng.randint(3, 12) for _ in range(16)]  # two steps of 8 rows; the second is reported
+    assert result["step"]["mean_n_y"] <= sum(drawn[8:]) / 8 < 12  # <: a row may still stop at EOS first
+    assert "rollout" in capsys.readouterr().out
+
+
+def test_memory_cap_is_a_share_of_the_device():
+    assert bench.memory_fraction(24, 80 * 2**30) == pytest.approx(0.3)
+    with pytest.raises(ValueError, match="not within"):
+        bench.memory_fraction(100, 80 * 2**30)
 
 
 def test_trl_times_a_step_of_each_at_the_same_settings(tiny_model_dir, tmp_path, capsys):
