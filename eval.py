@@ -9,17 +9,24 @@ The paper's evaluation: accuracy and length against the budget in the prompt.
                    --samples 16 --temperature 0.6 --top-p 0.95
     python eval.py --compare evals/a.json evals/b.json --plot compare.png   # side by side, and the figure
     python eval.py --curves runs/exact runs/max --plot curves.png           # training curves from metrics.jsonl
+    python eval.py --stop-probe evals/base-exact.records.jsonl --adapter runs/exact --budgets 32 64 96 128
 
 For each budget: K samples per problem with "Think for N tokens." in the prompt, and per budget
 pass@1 (mean correctness over samples), mean n_y, mean signed and absolute relative length error
 (n_y - N) / N, the share over budget and the share cut by the token cap. Writes OUT.json (every
 number and the exact settings) and OUT.records.jsonl (one line per response); an interrupted run
 started again with the same command skips the budgets already finished.
+
+--stop-probe asks, without sampling, whether a model reads N: over fixed response texts (an
+evaluation's records), the probability of the stop token after L tokens under prompts asking for
+each N (`stop_probe`).
 """
 
 import argparse
+import itertools
 import json
 import math
+import random
 import re
 import sys
 from pathlib import Path
@@ -33,6 +40,8 @@ import sample
 
 MAX_CAP_FACTOR = 4  # Max prompts: the cap is 4 x the budget (Exact: 2 x), room to show they stay under it
 NO_BUDGET = 0  # the budget recorded for --mode none
+FIT_BATCH = 16  # --fit-steps: (text, asked N) pairs per update
+PROBE_EVERY = 8  # --fit-steps: updates between probes of the held-out texts
 
 
 def writes_budget(text: str, budget: int, problem: str, answer: str) -> bool:
@@ -161,6 +170,132 @@ def evaluate(args, out: Path) -> dict:
         result["budgets"] = sorted(result["budgets"] + [summary], key=lambda b: b["budget"])
         out.write_text(json.dumps(result, indent=1))  # after every budget: what a resumed run keeps
     bar.close()
+    return result
+
+
+# -----------------------------------------------------------------------------
+# the stop probe: does the model put its stop where N says? (teacher-forced, no sampling)
+
+
+def stop_logprobs(model, tokenizer, rows: list[list[int]], cuts: list[int]) -> torch.Tensor:
+    """log p(stop token) after each row's first L response tokens, for each L in cuts: [rows, cuts].
+
+    Each row is a prompt followed by exactly max(cuts) response tokens; rows are left-padded here.
+    """
+    device, width = model.device, max(map(len, rows))
+    ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(r)) + r for r in rows], device=device)
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
+    hidden = model.get_decoder()(input_ids=ids, attention_mask=mask,
+                                 position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).last_hidden_state  # [rows, T, H]
+    at = torch.tensor([width - max(cuts) + L - 1 for L in cuts], device=device)  # the output after the L-th token
+    logits = model.get_output_embeddings()(hidden[:, at]).float()  # [rows, cuts, V]
+    return logits.log_softmax(-1)[..., tokenizer.eos_token_id]
+
+
+@torch.no_grad()
+def stop_probe(model, tokenizer, prompts: list[list[list[int]]], responses: list[list[int]], cuts: list[int],
+               batch: int = 8) -> torch.Tensor:
+    """stop_logprobs for each response under each asked N: [responses, asked N, cut L].
+
+    prompts[a][r]: response r's prompt asking the a-th N; cuts: the L, one per N (the same numbers);
+    responses at least max(cuts) tokens long.
+    """
+    out = torch.zeros(len(responses), len(prompts), len(cuts))
+    for a, asked in enumerate(prompts):
+        for start in range(0, len(responses), batch):
+            rows = [p + r[:max(cuts)] for p, r in zip(asked[start:start + batch], responses[start:start + batch])]
+            out[start:start + len(rows), a] = stop_logprobs(model, tokenizer, rows, cuts).cpu()
+    return out
+
+
+def fit_stop(model, tokenizer, prompts, responses, cuts, lr: float, batch: int, seed: int):
+    """The positive control of reading N: train the adapter on exactly the probe's question, on other texts.
+
+    Under the prompt asking the a-th N the stop is right after cut a and wrong after the other cuts;
+    the loss is the binary cross-entropy of that stop decision at each cut, nothing about the content.
+    If the model cannot learn this, it cannot map N to its stop, whatever the reward. Yields (step, loss).
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    pairs = [(a, r) for a in range(len(cuts)) for r in range(len(responses))]
+    rng = random.Random(seed)
+    for step in itertools.count():
+        model.train()
+        chosen = rng.sample(pairs, min(batch, len(pairs)))
+        logp = stop_logprobs(model, tokenizer, [prompts[a][r] + responses[r][:max(cuts)] for a, r in chosen], cuts)
+        stop_here = torch.eye(len(cuts), device=logp.device)[[a for a, _ in chosen]]  # [batch, cuts]
+        go_on = torch.log1p(-logp.exp().clamp(max=1 - 1e-6))  # log p(not the stop token)
+        loss = -(stop_here * logp + (1 - stop_here) * go_on).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        yield step, loss.item()
+
+
+def probe_scores(logp: torch.Tensor) -> dict:
+    """From stop_probe's [responses, asked N, cut L]: how often the stop is likeliest at a cut L when the
+    prompt asks for L (accuracy; chance 1 / the number of N), by how much in log-probability (margin,
+    against the other N's mean), and the mean matrix [asked][cut].
+
+    >>> probe_scores(torch.tensor([[[-1., -5.], [-3., -2.]]]))["accuracy"]
+    1.0
+    """
+    k = logp.shape[1]
+    diagonal = logp.diagonal(dim1=1, dim2=2)  # [responses, k]: asked N = cut L
+    others = (logp.sum(1) - diagonal) / (k - 1)  # [responses, k]: the other N at the same cut
+    best = logp.argmax(1)  # [responses, cut]: the N under which the stop is likeliest
+    return dict(accuracy=(best == torch.arange(k)).float().mean().item(), chance=1 / k,
+                margin=(diagonal - others).mean().item(), matrix=logp.mean(0).tolist())
+
+
+def run_stop_probe(args, out: Path) -> dict:
+    """The probe over an evaluation's records; with --fit-steps, its positive control first learns it
+    on the texts of the even-numbered problems and is probed on the others every PROBE_EVERY steps."""
+    records = [r for r in data.read_jsonl(Path(args.stop_probe)) if "text" in r]
+    problems = data.load_problems(args.data, args.split, args.problem_column, args.answer_column, limit=args.limit,
+                                  seed=args.seed)
+    if not records or max(r["problem"] for r in records) >= len(problems):
+        raise ValueError(f"{args.stop_probe} has no responses to the problems of --data {args.data} --limit "
+                         f"{args.limit}: give the records of an evaluation of the same problems")
+    fitting = args.fit_steps > 0
+    model, tokenizer = model_lib.load_model(args.model, adapter=args.adapter, quantize=args.quantize, trainable=fitting)
+    if not fitting:
+        model = model_lib.rollout_copy(model)
+    cuts = sorted(args.budgets)
+    kept = [(r["problem"], ids[:max(cuts)]) for r in records
+            if len(ids := tokenizer.encode(r["text"], add_special_tokens=False)) >= max(cuts)]
+    if not kept:
+        raise ValueError(f"no response in {args.stop_probe} is {max(cuts)} tokens long: use smaller --budgets")
+    held = [k for k in kept if k[0] % 2 == 1] if fitting else kept  # fitting: held-out problems and texts
+
+    def prompts(texts):
+        return [[data.lcpo_prompt(tokenizer, problems[i], n, args.mode, args.budget_in) for i, _ in texts] for n in cuts]
+
+    def probe():
+        model.eval()
+        return probe_scores(stop_probe(model, tokenizer, prompts(held), [ids for _, ids in held], cuts))
+
+    result = dict(settings=settings_from(args), records=args.stop_probe, responses=len(held), budgets=cuts, **probe())
+    if fitting:
+        fit = [k for k in kept if k[0] % 2 == 0]
+        curve, losses = [dict(step=0, accuracy=result["accuracy"], margin=result["margin"])], []
+        print(f"fit on {len(fit)} texts, probe on {len(held)}: step 0 accuracy {result['accuracy']:.1%}")
+        for step, loss in fit_stop(model, tokenizer, prompts(fit), [ids for _, ids in fit], cuts, args.fit_lr,
+                                   FIT_BATCH, args.seed):
+            losses.append(loss)
+            if (step + 1) % PROBE_EVERY == 0 or step + 1 == args.fit_steps:
+                result.update(probe())
+                curve.append(dict(step=step + 1, loss=sum(losses[-PROBE_EVERY:]) / len(losses[-PROBE_EVERY:]),
+                                  accuracy=result["accuracy"], margin=result["margin"]))
+                print(f"step {step + 1}: loss {curve[-1]['loss']:.4f}, accuracy {result['accuracy']:.1%}, "
+                      f"margin {result['margin']:.3f}", flush=True)
+                out.parent.mkdir(parents=True, exist_ok=True)
+                out.write_text(json.dumps(dict(result, fit_responses=len(fit), curve=curve), indent=1))
+            if step + 1 == args.fit_steps:
+                break
+        result.update(fit_responses=len(fit), curve=curve, fit_lr=args.fit_lr, fit_steps=args.fit_steps)
+        model_lib.save_adapter(model, tokenizer, out.with_name(out.stem + "-adapter"))
     return result
 
 
@@ -322,6 +457,11 @@ def parse_args(argv):
     parser.add_argument("--compare", nargs="+", metavar="RESULT", help="eval.py result files: one table, one figure")
     parser.add_argument("--curves", nargs="+", metavar="RUN_DIR", help="train.py runs: reward and length error per step")
     parser.add_argument("--plot", default=None, help="with --compare or --curves: write the figure here (.png)")
+    parser.add_argument("--stop-probe", default=None, metavar="RECORDS", help="an evaluation's records.jsonl: "
+                        "the stop token's probability after each budget's worth of its texts, under each N")
+    parser.add_argument("--fit-steps", type=int, default=0, help="--stop-probe: first learn the probe's question "
+                        "on half of the problems for this many steps (the positive control), probing the other half")
+    parser.add_argument("--fit-lr", type=float, default=1e-3, help="--fit-steps: the LoRA learning rate")
     parser.add_argument("--model", default=None, help="hub id or local directory (default: the embedded model)")
     parser.add_argument("--adapter", default=None, help="a saved adapter, or a train.py run directory")
     parser.add_argument("--data", default="builtin", help="builtin, a known set (data.KNOWN_SETS), a hub id or a file")
@@ -356,11 +496,15 @@ def parse_args(argv):
         raise ValueError("--plot goes with --compare or --curves")
     if any(b <= 0 for b in args.budgets):
         raise ValueError(f"budgets must be positive token counts, got {args.budgets}")
+    if args.fit_steps < 0 or (args.fit_steps and not args.stop_probe) or not (math.isfinite(args.fit_lr) and args.fit_lr > 0):
+        raise ValueError("--fit-steps must be >= 0 and goes with --stop-probe; --fit-lr must be a positive number")
     for name in ("samples", "batch", "answer_tokens"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.limit < 0:
         raise ValueError(f"--limit must be >= 0 (0: all problems), got {args.limit}")
+    if args.stop_probe and (args.s1 or args.mode == "none"):
+        raise ValueError("--stop-probe asks for each budget in the prompt: it goes with --mode exact or max")
     if args.s1 and args.mode == "none":
         raise ValueError("--s1 forces each budget: it cannot go with --mode none")
     args.limit = args.limit or None
@@ -369,7 +513,7 @@ def parse_args(argv):
     sample.check_sampling_args(1 if args.max_new_tokens is None else args.max_new_tokens, args.temperature, args.top_p)
     if args.out is None:
         run = Path(args.adapter).resolve().name if args.adapter else "base"
-        args.out = f"evals/{run}-{'s1' if args.s1 else args.mode}.json"
+        args.out = f"evals/{run}-{'stop-probe' if args.stop_probe else 's1' if args.s1 else args.mode}.json"
     return args
 
 
@@ -383,6 +527,18 @@ def main(argv: list[str] | None = None) -> None:
             return
         out = Path(args.out)
         model_lib.set_threads()
+        if args.stop_probe:
+            result = run_stop_probe(args, out)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(result, indent=1))
+            print(f"log p(stop) after L tokens (columns) when N is asked (rows), mean of {result['responses']} texts:")
+            print("| asked N | " + " | ".join(f"L = {L}" for L in result["budgets"]) + " |\n|---|"
+                  + "---:|" * len(result["budgets"]))
+            for n, row in zip(result["budgets"], result["matrix"]):
+                print(f"| {n} | " + " | ".join(f"{v:.2f}" for v in row) + " |")
+            print(f"stop likeliest under the asked N: {result['accuracy']:.1%} (chance {result['chance']:.0%}), "
+                  f"margin {result['margin']:.3f} nats\nresults: {out}")
+            return
         result = evaluate(args, out)
     except (ValueError, model_lib.ModelError) as e:
         sys.exit(f"error: {e}")

@@ -217,7 +217,9 @@ class StaticDecoder:
         self.mask = self.mask[:, None, None, :]  # [rows, 1, 1, columns]
         self.tokens = torch.zeros((self.rows, 1), dtype=torch.long, device=mask.device)
         self.positions = positions.clone()  # [rows, 1] the position of the token fed next
-        self.graphs = {} if mask.device.type == "cuda" else None  # bucket -> (graph, its logits)
+        # bucket -> (graph, its logits); a graph needs the cache to count its own length on the device
+        capturable = mask.device.type == "cuda" and all(hasattr(layer, "cumulative_length") for layer in cache.layers)
+        self.graphs = {} if capturable else None
         self.pool = None  # the graphs share one memory pool
 
     def bucket(self, n: int) -> int:

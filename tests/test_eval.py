@@ -1,3 +1,4 @@
+import itertools
 import json
 
 import pytest
@@ -132,6 +133,7 @@ def test_compare_labels_runs_by_what_differs_and_draws_a_readable_figure(tmp_pat
     (["--temperature", "-1"], "temperature must be a finite number >= 0"),
     (["--temperature", "nan"], "temperature must be a finite number >= 0"),
     (["--max-new-tokens", "0"], "max_new_tokens must be positive"),
+    (["--stop-probe", "r.jsonl", "--mode", "none"], "--stop-probe asks for each budget"),
 ])
 def test_bad_flags_are_refused_in_one_line(argv, message):
     with pytest.raises(SystemExit) as e:
@@ -232,3 +234,65 @@ def test_a_damaged_train_config_behind_an_adapter_names_its_file(tiny_model_dir,
     with pytest.raises(SystemExit) as e:
         ev.main(["--adapter", str(tmp_path / "run"), "--no-quantize", "--out", str(tmp_path / "e.json")])
     assert str(tmp_path / "run" / "config.json") in str(e.value) and "\n" not in str(e.value)
+
+
+def test_stop_probe_is_the_stop_log_prob_after_each_cut(tiny_llama, char_tokenizer):
+    import torch
+
+    torch.manual_seed(0)
+    cuts = [3, 6, 9]
+    problems = [data.Problem(t, "1") for t in ("1+1?", "A long problem about seven apples.", "x")]
+    responses = [torch.randint(10, 90, (n,)).tolist() for n in (9, 12, 10)]  # longer than the cut: trimmed
+    prompts = [[data.lcpo_prompt(char_tokenizer, p, n) for p in problems] for n in cuts]
+    logp = ev.stop_probe(tiny_llama, char_tokenizer, prompts, responses, cuts, batch=2)  # padded, two batches
+    assert logp.shape == (3, 3, 3)
+    for a in range(3):
+        for r in range(3):
+            ids = torch.tensor([prompts[a][r] + responses[r][:9]])
+            direct = tiny_llama(input_ids=ids).logits[0].log_softmax(-1)[:, char_tokenizer.eos_token_id]
+            for c, L in enumerate(cuts):  # the output after the response's L-th token
+                assert logp[r, a, c].item() == pytest.approx(direct[len(prompts[a][r]) + L - 1].item(), abs=1e-4)
+
+
+def test_probe_scores_reward_the_stop_where_n_says_and_not_a_length_bias():
+    import torch
+
+    reads_n = torch.tensor([[[-1.0, -6, -6], [-6, -1, -6], [-6, -6, -1]]])  # [response, asked, cut]
+    shorter_when_asked_less = torch.tensor([[[-1.0, -1, -1], [-2, -2, -2], [-3, -3, -3]]])
+    s = ev.probe_scores(reads_n)
+    assert s["accuracy"] == 1.0 and s["margin"] == pytest.approx(5.0) and s["chance"] == pytest.approx(1 / 3)
+    s = ev.probe_scores(shorter_when_asked_less)  # the stop rises for small N at every cut: right at one cut of three
+    assert s["accuracy"] == pytest.approx(1 / 3) and s["margin"] == pytest.approx(0.0)
+    assert s["matrix"] == shorter_when_asked_less[0].tolist()
+
+
+def test_stop_probe_from_an_evaluation_s_records(tiny_model_dir, tmp_path, capsys):
+    ev.main(args_for(tiny_model_dir, tmp_path / "e.json"))
+    records = str(tmp_path / "e.records.jsonl")
+    ev.main(["--model", str(tiny_model_dir), "--no-quantize", "--limit", "3", "--stop-probe", records,
+             "--budgets", "2", "4", "--out", str(tmp_path / "p.json")])
+    result = json.loads((tmp_path / "p.json").read_text())
+    assert result["budgets"] == [2, 4] and result["responses"] > 0 and len(result["matrix"]) == 2
+    assert 0 <= result["accuracy"] <= 1 and "chance 50%" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="no response"):
+        ev.main(["--model", str(tiny_model_dir), "--no-quantize", "--limit", "3", "--stop-probe", records,
+                 "--budgets", "500", "--out", str(tmp_path / "q.json")])
+
+
+def test_fit_stop_learns_to_stop_where_n_says(char_tokenizer):
+    import torch
+
+    from tests.conftest import make_tiny_llama
+
+    model = make_tiny_llama(char_tokenizer, seed=1)
+    torch.manual_seed(0)
+    cuts = [3, 6, 9]
+    problems = [data.Problem(t, "1") for t in ("1+1?", "Seven apples.", "x", "Ten pens and a box.")]
+    responses = [torch.randint(10, 90, (9,)).tolist() for _ in problems]
+    prompts = [[data.lcpo_prompt(char_tokenizer, p, n) for p in problems] for n in cuts]
+    before = ev.probe_scores(ev.stop_probe(model, char_tokenizer, prompts, responses, cuts))
+    losses = [loss for step, loss in itertools.takewhile(lambda s: s[0] < 120, ev.fit_stop(
+        model, char_tokenizer, prompts, responses, cuts, lr=3e-3, batch=12, seed=0))]
+    after = ev.probe_scores(ev.stop_probe(model, char_tokenizer, prompts, responses, cuts))
+    assert before["accuracy"] < 0.6 and after["accuracy"] == 1.0 and after["margin"] > before["margin"] + 1
+    assert sum(losses[-5:]) < sum(losses[:5]) / 2
