@@ -41,7 +41,7 @@ import sample
 MAX_CAP_FACTOR = 4  # Max prompts: the cap is 4 x the budget (Exact: 2 x), room to show they stay under it
 NO_BUDGET = 0  # the budget recorded for --mode none
 FIT_BATCH = 16  # --fit-steps: (text, asked N) pairs per update
-PROBE_EVERY = 8  # --fit-steps: updates between probes of the held-out texts
+PROBE_EVERY = 16  # --fit-steps: updates between probes of the held-out texts
 
 
 def writes_budget(text: str, budget: int, problem: str, answer: str) -> bool:
