@@ -219,10 +219,7 @@ def bench_train(args, model_name, device, preset: str) -> dict:
         print(f"  {part[:-2]:10s} {m[part]:8.1f} s  {100 * m[part] / total:5.1f} %")
     print(f"  rollout {m['rollout_tokens_per_s']:.1f} tokens/s, training {m['train_tokens_per_s']:.1f} tokens/s, "
           f"peak memory {m['peak_memory_mb']:.0f} MB")
-    result = dict(config={k: v for k, v in vars(cfg).items()}, step=m, forced_lengths=args.force_lengths)
-    if device.type == "cuda":  # the cap limits what the allocator reserves; a card also holds the CUDA context
-        result["peak_reserved_mb"] = torch.cuda.max_memory_reserved(device) / 2**20
-    return result
+    return dict(config={k: v for k, v in vars(cfg).items()}, step=m, forced_lengths=args.force_lengths)
 
 
 def bench_trl(args, model_name, device) -> dict:
@@ -359,12 +356,6 @@ def main(argv: list[str] | None = None) -> None:
     gpu = device.type == "cuda"
     if args.what == "memory" and not gpu:
         sys.exit("error: bench.py memory measures GPU memory and needs a CUDA device (on a CPU: bench.py train)")
-    if args.what == "memory":
-        try:
-            torch.cuda.set_per_process_memory_fraction(
-                memory_fraction(args.memory_cap_gb, torch.cuda.get_device_properties(device).total_memory), device)
-        except ValueError as e:
-            sys.exit(f"error: {e}")
     unknown = [v for v in args.variants if v not in VARIANTS]
     if unknown or any(getattr(args, k) is not None and getattr(args, k) < 1 for k in
                       ("prompts", "group_size", "n_min", "n_max", "max_new_tokens", "rollout_batch")) or args.repeats < 1:
@@ -372,6 +363,12 @@ def main(argv: list[str] | None = None) -> None:
     preset = args.preset or ("l1-exact" if gpu else "default")
     if preset not in train.PRESETS:
         sys.exit(f"error: unknown preset {preset!r}: use one of {', '.join(train.PRESETS)}")
+    if args.what == "memory":
+        try:
+            torch.cuda.set_per_process_memory_fraction(
+                memory_fraction(args.memory_cap_gb, torch.cuda.get_device_properties(device).total_memory), device)
+        except ValueError as e:
+            sys.exit(f"error: {e}")
     paper = gpu and args.model is None and args.what != "trl"
     if args.force_lengths is None:
         args.force_lengths = paper
@@ -400,9 +397,10 @@ def main(argv: list[str] | None = None) -> None:
                 try:
                     result = dict(fits=True, **bench_train(args, model_name, device, preset))
                 except torch.cuda.OutOfMemoryError as e:  # the answer, not a failure of the benchmark
-                    result = dict(fits=False, error=str(e).splitlines()[0], peak_reserved_mb=torch.cuda.max_memory_reserved(device) / 2**20)
+                    result = dict(fits=False, error=str(e).splitlines()[0])
                 print(f"{'fits' if result['fits'] else 'does NOT fit'} in {args.memory_cap_gb:g} GiB")
-                result["memory_cap_gb"] = args.memory_cap_gb
+                # the cap limits what the allocator reserves; a card also holds the CUDA context
+                result.update(memory_cap_gb=args.memory_cap_gb, peak_reserved_mb=torch.cuda.max_memory_reserved(device) / 2**20)
             else:
                 result = bench_train(args, model_name, device, preset)
         except (ValueError, model_lib.ModelError) as e:
