@@ -208,29 +208,37 @@ def stop_probe(model, tokenizer, prompts: list[list[list[int]]], responses: list
     return out
 
 
-def fit_stop(model, tokenizer, prompts, responses, cuts, lr: float, batch: int, seed: int):
-    """The positive control of reading N: train the adapter on exactly the probe's question, on other texts.
+def fit_stop(model, tokenizer, prompt, responses, cuts, lr: float, batch: int, seed: int, loss: str = "length"):
+    """The positive control of reading N: train the adapter on the stop decision alone, on other texts.
 
-    Under the prompt asking the a-th N the stop is right after cut a and wrong after the other cuts;
-    the loss is the binary cross-entropy of that stop decision at each cut, nothing about the content.
-    If the model cannot learn this, it cannot map N to its stop, whatever the reward. Yields (step, loss).
+    prompt(r, n): response r's prompt asking for n tokens. loss "length": N drawn from min(cuts)..max(cuts),
+    the negative log-likelihood of a length of exactly N under the stop decisions, -log p(stop after N) -
+    sum over t < N of log p(no stop after t): the model's own text ended at N, nothing about the content.
+    "cuts": N is one of the cuts, binary cross-entropy of the stop decision at the cuts alone (which leaves
+    the stop free everywhere else). Yields (step, loss).
     """
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    pairs = [(a, r) for a in range(len(cuts)) for r in range(len(responses))]
     rng = random.Random(seed)
+    positions = cuts if loss == "cuts" else list(range(1, max(cuts) + 1))
     for step in itertools.count():
         model.train()
-        chosen = rng.sample(pairs, min(batch, len(pairs)))
-        logp = stop_logprobs(model, tokenizer, [prompts[a][r] + responses[r][:max(cuts)] for a, r in chosen], cuts)
-        stop_here = torch.eye(len(cuts), device=logp.device)[[a for a, _ in chosen]]  # [batch, cuts]
+        chosen = [(rng.choice(cuts) if loss == "cuts" else rng.randint(min(cuts), max(cuts)),
+                   rng.randrange(len(responses))) for _ in range(batch)]
+        logp = stop_logprobs(model, tokenizer, [prompt(r, n) + responses[r][:max(cuts)] for n, r in chosen], positions)
+        at = torch.tensor(positions, device=logp.device)
+        n = torch.tensor([n for n, _ in chosen], device=logp.device)[:, None]
+        stop_here, go_on_before = (at == n).float(), (at < n).float()  # [batch, positions]
         go_on = torch.log1p(-logp.exp().clamp(max=1 - 1e-6))  # log p(not the stop token)
-        loss = -(stop_here * logp + (1 - stop_here) * go_on).mean()
+        if loss == "cuts":
+            value = -(stop_here * logp + (1 - stop_here) * go_on).mean()
+        else:
+            value = -(stop_here * logp + go_on_before * go_on).sum(1).mean()
         optimizer.zero_grad()
-        loss.backward()
+        value.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
-        yield step, loss.item()
+        yield step, value.item()
 
 
 def probe_scores(logp: torch.Tensor) -> dict:
@@ -247,6 +255,24 @@ def probe_scores(logp: torch.Tensor) -> dict:
     best = logp.argmax(1)  # [responses, cut]: the N under which the stop is likeliest
     return dict(accuracy=(best == torch.arange(k)).float().mean().item(), chance=1 / k,
                 margin=(diagonal - others).mean().item(), matrix=logp.mean(0).tolist())
+
+
+def length_scores(logp: torch.Tensor, budgets: list[int]) -> dict:
+    """From stop_probe at every position 1..max(budgets), [responses, asked N, position]: what the stop
+    decisions say about the length each asked N gets on these texts. length_nll: -log p(a length of
+    exactly N), mean over texts; median: the length by which the stop has come with probability 1/2
+    (max(budgets) + 1 when it has not), mean over texts, one per asked N.
+
+    >>> s = length_scores(torch.tensor([[[0.0, -9, -9], [-9, 0.0, -9]]]).clamp(max=-1e-4), [1, 2])
+    >>> round(s["length_nll"], 2), s["median"]
+    (0.0, [1.0, 2.0])
+    """
+    p = logp.exp()
+    survive = torch.cumprod(1 - p, dim=-1)  # [responses, asked]: no stop by the end of each position
+    nll = [-(logp[:, a, n - 1] + torch.log1p(-p[:, a, :n - 1].clamp(max=1 - 1e-6)).sum(-1)) for a, n in enumerate(budgets)]
+    median = 1 + (survive > 0.5).sum(-1).float()  # [responses, asked]: the first position where survival <= 1/2
+    return dict(length_nll=torch.stack(nll).mean().item(), median=median.mean(0).tolist(),
+                stopped_by_max=(1 - survive[..., -1]).mean().item())
 
 
 def run_stop_probe(args, out: Path) -> dict:
@@ -269,32 +295,41 @@ def run_stop_probe(args, out: Path) -> dict:
         raise ValueError(f"no response in {args.stop_probe} is {max(cuts)} tokens long: use smaller --budgets")
     held = [k for k in kept if k[0] % 2 == 1] if fitting else kept  # fitting: held-out problems and texts
 
-    def prompts(texts):
-        return [[data.lcpo_prompt(tokenizer, problems[i], n, args.mode, args.budget_in) for i, _ in texts] for n in cuts]
+    def prompt(text, n):
+        return data.lcpo_prompt(tokenizer, problems[text[0]], n, args.mode, args.budget_in)
 
     def probe():
         model.eval()
-        return probe_scores(stop_probe(model, tokenizer, prompts(held), [ids for _, ids in held], cuts))
+        logp = stop_probe(model, tokenizer, [[prompt(t, n) for t in held] for n in cuts], [ids for _, ids in held],
+                          list(range(1, max(cuts) + 1)))  # every position: the cuts, and the lengths they imply
+        return dict(probe_scores(logp[..., [L - 1 for L in cuts]]), **length_scores(logp, cuts))
+
+    def say(step, scores):
+        print(f"step {step}: accuracy {scores['accuracy']:.1%}, margin {scores['margin']:.3f} nats, length NLL "
+              f"{scores['length_nll']:.2f}, median length " + " / ".join(f"{m:.0f}" for m in scores["median"]), flush=True)
 
     result = dict(settings=settings_from(args), records=args.stop_probe, responses=len(held), budgets=cuts, **probe())
     if fitting:
         fit = [k for k in kept if k[0] % 2 == 0]
-        curve, losses = [dict(step=0, accuracy=result["accuracy"], margin=result["margin"])], []
-        print(f"fit on {len(fit)} texts, probe on {len(held)}: step 0 accuracy {result['accuracy']:.1%}")
-        for step, loss in fit_stop(model, tokenizer, prompts(fit), [ids for _, ids in fit], cuts, args.fit_lr,
-                                   FIT_BATCH, args.seed):
+        keys = ("accuracy", "margin", "length_nll", "median")
+        curve, losses = [dict(step=0, **{k: result[k] for k in keys})], []
+        print(f"fit ({args.fit_loss}) on {len(fit)} texts, probe on {len(held)}")
+        say(0, result)
+        for step, loss in fit_stop(model, tokenizer, lambda r, n: prompt(fit[r], n), [ids for _, ids in fit], cuts,
+                                   args.fit_lr, FIT_BATCH, args.seed, args.fit_loss):
             losses.append(loss)
             if (step + 1) % PROBE_EVERY == 0 or step + 1 == args.fit_steps:
                 result.update(probe())
                 curve.append(dict(step=step + 1, loss=sum(losses[-PROBE_EVERY:]) / len(losses[-PROBE_EVERY:]),
-                                  accuracy=result["accuracy"], margin=result["margin"]))
-                print(f"step {step + 1}: loss {curve[-1]['loss']:.4f}, accuracy {result['accuracy']:.1%}, "
-                      f"margin {result['margin']:.3f}", flush=True)
+                                  **{k: result[k] for k in keys}))
+                print(f"training loss {curve[-1]['loss']:.4f}; ", end="")
+                say(step + 1, result)
                 out.parent.mkdir(parents=True, exist_ok=True)
                 out.write_text(json.dumps(dict(result, fit_responses=len(fit), curve=curve), indent=1))
             if step + 1 == args.fit_steps:
                 break
-        result.update(fit_responses=len(fit), curve=curve, fit_lr=args.fit_lr, fit_steps=args.fit_steps)
+        result.update(fit_responses=len(fit), curve=curve, fit_lr=args.fit_lr, fit_steps=args.fit_steps,
+                      fit_loss=args.fit_loss)
         model_lib.save_adapter(model, tokenizer, out.with_name(out.stem + "-adapter"))
     return result
 
@@ -462,6 +497,8 @@ def parse_args(argv):
     parser.add_argument("--fit-steps", type=int, default=0, help="--stop-probe: first learn the probe's question "
                         "on half of the problems for this many steps (the positive control), probing the other half")
     parser.add_argument("--fit-lr", type=float, default=1e-3, help="--fit-steps: the LoRA learning rate")
+    parser.add_argument("--fit-loss", default="length", choices=["length", "cuts"], help="--fit-steps: the "
+                        "likelihood of stopping after exactly N tokens, or the stop decision at the cuts alone")
     parser.add_argument("--model", default=None, help="hub id or local directory (default: the embedded model)")
     parser.add_argument("--adapter", default=None, help="a saved adapter, or a train.py run directory")
     parser.add_argument("--data", default="builtin", help="builtin, a known set (data.KNOWN_SETS), a hub id or a file")
@@ -537,7 +574,9 @@ def main(argv: list[str] | None = None) -> None:
             for n, row in zip(result["budgets"], result["matrix"]):
                 print(f"| {n} | " + " | ".join(f"{v:.2f}" for v in row) + " |")
             print(f"stop likeliest under the asked N: {result['accuracy']:.1%} (chance {result['chance']:.0%}), "
-                  f"margin {result['margin']:.3f} nats\nresults: {out}")
+                  f"margin {result['margin']:.3f} nats; length NLL {result['length_nll']:.2f} nats, median length "
+                  + " / ".join(f"{m:.0f}" for m in result["median"]) + f" (asked {' / '.join(map(str, result['budgets']))})"
+                  f"\nresults: {out}")
             return
         result = evaluate(args, out)
     except (ValueError, model_lib.ModelError) as e:
