@@ -177,8 +177,9 @@ def evaluate(args, out: Path) -> dict:
 # the stop probe: does the model put its stop where N says? (teacher-forced, no sampling)
 
 
-def stop_logprobs(model, tokenizer, rows: list[list[int]], cuts: list[int]) -> torch.Tensor:
-    """log p(stop token) after each row's first L response tokens, for each L in cuts: [rows, cuts].
+def position_logprobs(model, tokenizer, rows: list[list[int]], cuts: list[int]) -> torch.Tensor:
+    """The next-token log-probabilities after each row's first L response tokens, for each L in cuts:
+    [rows, cuts, vocabulary].
 
     Each row is a prompt followed by exactly max(cuts) response tokens; rows are left-padded here.
     """
@@ -188,8 +189,12 @@ def stop_logprobs(model, tokenizer, rows: list[list[int]], cuts: list[int]) -> t
     hidden = model.get_decoder()(input_ids=ids, attention_mask=mask,
                                  position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).last_hidden_state  # [rows, T, H]
     at = torch.tensor([width - max(cuts) + L - 1 for L in cuts], device=device)  # the output after the L-th token
-    logits = model.get_output_embeddings()(hidden[:, at]).float()  # [rows, cuts, V]
-    return logits.log_softmax(-1)[..., tokenizer.eos_token_id]
+    return model.get_output_embeddings()(hidden[:, at]).float().log_softmax(-1)
+
+
+def stop_logprobs(model, tokenizer, rows: list[list[int]], cuts: list[int]) -> torch.Tensor:
+    """log p(stop token) after each row's first L response tokens, for each L in cuts: [rows, cuts]."""
+    return position_logprobs(model, tokenizer, rows, cuts)[..., tokenizer.eos_token_id]
 
 
 @torch.no_grad()
@@ -209,36 +214,44 @@ def stop_probe(model, tokenizer, prompts: list[list[list[int]]], responses: list
 
 
 def fit_stop(model, tokenizer, prompt, responses, cuts, lr: float, batch: int, seed: int, loss: str = "length"):
-    """The positive control of reading N: train the adapter on the stop decision alone, on other texts.
+    """The positive control of reading N: train the adapter on the stop decision, on other texts.
 
     prompt(r, n): response r's prompt asking for n tokens. loss "length": N drawn from min(cuts)..max(cuts),
-    the negative log-likelihood of a length of exactly N under the stop decisions, -log p(stop after N) -
-    sum over t < N of log p(no stop after t): the model's own text ended at N, nothing about the content.
-    "cuts": N is one of the cuts, binary cross-entropy of the stop decision at the cuts alone (which leaves
-    the stop free everywhere else). Yields (step, loss).
+    the negative log-likelihood of a length of exactly N, -log p(stop after N) - sum over t < N of
+    log p(no stop after t), plus the KL divergence from the untrained model's next-token distribution at
+    those t (without it nothing holds the content, and it drifts into empty lines): the model's own text
+    ended at N. "cuts": N is one of the cuts, binary cross-entropy of the stop decision at the cuts alone
+    (which leaves the stop and the content free everywhere else). Yields (step, loss, KL per text).
     """
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     rng = random.Random(seed)
     positions = cuts if loss == "cuts" else list(range(1, max(cuts) + 1))
+    eos = tokenizer.eos_token_id
     for step in itertools.count():
         model.train()
         chosen = [(rng.choice(cuts) if loss == "cuts" else rng.randint(min(cuts), max(cuts)),
                    rng.randrange(len(responses))) for _ in range(batch)]
-        logp = stop_logprobs(model, tokenizer, [prompt(r, n) + responses[r][:max(cuts)] for n, r in chosen], positions)
+        rows = [prompt(r, n) + responses[r][:max(cuts)] for n, r in chosen]
+        every = position_logprobs(model, tokenizer, rows, positions)  # [batch, positions, V]
+        logp = every[..., eos]
         at = torch.tensor(positions, device=logp.device)
         n = torch.tensor([n for n, _ in chosen], device=logp.device)[:, None]
         stop_here, go_on_before = (at == n).float(), (at < n).float()  # [batch, positions]
         go_on = torch.log1p(-logp.exp().clamp(max=1 - 1e-6))  # log p(not the stop token)
+        kl = torch.zeros_like(logp)
         if loss == "cuts":
             value = -(stop_here * logp + (1 - stop_here) * go_on).mean()
         else:
-            value = -(stop_here * logp + go_on_before * go_on).sum(1).mean()
+            with model_lib.reference(model) as untrained:
+                base = position_logprobs(untrained, tokenizer, rows, positions)
+            kl = (base.exp() * (base - every)).sum(-1) * go_on_before  # [batch, positions]
+            value = (-(stop_here * logp + go_on_before * go_on) + kl).sum(1).mean()
         optimizer.zero_grad()
         value.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
-        yield step, value.item()
+        yield step, value.item(), kl.sum(1).mean().item()
 
 
 def probe_scores(logp: torch.Tensor) -> dict:
@@ -312,17 +325,18 @@ def run_stop_probe(args, out: Path) -> dict:
     if fitting:
         fit = [k for k in kept if k[0] % 2 == 0]
         keys = ("accuracy", "margin", "length_nll", "median")
-        curve, losses = [dict(step=0, **{k: result[k] for k in keys})], []
+        curve, losses, kls = [dict(step=0, **{k: result[k] for k in keys})], [], []
         print(f"fit ({args.fit_loss}) on {len(fit)} texts, probe on {len(held)}")
         say(0, result)
-        for step, loss in fit_stop(model, tokenizer, lambda r, n: prompt(fit[r], n), [ids for _, ids in fit], cuts,
-                                   args.fit_lr, FIT_BATCH, args.seed, args.fit_loss):
+        for step, loss, kl in fit_stop(model, tokenizer, lambda r, n: prompt(fit[r], n), [ids for _, ids in fit],
+                                       cuts, args.fit_lr, FIT_BATCH, args.seed, args.fit_loss):
             losses.append(loss)
+            kls.append(kl)
             if (step + 1) % PROBE_EVERY == 0 or step + 1 == args.fit_steps:
                 result.update(probe())
                 curve.append(dict(step=step + 1, loss=sum(losses[-PROBE_EVERY:]) / len(losses[-PROBE_EVERY:]),
-                                  **{k: result[k] for k in keys}))
-                print(f"training loss {curve[-1]['loss']:.4f}; ", end="")
+                                  kl=sum(kls[-PROBE_EVERY:]) / len(kls[-PROBE_EVERY:]), **{k: result[k] for k in keys}))
+                print(f"training loss {curve[-1]['loss']:.4f} (KL to the untrained model {curve[-1]['kl']:.3f}); ", end="")
                 say(step + 1, result)
                 out.parent.mkdir(parents=True, exist_ok=True)
                 out.write_text(json.dumps(dict(result, fit_responses=len(fit), curve=curve), indent=1))

@@ -291,7 +291,7 @@ def test_fit_stop_learns_to_stop_where_n_says(char_tokenizer):
     responses = [torch.randint(10, 90, (9,)).tolist() for _ in problems]
     prompts = [[data.lcpo_prompt(char_tokenizer, p, n) for p in problems] for n in cuts]
     before = ev.probe_scores(ev.stop_probe(model, char_tokenizer, prompts, responses, cuts))
-    losses = [loss for step, loss in itertools.takewhile(lambda s: s[0] < 120, ev.fit_stop(
+    losses = [loss for step, loss, _ in itertools.takewhile(lambda s: s[0] < 120, ev.fit_stop(
         model, char_tokenizer, lambda r, n: prompts[cuts.index(n)][r], responses, cuts, lr=3e-3, batch=12, seed=0,
         loss="cuts"))]
     after = ev.probe_scores(ev.stop_probe(model, char_tokenizer, prompts, responses, cuts))
@@ -299,13 +299,18 @@ def test_fit_stop_learns_to_stop_where_n_says(char_tokenizer):
     assert sum(losses[-5:]) < sum(losses[:5]) / 2
 
 
-def test_fit_stop_length_loss_makes_the_length_follow_n(char_tokenizer):
+def test_fit_stop_length_loss_makes_the_length_follow_n(char_tokenizer, monkeypatch):
     """The same text under prompts asking 3..9 tokens: learnt, the stop comes after exactly N tokens and not before."""
+    import contextlib
+    import copy
+
     import torch
 
     from tests.conftest import make_tiny_llama
 
     model = make_tiny_llama(char_tokenizer, seed=1)
+    untrained = copy.deepcopy(model).requires_grad_(False)
+    monkeypatch.setattr(ev.model_lib, "reference", lambda m: contextlib.nullcontext(untrained))  # LoRA switched off
     torch.manual_seed(0)
     cuts, problem, text = [3, 6, 9], data.Problem("1+1?", "2"), torch.randint(10, 90, (9,)).tolist()
     prompts = [[data.lcpo_prompt(char_tokenizer, problem, n)] for n in cuts]
@@ -314,9 +319,10 @@ def test_fit_stop_length_loss_makes_the_length_follow_n(char_tokenizer):
         return ev.length_scores(ev.stop_probe(model, char_tokenizer, prompts, [text], list(range(1, 10))), cuts)
 
     before = scores()
-    losses = [loss for step, loss in itertools.takewhile(lambda s: s[0] < 100, ev.fit_stop(
+    fitted = list(itertools.takewhile(lambda s: s[0] < 100, ev.fit_stop(
         model, char_tokenizer, lambda r, n: data.lcpo_prompt(char_tokenizer, problem, n), [text], cuts, lr=3e-3,
-        batch=12, seed=0))]
+        batch=12, seed=0)))
+    losses = [loss for _, loss, _ in fitted]
     after = scores()
     assert before["median"] == [10, 10, 10] and after["median"] == cuts  # 10: no stop within the text
     assert after["length_nll"] < 0.1 < 1 < before["length_nll"] and sum(losses[-5:]) < sum(losses[:5]) / 10
