@@ -18,8 +18,8 @@ number and the exact settings) and OUT.records.jsonl (one line per response); an
 started again with the same command skips the budgets already finished.
 
 --stop-probe asks, without sampling, whether a model reads N: over fixed response texts (an
-evaluation's records), the probability of the stop token after L tokens under prompts asking for
-each N (`stop_probe`).
+evaluation's records), the probability of the stop token at every position under prompts asking for
+each N (`stop_probe`), and the length each N would get from it (`length_scores`).
 """
 
 import argparse
