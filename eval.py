@@ -281,7 +281,7 @@ def length_scores(logp: torch.Tensor, budgets: list[int]) -> dict:
     (0.0, [1.0, 2.0])
     """
     p = logp.exp()
-    survive = torch.cumprod(1 - p, dim=-1)  # [responses, asked]: no stop by the end of each position
+    survive = torch.cumprod(1 - p, dim=-1)  # [responses, asked, position]: no stop by its end
     nll = [-(logp[:, a, n - 1] + torch.log1p(-p[:, a, :n - 1].clamp(max=1 - 1e-6)).sum(-1)) for a, n in enumerate(budgets)]
     median = 1 + (survive > 0.5).sum(-1).float()  # [responses, asked]: the first position where survival <= 1/2
     return dict(length_nll=torch.stack(nll).mean().item(), median=median.mean(0).tolist(),
