@@ -213,6 +213,15 @@ def stop_probe(model, tokenizer, prompts: list[list[list[int]]], responses: list
     return out
 
 
+def length_nll(logp: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+    """-log p(a length of exactly n) from log p(stop) after each of the first 1..P tokens, [rows, P]:
+    -log p(stop after n) - sum over t < n of log p(no stop after t). n: [rows], 1 <= n <= P. Returns [rows]."""
+    at = torch.arange(1, logp.shape[-1] + 1, device=logp.device)
+    go_on = torch.log1p(-logp.exp().clamp(max=1 - 1e-6))  # log p(not the stop token)
+    n = n.to(logp.device)[:, None]
+    return -((at == n) * logp + (at < n) * go_on).sum(-1)
+
+
 def fit_stop(model, tokenizer, prompt, responses, cuts, lr: float, batch: int, seed: int, loss: str = "length"):
     """The positive control of reading N: train the adapter on the stop decision, on other texts.
 
@@ -235,23 +244,23 @@ def fit_stop(model, tokenizer, prompt, responses, cuts, lr: float, batch: int, s
         rows = [prompt(r, n) + responses[r][:max(cuts)] for n, r in chosen]
         every = position_logprobs(model, tokenizer, rows, positions)  # [batch, positions, V]
         logp = every[..., eos]
-        at = torch.tensor(positions, device=logp.device)
-        n = torch.tensor([n for n, _ in chosen], device=logp.device)[:, None]
-        stop_here, go_on_before = (at == n).float(), (at < n).float()  # [batch, positions]
-        go_on = torch.log1p(-logp.exp().clamp(max=1 - 1e-6))  # log p(not the stop token)
-        kl = torch.zeros_like(logp)
+        n = torch.tensor([n for n, _ in chosen], device=logp.device)
         if loss == "cuts":
+            stop_here = (torch.tensor(positions, device=logp.device) == n[:, None]).float()  # [batch, cuts]
+            go_on = torch.log1p(-logp.exp().clamp(max=1 - 1e-6))  # log p(not the stop token)
+            kl = torch.zeros(len(rows), device=logp.device)
             value = -(stop_here * logp + (1 - stop_here) * go_on).mean()
         else:
             with model_lib.reference(model) as untrained:
                 base = position_logprobs(untrained, tokenizer, rows, positions)
-            kl = (base.exp() * (base - every)).sum(-1) * go_on_before  # [batch, positions]
-            value = (-(stop_here * logp + go_on_before * go_on) + kl).sum(1).mean()
+            before_n = torch.arange(1, len(positions) + 1, device=logp.device) < n[:, None]  # [batch, positions]
+            kl = ((base.exp() * (base - every)).sum(-1) * before_n).sum(-1)  # [batch]
+            value = (length_nll(logp, n) + kl).mean()
         optimizer.zero_grad()
         value.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
-        yield step, value.item(), kl.sum(1).mean().item()
+        yield step, value.item(), kl.mean().item()
 
 
 def probe_scores(logp: torch.Tensor) -> dict:
@@ -280,12 +289,10 @@ def length_scores(logp: torch.Tensor, budgets: list[int]) -> dict:
     >>> round(s["length_nll"], 2), s["median"]
     (0.0, [1.0, 2.0])
     """
-    p = logp.exp()
-    survive = torch.cumprod(1 - p, dim=-1)  # [responses, asked, position]: no stop by its end
-    nll = [-(logp[:, a, n - 1] + torch.log1p(-p[:, a, :n - 1].clamp(max=1 - 1e-6)).sum(-1)) for a, n in enumerate(budgets)]
+    nll = [length_nll(logp[:, a], torch.full((len(logp),), n)) for a, n in enumerate(budgets)]
+    survive = torch.cumprod(1 - logp.exp(), dim=-1)  # [responses, asked, position]: no stop by its end
     median = 1 + (survive > 0.5).sum(-1).float()  # [responses, asked]: the first position where survival <= 1/2
-    return dict(length_nll=torch.stack(nll).mean().item(), median=median.mean(0).tolist(),
-                stopped_by_max=(1 - survive[..., -1]).mean().item())
+    return dict(length_nll=torch.stack(nll).mean().item(), median=median.mean(0).tolist())
 
 
 def run_stop_probe(args, out: Path) -> dict:
