@@ -37,6 +37,7 @@ import data
 import model as model_lib
 import reward
 import sample
+import train
 
 MAX_CAP_FACTOR = 4  # Max prompts: the cap is 4 x the budget (Exact: 2 x), room to show they stay under it
 NO_BUDGET = 0  # the budget recorded for --mode none
@@ -177,15 +178,22 @@ def evaluate(args, out: Path) -> dict:
 # the stop probe: does the model put its stop where N says? (teacher-forced, no sampling)
 
 
+def left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, attention mask), [rows, longest]: every row ends at the last column."""
+    width = max(map(len, rows))
+    ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows], device=device)
+    return ids, torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
+
+
 def position_logprobs(model, tokenizer, rows: list[list[int]], cuts: list[int]) -> torch.Tensor:
     """The next-token log-probabilities after each row's first L response tokens, for each L in cuts:
     [rows, cuts, vocabulary].
 
     Each row is a prompt followed by exactly max(cuts) response tokens; rows are left-padded here.
     """
-    device, width = model.device, max(map(len, rows))
-    ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(r)) + r for r in rows], device=device)
-    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
+    device = model.device
+    ids, mask = left_pad(rows, tokenizer.pad_token_id, device)
+    width = ids.shape[1]
     hidden = model.get_decoder()(input_ids=ids, attention_mask=mask,
                                  position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).last_hidden_state  # [rows, T, H]
     at = torch.tensor([width - max(cuts) + L - 1 for L in cuts], device=device)  # the output after the L-th token
@@ -213,49 +221,34 @@ def stop_probe(model, tokenizer, prompts: list[list[list[int]]], responses: list
     return out
 
 
-def length_nll(logp: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
-    """-log p(a length of exactly n) from log p(stop) after each of the first 1..P tokens, [rows, P]:
-    -log p(stop after n) - sum over t < n of log p(no stop after t). n: [rows], 1 <= n <= P. Returns [rows]."""
-    at = torch.arange(1, logp.shape[-1] + 1, device=logp.device)
-    go_on = torch.log1p(-logp.exp().clamp(max=1 - 1e-6))  # log p(not the stop token)
-    n = n.to(logp.device)[:, None]
-    return -((at == n) * logp + (at < n) * go_on).sum(-1)
-
-
 def fit_stop(model, tokenizer, prompt, responses, cuts, lr: float, batch: int, seed: int, loss: str = "length"):
     """The positive control of reading N: train the adapter on the stop decision, on other texts.
 
     prompt(r, n): response r's prompt asking for n tokens. loss "length": N drawn from min(cuts)..max(cuts),
-    the negative log-likelihood of a length of exactly N, -log p(stop after N) - sum over t < N of
-    log p(no stop after t), plus the KL divergence from the untrained model's next-token distribution at
-    those t (without it nothing holds the content, and it drifts into empty lines): the model's own text
-    ended at N. "cuts": N is one of the cuts, binary cross-entropy of the stop decision at the cuts alone
+    the model's own text ended at N: train.stop_loss, the loss of train.py --length-steps (the negative
+    log-likelihood of a length of exactly N, plus the KL from the untrained model before N, without which
+    the text drifts into empty lines). "cuts": N is one of the cuts, binary cross-entropy of the stop decision at the cuts alone
     (which leaves the stop and the content free everywhere else). Yields (step, loss, KL per text).
     """
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     rng = random.Random(seed)
-    positions = cuts if loss == "cuts" else list(range(1, max(cuts) + 1))
-    eos = tokenizer.eos_token_id
+    eos, device = tokenizer.eos_token_id, model.device
     for step in itertools.count():
         model.train()
         chosen = [(rng.choice(cuts) if loss == "cuts" else rng.randint(min(cuts), max(cuts)),
                    rng.randrange(len(responses))) for _ in range(batch)]
-        rows = [prompt(r, n) + responses[r][:max(cuts)] for n, r in chosen]
-        every = position_logprobs(model, tokenizer, rows, positions)  # [batch, positions, V]
-        logp = every[..., eos]
-        n = torch.tensor([n for n, _ in chosen], device=logp.device)
+        n = torch.tensor([n for n, _ in chosen], device=device)
         if loss == "cuts":
-            stop_here = (torch.tensor(positions, device=logp.device) == n[:, None]).float()  # [batch, cuts]
+            logp = stop_logprobs(model, tokenizer, [prompt(r, n) + responses[r][:max(cuts)] for n, r in chosen], cuts)
+            stop_here = (torch.tensor(cuts, device=device) == n[:, None]).float()  # [batch, cuts]
             go_on = torch.log1p(-logp.exp().clamp(max=1 - 1e-6))  # log p(not the stop token)
-            kl = torch.zeros(len(rows), device=logp.device)
+            kl = torch.zeros(batch, device=device)
             value = -(stop_here * logp + (1 - stop_here) * go_on).mean()
         else:
-            with model_lib.reference(model) as untrained:
-                base = position_logprobs(untrained, tokenizer, rows, positions)
-            before_n = torch.arange(1, len(positions) + 1, device=logp.device) < n[:, None]  # [batch, positions]
-            kl = ((base.exp() * (base - every)).sum(-1) * before_n).sum(-1)  # [batch]
-            value = (length_nll(logp, n) + kl).mean()
+            ids, mask = left_pad([prompt(r, n) + responses[r][:n] for n, r in chosen], tokenizer.pad_token_id, device)
+            nll, kl = train.stop_loss(model, ids, mask, n, eos)
+            value = (nll + kl).mean()
         optimizer.zero_grad()
         value.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -289,7 +282,7 @@ def length_scores(logp: torch.Tensor, budgets: list[int]) -> dict:
     >>> round(s["length_nll"], 2), s["median"]
     (0.0, [1.0, 2.0])
     """
-    nll = [length_nll(logp[:, a], torch.full((len(logp),), n)) for a, n in enumerate(budgets)]
+    nll = [train.length_nll(logp[:, a, :n], torch.full((len(logp),), n)) for a, n in enumerate(budgets)]
     survive = torch.cumprod(1 - logp.exp(), dim=-1)  # [responses, asked, position]: no stop by its end
     median = 1 + (survive > 0.5).sum(-1).float()  # [responses, asked]: the first position where survival <= 1/2
     return dict(length_nll=torch.stack(nll).mean().item(), median=median.mean(0).tolist())
@@ -347,11 +340,11 @@ def run_stop_probe(args, out: Path) -> dict:
                 say(step + 1, result)
                 out.parent.mkdir(parents=True, exist_ok=True)
                 out.write_text(json.dumps(dict(result, fit_responses=len(fit), curve=curve), indent=1))
+                model_lib.save_adapter(model, tokenizer, out.with_name(out.stem + "-adapter"))  # a killed fit keeps it
             if step + 1 == args.fit_steps:
                 break
         result.update(fit_responses=len(fit), curve=curve, fit_lr=args.fit_lr, fit_steps=args.fit_steps,
                       fit_loss=args.fit_loss)
-        model_lib.save_adapter(model, tokenizer, out.with_name(out.stem + "-adapter"))
     return result
 
 

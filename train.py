@@ -9,8 +9,9 @@ LCPO: GRPO with a length-controlled reward, written by hand.
 
 One step: sample problems and targets -> roll out G responses each -> judge and reward them ->
 group-normalised advantages -> clipped policy loss + k3 KL to the adapter-free reference -> one
-AdamW update of the LoRA weights (per epoch over the rollouts). A hindsight step (--hindsight-steps)
-keeps the rollouts but rewrites each prompt to ask for the length its response has, and learns them.
+AdamW update of the LoRA weights (per epoch over the rollouts). A length step (--length-steps) keeps
+the rollouts but ends each one after N of its tokens, rewrites its prompt to ask for N, and learns the
+stop there (stop_loss), the rest of the text held by the KL to the untrained model.
 """
 
 import argparse
@@ -30,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 import data
 import model as model_lib
@@ -52,7 +54,7 @@ class Config:
     delta: float = 0.5  # Max reward of a correct answer at exactly n_gold tokens
     n_min: int = N_MIN  # smallest target length n_gold, tokens
     n_max: int = N_MAX  # largest target length n_gold, tokens
-    hindsight_steps: int = 0  # the first steps are supervised: each response is learnt under a prompt asking for the length it has
+    length_steps: int = 0  # the first steps are supervised: each response, ended after N of its tokens, learns to stop there under a prompt asking for N (stop_loss)
     n_min_steps: int = 15  # the next steps use n_min alone: the model learns to stop before it learns to vary
     ends_steps: int = 0  # the next steps use n_min and n_max alone: the model learns that N sets the length
     targets_per_problem: int = 1  # each problem of a step comes with this many targets, one per k-th of the range: their responses differ by N alone
@@ -133,7 +135,7 @@ def check_config(cfg: Config) -> None:
         if getattr(cfg, name) < 1:
             problems.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
     for name in ("beta", "clip", "lr", "warmup_steps", "grad_clip", "lora_dropout", "n_min_steps", "ends_steps",
-                 "hindsight_steps"):
+                 "length_steps"):
         if getattr(cfg, name) < 0:
             problems.append(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
     if cfg.init_adapter is not None:
@@ -215,6 +217,55 @@ def normalise(loss: torch.Tensor, mask: torch.Tensor, how: str, batch_tokens: in
     if how == "grpo":
         return ((loss * mask).sum(-1) / mask.sum(-1).clamp(min=1)).sum() / batch_rows
     return (loss * mask).sum() / (batch_rows * max_new_tokens)
+
+
+def length_nll(stop_logp: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+    """-log p(a length of exactly n tokens), from log p(stop) after each token, right-aligned: column -1 is
+    after the n-th token, column -1-k after the (n-k)-th; columns before the first token are not read.
+
+        -log p(stop after n) - sum over t < n of log p(no stop after t)
+
+    stop_logp [rows, R], n [rows] with 1 <= n <= R. Returns [rows].
+
+        >>> round(length_nll(torch.tensor([[0.9, 0.5, 0.5, 0.5]]).log(), torch.tensor([3])).item(), 3)  # 3 log 2
+        2.079
+    """
+    before_end = torch.arange(stop_logp.shape[-1] - 1, -1, -1, device=stop_logp.device)  # tokens after this column
+    go_on = torch.log1p(-stop_logp.exp().clamp(max=1 - 1e-6))  # log p(not the stop token)
+    earlier = (before_end >= 1) & (before_end < n.to(stop_logp.device)[:, None])  # after tokens 1..n-1
+    return -(stop_logp[:, -1] + (go_on * earlier).sum(-1))
+
+
+def stop_loss(model, ids: torch.Tensor, mask: torch.Tensor, n: torch.Tensor, eos_id: int,
+              chunk: int = sample.LOGPROB_CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
+    """The supervised length loss (--length-steps) of rows that are a prompt asking for N followed by the
+    first N tokens of a response, left-padded (every row ends at the last column): ([rows] length NLL,
+    [rows] KL).
+
+    length NLL: the text ended after exactly N tokens (length_nll). KL: sum over t < N of
+    KL(untrained || model) of the next-token distribution after t tokens; it holds the text itself,
+    which the NLL alone lets drift (into blank lines, measured). The fp32 log-softmax runs `chunk`
+    positions at a time and is recomputed in backward, like sample.sequence_logprobs.
+    """
+    R = int(n.max())
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with model_lib.reference(model) as untrained:
+        reference = untrained.get_decoder()(input_ids=ids, attention_mask=mask, position_ids=positions,
+                                            use_cache=False).last_hidden_state[:, -R:]  # [rows, R, H]
+        reference_head = untrained.get_output_embeddings()  # LoRA leaves lm_head alone: valid outside too
+    hidden = model.get_decoder()(input_ids=ids, attention_mask=mask, position_ids=positions,
+                                 use_cache=False).last_hidden_state[:, -R:]
+    lm_head = model.get_output_embeddings()
+
+    def terms(h, h_ref):
+        logp, ref = lm_head(h).float().log_softmax(-1), reference_head(h_ref).float().log_softmax(-1)
+        return torch.stack([logp[..., eos_id], (ref.exp() * (ref - logp)).sum(-1)])
+
+    stop, kl = torch.cat([checkpoint(terms, hidden[:, s:s + chunk], reference[:, s:s + chunk], use_reentrant=False)
+                          for s in range(0, R, chunk)], dim=-1)  # each [rows, R]
+    before_end = torch.arange(R - 1, -1, -1, device=kl.device)
+    earlier = (before_end >= 1) & (before_end < n.to(kl.device)[:, None])  # after tokens 1..N-1
+    return length_nll(stop, n), (kl * earlier).sum(-1)
 
 
 # -----------------------------------------------------------------------------
@@ -355,7 +406,7 @@ def train_step(cfg: Config, step: int, model, tokenizer, optimizer, params, prob
     # 1. problems and targets
     drawn = [problems[rng.randrange(len(problems))] for _ in range(cfg.prompts_per_step // cfg.targets_per_problem)]
     batch = [p for p in drawn for _ in range(cfg.targets_per_problem)]  # the same problem, different N
-    hindsight, phase = step < cfg.hindsight_steps, step - cfg.hindsight_steps  # the LCPO curriculum follows hindsight
+    supervised, phase = step < cfg.length_steps, step - cfg.length_steps  # the LCPO curriculum follows them
     n_max = cfg.n_min if 0 <= phase < cfg.n_min_steps else cfg.n_max  # first learn to stop, then to vary the length
     if cfg.n_min_steps <= phase < cfg.n_min_steps + cfg.ends_steps:  # then the two ends alone: 1 -> n_min, 2 -> n_max
         ends = data.sample_targets(len(batch), 1, 2, cfg.mode, rng, cfg.targets_per_problem)
@@ -394,30 +445,34 @@ def train_step(cfg: Config, step: int, model, tokenizer, optimizer, params, prob
         rewards.append(reward.lcpo_reward(ok, r.n_y, n_gold, mode, cfg.alpha, cfg.delta))
     rewards_t = torch.tensor(rewards, dtype=torch.float32)
 
-    # 4. advantages
-    if hindsight:  # hindsight relabelling: the prompt now asks for the length the response has; learn every
-        # finished response under it (supervised: advantage 1, ratio 1). Its contrast (same problem, other N,
-        # other length) is what reading N needs, and the reward gives it only slowly.
-        rows = [data.lcpo_prompt(tokenizer, batch[j // G], r.n_y, targets[j // G][1], cfg.budget_in)
-                for j, r in enumerate(rollouts)]
-        advantages = torch.tensor([float(r.finish == "eos") for r in rollouts])
+    # 4. advantages; in the first --length-steps, the supervised rows instead: each response's text (without
+    # its stop token) ended after N of its tokens, N drawn from n_min to its length, under an Exact prompt
+    # asking for N. The same kind of text ended at every N is the contrast that reading N needs, and the
+    # reward gives it only slowly; the text is the model's own, and stop_loss's KL keeps it so.
+    learnt = rollouts
+    if supervised:
+        text = [r.n_y - (r.finish == "eos") for r in rollouts]
+        kept = [j for j in range(len(rollouts)) if text[j] >= cfg.n_min]  # shorter ones cannot be ended at any N
+        cut = [rng.randint(cfg.n_min, min(cfg.n_max, text[j])) for j in kept]
+        rows = [data.lcpo_prompt(tokenizer, batch[j // G], n, "exact", cfg.budget_in) for j, n in zip(kept, cut)]
+        learnt = [sample.Rollout(rollouts[j].tokens[:n], rollouts[j].logprobs[:n], "length") for j, n in zip(kept, cut)]
     else:
         advantages = group_advantages(rewards_t, G, scale=cfg.loss_norm != "dr_grpo")  # [P * G]
 
     # 5. the loss, over micro-batches, epochs times
     t1 = time.perf_counter()
     model.train()
-    batch_tokens = sum(r.n_y for r in rollouts)
-    micro = micro_batches([len(p) + r.n_y for p, r in zip(rows, rollouts)], cfg.micro_batch_tokens)
+    batch_tokens = sum(r.n_y for r in learnt)
+    micro = micro_batches([len(p) + r.n_y for p, r in zip(rows, learnt)], cfg.micro_batch_tokens)
     if progress is not None:
         progress.set_description(f"step {step}: update", refresh=False)
         progress.unit = "micro-batch"
-        progress.reset(total=len(micro) * (cfg.epochs + (cfg.beta > 0)))
-    tensors = [pack([rows[j] for j in idx], [rollouts[j] for j in idx], tokenizer.pad_token_id, device) for idx in micro]
+        progress.reset(total=len(micro) * (cfg.epochs + (cfg.beta > 0 and not supervised)))
+    tensors = [pack([rows[j] for j in idx], [learnt[j] for j in idx], tokenizer.pad_token_id, device) for idx in micro]
     ref = []
     t_ref = time.perf_counter()
-    for ids, mask, resp_mask, _ in tensors:  # the reference pass, once per rollout batch
-        if cfg.beta > 0:
+    for ids, mask, resp_mask, _ in tensors:  # the reference pass, once per rollout batch (stop_loss has its own)
+        if cfg.beta > 0 and not supervised:
             with model_lib.reference(model):
                 ref.append(response_logprobs(model, ids, mask, resp_mask, cfg.temperature))
             if progress is not None:
@@ -427,15 +482,19 @@ def train_step(cfg: Config, step: int, model, tokenizer, optimizer, params, prob
     if device.type == "cuda":  # let the reference pass finish before timing it
         torch.cuda.synchronize(device)
     reference_s, optimizer_s = time.perf_counter() - t_ref, 0.0
-    sums = dict(kl=0.0, clipped=0.0, ratio=0.0, entropy_proxy=0.0, loss=0.0)
-    updated, grad_norm = bool(torch.isfinite(rewards_t).all()), float("nan")  # non-finite rewards: no passes
+    sums = dict(kl=0.0, clipped=0.0, ratio=0.0, entropy_proxy=0.0, loss=0.0, stop_nll=0.0)
+    updated, grad_norm = bool(torch.isfinite(rewards_t).all() and rows), float("nan")  # non-finite rewards: no passes
     for _ in range(cfg.epochs if updated else 0):
         optimizer.zero_grad(set_to_none=True)
         for idx, (ids, mask, resp_mask, old), ref_logp in zip(micro, tensors, ref):
-            logp = response_logprobs(model, ids, mask, resp_mask, cfg.temperature)  # [b, R]
-            old = logp.detach() if hindsight else old  # the rollouts' log-probs were under other prompts
-            loss_tok, kl, clipped = per_token_loss(logp, old, ref_logp, advantages[idx].to(device), cfg.clip, cfg.beta)
-            loss = normalise(loss_tok, resp_mask, cfg.loss_norm, batch_tokens, len(rows), cfg.max_new_tokens)
+            if supervised:  # the mean over rows of the length NLL + KL
+                nll, kl = stop_loss(model, ids, mask, resp_mask.sum(-1).long(), tokenizer.eos_token_id)
+                loss = (nll + kl).sum() / len(rows)
+            else:
+                logp = response_logprobs(model, ids, mask, resp_mask, cfg.temperature)  # [b, R]
+                loss_tok, kl, clipped = per_token_loss(logp, old, ref_logp, advantages[idx].to(device), cfg.clip,
+                                                       cfg.beta)
+                loss = normalise(loss_tok, resp_mask, cfg.loss_norm, batch_tokens, len(rows), cfg.max_new_tokens)
             if not torch.isfinite(loss):
                 updated = False
                 break
@@ -444,6 +503,10 @@ def train_step(cfg: Config, step: int, model, tokenizer, optimizer, params, prob
                 progress.update()
             with torch.no_grad():
                 sums["loss"] += loss.item()
+                if supervised:
+                    sums["kl"] += kl.sum().item()
+                    sums["stop_nll"] += nll.sum().item()
+                    continue
                 sums["kl"] += (kl * resp_mask).sum().item()
                 sums["clipped"] += (clipped * resp_mask).sum().item()
                 sums["ratio"] += (torch.exp(logp - old) * resp_mask).sum().item()
@@ -466,8 +529,8 @@ def train_step(cfg: Config, step: int, model, tokenizer, optimizer, params, prob
 
     # 6. what happened
     n_y = [r.n_y for r in rollouts]
-    n_gold = [targets[j // G][0] for j in range(len(rows))]
-    denom = batch_tokens * (cfg.epochs if updated else 1)
+    n_gold = [targets[j // G][0] for j in range(len(rollouts))]
+    denom = max(1, batch_tokens) * (cfg.epochs if updated else 1)
     metrics = dict(
         step=step, updated=updated, loss=sums["loss"] / cfg.epochs,
         reward_mean=rewards_t.mean().item(), reward_std=rewards_t.std().item(),
@@ -476,13 +539,15 @@ def train_step(cfg: Config, step: int, model, tokenizer, optimizer, params, prob
         length_slope=length_slope(n_gold, n_y),
         stopped_by_length=sum(r.finish == "length" for r in rollouts) / len(rollouts),
         kl=sums["kl"] / denom, clip_fraction=sums["clipped"] / denom, ratio_mean=sums["ratio"] / denom,
-        entropy_proxy=sums["entropy_proxy"] / denom, grad_norm=grad_norm,
-        rollout_tokens_per_s=batch_tokens / rollout_s, train_tokens_per_s=batch_tokens * cfg.epochs / train_s,
+        entropy_proxy=sums["entropy_proxy"] / denom, grad_norm=grad_norm, rollout_tokens_per_s=sum(n_y) / rollout_s, train_tokens_per_s=batch_tokens * cfg.epochs / train_s,
         peak_memory_mb=peak_memory_mb(device), rollout_s=rollout_s, reference_s=reference_s,
         policy_s=train_s - reference_s - optimizer_s, optimizer_s=optimizer_s,
     )
+    if supervised:  # stop_nll: -log p(its length) per learnt row, under the prompt asking for it (kl: per token)
+        metrics.update(stop_nll=sums["stop_nll"] / max(1, len(rows)) / (cfg.epochs if updated else 1),
+                       length_rows=len(rows), clip_fraction=None, ratio_mean=None, entropy_proxy=None)  # LCPO's alone
     examples = [dict(prompt=tokenizer.decode(prompts[j // G]), response=texts[j], n_y=n_y[j], n_gold=n_gold[j],
-                     correct=correct[j], reward=rewards[j]) for j in range(0, len(rows), G)]
+                     correct=correct[j], reward=rewards[j]) for j in range(0, len(rollouts), G)]
     return metrics, examples
 
 

@@ -155,19 +155,30 @@ def test_the_length_sentence_can_go_in_a_system_message(learnable_model_dir, tmp
         assert "Think for" not in example["prompt"].split("<|user|>")[1]  # the problem alone in the user turn
 
 
-def test_hindsight_steps_learn_each_response_under_its_own_length(learnable_model_dir, tmp_path, monkeypatch):
-    asked = []
-    build_prompt = data.build_prompt
-    monkeypatch.setattr(data, "build_prompt", lambda problem, n, *a: asked.append(n) or build_prompt(problem, n, *a))
-    cfg = tiny_config(learnable_model_dir, n_min=4, n_max=40, hindsight_steps=2, n_min_steps=1, steps=4, beta=0.0)
+def test_length_steps_end_each_response_at_the_n_its_prompt_asks(learnable_model_dir, tmp_path, monkeypatch):
+    asked, learnt = [], []
+    build_prompt, stop_loss = data.build_prompt, train.stop_loss
+    monkeypatch.setattr(data, "build_prompt", lambda problem, n, *a: asked.append((n, a[0])) or build_prompt(problem, n, *a))
+
+    def recording(model, ids, mask, n, eos_id):
+        rows = [r[m.bool()].tolist() for r, m in zip(ids, mask)]
+        learnt.extend((row, k) for row, k in zip(rows, n.tolist()))
+        return stop_loss(model, ids, mask, n, eos_id)
+
+    monkeypatch.setattr(train, "stop_loss", recording)
+    cfg = tiny_config(learnable_model_dir, n_min=4, n_max=12, mode="max", length_steps=2, n_min_steps=1, steps=4)
     metrics = read_metrics(train.train(cfg, tmp_path / "run"))
-    rows = cfg.prompts_per_step * cfg.group_size
-    per_step = [cfg.prompts_per_step + rows] * 2 + [cfg.prompts_per_step] * 2  # hindsight: a prompt per response
-    assert len(asked) == sum(per_step)
-    relabelled = asked[cfg.prompts_per_step:per_step[0]]
-    assert sum(relabelled) == pytest.approx(metrics[0]["mean_n_y"] * rows)  # N := the length each response has
-    assert all(m["ratio_mean"] == pytest.approx(1.0, abs=1e-3) and m["loss"] < 0 for m in metrics[:2])  # supervised
+    rows = [m.get("length_rows", 0) for m in metrics]
+    assert rows[:2] > [0, 0] and rows[2:] == [0, 0] and len(learnt) == sum(rows)
+    relabelled = asked[cfg.prompts_per_step:cfg.prompts_per_step + rows[0]]  # step 0: its rollouts' prompts, then these
+    assert all(mode == "exact" for _, mode in relabelled)  # a length is learnt under an Exact prompt, whatever --mode
+    assert sorted(n for n, _ in relabelled) == sorted(k for _, k in learnt[:rows[0]])
+    tok = make_char_tokenizer()
+    for row, k in learnt:  # the prompt asks for k, then k tokens of the response, no stop token
+        assert 4 <= k <= 12 and f"Think for {k} tokens." in tok.decode(row[:-k]) and tok.eos_token_id not in row[-k:]
+    assert all(m["stop_nll"] > 0 and m["kl"] >= 0 and m["ratio_mean"] is None for m in metrics[:2])  # supervised
     assert [m["mean_n_gold"] == 4 for m in metrics] == [False, False, True, False]  # then the curriculum
+    assert all(m["ratio_mean"] == pytest.approx(1.0, abs=1e-3) for m in metrics[2:])  # then LCPO
 
 
 def test_each_problem_comes_with_several_targets(learnable_model_dir, tmp_path):
