@@ -243,9 +243,11 @@ def stop_loss(model, ids: torch.Tensor, mask: torch.Tensor, n: torch.Tensor, eos
     [rows] KL).
 
     length NLL: the text ended after exactly N tokens (length_nll). KL: sum over t < N of
-    KL(untrained || model) of the next-token distribution after t tokens; it holds the text itself,
-    which the NLL alone lets drift (into blank lines, measured). The fp32 log-softmax runs `chunk`
-    positions at a time and is recomputed in backward, like sample.sequence_logprobs.
+    KL(untrained || model) of the next token after t tokens given that it is not the stop; it holds the
+    text itself, which the NLL alone lets drift (into blank lines, measured), and leaves the stop to the
+    NLL (a KL over the full distribution also pulls the stop back to the untrained one: measured, it
+    slows the length down). The fp32 log-softmax runs `chunk` positions at a time and is recomputed in
+    backward, like sample.sequence_logprobs.
     """
     R = int(n.max())
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
@@ -255,11 +257,12 @@ def stop_loss(model, ids: torch.Tensor, mask: torch.Tensor, n: torch.Tensor, eos
         reference_head = untrained.get_output_embeddings()  # LoRA leaves lm_head alone: valid outside too
     hidden = model.get_decoder()(input_ids=ids, attention_mask=mask, position_ids=positions,
                                  use_cache=False).last_hidden_state[:, -R:]
-    lm_head = model.get_output_embeddings()
+    lm_head, stop_id = model.get_output_embeddings(), torch.tensor([eos_id], device=ids.device)
 
     def terms(h, h_ref):
-        logp, ref = lm_head(h).float().log_softmax(-1), reference_head(h_ref).float().log_softmax(-1)
-        return torch.stack([logp[..., eos_id], (ref.exp() * (ref - logp)).sum(-1)])
+        logits, ref = lm_head(h).float(), reference_head(h_ref).float()
+        text, ref = (x.index_fill(-1, stop_id, -1e4).log_softmax(-1) for x in (logits, ref))  # given no stop
+        return torch.stack([logits.log_softmax(-1)[..., eos_id], (ref.exp() * (ref - text)).sum(-1)])
 
     stop, kl = torch.cat([checkpoint(terms, hidden[:, s:s + chunk], reference[:, s:s + chunk], use_reentrant=False)
                           for s in range(0, R, chunk)], dim=-1)  # each [rows, R]

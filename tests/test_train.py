@@ -181,6 +181,39 @@ def test_length_steps_end_each_response_at_the_n_its_prompt_asks(learnable_model
     assert all(m["ratio_mean"] == pytest.approx(1.0, abs=1e-3) for m in metrics[2:])  # then LCPO
 
 
+def test_stop_loss_scores_the_length_and_holds_the_text_apart_from_the_stop(char_tokenizer, monkeypatch):
+    import contextlib
+    import copy
+
+    model = make_tiny_llama(char_tokenizer, seed=1)
+    untrained = copy.deepcopy(model).requires_grad_(False)
+    monkeypatch.setattr(model_lib, "reference", lambda m: contextlib.nullcontext(untrained))  # LoRA switched off
+    torch.manual_seed(0)
+    text, eos = torch.randint(10, 90, (6,)).tolist(), char_tokenizer.eos_token_id
+    rows = [data.lcpo_prompt(char_tokenizer, data.Problem("1+1?", "2"), n) + text[:n] for n in (3, 6)]
+    width = max(map(len, rows))
+    ids = torch.tensor([[0] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+
+    def loss():
+        with torch.no_grad():
+            return train.stop_loss(model, ids, mask, torch.tensor([3, 6]), eos)
+
+    nll, kl = loss()
+    for row, n, value in zip(rows, (3, 6), nll):  # unpadded, from the plain forward: -log p(stop after n, not before)
+        with torch.no_grad():
+            stop = model(torch.tensor([row])).logits[0, -n:].log_softmax(-1)[:, eos]  # after tokens 1..n
+        assert value.item() == pytest.approx(-(stop[-1] + torch.log1p(-stop[:-1].exp()).sum()).item(), abs=1e-4)
+    assert kl.abs().max() < 1e-5  # the model is the untrained one
+    with torch.no_grad():
+        model.lm_head.weight[eos] += torch.randn(64)  # the stop alone moves
+    moved_nll, moved_kl = loss()
+    assert (moved_nll - nll).abs().min() > 0.01 and moved_kl.abs().max() < 1e-5  # the text is held, not the stop
+    with torch.no_grad():
+        model.lm_head.weight[20] += torch.randn(64)  # a text token moves
+    assert loss()[1].min() > 0.01
+
+
 def test_each_problem_comes_with_several_targets(learnable_model_dir, tmp_path):
     cfg = tiny_config(learnable_model_dir, n_min=4, n_max=40, prompts_per_step=6, targets_per_problem=2, steps=1,
                       sample_every=1)
