@@ -227,8 +227,9 @@ def fit_stop(model, tokenizer, prompt, responses, cuts, lr: float, batch: int, s
     prompt(r, n): response r's prompt asking for n tokens. loss "length": N drawn from min(cuts)..max(cuts),
     the model's own text ended at N: train.stop_loss, the loss of train.py --length-steps (the negative
     log-likelihood of a length of exactly N, plus the KL from the untrained model's text before N, without
-    which the text drifts into empty lines). "cuts": N is one of the cuts, binary cross-entropy of the stop decision at the cuts alone
-    (which leaves the stop and the content free everywhere else). Yields (step, loss, KL per text).
+    which the text drifts into empty lines). "cuts": N is one of the cuts, binary cross-entropy of the
+    stop decision at the cuts alone (which leaves the stop and the content free everywhere else).
+    Yields (step, loss, KL per text).
     """
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)

@@ -260,8 +260,8 @@ def stop_loss(model, ids: torch.Tensor, mask: torch.Tensor, n: torch.Tensor, eos
     lm_head, stop_id = model.get_output_embeddings(), torch.tensor([eos_id], device=ids.device)
 
     def terms(h, h_ref):
-        logits, ref = lm_head(h).float(), reference_head(h_ref).float()
-        text, ref = (x.index_fill(-1, stop_id, -1e4).log_softmax(-1) for x in (logits, ref))  # given no stop
+        logits, ref_logits = lm_head(h).float(), reference_head(h_ref).float()
+        text, ref = (x.index_fill(-1, stop_id, -1e4).log_softmax(-1) for x in (logits, ref_logits))  # given no stop
         return torch.stack([logits.log_softmax(-1)[..., eos_id], (ref.exp() * (ref - text)).sum(-1)])
 
     stop, kl = torch.cat([checkpoint(terms, hidden[:, s:s + chunk], reference[:, s:s + chunk], use_reentrant=False)
@@ -542,7 +542,8 @@ def train_step(cfg: Config, step: int, model, tokenizer, optimizer, params, prob
         length_slope=length_slope(n_gold, n_y),
         stopped_by_length=sum(r.finish == "length" for r in rollouts) / len(rollouts),
         kl=sums["kl"] / denom, clip_fraction=sums["clipped"] / denom, ratio_mean=sums["ratio"] / denom,
-        entropy_proxy=sums["entropy_proxy"] / denom, grad_norm=grad_norm, rollout_tokens_per_s=sum(n_y) / rollout_s, train_tokens_per_s=batch_tokens * cfg.epochs / train_s,
+        entropy_proxy=sums["entropy_proxy"] / denom, grad_norm=grad_norm,
+        rollout_tokens_per_s=sum(n_y) / rollout_s, train_tokens_per_s=batch_tokens * cfg.epochs / train_s,
         peak_memory_mb=peak_memory_mb(device), rollout_s=rollout_s, reference_s=reference_s,
         policy_s=train_s - reference_s - optimizer_s, optimizer_s=optimizer_s,
     )
