@@ -88,11 +88,10 @@ def hf_generate(model, tokenizer, rows, targets, lengths, batch: int, temperatur
     produced = 0
     for i in range(0, len(rows), batch):
         chunk = order[i:i + batch]
-        width = max(len(rows[j]) for j in chunk)
-        ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(rows[j])) + rows[j] for j in chunk])
-        mask = (torch.arange(width)[None] >= torch.tensor([width - len(rows[j]) for j in chunk])[:, None]).long()
+        ids, mask = sample.left_pad([rows[j] for j in chunk], tokenizer.pad_token_id, model.device)
+        width = ids.shape[1]
         limits = torch.tensor([lengths[j] for j in chunk], device=model.device)
-        out = model.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
+        out = model.generate(input_ids=ids, attention_mask=mask,
                              max_new_tokens=int(limits.max()), do_sample=temperature > 0, temperature=temperature or None,
                              top_p=top_p, top_k=0, pad_token_id=tokenizer.pad_token_id, eos_token_id=None,
                              stopping_criteria=StoppingCriteriaList([StopAtLength(width, limits)]))

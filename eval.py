@@ -178,13 +178,6 @@ def evaluate(args, out: Path) -> dict:
 # the stop probe: does the model put its stop where N says? (teacher-forced, no sampling)
 
 
-def left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ids, attention mask), [rows, longest]: every row ends at the last column."""
-    width = max(map(len, rows))
-    ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows], device=device)
-    return ids, torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
-
-
 def position_logprobs(model, tokenizer, rows: list[list[int]], cuts: list[int]) -> torch.Tensor:
     """The next-token log-probabilities after each row's first L response tokens, for each L in cuts:
     [rows, cuts, vocabulary].
@@ -192,7 +185,7 @@ def position_logprobs(model, tokenizer, rows: list[list[int]], cuts: list[int]) 
     Each row is a prompt followed by exactly max(cuts) response tokens; rows are left-padded here.
     """
     device = model.device
-    ids, mask = left_pad(rows, tokenizer.pad_token_id, device)
+    ids, mask = sample.left_pad(rows, tokenizer.pad_token_id, device)
     width = ids.shape[1]
     hidden = model.get_decoder()(input_ids=ids, attention_mask=mask,
                                  position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).last_hidden_state  # [rows, T, H]
@@ -247,7 +240,8 @@ def fit_stop(model, tokenizer, prompt, responses, cuts, lr: float, batch: int, s
             kl = torch.zeros(batch, device=device)
             value = -(stop_here * logp + (1 - stop_here) * go_on).mean()
         else:
-            ids, mask = left_pad([prompt(r, n) + responses[r][:n] for n, r in chosen], tokenizer.pad_token_id, device)
+            rows = [prompt(r, n) + responses[r][:n] for n, r in chosen]
+            ids, mask = sample.left_pad(rows, tokenizer.pad_token_id, device)
             nll, kl = train.stop_loss(model, ids, mask, n, eos)
             value = (nll + kl).mean()
         optimizer.zero_grad()

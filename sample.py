@@ -110,13 +110,8 @@ def generate(
     batch = len(prompts)
     distinct = list(dict.fromkeys(map(tuple, prompts))) if share_prefix else [tuple(p) for p in prompts]
     copy_of = torch.tensor([distinct.index(tuple(p)) for p in prompts] if share_prefix else range(batch), device=device)
-    width = max(len(p) for p in distinct)
-    input_ids = torch.full((len(distinct), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(distinct), width), dtype=torch.long)
-    for i, p in enumerate(distinct):  # left padding: every row's next token goes in the same column
-        input_ids[i, width - len(p):] = torch.tensor(p)
-        mask[i, width - len(p):] = 1
-    input_ids, mask = input_ids.to(device), mask.to(device)
+    input_ids, mask = left_pad([list(p) for p in distinct], pad_id, device)  # every row's next token in one column
+    width = input_ids.shape[1]
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # [B, T] each row counts from its first real token
 
     if static_cache is None:
@@ -281,6 +276,13 @@ class StaticDecoder:
         self.pool = graph.pool()
         self.graphs[bucket] = (graph, logits)
         return logits
+
+
+def left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, attention mask), [rows, longest]: rows left-padded, so every row ends at the last column."""
+    width = max(map(len, rows))
+    ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows], device=device)
+    return ids, torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
 
 
 def sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, temperature: float = 1.0,

@@ -230,10 +230,16 @@ def length_nll(stop_logp: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
         >>> round(length_nll(torch.tensor([[0.9, 0.5, 0.5, 0.5]]).log(), torch.tensor([3])).item(), 3)  # 3 log 2
         2.079
     """
-    before_end = torch.arange(stop_logp.shape[-1] - 1, -1, -1, device=stop_logp.device)  # tokens after this column
     go_on = torch.log1p(-stop_logp.exp().clamp(max=1 - 1e-6))  # log p(not the stop token)
-    earlier = (before_end >= 1) & (before_end < n.to(stop_logp.device)[:, None])  # after tokens 1..n-1
-    return -(stop_logp[:, -1] + (go_on * earlier).sum(-1))
+    return -(stop_logp[:, -1] + (go_on * before_the_end(stop_logp, n)).sum(-1))
+
+
+def before_the_end(columns: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+    """[rows, R] True at the columns after tokens 1..n-1 of each row, in length_nll's right-aligned layout
+    (column -1 after the n-th token): where the text goes on."""
+    R = columns.shape[-1]
+    tokens_after = torch.arange(R - 1, -1, -1, device=columns.device)  # how many tokens come after this column
+    return (tokens_after >= 1) & (tokens_after < n.to(columns.device)[:, None])
 
 
 def stop_loss(model, ids: torch.Tensor, mask: torch.Tensor, n: torch.Tensor, eos_id: int,
@@ -266,9 +272,7 @@ def stop_loss(model, ids: torch.Tensor, mask: torch.Tensor, n: torch.Tensor, eos
 
     stop, kl = torch.cat([checkpoint(terms, hidden[:, s:s + chunk], reference[:, s:s + chunk], use_reentrant=False)
                           for s in range(0, R, chunk)], dim=-1)  # each [rows, R]
-    before_end = torch.arange(R - 1, -1, -1, device=kl.device)
-    earlier = (before_end >= 1) & (before_end < n.to(kl.device)[:, None])  # after tokens 1..N-1
-    return length_nll(stop, n), (kl * earlier).sum(-1)
+    return length_nll(stop, n), (kl * before_the_end(kl, n)).sum(-1)
 
 
 # -----------------------------------------------------------------------------
@@ -575,19 +579,14 @@ def pack(prompts: list[list[int]], rollouts, pad_id: int, device):
 
     R is the longest response; every row's response ends at the last column.
     """
-    width = max(len(p) + r.n_y for p, r in zip(prompts, rollouts))
+    ids, mask = sample.left_pad([p + r.tokens for p, r in zip(prompts, rollouts)], pad_id, device)
     longest = max(r.n_y for r in rollouts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
     resp_mask = torch.zeros((len(prompts), longest))
     old = torch.zeros((len(prompts), longest))
-    for i, (p, r) in enumerate(zip(prompts, rollouts)):
-        seq = p + r.tokens
-        ids[i, width - len(seq):] = torch.tensor(seq)
-        mask[i, width - len(seq):] = 1
+    for i, r in enumerate(rollouts):
         resp_mask[i, longest - r.n_y:] = 1
         old[i, longest - r.n_y:] = torch.tensor(r.logprobs)
-    return ids.to(device), mask.to(device), resp_mask.to(device), old.to(device)
+    return ids, mask, resp_mask.to(device), old.to(device)
 
 
 def response_logprobs(model, ids, mask, resp_mask, temperature: float) -> torch.Tensor:

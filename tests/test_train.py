@@ -11,6 +11,7 @@ import torch
 import data
 import model as model_lib
 import reward
+import sample
 import train
 from train import Config, group_advantages, normalise, per_token_loss
 from tests.conftest import make_char_tokenizer, make_tiny_llama
@@ -191,9 +192,7 @@ def test_stop_loss_scores_the_length_and_holds_the_text_apart_from_the_stop(char
     torch.manual_seed(0)
     text, eos = torch.randint(10, 90, (6,)).tolist(), char_tokenizer.eos_token_id
     rows = [data.lcpo_prompt(char_tokenizer, data.Problem("1+1?", "2"), n) + text[:n] for n in (3, 6)]
-    width = max(map(len, rows))
-    ids = torch.tensor([[0] * (width - len(r)) + r for r in rows])
-    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    ids, mask = sample.left_pad(rows, char_tokenizer.pad_token_id, "cpu")
 
     def loss():
         with torch.no_grad():
