@@ -358,6 +358,8 @@ def method(result: dict) -> str:
         return "S1"
     if not s["adapter"]:
         return "base" + (" (no length)" if s["mode"] == "none" else "")
+    if not result.get("train_config"):  # not a train.py run (e.g. eval.py --fit-steps): the adapter's own name
+        return f"adapter {Path(s['adapter']).name}" + (" (max)" if s["mode"] == "max" else "")
     return "LCPO" + ("-Max" if s["mode"] == "max" else "")
 
 

@@ -101,12 +101,12 @@ def test_multiple_choice_sets_use_the_choice_judge(tiny_model_dir, tmp_path, mon
     assert json.loads((tmp_path / "mc.json").read_text())["budgets"][0]["accuracy"] == 1.0
 
 
-def fake_result(path, alpha, mode="exact", s1=False, adapter="a"):
+def fake_result(path, alpha, mode="exact", s1=False, adapter="a", trained=True):
     budgets = [dict(budget=b, responses=4, accuracy=0.1 * i, mean_tokens=b * 1.1, cut_by_cap=0.0,
                     length_error=0.1, abs_length_error=0.2 / (i + 1), over_budget=0.5) for i, b in enumerate([32, 64, 128])]
     settings = dict(s1=s1, adapter=adapter, mode=mode)
     path.write_text(json.dumps(dict(settings=settings, budgets=budgets,
-                                    train_config=dict(alpha=alpha, lr=1e-4, run_name=str(path)) if adapter else {})))
+                                    train_config=dict(alpha=alpha, lr=1e-4, run_name=str(path)) if adapter and trained else {})))
     return str(path)
 
 
@@ -114,11 +114,13 @@ def test_compare_labels_runs_by_what_differs_and_draws_a_readable_figure(tmp_pat
     import matplotlib.image
 
     paths = [fake_result(tmp_path / "a.json", 0.001), fake_result(tmp_path / "b.json", 0.01),
-             fake_result(tmp_path / "base.json", None, adapter=None), fake_result(tmp_path / "s1.json", None, s1=True, adapter=None)]
+             fake_result(tmp_path / "base.json", None, adapter=None), fake_result(tmp_path / "s1.json", None, s1=True, adapter=None),
+             fake_result(tmp_path / "probe.json", None, adapter="results/probe-adapter", trained=False)]  # not train.py's
     ev.main(["--compare", *paths, "--plot", str(tmp_path / "fig.png")])
     out = capsys.readouterr().out
     assert "| LCPO α=0.001 | 32 |" in out and "| LCPO α=0.01 | 128 |" in out and "| base | 64 |" in out
-    assert "| S1 | 32 |" in out and out.count("\n| ") == 4 * 3  # a row per run and budget
+    assert "| adapter probe-adapter | 64 |" in out
+    assert "| S1 | 32 |" in out and out.count("\n| ") == 5 * 3  # a row per run and budget
     image = matplotlib.image.imread(tmp_path / "fig.png")
     assert image.shape[0] > 300 and image.shape[1] > 800  # a real figure, not an empty file
     assert image[..., :3].std() > 0.05  # with something drawn on it
