@@ -1,11 +1,13 @@
 import contextlib
 import itertools
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
 import data
+import model as model_lib
 import sample
 from sample import Rollout, budget_forcing, generate, sequence_logprobs
 from tests.conftest import make_tiny_llama
@@ -353,3 +355,18 @@ def test_cli_refuses_bad_input_before_loading(argv, message):
 
 def test_rollout_length_is_its_token_count():
     assert Rollout([5, 6, 1], [-0.1, -0.2, -0.3], "eos").n_y == 3
+
+
+def test_the_shipped_l1_exact_adapter_turns_the_dial():
+    """results/l1-exact-adapter on the embedded model: asked for 128 tokens it thinks far longer than for 32."""
+    adapter = Path(__file__).resolve().parent.parent / "results" / "l1-exact-adapter"
+    model, tokenizer = model_lib.load_model(adapter=str(adapter), trainable=False)
+    problems = data.builtin_problems("test", 4)
+    lengths = {}
+    for n in (32, 128):
+        prompts = [data.lcpo_prompt(tokenizer, p, n, "exact") for p in problems]
+        outs = sample.generate(model, prompts, 256, tokenizer.pad_token_id, [tokenizer.eos_token_id], temperature=0)
+        lengths[n] = sum(o.n_y for o in outs) / len(outs)
+    # the same cap for both, so that the cap is not what differs; the untrained model runs past 64 at N = 32
+    assert lengths[32] < 64 and lengths[128] > lengths[32] + 32, lengths  # sampled at T = 0.6: 33.9 and 108.0
+
