@@ -106,7 +106,7 @@ def learnable_model_dir(tmp_path):
 
 def tiny_config(model_dir, **overrides):
     settings = dict(model=str(model_dir), n_min=4, n_max=4, max_new_tokens=24, group_size=8, prompts_per_step=4,
-                    quantize=False, lr=0.05, alpha=0.05, steps=30, save_every=100, sample_every=10, beta=0.001,
+                    quantize=False, lr=0.01, alpha=0.05, steps=30, save_every=100, sample_every=10, beta=0.001,
                     loss_norm="token", temperature=1.0, warmup_steps=0, n_min_steps=0)
     return Config(**{**settings, **overrides})
 
@@ -120,9 +120,10 @@ def test_lcpo_exact_reward_alone_teaches_the_target_length(learnable_model_dir, 
     run = train.train(tiny_config(learnable_model_dir), tmp_path / "run")
     metrics = read_metrics(run)
     assert len(metrics) == 30 and all(m["updated"] for m in metrics)
-    first = sum(m["length_error"] for m in metrics[:5]) / 5
-    last = sum(m["length_error"] for m in metrics[-5:]) / 5
-    assert first > 2.0 and last < first / 2, (first, last)  # |n_y - 4| / 4 from ~3 to well under half
+    # |n_y - 4| / 4 from ~4.5 (the untrained model runs to the cap) to ~0.4 in the last steps, for seeds 0-5
+    # (lr 0.05 was chaotic: some seeds fell back to the cap for good, where equal rewards teach nothing)
+    first, last = metrics[0]["length_error"], [m["length_error"] for m in metrics[-5:]]
+    assert first > 3.0 and max(last) < 1.0, (first, last)
     assert all(m["ratio_mean"] == pytest.approx(1.0, abs=1e-3) for m in metrics)  # mu = 1: ratio is 1
     assert all(m["clip_fraction"] == 0 for m in metrics)
     assert metrics[-1]["kl"] > 0  # the policy moved away from the reference
