@@ -2,6 +2,7 @@
 LCPO: GRPO with a length-controlled reward, written by hand.
 
     python train.py                                   # LCPO-Exact on the embedded default, on a CPU: runs/default
+    python train.py --init-adapter none               # the same from a fresh adapter, not from the first stage
     python train.py --mode mix                        # L1-Max style: half Exact, half Max prompts
     python train.py --alpha 0.001                     # an alpha ablation: runs/default-alpha-0.001
     python train.py --preset l1-exact                 # the paper's settings, 1.5B model, one GPU
@@ -39,6 +40,11 @@ import reward
 import sample
 from data import N_MAX, N_MIN  # the default range of targets (data.py previews the same)
 
+# The recipe's first stage, done once and shipped: the embedded model's adapter whose stop reads N,
+# taught by stop_loss on its own texts (EXPERIMENTS.md). From a fresh adapter the reward alone teaches
+# this model to stop but not to read N; from this one, 40 LCPO steps make the dial (README).
+STOP_ADAPTER = Path(__file__).resolve().parent / "results" / "probe-textkl2-adapter"
+
 
 @dataclass
 class Config:
@@ -47,7 +53,7 @@ class Config:
     data: str = "builtin"  # builtin, a known set (data.KNOWN_SETS), a hub id or a local file
     problem_column: str = "problem"  # the dataset's problem column
     answer_column: str = "answer"  # the dataset's gold answer column
-    init_adapter: str | None = None  # start from this adapter or run (L1-Max starts from the L1-Exact adapter)
+    init_adapter: str | None = None  # start from this adapter or run; none: a fresh one; unset: STOP_ADAPTER on the embedded model
     # the LCPO reward
     mode: str = "exact"  # exact, max, or mix (L1-Max: each prompt Exact or Max with probability 1/2)
     alpha: float | None = 0.0075  # reward per token of length error: the paper's 0.0003 x 25 for 25x shorter targets; None: 0.0003 exact, 0.001 max
@@ -55,7 +61,7 @@ class Config:
     n_min: int = N_MIN  # smallest target length n_gold, tokens
     n_max: int = N_MAX  # largest target length n_gold, tokens
     length_steps: int = 0  # the first steps are supervised: each response, ended after N of its tokens, learns to stop there under a prompt asking for N (stop_loss)
-    n_min_steps: int = 15  # the next steps use n_min alone: the model learns to stop before it learns to vary
+    n_min_steps: int = 0  # the next steps use n_min alone (an ablation: it teaches a stop that ignores N)
     ends_steps: int = 0  # the next steps use n_min and n_max alone: the model learns that N sets the length
     targets_per_problem: int = 1  # each problem of a step comes with this many targets, one per k-th of the range: their responses differ by N alone
     budget_in: str = "user"  # where "Think for N tokens." goes: user (after the problem, the paper) or system (a system message)
@@ -71,9 +77,9 @@ class Config:
     max_new_tokens: int = 192  # response cap
     # optimisation
     lr: float = 2e-4  # AdamW learning rate of the LoRA weights
-    warmup_steps: int = 5  # linear warm-up, then constant
+    warmup_steps: int = 0  # linear warm-up, then constant
     grad_clip: float = 1.0  # max gradient norm
-    steps: int = 100  # updates in the whole run
+    steps: int = 40  # updates in the whole run
     micro_batch_tokens: int = 1024  # padded tokens per forward/backward: rows are packed up to it, by length
     rollout_batch: int = 64  # rows per generation batch (rows with similar targets batched together)
     rollout_copy: bool = True  # generate with a dense copy (base dequantized, LoRA merged): faster, + the base's size
@@ -95,7 +101,7 @@ class Config:
 _PAPER = dict(model="agentica-org/DeepScaleR-1.5B-Preview", data="deepscaler", n_min=100, n_max=4000, group_size=16,
               prompts_per_step=128, temperature=0.6, max_new_tokens=4096, beta=0.001, boxed_only=True,
               micro_batch_tokens=16384, rollout_batch=64, gradient_checkpointing=True, lora_rank=64, lora_alpha=128,
-              save_every=5, lr=1e-5, warmup_steps=0, n_min_steps=0)  # the paper's lr, 1e-6, was for full fine-tuning: LoRA needs a larger step
+              save_every=5, lr=1e-5)  # the paper's lr, 1e-6, was for full fine-tuning: LoRA needs a larger step
 RESUMABLE = ("steps", "save_every", "keep_checkpoints", "sample_every", "max_bad_steps", "micro_batch_tokens",
              "rollout_batch", "rollout_copy", "gradient_checkpointing", "out_dir", "run_name")  # a resumed run may change
 # these (its length, bookkeeping, memory and speed); any other setting would make it another run
@@ -635,6 +641,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, Path, bool]:
     if args.preset not in PRESETS:
         raise ValueError(f"unknown preset {args.preset!r}: use one of {', '.join(PRESETS)}")
     cfg = Config(**{**PRESETS[args.preset], **given})
+    if cfg.init_adapter == "none":
+        cfg.init_adapter = None
+    elif cfg.init_adapter is None and cfg.model is None:  # the recipe: LCPO from the stop that reads N
+        cfg.init_adapter = str(STOP_ADAPTER)
     check_config(cfg)
     cfg.run_name = cfg.run_name or run_name(args.preset, given)
     run_dir = Path(cfg.out_dir) / cfg.run_name

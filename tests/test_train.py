@@ -382,7 +382,8 @@ def test_bad_flags_are_refused_before_the_model_loads(argv, message, monkeypatch
 
 def _write_run(run_dir, **settings):
     run_dir.mkdir(parents=True)
-    config = {**dataclasses.asdict(Config()), "run_name": run_dir.name, "out_dir": str(run_dir.parent), **settings}
+    plain = dataclasses.asdict(train.parse_args([])[0])  # what `python train.py` saves
+    config = {**plain, "run_name": run_dir.name, "out_dir": str(run_dir.parent), **settings}
     (run_dir / "config.json").write_text(json.dumps(config))
 
 
@@ -432,12 +433,23 @@ def test_presets_and_flags():
     assert train.parse_args(["--preset", "l1-max"])[0].mode == "mix"
 
 
+def test_the_default_run_starts_from_the_first_stage_and_another_model_from_a_fresh_adapter():
+    assert model_lib.adapter_base(str(train.STOP_ADAPTER)) == "embedded"  # shipped, and for the default model
+    assert train.parse_args([])[0].init_adapter == str(train.STOP_ADAPTER)
+    assert train.parse_args(["--init-adapter", "none"])[0].init_adapter is None
+    assert train.parse_args(["--model", "Qwen/Qwen2.5-0.5B-Instruct"])[0].init_adapter is None
+    assert train.parse_args(["--preset", "l1-exact"])[0].init_adapter is None
+    _, run_dir, _ = train.parse_args(["--init-adapter", "none"])
+    assert run_dir.name == "default-init-adapter-none"  # its own run, not the default's
+
+
 def test_default_run_smoke(tmp_path, capsys):
     # the real default, embedded model and built-in problems, shrunk to two quick steps
     train.main(["--steps", "2", "--group-size", "2", "--prompts-per-step", "2", "--max-new-tokens", "8",
                 "--out-dir", str(tmp_path), "--run-name", "smoke", "--sample-every", "1"])
     run = tmp_path / "smoke"
-    assert json.loads((run / "config.json").read_text())["group_size"] == 2
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["group_size"] == 2 and saved["init_adapter"] == str(train.STOP_ADAPTER)
     metrics = read_metrics(run)
     assert [m["step"] for m in metrics] == [0, 1]
     expected = {"reward_mean", "reward_std", "accuracy", "mean_n_y", "length_error", "stopped_by_length", "kl",
