@@ -53,7 +53,7 @@ class Config:
     data: str = "builtin"  # builtin, a known set (data.KNOWN_SETS), a hub id or a local file
     problem_column: str = "problem"  # the dataset's problem column
     answer_column: str = "answer"  # the dataset's gold answer column
-    init_adapter: str | None = None  # start from this adapter or run; none: a fresh one; unset: STOP_ADAPTER on the embedded model
+    init_adapter: str | None = None  # start from this adapter or run; none: a fresh one; unset: the first stage (STOP_ADAPTER) on the embedded model
     # the LCPO reward
     mode: str = "exact"  # exact, max, or mix (L1-Max: each prompt Exact or Max with probability 1/2)
     alpha: float | None = 0.0075  # reward per token of length error: the paper's 0.0003 x 25 for 25x shorter targets; None: 0.0003 exact, 0.001 max
