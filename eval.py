@@ -214,13 +214,16 @@ def stop_probe(model, tokenizer, prompts: list[list[list[int]]], responses: list
     return out
 
 
-def fit_stop(model, tokenizer, prompt, responses, cuts, lr: float, batch: int, seed: int, loss: str = "length"):
-    """The positive control of reading N: train the adapter on the stop decision, on other texts.
+def fit_stop(model, tokenizer, prompt, responses, cuts, lr: float, batch: int, seed: int, loss: str = "length",
+             modes: tuple[str, ...] = ("exact",)):
+    """The positive control of reading N, and the first stage of the recipe: train the adapter on the stop
+    decision, on other texts.
 
-    prompt(r, n): response r's prompt asking for n tokens. loss "length": N drawn from min(cuts)..max(cuts),
-    the model's own text ended at N: train.stop_loss, the loss of train.py --length-steps (the negative
-    log-likelihood of a length of exactly N, plus the KL from the untrained model's text before N, without
-    which the text drifts into empty lines). "cuts": N is one of the cuts, binary cross-entropy of the
+    prompt(r, n, mode): response r's prompt asking for n tokens in that mode. loss "length": N drawn from
+    min(cuts)..max(cuts) and the mode from `modes`, the model's own text ended at N: train.stop_loss, the
+    loss of train.py --length-steps (the negative log-likelihood of a length of exactly N -- for a Max
+    prompt, of N/2 to N -- plus the KL from the untrained model's text before N, without which the text
+    drifts into empty lines). "cuts": Exact prompts, N is one of the cuts, binary cross-entropy of the
     stop decision at the cuts alone (which leaves the stop and the content free everywhere else).
     Yields (step, loss, KL per text).
     """
@@ -231,18 +234,21 @@ def fit_stop(model, tokenizer, prompt, responses, cuts, lr: float, batch: int, s
     for step in itertools.count():
         model.train()
         chosen = [(rng.choice(cuts) if loss == "cuts" else rng.randint(min(cuts), max(cuts)),
-                   rng.randrange(len(responses))) for _ in range(batch)]
-        n = torch.tensor([n for n, _ in chosen], device=device)
+                   rng.randrange(len(responses)), "exact" if loss == "cuts" else rng.choice(modes))
+                  for _ in range(batch)]
+        n = torch.tensor([n for n, _, _ in chosen], device=device)
         if loss == "cuts":
-            logp = stop_logprobs(model, tokenizer, [prompt(r, n) + responses[r][:max(cuts)] for n, r in chosen], cuts)
+            logp = stop_logprobs(model, tokenizer, [prompt(r, n, m) + responses[r][:max(cuts)] for n, r, m in chosen],
+                                 cuts)
             stop_here = (torch.tensor(cuts, device=device) == n[:, None]).float()  # [batch, cuts]
             go_on = torch.log1p(-logp.exp().clamp(max=1 - 1e-6))  # log p(not the stop token)
             kl = torch.zeros(batch, device=device)
             value = -(stop_here * logp + (1 - stop_here) * go_on).mean()
         else:
-            rows = [prompt(r, n) + responses[r][:n] for n, r in chosen]
+            rows = [prompt(r, n, m) + responses[r][:n] for n, r, m in chosen]
             ids, mask = sample.left_pad(rows, tokenizer.pad_token_id, device)
-            nll, kl = train.stop_loss(model, ids, mask, n, eos)
+            within = torch.tensor([m == "max" for _, _, m in chosen], device=device)
+            nll, kl = train.stop_loss(model, ids, mask, n, eos, within=within)
             value = (nll + kl).mean()
         optimizer.zero_grad()
         value.backward()
@@ -271,16 +277,18 @@ def length_scores(logp: torch.Tensor, budgets: list[int]) -> dict:
     """From stop_probe at every position 1..max(budgets), [responses, asked N, position]: what the stop
     decisions say about the length each asked N gets on these texts. length_nll: -log p(a length of
     exactly N), mean over texts; median: the length by which the stop has come with probability 1/2
-    (max(budgets) + 1 when it has not), mean over texts, one per asked N.
+    (max(budgets) + 1 when it has not), mean over texts, one per asked N; within: p(a length of at most N),
+    mean over texts, one per asked N (what a Max prompt asks).
 
     >>> s = length_scores(torch.tensor([[[0.0, -9, -9], [-9, 0.0, -9]]]).clamp(max=-1e-4), [1, 2])
-    >>> round(s["length_nll"], 2), s["median"]
-    (0.0, [1.0, 2.0])
+    >>> round(s["length_nll"], 2), s["median"], [round(w, 2) for w in s["within"]]
+    (0.0, [1.0, 2.0], [1.0, 1.0])
     """
     nll = [train.length_nll(logp[:, a, :n], torch.full((len(logp),), n)) for a, n in enumerate(budgets)]
     survive = torch.cumprod(1 - logp.exp(), dim=-1)  # [responses, asked, position]: no stop by its end
     median = 1 + (survive > 0.5).sum(-1).float()  # [responses, asked]: the first position where survival <= 1/2
-    return dict(length_nll=torch.stack(nll).mean().item(), median=median.mean(0).tolist())
+    within = [1 - survive[:, a, n - 1].mean().item() for a, n in enumerate(budgets)]
+    return dict(length_nll=torch.stack(nll).mean().item(), median=median.mean(0).tolist(), within=within)
 
 
 def run_stop_probe(args, out: Path) -> dict:
@@ -303,28 +311,40 @@ def run_stop_probe(args, out: Path) -> dict:
         raise ValueError(f"no response in {args.stop_probe} is {max(cuts)} tokens long: use smaller --budgets")
     held = [k for k in kept if k[0] % 2 == 1] if fitting else kept  # fitting: held-out problems and texts
 
-    def prompt(text, n):
-        return data.lcpo_prompt(tokenizer, problems[text[0]], n, args.mode, args.budget_in)
+    def prompt(text, n, mode):
+        return data.lcpo_prompt(tokenizer, problems[text[0]], n, mode, args.budget_in)
+
+    probed = "max" if args.mode == "mix" else args.mode  # mix: the Max prompts are probed, and the Exact lengths
 
     def probe():
         model.eval()
-        logp = stop_probe(model, tokenizer, [[prompt(t, n) for t in held] for n in cuts], [ids for _, ids in held],
-                          list(range(1, max(cuts) + 1)))  # every position: the cuts, and the lengths they imply
-        return dict(probe_scores(logp[..., [L - 1 for L in cuts]]), **length_scores(logp, cuts))
+        scores = {}
+        for mode in ([probed, "exact"] if args.mode == "mix" else [probed]):
+            logp = stop_probe(model, tokenizer, [[prompt(t, n, mode) for t in held] for n in cuts],
+                              [ids for _, ids in held], list(range(1, max(cuts) + 1)))  # every position
+            if mode == probed:
+                scores.update(probe_scores(logp[..., [L - 1 for L in cuts]]), **length_scores(logp, cuts))
+            else:
+                scores["median_exact"] = length_scores(logp, cuts)["median"]
+        return scores
 
     def say(step, scores):
         print(f"step {step}: accuracy {scores['accuracy']:.1%}, margin {scores['margin']:.3f} nats, length NLL "
-              f"{scores['length_nll']:.2f}, median length " + " / ".join(f"{m:.0f}" for m in scores["median"]), flush=True)
+              f"{scores['length_nll']:.2f}, median length " + " / ".join(f"{m:.0f}" for m in scores["median"])
+              + ", within N " + " / ".join(f"{w:.0%}" for w in scores["within"])
+              + (", Exact prompts' median length " + " / ".join(f"{m:.0f}" for m in scores["median_exact"])
+                 if "median_exact" in scores else ""), flush=True)
 
     result = dict(settings=settings_from(args), records=args.stop_probe, responses=len(held), budgets=cuts, **probe())
     if fitting:
         fit = [k for k in kept if k[0] % 2 == 0]
-        keys = ("accuracy", "margin", "length_nll", "median")
+        keys = [k for k in ("accuracy", "margin", "length_nll", "median", "within", "median_exact") if k in result]
         curve, losses, kls = [dict(step=0, **{k: result[k] for k in keys})], [], []
         print(f"fit ({args.fit_loss}) on {len(fit)} texts, probe on {len(held)}")
         say(0, result)
-        for step, loss, kl in fit_stop(model, tokenizer, lambda r, n: prompt(fit[r], n), [ids for _, ids in fit],
-                                       cuts, args.fit_lr, FIT_BATCH, args.seed, args.fit_loss):
+        modes = ("exact", "max") if args.mode == "mix" else (args.mode,)
+        for step, loss, kl in fit_stop(model, tokenizer, lambda r, n, m: prompt(fit[r], n, m), [ids for _, ids in fit],
+                                       cuts, args.fit_lr, FIT_BATCH, args.seed, args.fit_loss, modes):
             losses.append(loss)
             kls.append(kl)
             if (step + 1) % PROBE_EVERY == 0 or step + 1 == args.fit_steps:
@@ -518,7 +538,8 @@ def parse_args(argv):
     parser.add_argument("--answer-column", default="answer")
     parser.add_argument("--limit", type=int, default=64, help="problems (first N; 0: all)")
     parser.add_argument("--budgets", type=int, nargs="+", default=[32, 64, 128], help="N of 'Think for N tokens.'")
-    parser.add_argument("--mode", default="exact", choices=["exact", "max", "none"], help="none: no length sentence")
+    parser.add_argument("--mode", default="exact", choices=["exact", "max", "none", "mix"],
+                        help="none: no length sentence; mix (--fit-steps only): each pair Exact or Max")
     parser.add_argument("--budget-in", default="user", choices=data.BUDGET_PLACES,
                         help="where the length sentence goes: as the adapter was trained (train.py --budget-in)")
     parser.add_argument("--s1", action="store_true", help="S1 budget forcing at each budget (no length sentence)")
@@ -553,6 +574,10 @@ def parse_args(argv):
         raise ValueError(f"--limit must be >= 0 (0: all problems), got {args.limit}")
     if args.stop_probe and (args.s1 or args.mode == "none"):
         raise ValueError("--stop-probe asks for each budget in the prompt: it goes with --mode exact or max")
+    if args.mode == "mix" and not args.fit_steps:
+        raise ValueError("--mode mix draws Exact or Max prompts for --fit-steps: evaluate with --mode exact or max")
+    if args.mode == "mix" and args.fit_loss == "cuts":
+        raise ValueError("--fit-loss cuts trains Exact prompts only: use --mode exact, or --fit-loss length with mix")
     if args.s1 and args.mode == "none":
         raise ValueError("--s1 forces each budget: it cannot go with --mode none")
     args.limit = args.limit or None

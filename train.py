@@ -240,6 +240,23 @@ def length_nll(stop_logp: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
     return -(stop_logp[:, -1] + (go_on * before_the_end(stop_logp, n)).sum(-1))
 
 
+def budget_nll(stop_logp: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+    """-log p(a length within the budget n and over half of it): the Max prompts' counterpart of length_nll,
+    in the same layout. Without the floor, ending at once would be the likeliest length within any budget.
+
+        -log p(no stop after tokens 1..n//2) - log p(a stop after one of tokens n//2+1..n)
+
+        >>> round(budget_nll(torch.tensor([[0.5, 0.5, 0.5, 0.5]]).log(), torch.tensor([4])).item(), 3)  # 1/4 * 3/4
+        1.674
+    """
+    go_on = torch.log1p(-stop_logp.exp().clamp(max=1 - 1e-6))
+    tokens_after = torch.arange(stop_logp.shape[-1] - 1, -1, -1, device=stop_logp.device)[None]  # n - t at token t
+    half = (n - n // 2).to(stop_logp.device)[:, None]  # tokens n//2+1..n have n - t < half
+    late = tokens_after < half
+    survive = (go_on * (before_the_end(stop_logp, n) & ~late)).sum(-1)  # no stop after tokens 1..n//2
+    return -(survive + torch.log(-torch.expm1((go_on * late).sum(-1).clamp(max=-1e-6))))
+
+
 def before_the_end(columns: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
     """[rows, R] True at the columns after tokens 1..n-1 of each row, in length_nll's right-aligned layout
     (column -1 after the n-th token): where the text goes on."""
@@ -249,12 +266,13 @@ def before_the_end(columns: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
 
 
 def stop_loss(model, ids: torch.Tensor, mask: torch.Tensor, n: torch.Tensor, eos_id: int,
-              chunk: int = sample.LOGPROB_CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
+              chunk: int = sample.LOGPROB_CHUNK, within: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The supervised length loss (--length-steps) of rows that are a prompt asking for N followed by the
     first N tokens of a response, left-padded (every row ends at the last column): ([rows] length NLL,
     [rows] KL).
 
-    length NLL: the text ended after exactly N tokens (length_nll). KL: sum over t < N of
+    length NLL: the text ended after exactly N tokens (length_nll); in the rows where `within` [rows] is
+    True (Max prompts), after N/2 to N tokens (budget_nll). KL: sum over t < N of
     KL(untrained || model) of the next token after t tokens given that it is not the stop; it holds the
     text itself, which the NLL alone lets drift (into blank lines, measured), and leaves the stop to the
     NLL (a KL over the full distribution also pulls the stop back to the untrained one: measured, it
@@ -278,7 +296,8 @@ def stop_loss(model, ids: torch.Tensor, mask: torch.Tensor, n: torch.Tensor, eos
 
     stop, kl = torch.cat([checkpoint(terms, hidden[:, s:s + chunk], reference[:, s:s + chunk], use_reentrant=False)
                           for s in range(0, R, chunk)], dim=-1)  # each [rows, R]
-    return length_nll(stop, n), (kl * before_the_end(kl, n)).sum(-1)
+    nll = length_nll(stop, n) if within is None else torch.where(within, budget_nll(stop, n), length_nll(stop, n))
+    return nll, (kl * before_the_end(kl, n)).sum(-1)
 
 
 # -----------------------------------------------------------------------------

@@ -136,6 +136,8 @@ def test_compare_labels_runs_by_what_differs_and_draws_a_readable_figure(tmp_pat
     (["--temperature", "nan"], "temperature must be a finite number >= 0"),
     (["--max-new-tokens", "0"], "max_new_tokens must be positive"),
     (["--stop-probe", "r.jsonl", "--mode", "none"], "--stop-probe asks for each budget"),
+    (["--mode", "mix"], "--mode mix draws Exact or Max prompts for --fit-steps"),
+    (["--stop-probe", "r.jsonl", "--fit-steps", "2", "--mode", "mix", "--fit-loss", "cuts"], "trains Exact prompts only"),
 ])
 def test_bad_flags_are_refused_in_one_line(argv, message):
     with pytest.raises(SystemExit) as e:
@@ -294,7 +296,7 @@ def test_fit_stop_learns_to_stop_where_n_says(char_tokenizer):
     prompts = [[data.lcpo_prompt(char_tokenizer, p, n) for p in problems] for n in cuts]
     before = ev.probe_scores(ev.stop_probe(model, char_tokenizer, prompts, responses, cuts))
     losses = [loss for step, loss, _ in itertools.takewhile(lambda s: s[0] < 120, ev.fit_stop(
-        model, char_tokenizer, lambda r, n: prompts[cuts.index(n)][r], responses, cuts, lr=3e-3, batch=12, seed=0,
+        model, char_tokenizer, lambda r, n, m: prompts[cuts.index(n)][r], responses, cuts, lr=3e-3, batch=12, seed=0,
         loss="cuts"))]
     after = ev.probe_scores(ev.stop_probe(model, char_tokenizer, prompts, responses, cuts))
     assert before["accuracy"] < 0.6 and after["accuracy"] == 1.0 and after["margin"] > before["margin"] + 1
@@ -322,9 +324,38 @@ def test_fit_stop_length_loss_makes_the_length_follow_n(char_tokenizer, monkeypa
 
     before = scores()
     fitted = list(itertools.takewhile(lambda s: s[0] < 200, ev.fit_stop(
-        model, char_tokenizer, lambda r, n: data.lcpo_prompt(char_tokenizer, problem, n), [text], cuts, lr=3e-3,
+        model, char_tokenizer, lambda r, n, m: data.lcpo_prompt(char_tokenizer, problem, n, m), [text], cuts, lr=3e-3,
         batch=12, seed=0)))
     losses = [loss for _, loss, _ in fitted]
     after = scores()
     assert before["median"] == [10, 10, 10] and after["median"] == cuts  # 10: no stop within the text
     assert after["length_nll"] < 0.1 < 1 < before["length_nll"] and sum(losses[-5:]) < sum(losses[:5]) / 10
+
+
+def test_fit_stop_under_max_prompts_ends_within_the_budget_and_past_half_of_it(char_tokenizer, monkeypatch):
+    """Half the pairs Max prompts (a length of N/2..N learnt), half Exact (exactly N): each prompt gets its own."""
+    import contextlib
+    import copy
+
+    import torch
+
+    from tests.conftest import make_tiny_llama
+
+    model = make_tiny_llama(char_tokenizer, seed=1)
+    untrained = copy.deepcopy(model).requires_grad_(False)
+    monkeypatch.setattr(ev.model_lib, "reference", lambda m: contextlib.nullcontext(untrained))
+    torch.manual_seed(0)
+    cuts, problem, text = [4, 8, 12], data.Problem("1+1?", "2"), torch.randint(10, 90, (12,)).tolist()
+
+    def scores(mode):
+        prompts = [[data.lcpo_prompt(char_tokenizer, problem, n, mode)] for n in cuts]
+        return ev.length_scores(ev.stop_probe(model, char_tokenizer, prompts, [text], list(range(1, 13))), cuts)
+
+    assert max(scores("max")["within"]) < 0.5
+    for _ in itertools.takewhile(lambda s: s[0] < 250, ev.fit_stop(
+            model, char_tokenizer, lambda r, n, m: data.lcpo_prompt(char_tokenizer, problem, n, m), [text], cuts,
+            lr=3e-3, batch=12, seed=0, modes=("exact", "max"))):
+        pass
+    at_most, exact = scores("max"), scores("exact")
+    assert min(at_most["within"]) > 0.9 and all(n / 2 < m <= n for m, n in zip(at_most["median"], cuts))
+    assert exact["median"] == cuts and exact["median"] != at_most["median"]
