@@ -204,6 +204,11 @@ def test_stop_loss_scores_the_length_and_holds_the_text_apart_from_the_stop(char
         with torch.no_grad():
             stop = model(torch.tensor([row])).logits[0, -n:].log_softmax(-1)[:, eos]  # after tokens 1..n
         assert value.item() == pytest.approx(-(stop[-1] + torch.log1p(-stop[:-1].exp()).sum()).item(), abs=1e-4)
+    with torch.no_grad():  # Max rows: a length of n//2 + 1 .. n, the same probabilities added up by hand
+        within, _ = train.stop_loss(model, ids, mask, torch.tensor([3, 6]), eos, within=torch.tensor([True, False]))
+        stop = model(torch.tensor([rows[0]])).logits[0, -3:].softmax(-1)[:, eos]  # p(stop) after tokens 1..3
+    by_hand = (1 - stop[0]) * (stop[1] + (1 - stop[1]) * stop[2])  # no stop after token 1, then one after 2 or 3
+    assert within[0].item() == pytest.approx(-by_hand.log().item(), abs=1e-4) and within[1] == nll[1]
     assert kl.abs().max() < 1e-5  # the model is the untrained one
     with torch.no_grad():
         model.lm_head.weight[eos] += torch.randn(64)  # the stop alone moves
