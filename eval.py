@@ -223,7 +223,7 @@ def fit_stop(model, tokenizer, prompt, responses, cuts, lr: float, batch: int, s
     min(cuts)..max(cuts) and the mode from `modes`, the model's own text ended at N: train.stop_loss, the
     loss of train.py --length-steps (the negative log-likelihood of a length of exactly N -- for a Max
     prompt, of N/2 to N -- plus the KL from the untrained model's text before N, without which the text
-    drifts into empty lines). "cuts": Exact prompts, N is one of the cuts, binary cross-entropy of the
+    drifts into empty lines). "cuts": N is one of the cuts, binary cross-entropy of the
     stop decision at the cuts alone (which leaves the stop and the content free everywhere else).
     Yields (step, loss, KL per text).
     """
@@ -233,17 +233,17 @@ def fit_stop(model, tokenizer, prompt, responses, cuts, lr: float, batch: int, s
     eos, device = tokenizer.eos_token_id, model.device
     for step in itertools.count():
         model.train()
+        # (N, text, mode); a single mode draws nothing, so a one-mode fit repeats the pairs of the earlier fits
         chosen = [(rng.choice(cuts) if loss == "cuts" else rng.randint(min(cuts), max(cuts)),
-                   rng.randrange(len(responses)), "exact" if loss == "cuts" else rng.choice(modes))
+                   rng.randrange(len(responses)), rng.choice(modes) if len(modes) > 1 else modes[0])
                   for _ in range(batch)]
         n = torch.tensor([n for n, _, _ in chosen], device=device)
         if loss == "cuts":
             logp = stop_logprobs(model, tokenizer, [prompt(r, n, m) + responses[r][:max(cuts)] for n, r, m in chosen],
                                  cuts)
             stop_here = (torch.tensor(cuts, device=device) == n[:, None]).float()  # [batch, cuts]
-            go_on = torch.log1p(-logp.exp().clamp(max=1 - 1e-6))  # log p(not the stop token)
             kl = torch.zeros(batch, device=device)
-            value = -(stop_here * logp + (1 - stop_here) * go_on).mean()
+            value = -(stop_here * logp + (1 - stop_here) * train.log_no_stop(logp)).mean()
         else:
             rows = [prompt(r, n, m) + responses[r][:n] for n, r, m in chosen]
             ids, mask = sample.left_pad(rows, tokenizer.pad_token_id, device)
@@ -318,14 +318,15 @@ def run_stop_probe(args, out: Path) -> dict:
 
     def probe():
         model.eval()
-        scores = {}
-        for mode in ([probed, "exact"] if args.mode == "mix" else [probed]):
-            logp = stop_probe(model, tokenizer, [[prompt(t, n, mode) for t in held] for n in cuts],
-                              [ids for _, ids in held], list(range(1, max(cuts) + 1)))  # every position
-            if mode == probed:
-                scores.update(probe_scores(logp[..., [L - 1 for L in cuts]]), **length_scores(logp, cuts))
-            else:
-                scores["median_exact"] = length_scores(logp, cuts)["median"]
+
+        def logp(mode):  # every position: the cuts, and the lengths they imply
+            return stop_probe(model, tokenizer, [[prompt(t, n, mode) for t in held] for n in cuts],
+                              [ids for _, ids in held], list(range(1, max(cuts) + 1)))
+
+        asked = logp(probed)
+        scores = dict(probe_scores(asked[..., [L - 1 for L in cuts]]), **length_scores(asked, cuts))
+        if args.mode == "mix":
+            scores["median_exact"] = length_scores(logp("exact"), cuts)["median"]
         return scores
 
     def say(step, scores):

@@ -236,8 +236,12 @@ def length_nll(stop_logp: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
         >>> round(length_nll(torch.tensor([[0.9, 0.5, 0.5, 0.5]]).log(), torch.tensor([3])).item(), 3)  # 3 log 2
         2.079
     """
-    go_on = torch.log1p(-stop_logp.exp().clamp(max=1 - 1e-6))  # log p(not the stop token)
-    return -(stop_logp[:, -1] + (go_on * before_the_end(stop_logp, n)).sum(-1))
+    return -(stop_logp[:, -1] + (log_no_stop(stop_logp) * before_the_end(stop_logp, n)).sum(-1))
+
+
+def log_no_stop(stop_logp: torch.Tensor) -> torch.Tensor:
+    """log p(not the stop token) from log p(stop), finite where the stop is certain."""
+    return torch.log1p(-stop_logp.exp().clamp(max=1 - 1e-6))
 
 
 def budget_nll(stop_logp: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
@@ -249,7 +253,7 @@ def budget_nll(stop_logp: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
         >>> round(budget_nll(torch.tensor([[0.5, 0.5, 0.5, 0.5]]).log(), torch.tensor([4])).item(), 3)  # 1/4 * 3/4
         1.674
     """
-    go_on = torch.log1p(-stop_logp.exp().clamp(max=1 - 1e-6))
+    go_on = log_no_stop(stop_logp)
     tokens_after = torch.arange(stop_logp.shape[-1] - 1, -1, -1, device=stop_logp.device)[None]  # n - t at token t
     half = (n - n // 2).to(stop_logp.device)[:, None]  # tokens n//2+1..n have n - t < half
     late = tokens_after < half
