@@ -157,30 +157,54 @@ def test_the_length_sentence_can_go_in_a_system_message(learnable_model_dir, tmp
         assert "Think for" not in example["prompt"].split("<|user|>")[1]  # the problem alone in the user turn
 
 
-def test_length_steps_end_each_response_at_the_n_its_prompt_asks(learnable_model_dir, tmp_path, monkeypatch):
+def record_length_rows(monkeypatch):
+    """Patch data.build_prompt and train.stop_loss to record (N, mode) asked and (row, N, within) learnt."""
     asked, learnt = [], []
     build_prompt, stop_loss = data.build_prompt, train.stop_loss
     monkeypatch.setattr(data, "build_prompt", lambda problem, n, *a: asked.append((n, a[0])) or build_prompt(problem, n, *a))
 
-    def recording(model, ids, mask, n, eos_id):
+    def recording(model, ids, mask, n, eos_id, within=None):
         rows = [r[m.bool()].tolist() for r, m in zip(ids, mask)]
-        learnt.extend((row, k) for row, k in zip(rows, n.tolist()))
-        return stop_loss(model, ids, mask, n, eos_id)
+        flags = [False] * len(rows) if within is None else within.tolist()
+        learnt.extend(zip(rows, n.tolist(), flags))
+        return stop_loss(model, ids, mask, n, eos_id, within=within)
 
     monkeypatch.setattr(train, "stop_loss", recording)
-    cfg = tiny_config(learnable_model_dir, n_min=4, n_max=12, mode="max", length_steps=2, n_min_steps=1, steps=4)
+    return asked, learnt
+
+
+def test_length_steps_end_each_response_at_the_n_its_prompt_asks(learnable_model_dir, tmp_path, monkeypatch):
+    asked, learnt = record_length_rows(monkeypatch)
+    cfg = tiny_config(learnable_model_dir, n_min=4, n_max=12, mode="mix", length_steps=2, n_min_steps=1, steps=4)
     metrics = read_metrics(train.train(cfg, tmp_path / "run"))
     rows = [m.get("length_rows", 0) for m in metrics]
     assert rows[:2] > [0, 0] and rows[2:] == [0, 0] and len(learnt) == sum(rows)
+    rollout_modes = [mode for _, mode in asked[:cfg.prompts_per_step]]
     relabelled = asked[cfg.prompts_per_step:cfg.prompts_per_step + rows[0]]  # step 0: its rollouts' prompts, then these
-    assert all(mode == "exact" for _, mode in relabelled)  # a length is learnt under an Exact prompt, whatever --mode
-    assert sorted(n for n, _ in relabelled) == sorted(k for _, k in learnt[:rows[0]])
+    assert sorted(n for n, _ in relabelled) == sorted(k for _, k, _ in learnt[:rows[0]])
+    assert {m for _, m in relabelled} <= set(rollout_modes) and len(set(rollout_modes)) == 2  # each under its own mode
     tok = make_char_tokenizer()
-    for row, k in learnt:  # the prompt asks for k, then k tokens of the response, no stop token
-        assert 4 <= k <= 12 and f"Think for {k} tokens." in tok.decode(row[:-k]) and tok.eos_token_id not in row[-k:]
+    for row, k, within in learnt:  # the prompt asks for k, then k tokens of the response, no stop token
+        prompt = tok.decode(row[:-k])
+        assert 4 <= k <= 12 and tok.eos_token_id not in row[-k:]
+        assert f"Think for {'maximum ' if within else ''}{k} tokens." in prompt  # a Max prompt: N/2 to N tokens
     assert all(m["stop_nll"] > 0 and m["kl"] >= 0 and m["ratio_mean"] is None for m in metrics[:2])  # supervised
     assert [m["mean_n_gold"] == 4 for m in metrics] == [False, False, True, False]  # then the curriculum
     assert all(m["ratio_mean"] == pytest.approx(1.0, abs=1e-3) for m in metrics[2:])  # then LCPO
+
+
+def test_length_weight_adds_the_supervised_rows_to_every_lcpo_step(learnable_model_dir, tmp_path, monkeypatch):
+    asked, learnt = record_length_rows(monkeypatch)
+    cfg = tiny_config(learnable_model_dir, n_min=4, n_max=12, mode="max", steps=2, length_weight=0.5)
+    metrics = read_metrics(train.train(cfg, tmp_path / "run"))
+    rows = [m["length_rows"] for m in metrics]
+    assert min(rows) > 0 and len(learnt) == sum(rows) and all(within for _, _, within in learnt)  # Max prompts
+    assert all(m["ratio_mean"] == pytest.approx(1.0, abs=1e-3) and m["stop_nll"] > 0 and m["length_kl"] >= 0
+               for m in metrics)  # LCPO's rows and the supervised ones in the same step
+    assert all(0 <= m["within_budget"] <= 1 for m in metrics)
+    base = read_metrics(train.train(dataclasses.replace(cfg, length_weight=0.0), tmp_path / "plain"))
+    assert [m["mean_n_y"] for m in base][0] == metrics[0]["mean_n_y"]  # the same rollouts at step 0
+    assert "length_rows" not in base[0] and metrics[0]["loss"] > base[0]["loss"] + 0.5  # + 0.5 x (NLL + KL) > 1 nat
 
 
 def test_stop_loss_scores_the_length_and_holds_the_text_apart_from_the_stop(char_tokenizer, monkeypatch):
