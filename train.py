@@ -12,7 +12,8 @@ One step: sample problems and targets -> roll out G responses each -> judge and 
 group-normalised advantages -> clipped policy loss + k3 KL to the adapter-free reference -> one
 AdamW update of the LoRA weights (per epoch over the rollouts). A length step (--length-steps) keeps
 the rollouts but ends each one after N of its tokens, rewrites its prompt to ask for N, and learns the
-stop there (stop_loss), the rest of the text held by the KL to the untrained model.
+stop there (stop_loss), the rest of the text held by the KL to the untrained model; --length-weight
+adds that loss, so weighted, to every LCPO step (beyond the paper).
 """
 
 import argparse
