@@ -12,8 +12,7 @@ One step: sample problems and targets -> roll out G responses each -> judge and 
 group-normalised advantages -> clipped policy loss + k3 KL to the adapter-free reference -> one
 AdamW update of the LoRA weights (per epoch over the rollouts). A length step (--length-steps) keeps
 the rollouts but ends each one after N of its tokens, rewrites its prompt to ask for N, and learns the
-stop there (stop_loss), the rest of the text held by the KL to the untrained model; --length-weight
-adds that loss, so weighted, to every LCPO step (beyond the paper).
+stop there (stop_loss), the rest of the text held by the KL to the untrained model.
 """
 
 import argparse
@@ -61,8 +60,7 @@ class Config:
     delta: float = 0.5  # Max reward of a correct answer at exactly n_gold tokens
     n_min: int = N_MIN  # smallest target length n_gold, tokens
     n_max: int = N_MAX  # largest target length n_gold, tokens
-    length_steps: int = 0  # the first steps are supervised: each response, ended after N of its tokens, learns to stop there under a prompt asking for N (stop_loss)
-    length_weight: float = 0.0  # beyond the paper: every LCPO step also learns that supervised loss on its own responses, at this weight (0: the reward alone)
+    length_steps: int = 0  # the first steps are supervised: each response, ended after N of its tokens, learns to stop there under its prompt rewritten to ask for N (stop_loss; a Max prompt: N/2 to N)
     n_min_steps: int = 0  # the next steps use n_min alone (an ablation: it teaches a stop that ignores N)
     ends_steps: int = 0  # the next steps use n_min and n_max alone: the model learns that N sets the length
     targets_per_problem: int = 1  # each problem of a step comes with this many targets, one per k-th of the range: their responses differ by N alone
@@ -143,7 +141,7 @@ def check_config(cfg: Config) -> None:
         if getattr(cfg, name) < 1:
             problems.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
     for name in ("beta", "clip", "lr", "warmup_steps", "grad_clip", "lora_dropout", "n_min_steps", "ends_steps",
-                 "length_steps", "length_weight"):
+                 "length_steps"):
         if getattr(cfg, name) < 0:
             problems.append(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
     if cfg.init_adapter is not None:
@@ -269,23 +267,6 @@ def before_the_end(columns: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
     R = columns.shape[-1]
     tokens_after = torch.arange(R - 1, -1, -1, device=columns.device)  # how many tokens come after this column
     return (tokens_after >= 1) & (tokens_after < n.to(columns.device)[:, None])
-
-
-def length_rows(cfg: Config, rollouts, batch, targets, rng: random.Random, tokenizer):
-    """The supervised rows of --length-steps and --length-weight: each response's text (without its stop
-    token) ended after N of its tokens, N drawn from n_min to its length, under its own prompt's mode
-    rewritten to ask for N. The same kind of text ended at every N is the contrast that reading N needs,
-    and the reward gives it only slowly; the text is the model's own, and stop_loss's KL keeps it so.
-    Returns (prompts, rollouts cut at N, [rows] True where the prompt is Max: stop_loss's `within`).
-    """
-    G = cfg.group_size
-    text = [r.n_y - (r.finish == "eos") for r in rollouts]
-    kept = [j for j in range(len(rollouts)) if text[j] >= cfg.n_min]  # shorter ones cannot be ended at any N
-    cut = [rng.randint(cfg.n_min, min(cfg.n_max, text[j])) for j in kept]
-    modes = [targets[j // G][1] for j in kept]
-    rows = [data.lcpo_prompt(tokenizer, batch[j // G], n, m, cfg.budget_in) for j, n, m in zip(kept, cut, modes)]
-    learnt = [sample.Rollout(rollouts[j].tokens[:n], rollouts[j].logprobs[:n], "length") for j, n in zip(kept, cut)]
-    return rows, learnt, torch.tensor([m == "max" for m in modes], dtype=torch.bool)
 
 
 def stop_loss(model, ids: torch.Tensor, mask: torch.Tensor, n: torch.Tensor, eos_id: int,
@@ -500,39 +481,37 @@ def train_step(cfg: Config, step: int, model, tokenizer, optimizer, params, prob
         rewards.append(reward.lcpo_reward(ok, r.n_y, n_gold, mode, cfg.alpha, cfg.delta))
     rewards_t = torch.tensor(rewards, dtype=torch.float32)
 
-    # 4. advantages; in the first --length-steps, the supervised rows instead (length_rows); with
-    # --length-weight, the LCPO rows and the supervised rows both, the latter's loss at that weight
-    learnt, weight = rollouts, 1.0
+    # 4. advantages; in the first --length-steps, the supervised rows instead: each response's text (without
+    # its stop token) ended after N of its tokens, N drawn from n_min to its length, under its own prompt
+    # (Exact or Max) rewritten to ask for N. The same kind of text ended at every N is the contrast that
+    # reading N needs, and the reward gives it only slowly; the text is the model's own, and stop_loss's
+    # KL keeps it so.
+    learnt = rollouts
     if supervised:
-        rows, learnt, within = length_rows(cfg, rollouts, batch, targets, rng, tokenizer)
-        kind = ["length"] * len(rows)
+        text = [r.n_y - (r.finish == "eos") for r in rollouts]
+        kept = [j for j in range(len(rollouts)) if text[j] >= cfg.n_min]  # shorter ones cannot be ended at any N
+        cut = [rng.randint(cfg.n_min, min(cfg.n_max, text[j])) for j in kept]
+        modes = [targets[j // G][1] for j in kept]  # a Max prompt learns a length of N/2 to N (budget_nll)
+        rows = [data.lcpo_prompt(tokenizer, batch[j // G], n, m, cfg.budget_in) for j, n, m in zip(kept, cut, modes)]
+        learnt = [sample.Rollout(rollouts[j].tokens[:n], rollouts[j].logprobs[:n], "length") for j, n in zip(kept, cut)]
+        within = torch.tensor([m == "max" for m in modes], dtype=torch.bool)
     else:
         advantages = group_advantages(rewards_t, G, scale=cfg.loss_norm != "dr_grpo")  # [P * G]
-        kind, within = ["lcpo"] * len(rows), torch.zeros(len(rows), dtype=torch.bool)
-        if cfg.length_weight > 0:
-            extra_rows, extra, extra_within = length_rows(cfg, rollouts, batch, targets, rng, tokenizer)
-            rows, learnt, weight = rows + extra_rows, rollouts + extra, cfg.length_weight
-            kind, within = kind + ["length"] * len(extra), torch.cat([within, extra_within])
-    length_count = kind.count("length")
 
     # 5. the loss, over micro-batches, epochs times
     t1 = time.perf_counter()
     model.train()
-    batch_tokens = sum(r.n_y for r, k in zip(learnt, kind) if k == "lcpo") or sum(r.n_y for r in learnt)
-    micro = []
-    for k in ("lcpo", "length"):  # a micro-batch holds one kind of row
-        of_kind = [j for j in range(len(rows)) if kind[j] == k]
-        micro += [[of_kind[i] for i in idx] for idx in micro_batches([len(rows[j]) + learnt[j].n_y for j in of_kind],
-                                                                      cfg.micro_batch_tokens)]
+    batch_tokens = sum(r.n_y for r in learnt)
+    micro = micro_batches([len(p) + r.n_y for p, r in zip(rows, learnt)], cfg.micro_batch_tokens)
     if progress is not None:
         progress.set_description(f"step {step}: update", refresh=False)
         progress.unit = "micro-batch"
-        progress.reset(total=len(micro) * cfg.epochs + (cfg.beta > 0) * sum(kind[idx[0]] == "lcpo" for idx in micro))
+        progress.reset(total=len(micro) * (cfg.epochs + (cfg.beta > 0 and not supervised)))
     tensors = [pack([rows[j] for j in idx], [learnt[j] for j in idx], tokenizer.pad_token_id, device) for idx in micro]
     ref = []
     t_ref = time.perf_counter()
-    for idx, (ids, mask, resp_mask, _) in zip(micro, tensors):  # the reference pass, once a batch (stop_loss has its own)
-        if cfg.beta > 0 and kind[idx[0]] == "lcpo":
+    for ids, mask, resp_mask, _ in tensors:  # the reference pass, once per rollout batch (stop_loss has its own)
+        if cfg.beta > 0 and not supervised:
             with model_lib.reference(model):
                 ref.append(response_logprobs(model, ids, mask, resp_mask, cfg.temperature))
             if progress is not None:
@@ -542,20 +521,20 @@ def train_step(cfg: Config, step: int, model, tokenizer, optimizer, params, prob
     if device.type == "cuda":  # let the reference pass finish before timing it
         torch.cuda.synchronize(device)
     reference_s, optimizer_s = time.perf_counter() - t_ref, 0.0
-    sums = dict(kl=0.0, clipped=0.0, ratio=0.0, entropy_proxy=0.0, loss=0.0, stop_nll=0.0, length_kl=0.0)
+    sums = dict(kl=0.0, clipped=0.0, ratio=0.0, entropy_proxy=0.0, loss=0.0, stop_nll=0.0)
     updated, grad_norm = bool(torch.isfinite(rewards_t).all() and rows), float("nan")  # non-finite rewards: no passes
     for _ in range(cfg.epochs if updated else 0):
         optimizer.zero_grad(set_to_none=True)
         for idx, (ids, mask, resp_mask, old), ref_logp in zip(micro, tensors, ref):
-            if kind[idx[0]] == "length":  # the mean over its rows of the length NLL + KL
+            if supervised:  # the mean over rows of the length NLL + KL
                 nll, kl = stop_loss(model, ids, mask, resp_mask.sum(-1).long(), tokenizer.eos_token_id,
                                     within=within[idx].to(device) if within[idx].any() else None)
-                loss = weight * (nll + kl).sum() / length_count
+                loss = (nll + kl).sum() / len(rows)
             else:
                 logp = response_logprobs(model, ids, mask, resp_mask, cfg.temperature)  # [b, R]
                 loss_tok, kl, clipped = per_token_loss(logp, old, ref_logp, advantages[idx].to(device), cfg.clip,
                                                        cfg.beta)
-                loss = normalise(loss_tok, resp_mask, cfg.loss_norm, batch_tokens, len(rollouts), cfg.max_new_tokens)
+                loss = normalise(loss_tok, resp_mask, cfg.loss_norm, batch_tokens, len(rows), cfg.max_new_tokens)
             if not torch.isfinite(loss):
                 updated = False
                 break
@@ -564,8 +543,8 @@ def train_step(cfg: Config, step: int, model, tokenizer, optimizer, params, prob
                 progress.update()
             with torch.no_grad():
                 sums["loss"] += loss.item()
-                if kind[idx[0]] == "length":
-                    sums["kl" if supervised else "length_kl"] += kl.sum().item()
+                if supervised:
+                    sums["kl"] += kl.sum().item()
                     sums["stop_nll"] += nll.sum().item()
                     continue
                 sums["kl"] += (kl * resp_mask).sum().item()
@@ -607,14 +586,9 @@ def train_step(cfg: Config, step: int, model, tokenizer, optimizer, params, prob
         peak_memory_mb=peak_memory_mb(device), rollout_s=rollout_s, reference_s=reference_s,
         policy_s=train_s - reference_s - optimizer_s, optimizer_s=optimizer_s,
     )
-    epochs = cfg.epochs if updated else 1
-    if length_count:  # stop_nll: -log p(its length) per learnt row, under the prompt asking for it (kl: per token)
-        metrics.update(stop_nll=sums["stop_nll"] / length_count / epochs, length_rows=length_count)
-    if supervised:
-        metrics.update(clip_fraction=None, ratio_mean=None, entropy_proxy=None)  # LCPO's alone
-    elif length_count:  # the supervised rows' KL per text token, beside LCPO's k3 KL
-        metrics.update(length_kl=sums["length_kl"] / max(1, sum(learnt[j].n_y for j in range(len(rows))
-                                                                if kind[j] == "length")) / epochs)
+    if supervised:  # stop_nll: -log p(its length) per learnt row, under the prompt asking for it (kl: per token)
+        metrics.update(stop_nll=sums["stop_nll"] / max(1, len(rows)) / (cfg.epochs if updated else 1),
+                       length_rows=len(rows), clip_fraction=None, ratio_mean=None, entropy_proxy=None)  # LCPO's alone
     examples = [dict(prompt=tokenizer.decode(prompts[j // G]), response=texts[j], n_y=n_y[j], n_gold=n_gold[j],
                      correct=correct[j], reward=rewards[j]) for j in range(0, len(rollouts), G)]
     return metrics, examples
