@@ -528,7 +528,7 @@ def train_step(cfg: Config, step: int, model, tokenizer, optimizer, params, prob
         for idx, (ids, mask, resp_mask, old), ref_logp in zip(micro, tensors, ref):
             if supervised:  # the mean over rows of the length NLL + KL
                 nll, kl = stop_loss(model, ids, mask, resp_mask.sum(-1).long(), tokenizer.eos_token_id,
-                                    within=within[idx].to(device) if within[idx].any() else None)
+                                    within=within[idx].to(device))
                 loss = (nll + kl).sum() / len(rows)
             else:
                 logp = response_logprobs(model, ids, mask, resp_mask, cfg.temperature)  # [b, R]
