@@ -215,13 +215,12 @@ def stop_probe(model, tokenizer, prompts: list[list[list[int]]], responses: list
 
 
 def fit_stop(model, tokenizer, prompt, responses, cuts, lr: float, batch: int, seed: int, loss: str = "length",
-             modes: tuple[str, ...] = ("exact",), draw: str = "uniform"):
+             modes: tuple[str, ...] = ("exact",)):
     """The positive control of reading N, and the first stage of the recipe: train the adapter on the stop
     decision, on other texts.
 
     prompt(r, n, mode): response r's prompt asking for n tokens in that mode. loss "length": N drawn from
-    min(cuts)..max(cuts) (draw "uniform": each N alike; "log": uniform in log N, as many pairs from 32 to 64
-    as from 64 to 128) and the mode from `modes`, the model's own text ended at N: train.stop_loss, the
+    min(cuts)..max(cuts) and the mode from `modes`, the model's own text ended at N: train.stop_loss, the
     loss of train.py --length-steps (the negative log-likelihood of a length of exactly N -- for a Max
     prompt, of N/2 to N -- plus the KL from the untrained model's text before N, without which the text
     drifts into empty lines). "cuts": N is one of the cuts, binary cross-entropy of the
@@ -235,8 +234,7 @@ def fit_stop(model, tokenizer, prompt, responses, cuts, lr: float, batch: int, s
     for step in itertools.count():
         model.train()
         # (N, text, mode); a single mode draws nothing, so a one-mode fit repeats the pairs of the earlier fits
-        chosen = [(rng.choice(cuts) if loss == "cuts" else rng.randint(min(cuts), max(cuts)) if draw == "uniform"
-                   else round(math.exp(rng.uniform(math.log(min(cuts)), math.log(max(cuts))))),
+        chosen = [(rng.choice(cuts) if loss == "cuts" else rng.randint(min(cuts), max(cuts)),
                    rng.randrange(len(responses)), rng.choice(modes) if len(modes) > 1 else modes[0])
                   for _ in range(batch)]
         n = torch.tensor([n for n, _, _ in chosen], device=device)
@@ -347,7 +345,7 @@ def run_stop_probe(args, out: Path) -> dict:
         say(0, result)
         modes = ("exact", "max") if args.mode == "mix" else (args.mode,)
         for step, loss, kl in fit_stop(model, tokenizer, lambda r, n, m: prompt(fit[r], n, m), [ids for _, ids in fit],
-                                       cuts, args.fit_lr, FIT_BATCH, args.seed, args.fit_loss, modes, args.fit_draw):
+                                       cuts, args.fit_lr, FIT_BATCH, args.seed, args.fit_loss, modes):
             losses.append(loss)
             kls.append(kl)
             if (step + 1) % PROBE_EVERY == 0 or step + 1 == args.fit_steps:
@@ -362,7 +360,7 @@ def run_stop_probe(args, out: Path) -> dict:
             if step + 1 == args.fit_steps:
                 break
         result.update(fit_responses=len(fit), curve=curve, fit_lr=args.fit_lr, fit_steps=args.fit_steps,
-                      fit_loss=args.fit_loss, fit_draw=args.fit_draw)
+                      fit_loss=args.fit_loss)
     return result
 
 
@@ -533,8 +531,6 @@ def parse_args(argv):
     parser.add_argument("--fit-lr", type=float, default=1e-3, help="--fit-steps: the LoRA learning rate")
     parser.add_argument("--fit-loss", default="length", choices=["length", "cuts"], help="--fit-steps: the "
                         "likelihood of stopping after exactly N tokens, or the stop decision at the cuts alone")
-    parser.add_argument("--fit-draw", default="uniform", choices=["uniform", "log"], help="--fit-loss length: N "
-                        "from min to max of --budgets, each alike or uniform in log N (more pairs at the short end)")
     parser.add_argument("--model", default=None, help="hub id or local directory (default: the embedded model)")
     parser.add_argument("--adapter", default=None, help="a saved adapter, or a train.py run directory")
     parser.add_argument("--data", default="builtin", help="builtin, a known set (data.KNOWN_SETS), a hub id or a file")
@@ -581,8 +577,6 @@ def parse_args(argv):
         raise ValueError("--stop-probe asks for each budget in the prompt: it goes with --mode exact or max")
     if args.mode == "mix" and not args.fit_steps:
         raise ValueError("--mode mix draws Exact or Max prompts for --fit-steps: evaluate with --mode exact or max")
-    if args.fit_draw != "uniform" and args.fit_loss == "cuts":
-        raise ValueError("--fit-loss cuts trains at the budgets themselves: --fit-draw goes with --fit-loss length")
     if args.mode == "mix" and args.fit_loss == "cuts":
         raise ValueError("--fit-loss cuts trains Exact prompts only: use --mode exact, or --fit-loss length with mix")
     if args.s1 and args.mode == "none":

@@ -57,7 +57,6 @@ class Config:
     # the LCPO reward
     mode: str = "exact"  # exact, max, or mix (L1-Max: each prompt Exact or Max with probability 1/2)
     alpha: float | None = 0.0075  # reward per token of length error: the paper's 0.0003 x 25 for 25x shorter targets; None: 0.0003 exact, 0.001 max
-    alpha_max: float | None = None  # the Max prompts' alpha (the paper's two are 0.0003 / 0.001; x 25: 0.0075 / 0.025); None: --alpha
     delta: float = 0.5  # Max reward of a correct answer at exactly n_gold tokens
     n_min: int = N_MIN  # smallest target length n_gold, tokens
     n_max: int = N_MAX  # largest target length n_gold, tokens
@@ -126,8 +125,6 @@ def check_config(cfg: Config) -> None:
         problems.append(f"--mode must be exact, max or mix, not {cfg.mode!r}")
     if cfg.alpha is not None and cfg.alpha < 0:
         problems.append(f"--alpha must be >= 0, got {cfg.alpha}")
-    if cfg.alpha_max is not None and cfg.alpha_max < 0:
-        problems.append(f"--alpha-max must be >= 0, got {cfg.alpha_max}")
     if not 0 <= cfg.delta <= 1:
         problems.append(f"--delta must be in [0, 1], got {cfg.delta}")
     if cfg.group_size < 2:
@@ -481,8 +478,7 @@ def train_step(cfg: Config, step: int, model, tokenizer, optimizer, params, prob
         problem, (n_gold, mode) = batch[j // G], targets[j // G]
         ok = reward.judge(text, problem.answer, problem.multiple_choice, thinks, cfg.boxed_only)
         correct.append(ok)
-        alpha = cfg.alpha_max if mode == "max" and cfg.alpha_max is not None else cfg.alpha
-        rewards.append(reward.lcpo_reward(ok, r.n_y, n_gold, mode, alpha, cfg.delta))
+        rewards.append(reward.lcpo_reward(ok, r.n_y, n_gold, mode, cfg.alpha, cfg.delta))
     rewards_t = torch.tensor(rewards, dtype=torch.float32)
 
     # 4. advantages; in the first --length-steps, the supervised rows instead: each response's text (without

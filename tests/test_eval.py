@@ -138,7 +138,6 @@ def test_compare_labels_runs_by_what_differs_and_draws_a_readable_figure(tmp_pat
     (["--stop-probe", "r.jsonl", "--mode", "none"], "--stop-probe asks for each budget"),
     (["--mode", "mix"], "--mode mix draws Exact or Max prompts for --fit-steps"),
     (["--stop-probe", "r.jsonl", "--fit-steps", "2", "--mode", "mix", "--fit-loss", "cuts"], "trains Exact prompts only"),
-    (["--stop-probe", "r.jsonl", "--fit-steps", "2", "--fit-loss", "cuts", "--fit-draw", "log"], "goes with --fit-loss length"),
 ])
 def test_bad_flags_are_refused_in_one_line(argv, message):
     with pytest.raises(SystemExit) as e:
@@ -360,32 +359,3 @@ def test_fit_stop_under_max_prompts_ends_within_the_budget_and_past_half_of_it(c
     at_most, exact = scores("max"), scores("exact")
     assert min(at_most["within"]) > 0.9 and all(n / 2 < m <= n for m, n in zip(at_most["median"], cuts))
     assert exact["median"] == cuts and exact["median"] != at_most["median"]
-
-
-def test_fit_stop_log_draw_puts_half_the_pairs_in_the_lower_quarter_of_a_4x_range(char_tokenizer, monkeypatch):
-    """--fit-draw log: N uniform in log N, so N <= 16 of 4..64 is half the pairs (uniform: 13 / 61)."""
-    import contextlib
-    import copy
-
-    import torch
-
-    from tests.conftest import make_tiny_llama
-
-    model = make_tiny_llama(char_tokenizer, seed=1)
-    untrained = copy.deepcopy(model).requires_grad_(False)
-    monkeypatch.setattr(ev.model_lib, "reference", lambda m: contextlib.nullcontext(untrained))
-    problem, text = data.Problem("1+1?", "2"), torch.randint(10, 90, (64,)).tolist()
-    shares = {}
-    for draw in ("uniform", "log"):
-        asked = []
-
-        def prompt(r, n, m):
-            asked.append(n)
-            return data.lcpo_prompt(char_tokenizer, problem, n, m)
-
-        for _ in itertools.islice(ev.fit_stop(model, char_tokenizer, prompt, [text], [4, 64], lr=1e-3, batch=16,
-                                              seed=0, draw=draw), 25):
-            pass
-        assert len(asked) == 400 and min(asked) >= 4 and max(asked) <= 64
-        shares[draw] = sum(n <= 16 for n in asked) / len(asked)
-    assert shares["uniform"] < 0.3 and 0.4 < shares["log"] < 0.6

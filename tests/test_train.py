@@ -149,18 +149,6 @@ def test_the_next_steps_train_on_the_two_ends(learnable_model_dir, tmp_path):
     assert slopes[0] is None and all(isinstance(x, float) for x in slopes[1:])  # one N has no slope
 
 
-def test_max_prompts_can_have_their_own_alpha(learnable_model_dir, tmp_path, monkeypatch):
-    seen, real = [], reward.lcpo_reward
-
-    def spy(correct, n_y, n_gold, mode, alpha=None, delta=reward.DELTA_MAX):
-        seen.append((mode, alpha))
-        return real(correct, n_y, n_gold, mode, alpha, delta)
-
-    monkeypatch.setattr(reward, "lcpo_reward", spy)
-    train.train(tiny_config(learnable_model_dir, mode="mix", alpha=0.05, alpha_max=0.2, steps=2), tmp_path / "run")
-    assert {a for m, a in seen if m == "max"} == {0.2} and {a for m, a in seen if m == "exact"} == {0.05}
-
-
 def test_the_length_sentence_can_go_in_a_system_message(learnable_model_dir, tmp_path):
     cfg = tiny_config(learnable_model_dir, budget_in="system", steps=1, sample_every=1)
     (step,) = [json.loads(line) for line in (train.train(cfg, tmp_path / "run") / "samples.jsonl").read_text().splitlines()]
@@ -378,7 +366,6 @@ def test_init_adapter_starts_from_its_weights(learnable_model_dir, tmp_path):
 
 @pytest.mark.parametrize("argv, message", [
     (["--alpha", "-0.1"], "--alpha must be >= 0"),
-    (["--alpha-max", "-0.1"], "--alpha-max must be >= 0"),
     (["--group-size", "1"], "--group-size must be >= 2"),
     (["--n-min", "50", "--n-max", "10"], "n_min (50) is larger than n_max (10)"),
     (["--n-min", "0"], "n_min must be a positive"),
