@@ -92,7 +92,16 @@ def settings_from(args) -> dict:
     settings = {k: getattr(args, k) for k in keys}
     settings["adapter"] = str(model_lib.find_adapter(args.adapter)) if args.adapter else None
     settings["base"] = model_lib.adapter_base(args.adapter) if args.adapter else (args.model or "embedded")
+    if marker_every(args):  # only then: the settings of every earlier evaluation stay as they were
+        settings["budget_marker"] = marker_every(args)
     return settings
+
+
+def marker_every(args) -> int:
+    """The budget-marker interval: --budget-marker, else as the adapter was trained (0: none)."""
+    if args.budget_marker is not None:
+        return args.budget_marker
+    return model_lib.adapter_marker(args.adapter) if args.adapter else 0
 
 
 def train_config(adapter: str | None) -> dict:
@@ -132,6 +141,7 @@ def evaluate(args, out: Path) -> dict:
     model, tokenizer = model_lib.load_model(args.model, adapter=args.adapter, quantize=args.quantize, trainable=False)
     model = model_lib.rollout_copy(model)  # the same function, dequantized and merged once: faster to sample from
     thinks = "</think>" in tokenizer.get_vocab()
+    marker = sample.BudgetMarker(tokenizer, marker_every(args)) if marker_every(args) else None
     from tqdm import tqdm
 
     todo = [b for b in budgets if b not in done]
@@ -155,9 +165,10 @@ def evaluate(args, out: Path) -> dict:
             else:
                 outs = sample.generate(model, batch_prompts, cap, tokenizer.pad_token_id, [tokenizer.eos_token_id],
                                        args.temperature, args.top_p, generator,
-                                       on_token=lambda step, tokens, finished: bar.update(done + finished - bar.n))
+                                       on_token=lambda step, tokens, finished: bar.update(done + finished - bar.n),
+                                       marker=marker if asked is not None else None, budgets=[budget] * len(chunk))
             for (i, k), o in zip(chunk, outs):
-                text = tokenizer.decode(o.tokens, skip_special_tokens=True)
+                text = tokenizer.decode(o.text_tokens(), skip_special_tokens=True)  # without the markers
                 p = problems[i]
                 ok = reward.judge(text, p.answer, p.multiple_choice, thinks, args.boxed_only)
                 records.append(dict(problem=i, budget=budget, sample=k, n_y=o.n_y, correct=ok,
@@ -178,44 +189,55 @@ def evaluate(args, out: Path) -> dict:
 # the stop probe: does the model put its stop where N says? (teacher-forced, no sampling)
 
 
-def position_logprobs(model, tokenizer, rows: list[list[int]], cuts: list[int]) -> torch.Tensor:
+def position_logprobs(model, tokenizer, rows: list[list[int]], cuts: list[int], marker=None) -> torch.Tensor:
     """The next-token log-probabilities after each row's first L response tokens, for each L in cuts:
     [rows, cuts, vocabulary].
 
     Each row is a prompt followed by exactly max(cuts) response tokens; rows are left-padded here.
+    marker: the responses hold budget markers (BudgetMarker.insert): L counts their own tokens, and the
+    output is read where the model picks the next one (after the marker that follows an L on the interval).
     """
     device = model.device
     ids, mask = sample.left_pad(rows, tokenizer.pad_token_id, device)
     width = ids.shape[1]
     hidden = model.get_decoder()(input_ids=ids, attention_mask=mask,
                                  position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).last_hidden_state  # [rows, T, H]
-    at = torch.tensor([width - max(cuts) + L - 1 for L in cuts], device=device)  # the output after the L-th token
-    return model.get_output_embeddings()(hidden[:, at]).float().log_softmax(-1)
+    if marker is None:
+        at = [width - max(cuts) + L - 1 for L in cuts]  # the output after the L-th token
+    else:
+        at = [width - marker.columns(max(cuts)) + marker.decision(L) for L in cuts]
+    return model.get_output_embeddings()(hidden[:, torch.tensor(at, device=device)]).float().log_softmax(-1)
 
 
-def stop_logprobs(model, tokenizer, rows: list[list[int]], cuts: list[int]) -> torch.Tensor:
+def stop_logprobs(model, tokenizer, rows: list[list[int]], cuts: list[int], marker=None) -> torch.Tensor:
     """log p(stop token) after each row's first L response tokens, for each L in cuts: [rows, cuts]."""
-    return position_logprobs(model, tokenizer, rows, cuts)[..., tokenizer.eos_token_id]
+    return position_logprobs(model, tokenizer, rows, cuts, marker)[..., tokenizer.eos_token_id]
+
+
+def with_markers(tokens: list[int], n: int, marker) -> list[int]:
+    """A text as the model reads it under a prompt asking for n: with the budget markers, if any."""
+    return tokens if marker is None else marker.insert(tokens, n)[0]
 
 
 @torch.no_grad()
 def stop_probe(model, tokenizer, prompts: list[list[list[int]]], responses: list[list[int]], cuts: list[int],
-               batch: int = 8) -> torch.Tensor:
+               batch: int = 8, marker=None, asked_n: list[int] | None = None) -> torch.Tensor:
     """stop_logprobs for each response under each asked N: [responses, asked N, cut L].
 
-    prompts[a][r]: response r's prompt asking the a-th N; cuts: the L, one per N (the same numbers);
-    responses at least max(cuts) tokens long.
+    prompts[a][r]: response r's prompt asking the a-th N (asked_n[a], which the markers count down
+    from); cuts: the L; responses at least max(cuts) tokens long.
     """
     out = torch.zeros(len(responses), len(prompts), len(cuts))
     for a, asked in enumerate(prompts):
         for start in range(0, len(responses), batch):
-            rows = [p + r[:max(cuts)] for p, r in zip(asked[start:start + batch], responses[start:start + batch])]
-            out[start:start + len(rows), a] = stop_logprobs(model, tokenizer, rows, cuts).cpu()
+            rows = [p + with_markers(r[:max(cuts)], asked_n[a] if marker else 0, marker)
+                    for p, r in zip(asked[start:start + batch], responses[start:start + batch])]
+            out[start:start + len(rows), a] = stop_logprobs(model, tokenizer, rows, cuts, marker).cpu()
     return out
 
 
 def fit_stop(model, tokenizer, prompt, responses, cuts, lr: float, batch: int, seed: int, loss: str = "length",
-             modes: tuple[str, ...] = ("exact",)):
+             modes: tuple[str, ...] = ("exact",), marker=None):
     """The positive control of reading N, and the first stage of the recipe: train the adapter on the stop
     decision, on other texts.
 
@@ -225,6 +247,7 @@ def fit_stop(model, tokenizer, prompt, responses, cuts, lr: float, batch: int, s
     prompt, of N/2 to N -- plus the KL from the untrained model's text before N, without which the text
     drifts into empty lines). "cuts": N is one of the cuts, binary cross-entropy of the
     stop decision at the cuts alone (which leaves the stop and the content free everywhere else).
+    marker: the texts are read with budget markers counting down from each pair's N.
     Yields (step, loss, KL per text).
     """
     params = [p for p in model.parameters() if p.requires_grad]
@@ -239,16 +262,16 @@ def fit_stop(model, tokenizer, prompt, responses, cuts, lr: float, batch: int, s
                   for _ in range(batch)]
         n = torch.tensor([n for n, _, _ in chosen], device=device)
         if loss == "cuts":
-            logp = stop_logprobs(model, tokenizer, [prompt(r, n, m) + responses[r][:max(cuts)] for n, r, m in chosen],
-                                 cuts)
+            logp = stop_logprobs(model, tokenizer, [prompt(r, n, m) + with_markers(responses[r][:max(cuts)], n, marker)
+                                                    for n, r, m in chosen], cuts, marker)
             stop_here = (torch.tensor(cuts, device=device) == n[:, None]).float()  # [batch, cuts]
             kl = torch.zeros(batch, device=device)
             value = -(stop_here * logp + (1 - stop_here) * train.log_no_stop(logp)).mean()
         else:
-            rows = [prompt(r, n, m) + responses[r][:n] for n, r, m in chosen]
+            rows = [prompt(r, n, m) + with_markers(responses[r][:n], n, marker) for n, r, m in chosen]
             ids, mask = sample.left_pad(rows, tokenizer.pad_token_id, device)
             within = torch.tensor([m == "max" for _, _, m in chosen], device=device)
-            nll, kl = train.stop_loss(model, ids, mask, n, eos, within=within)
+            nll, kl = train.stop_loss(model, ids, mask, n, eos, within=within, marker=marker)
             value = (nll + kl).mean()
         optimizer.zero_grad()
         value.backward()
@@ -304,6 +327,9 @@ def run_stop_probe(args, out: Path) -> dict:
     model, tokenizer = model_lib.load_model(args.model, adapter=args.adapter, quantize=args.quantize, trainable=fitting)
     if not fitting:
         model = model_lib.rollout_copy(model)
+    every = marker_every(args)
+    marker = sample.BudgetMarker(tokenizer, every) if every else None
+    model.lcpo_marker = every  # a fitted adapter is saved with it
     cuts = sorted(args.budgets)
     kept = [(r["problem"], ids[:max(cuts)]) for r in records
             if len(ids := tokenizer.encode(r["text"], add_special_tokens=False)) >= max(cuts)]
@@ -321,7 +347,7 @@ def run_stop_probe(args, out: Path) -> dict:
 
         def logp(mode):  # every position: the cuts, and the lengths they imply
             return stop_probe(model, tokenizer, [[prompt(t, n, mode) for t in held] for n in cuts],
-                              [ids for _, ids in held], list(range(1, max(cuts) + 1)))
+                              [ids for _, ids in held], list(range(1, max(cuts) + 1)), marker=marker, asked_n=cuts)
 
         asked = logp(probed)
         scores = dict(probe_scores(asked[..., [L - 1 for L in cuts]]), **length_scores(asked, cuts))
@@ -345,7 +371,7 @@ def run_stop_probe(args, out: Path) -> dict:
         say(0, result)
         modes = ("exact", "max") if args.mode == "mix" else (args.mode,)
         for step, loss, kl in fit_stop(model, tokenizer, lambda r, n, m: prompt(fit[r], n, m), [ids for _, ids in fit],
-                                       cuts, args.fit_lr, FIT_BATCH, args.seed, args.fit_loss, modes):
+                                       cuts, args.fit_lr, FIT_BATCH, args.seed, args.fit_loss, modes, marker):
             losses.append(loss)
             kls.append(kl)
             if (step + 1) % PROBE_EVERY == 0 or step + 1 == args.fit_steps:
@@ -380,8 +406,9 @@ def method(result: dict) -> str:
     if not s["adapter"]:
         return "base" + (" (no length)" if s["mode"] == "none" else "")
     if not result.get("train_config"):  # not a train.py run (e.g. eval.py --fit-steps): the adapter's own name
-        return f"adapter {Path(s['adapter']).name}" + (" (max)" if s["mode"] == "max" else "")
-    return "LCPO" + ("-Max" if s["mode"] == "max" else "")
+        return (f"adapter {Path(s['adapter']).name}" + (" (max)" if s["mode"] == "max" else "")
+                + (f" + markers every {s['budget_marker']}" if s.get("budget_marker") else ""))
+    return "LCPO" + ("-Max" if s["mode"] == "max" else "") + (" + markers" if s.get("budget_marker") else "")
 
 
 def labels(results: list[dict], names: list[str]) -> list[str]:
@@ -543,6 +570,9 @@ def parse_args(argv):
                         help="none: no length sentence; mix (--fit-steps only): each pair Exact or Max")
     parser.add_argument("--budget-in", default="user", choices=data.BUDGET_PLACES,
                         help="where the length sentence goes: as the adapter was trained (train.py --budget-in)")
+    parser.add_argument("--budget-marker", type=int, default=None, metavar="K",
+                        help="show the budget left after every K tokens of the response (train.py --budget-marker); "
+                        "default: as the adapter was trained, 0: off")
     parser.add_argument("--s1", action="store_true", help="S1 budget forcing at each budget (no length sentence)")
     parser.add_argument("--samples", type=int, default=2, help="K samples per problem (the paper: 16)")
     parser.add_argument("--temperature", type=float, default=0.6)
@@ -581,6 +611,10 @@ def parse_args(argv):
         raise ValueError("--fit-loss cuts trains Exact prompts only: use --mode exact, or --fit-loss length with mix")
     if args.s1 and args.mode == "none":
         raise ValueError("--s1 forces each budget: it cannot go with --mode none")
+    if args.budget_marker is not None and args.budget_marker < 0:
+        raise ValueError(f"--budget-marker must be >= 0 (0: off), got {args.budget_marker}")
+    if args.budget_marker and (args.s1 or args.mode == "none"):
+        raise ValueError("--budget-marker counts down from the N in the prompt: it goes with --mode exact, max or mix")
     args.limit = args.limit or None
     if args.split is None and args.data == "builtin":
         args.split = "test"

@@ -260,6 +260,7 @@ def load_model(
                                 target_modules=lora_targets, task_type="CAUSAL_LM")
             model = get_peft_model(model, config)
     model.lcpo_base = name or "embedded"  # what the user named, saved beside the adapter
+    model.lcpo_marker = adapter_marker(adapter) if adapter is not None else 0  # saved beside it too
     return model, tokenizer
 
 
@@ -345,7 +346,8 @@ def save_adapter(model, tokenizer, out_dir: str | Path) -> None:
     with atomic_dir(Path(out_dir)) as staging:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        (staging / ADAPTER_BASE_FILE).write_text(json.dumps({"base": getattr(model, "lcpo_base", "embedded")}))
+        (staging / ADAPTER_BASE_FILE).write_text(json.dumps({"base": getattr(model, "lcpo_base", "embedded"),
+                                                             "budget_marker": getattr(model, "lcpo_marker", 0)}))
 
 
 def find_adapter(path: str | Path) -> Path:
@@ -396,6 +398,18 @@ def adapter_base(adapter: str | Path) -> str:
     except (ValueError, KeyError, TypeError) as e:
         raise ModelError(f"adapter {path} does not say which base model it was trained on ({e!r}): "
                          f"its {ADAPTER_BASE_FILE} or adapter_config.json is damaged") from None
+
+
+def adapter_marker(adapter: str | Path) -> int:
+    """The budget-marker interval an adapter was trained with (train.py --budget-marker; 0: none)."""
+    path = find_adapter(adapter) / ADAPTER_BASE_FILE
+    try:
+        every = json.loads(path.read_text()).get("budget_marker", 0) if path.is_file() else 0
+    except (ValueError, AttributeError):  # not JSON, or not an object
+        every = None
+    if not isinstance(every, int) or every < 0:
+        raise ModelError(f"{path} is damaged (its budget_marker is not a number of tokens): save the adapter again")
+    return every
 
 
 def export_adapter(adapter: str | Path, out_dir: str | Path, dtype: torch.dtype = torch.bfloat16) -> Path:

@@ -16,7 +16,7 @@ equal to what `sequence_logprobs` computes by a fresh forward pass over prompt +
 import argparse
 import math
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -35,12 +35,73 @@ MIN_BUCKET = 16  # fewest rows a fixed-shape decode step runs (StaticDecoder): b
 @dataclass
 class Rollout:
     tokens: list[int]  # generated ids, up to and including the stop token
-    logprobs: list[float]  # log-prob of each token under its sampling distribution (nan: inserted, S1)
+    logprobs: list[float]  # log-prob of each token under its sampling distribution (nan: inserted, S1 or a marker)
     finish: str  # "eos": a stop id was sampled; "length": max_new_tokens reached
+    marks: list[int] = field(default_factory=list)  # where in `tokens` the budget markers are (BudgetMarker)
 
     @property
     def n_y(self) -> int:
-        return len(self.tokens)
+        """The response's length: its tokens without the budget markers."""
+        return len(self.tokens) - len(self.marks)
+
+    def text_tokens(self) -> list[int]:
+        """The tokens the response wrote: without the budget markers."""
+        marked = set(self.marks)
+        return [t for i, t in enumerate(self.tokens) if i not in marked]
+
+
+class BudgetMarker:
+    """The budget-marker variant (beyond the paper, as Hansel and BudgetThinker do): after every `every`
+    tokens of its own, the response is shown how much of its budget N is left, " [0096 left]", as tokens
+    the loop inserts; they are not the model's and do not count in its length.
+
+    A marker is always the same number of tokens (the number has DIGITS digits, one token each), so the
+    markers of every row fall at the same steps of the loop, whatever its N, and the layout of a response
+    (where its L-th own token is) does not depend on N.
+
+        >>> m = BudgetMarker(tokenizer, 16)   # doctest: +SKIP
+        >>> tokenizer.decode(m.ids(96))       # doctest: +SKIP
+        ' [0096 left]'
+    """
+
+    DIGITS = 4  # budgets up to 9999 tokens
+    PREFIX, SUFFIX = " [", " left]"
+
+    def __init__(self, tokenizer, every: int):
+        if every < 1:
+            raise ValueError(f"a budget marker needs an interval of at least 1 token, got {every}")
+        digits = [tokenizer.encode(str(d), add_special_tokens=False) for d in range(10)]
+        if any(len(d) != 1 for d in digits):
+            raise ValueError("budget markers need a tokenizer that writes each digit 0-9 as one token")
+        self.every, self.digits = every, [d[0] for d in digits]
+        self.prefix = tokenizer.encode(self.PREFIX, add_special_tokens=False)
+        self.suffix = tokenizer.encode(self.SUFFIX, add_special_tokens=False)
+        self.size = len(self.prefix) + self.DIGITS + len(self.suffix)  # tokens per marker
+
+    def ids(self, left: int) -> list[int]:
+        """The marker saying `left` tokens are left (0 once the budget is spent)."""
+        left = min(max(left, 0), 10**self.DIGITS - 1)
+        return self.prefix + [self.digits[int(c)] for c in f"{left:0{self.DIGITS}d}"] + self.suffix
+
+    def columns(self, n: int) -> int:
+        """How many tokens a response of n own tokens has, with the marker after its n-th when n % every == 0."""
+        return n + (n // self.every) * self.size
+
+    def decision(self, length: int) -> int:
+        """The index in the response of the last token before the model picks its (length + 1)-th own token
+        (or the stop): its length-th own token, or the marker right after it."""
+        return length - 1 + (length // self.every) * self.size
+
+    def insert(self, tokens: list[int], n_gold: int, end: bool = True) -> tuple[list[int], list[int]]:
+        """A text with the markers put in where the loop puts them, counting down from n_gold: (tokens,
+        where the markers are). end=False: no marker after the last token (a response that stopped there)."""
+        out, marks = [], []
+        for count, token in enumerate(tokens, 1):
+            out.append(token)
+            if count % self.every == 0 and (end or count < len(tokens)):
+                marks += range(len(out), len(out) + self.size)
+                out += self.ids(n_gold - count)
+        return out, marks
 
 
 def check_sampling_args(max_new_tokens, temperature: float, top_p: float) -> None:
@@ -84,6 +145,8 @@ def generate(
     share_prefix: bool = True,
     compact: bool = True,
     static_cache: bool | None = None,
+    marker: BudgetMarker | None = None,
+    budgets: list[int] | None = None,
 ) -> list[Rollout]:
     """Sample a response for each prompt (token ids, chat template applied). See the module docstring.
 
@@ -94,6 +157,10 @@ def generate(
     cache, so a batch costs the sum of its lengths, not rows x the longest; static_cache runs the
     decode step at fixed shapes (`StaticDecoder`), which on a CUDA device replays it from CUDA graphs.
     None: on a CUDA device only (on a CPU it only adds the padding rows of its buckets).
+
+    marker: the budget-marker variant: after every marker.every sampled tokens the loop feeds each row
+    the marker of its budget (budgets[row], its N) instead of sampling; max_new_tokens then counts the
+    sampled tokens alone, and each Rollout says where its markers are.
     """
     from transformers import DynamicCache, StaticCache
 
@@ -101,8 +168,12 @@ def generate(
         raise ValueError("generate needs at least one prompt, and no empty prompt")
     check_sampling_args(max_new_tokens, temperature, top_p)
     limits = max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens] * len(prompts)
+    if marker is not None and (budgets is None or len(budgets) != len(prompts)):
+        raise ValueError("budget markers need the budget N of every prompt (budgets, one per prompt)")
+    room = limits if marker is None else [marker.columns(n - 1) + 1 for n in limits]  # tokens, markers included
+    cycle = marker.every + marker.size if marker is not None else None  # the steps of `every` tokens and a marker
     context = getattr(model.config, "max_position_embeddings", None)
-    longest = max(len(p) + n for p, n in zip(prompts, limits))
+    longest = max(len(p) + n for p, n in zip(prompts, room))
     if context is not None and longest > context:
         raise ValueError(f"prompt + max_new_tokens is {longest} tokens, more than the model's context of {context}")
 
@@ -117,8 +188,8 @@ def generate(
     if static_cache is None:
         static_cache = device.type == "cuda"
     if static_cache:  # room for the longest response; the mask's columns open as tokens are fed
-        cache = StaticCache(config=model.config, max_cache_len=width + max(limits))
-        mask = F.pad(mask, (0, max(limits)))
+        cache = StaticCache(config=model.config, max_cache_len=width + max(room))
+        mask = F.pad(mask, (0, max(room)))
     else:
         cache = DynamicCache(config=model.config)
     logits = model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
@@ -133,23 +204,34 @@ def generate(
     active = torch.ones(batch, dtype=torch.bool, device=device)  # rows of the batch still generating
     limits_t = torch.tensor(limits, device=device)
     stop_t = torch.tensor(sorted(set(stop_ids)), device=device, dtype=torch.long)
-    out_tokens = torch.full((batch, max(limits)), pad_id, dtype=torch.long, device=device)
-    out_logprobs = torch.zeros((batch, max(limits)), device=device)
+    out_tokens = torch.full((batch, max(room)), pad_id, dtype=torch.long, device=device)
+    out_logprobs = torch.zeros((batch, max(room)), device=device)
     lengths = torch.zeros(batch, dtype=torch.long, device=device)
-    for step in range(max(limits)):
-        lp = sampling_logprobs(logits, temperature, top_p)  # [rows in the batch, V]
-        if temperature == 0:
-            token = lp.argmax(-1)
-        else:  # inverse CDF, one uniform per original row: a row's draw does not depend on the others
-            u = torch.rand(batch, generator=generator, device=device)[live]
-            cdf = lp.exp().cumsum(-1)
-            token = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(-1)
-            token = token.clamp(max=cdf.shape[-1] - 1)
-        rows = live[active]
-        out_tokens[rows, step] = token[active]
-        out_logprobs[rows, step] = lp.gather(-1, token[:, None]).squeeze(-1)[active]
-        lengths[rows] = step + 1
-        finished = active & (torch.isin(token, stop_t) | (step + 1 >= limits_t[live]))
+    for step in range(max(room)):
+        if marker is not None and step % cycle >= marker.every:  # a marker's token, the same step for every row
+            count = (step // cycle + 1) * marker.every  # the row's own tokens so far
+            token = torch.tensor([marker.ids(budgets[r] - count)[step % cycle - marker.every] for r in live.tolist()],
+                                 device=device)
+            rows = live[active]
+            out_tokens[rows, step] = token[active]
+            out_logprobs[rows, step] = math.nan
+            lengths[rows] = step + 1
+            finished = torch.zeros_like(active)
+        else:
+            lp = sampling_logprobs(logits, temperature, top_p)  # [rows in the batch, V]
+            if temperature == 0:
+                token = lp.argmax(-1)
+            else:  # inverse CDF, one uniform per original row: a row's draw does not depend on the others
+                u = torch.rand(batch, generator=generator, device=device)[live]
+                cdf = lp.exp().cumsum(-1)
+                token = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(-1)
+                token = token.clamp(max=cdf.shape[-1] - 1)
+            rows = live[active]
+            out_tokens[rows, step] = token[active]
+            out_logprobs[rows, step] = lp.gather(-1, token[:, None]).squeeze(-1)[active]
+            lengths[rows] = step + 1
+            own = step + 1 if marker is None else (step // cycle) * marker.every + step % cycle + 1  # sampled so far
+            finished = active & (torch.isin(token, stop_t) | (own >= limits_t[live]))
         active = active & ~finished
         if on_token is not None:
             on_token(step, out_tokens[:, step], batch - int(active.sum()))
@@ -177,7 +259,8 @@ def generate(
     rollouts = []
     for row, row_lp, n in zip(out_tokens.tolist(), out_logprobs.tolist(), lengths.tolist()):
         finish = "eos" if row[n - 1] in stop_set else "length"
-        rollouts.append(Rollout(row[:n], row_lp[:n], finish))
+        marks = [] if marker is None else [i for i in range(n) if i % cycle >= marker.every]
+        rollouts.append(Rollout(row[:n], row_lp[:n], finish, marks))
     return rollouts
 
 
@@ -374,6 +457,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=None, help="default: 2 x budget (256 without one)")
     parser.add_argument("--s1", action="store_true", help="S1 budget forcing: think exactly --budget tokens "
                         "(no length sentence in the prompt, as eval.py --s1)")
+    parser.add_argument("--budget-marker", type=int, default=None, metavar="K",
+                        help="show the budget left after every K tokens (train.py --budget-marker); default: as the "
+                        "adapter was trained, 0: off")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     try:
@@ -381,6 +467,10 @@ def main(argv: list[str] | None = None) -> None:
             raise ValueError(f"--budget must be >= 0, got {args.budget}")
         if args.s1 and args.budget == 0:
             raise ValueError("--s1 needs a --budget")
+        if args.budget_marker is not None and args.budget_marker < 0:
+            raise ValueError(f"--budget-marker must be >= 0 (0: off), got {args.budget_marker}")
+        if args.budget_marker and (args.s1 or args.budget == 0):
+            raise ValueError("--budget-marker counts down from --budget: it needs one, and does not go with --s1")
         max_new = args.max_new_tokens if args.max_new_tokens is not None else (2 * args.budget or 256)
         check_sampling_args(max_new, args.temperature, args.top_p)
         if args.prompt is None:  # the first built-in test problem, with its answer
@@ -389,7 +479,9 @@ def main(argv: list[str] | None = None) -> None:
         model_lib.set_threads()
         model, tokenizer = model_lib.load_model(args.model, adapter=args.adapter, quantize=not args.no_quantize,
                                                 trainable=False)
+        every = args.budget_marker if args.budget_marker is not None else model.lcpo_marker
         model = model_lib.rollout_copy(model)  # the same function, dequantized and merged once: faster to sample from
+        marker = BudgetMarker(tokenizer, every) if every and args.budget and not args.s1 else None
         problem = data.Problem(args.prompt, args.answer or "", multiple_choice=False)
         asked = None if args.s1 else args.budget or None  # S1 (as the paper runs it) has no length sentence
         prompt = data.lcpo_prompt(tokenizer, problem, asked, args.mode, args.budget_in)
@@ -413,8 +505,9 @@ def main(argv: list[str] | None = None) -> None:
                 print(tokenizer.decode(streamed, skip_special_tokens=True)[len(before):], end="", flush=True)
 
             (out,) = generate(model, [prompt], max_new, tokenizer.pad_token_id, [tokenizer.eos_token_id],
-                              args.temperature, args.top_p, generator, on_token=stream)
-            text = tokenizer.decode(out.tokens, skip_special_tokens=True)
+                              args.temperature, args.top_p, generator, on_token=stream, marker=marker,
+                              budgets=[args.budget])
+            text = tokenizer.decode(out.text_tokens(), skip_special_tokens=True)  # the markers shown, not judged
             print()
     except (ValueError, model_lib.ModelError) as e:  # e.g. a prompt and response longer than the model's context
         sys.exit(f"error: {e}")

@@ -64,6 +64,7 @@ class Config:
     n_min_steps: int = 0  # the next steps use n_min alone (an ablation: it teaches a stop that ignores N)
     ends_steps: int = 0  # the next steps use n_min and n_max alone: the model learns that N sets the length
     targets_per_problem: int = 1  # each problem of a step comes with this many targets, one per k-th of the range: their responses differ by N alone
+    budget_marker: int = 0  # the budget-marker variant, beyond the paper: after every k tokens of its own the response is shown the budget left, " [0096 left]"; 0: off (the paper)
     budget_in: str = "user"  # where "Think for N tokens." goes: user (after the problem, the paper) or system (a system message)
     boxed_only: bool = False  # judge only \boxed{} answers (the paper); off: the last number counts too
     # GRPO
@@ -141,7 +142,7 @@ def check_config(cfg: Config) -> None:
         if getattr(cfg, name) < 1:
             problems.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
     for name in ("beta", "clip", "lr", "warmup_steps", "grad_clip", "lora_dropout", "n_min_steps", "ends_steps",
-                 "length_steps"):
+                 "length_steps", "budget_marker"):
         if getattr(cfg, name) < 0:
             problems.append(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
     if cfg.init_adapter is not None:
@@ -149,6 +150,10 @@ def check_config(cfg: Config) -> None:
             base = model_lib.adapter_base(cfg.init_adapter)
             if cfg.model is not None and cfg.model != base:
                 problems.append(f"--init-adapter {cfg.init_adapter} was trained on {base}, not on --model {cfg.model}")
+            every = model_lib.adapter_marker(cfg.init_adapter)
+            if every and every != cfg.budget_marker:  # a plain adapter may start a marker run, not the reverse
+                problems.append(f"--init-adapter {cfg.init_adapter} was trained with --budget-marker {every}: "
+                                f"pass --budget-marker {every}")
         except model_lib.ModelError as e:
             problems.append(f"--init-adapter: {e}")
     try:
@@ -270,7 +275,8 @@ def before_the_end(columns: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
 
 
 def stop_loss(model, ids: torch.Tensor, mask: torch.Tensor, n: torch.Tensor, eos_id: int,
-              chunk: int = sample.LOGPROB_CHUNK, within: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+              chunk: int = sample.LOGPROB_CHUNK, within: torch.Tensor | None = None,
+              marker: sample.BudgetMarker | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The supervised length loss (--length-steps) of rows that are a prompt asking for N followed by the
     first N tokens of a response, left-padded (every row ends at the last column): ([rows] length NLL,
     [rows] KL).
@@ -282,8 +288,12 @@ def stop_loss(model, ids: torch.Tensor, mask: torch.Tensor, n: torch.Tensor, eos
     NLL (a KL over the full distribution also pulls the stop back to the untrained one: measured, it
     slows the length down). The fp32 log-softmax runs `chunk` positions at a time and is recomputed in
     backward, like sample.sequence_logprobs.
+
+    marker: the rows hold budget markers (BudgetMarker.insert, with one after an N-th token on the
+    interval); N counts the text's own tokens, and only the columns where the model picks its next own
+    token (or the stop) count: the rest are inside a marker, whose tokens are given.
     """
-    R = int(n.max())
+    R = int(n.max()) if marker is None else marker.columns(int(n.max()))  # response columns of the longest row
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     with model_lib.reference(model) as untrained:
         reference = untrained.get_decoder()(input_ids=ids, attention_mask=mask, position_ids=positions,
@@ -300,8 +310,21 @@ def stop_loss(model, ids: torch.Tensor, mask: torch.Tensor, n: torch.Tensor, eos
 
     stop, kl = torch.cat([checkpoint(terms, hidden[:, s:s + chunk], reference[:, s:s + chunk], use_reentrant=False)
                           for s in range(0, R, chunk)], dim=-1)  # each [rows, R]
+    if marker is not None:
+        stop, kl = own_columns(stop, n, marker), own_columns(kl, n, marker)
     nll = length_nll(stop, n) if within is None else torch.where(within, budget_nll(stop, n), length_nll(stop, n))
     return nll, (kl * before_the_end(kl, n)).sum(-1)
+
+
+def own_columns(columns: torch.Tensor, n: torch.Tensor, marker: sample.BudgetMarker) -> torch.Tensor:
+    """From [rows, R] columns over responses with budget markers (right-aligned, each row n own tokens
+    long, BudgetMarker.insert), the columns where the model decides its next own token, in length_nll's
+    layout: [rows, max n], column -1 after the n-th own token (and its marker), -1-k after the (n-k)-th."""
+    n = n.to(columns.device)[:, None]
+    width = int(n.max())
+    length = n - torch.arange(width - 1, -1, -1, device=columns.device)  # [rows, width]: own tokens so far
+    at = columns.shape[-1] - marker.columns(n) + marker.decision(length)
+    return columns.gather(-1, at.clamp(min=0, max=columns.shape[-1] - 1))  # columns before a row's start: unread
 
 
 # -----------------------------------------------------------------------------
@@ -373,6 +396,7 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, on_step=None) -> Pat
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["torch_rng"])
+    model.lcpo_marker = cfg.budget_marker  # saved with the adapter: eval.py and sample.py put in the same markers
     device = next(model.parameters()).device
     print(f"training {model.lcpo_base} on {len(problems)} problems of {cfg.data}; run: {run_dir}"
           + (f", resumed at step {start}" if start else ""))
@@ -450,6 +474,7 @@ def train_step(cfg: Config, step: int, model, tokenizer, optimizer, params, prob
     else:  # [(n_gold, mode)]; a problem's k targets spread over the range
         targets = data.sample_targets(len(batch), cfg.n_min, n_max, cfg.mode, rng, cfg.targets_per_problem)
     prompts = [data.lcpo_prompt(tokenizer, p, n, m, cfg.budget_in) for p, (n, m) in zip(batch, targets)]
+    marker = sample.BudgetMarker(tokenizer, cfg.budget_marker) if cfg.budget_marker else None
 
     # 2. roll out G responses per prompt; their log-probs are GRPO's old log-probs
     t0 = time.perf_counter()
@@ -466,13 +491,13 @@ def train_step(cfg: Config, step: int, model, tokenizer, optimizer, params, prob
         on_token = None if progress is None else lambda t, tokens, done: progress.update(i + done - progress.n)
         outs = sample.generate(model if policy is None else policy, [rows[j] for j in chunk], cfg.max_new_tokens,
                                tokenizer.pad_token_id, [tokenizer.eos_token_id], cfg.temperature, 1.0, generator,
-                               on_token=on_token)
+                               on_token=on_token, marker=marker, budgets=[targets[j // G][0] for j in chunk])
         for j, out in zip(chunk, outs):
             rollouts[j] = out
     rollout_s = time.perf_counter() - t0
 
     # 3. judge and reward
-    texts = [tokenizer.decode(r.tokens, skip_special_tokens=True) for r in rollouts]
+    texts = [tokenizer.decode(r.text_tokens(), skip_special_tokens=True) for r in rollouts]  # without markers
     correct, rewards = [], []
     for j, (r, text) in enumerate(zip(rollouts, texts)):
         problem, (n_gold, mode) = batch[j // G], targets[j // G]
@@ -493,7 +518,7 @@ def train_step(cfg: Config, step: int, model, tokenizer, optimizer, params, prob
         cut = [rng.randint(cfg.n_min, min(cfg.n_max, text[j])) for j in kept]
         modes = [targets[j // G][1] for j in kept]  # a Max prompt learns a length of N/2 to N (budget_nll)
         rows = [data.lcpo_prompt(tokenizer, batch[j // G], n, m, cfg.budget_in) for j, n, m in zip(kept, cut, modes)]
-        learnt = [sample.Rollout(rollouts[j].tokens[:n], rollouts[j].logprobs[:n], "length") for j, n in zip(kept, cut)]
+        learnt = [cut_at(rollouts[j], n, marker) for j, n in zip(kept, cut)]
         within = torch.tensor([m == "max" for m in modes], dtype=torch.bool)
     else:
         advantages = group_advantages(rewards_t, G, scale=cfg.loss_norm != "dr_grpo")  # [P * G]
@@ -502,7 +527,7 @@ def train_step(cfg: Config, step: int, model, tokenizer, optimizer, params, prob
     t1 = time.perf_counter()
     model.train()
     batch_tokens = sum(r.n_y for r in learnt)
-    micro = micro_batches([len(p) + r.n_y for p, r in zip(rows, learnt)], cfg.micro_batch_tokens)
+    micro = micro_batches([len(p) + len(r.tokens) for p, r in zip(rows, learnt)], cfg.micro_batch_tokens)
     if progress is not None:
         progress.set_description(f"step {step}: update", refresh=False)
         progress.unit = "micro-batch"
@@ -528,7 +553,7 @@ def train_step(cfg: Config, step: int, model, tokenizer, optimizer, params, prob
         for idx, (ids, mask, resp_mask, old), ref_logp in zip(micro, tensors, ref):
             if supervised:  # the mean over rows of the length NLL + KL
                 nll, kl = stop_loss(model, ids, mask, resp_mask.sum(-1).long(), tokenizer.eos_token_id,
-                                    within=within[idx].to(device))
+                                    within=within[idx].to(device), marker=marker)
                 loss = (nll + kl).sum() / len(rows)
             else:
                 logp = response_logprobs(model, ids, mask, resp_mask, cfg.temperature)  # [b, R]
@@ -589,7 +614,7 @@ def train_step(cfg: Config, step: int, model, tokenizer, optimizer, params, prob
     if supervised:  # stop_nll: -log p(its length) per learnt row, under the prompt asking for it (kl: per token)
         metrics.update(stop_nll=sums["stop_nll"] / max(1, len(rows)) / (cfg.epochs if updated else 1),
                        length_rows=len(rows), clip_fraction=None, ratio_mean=None, entropy_proxy=None)  # LCPO's alone
-    examples = [dict(prompt=tokenizer.decode(prompts[j // G]), response=texts[j], n_y=n_y[j], n_gold=n_gold[j],
+    examples = [dict(prompt=tokenizer.decode(prompts[j // G]), response=tokenizer.decode(rollouts[j].tokens), n_y=n_y[j], n_gold=n_gold[j],
                      correct=correct[j], reward=rewards[j]) for j in range(0, len(rollouts), G)]
     return metrics, examples
 
@@ -612,16 +637,33 @@ def micro_batches(lengths: list[int], max_tokens: int) -> list[list[int]]:
 def pack(prompts: list[list[int]], rollouts, pad_id: int, device):
     """Left-padded prompt + response rows: (ids [b, T], mask [b, T], response mask [b, R], old log-probs [b, R]).
 
-    R is the longest response; every row's response ends at the last column.
+    R is the longest response; every row's response ends at the last column. The response mask leaves out
+    the budget markers: they are read, not learnt.
     """
     ids, mask = sample.left_pad([p + r.tokens for p, r in zip(prompts, rollouts)], pad_id, device)
-    longest = max(r.n_y for r in rollouts)
+    longest = max(len(r.tokens) for r in rollouts)
     resp_mask = torch.zeros((len(prompts), longest))
     old = torch.zeros((len(prompts), longest))
     for i, r in enumerate(rollouts):
-        resp_mask[i, longest - r.n_y:] = 1
-        old[i, longest - r.n_y:] = torch.tensor(r.logprobs)
+        start = longest - len(r.tokens)
+        resp_mask[i, start:] = 1
+        resp_mask[i, [start + m for m in r.marks]] = 0
+        old[i, start:] = torch.tensor(r.logprobs).nan_to_num(0.0)  # a marker's nan: no log-prob, masked out
     return ids, mask, resp_mask.to(device), old.to(device)
+
+
+def cut_at(rollout: sample.Rollout, n: int, marker: sample.BudgetMarker | None) -> sample.Rollout:
+    """The first n tokens of a response's own text, as a row of --length-steps asking for n: with markers,
+    they count down from n (not from the N the response was sampled under), and one follows an n-th
+    token that falls on the interval, where the model's next decision comes after it."""
+    if marker is None:
+        return sample.Rollout(rollout.tokens[:n], rollout.logprobs[:n], "length")
+    marked = set(rollout.marks)
+    own = [(t, lp) for i, (t, lp) in enumerate(zip(rollout.tokens, rollout.logprobs)) if i not in marked][:n]
+    tokens, marks = marker.insert([t for t, _ in own], n)
+    logprobs, marked = iter(lp for _, lp in own), set(marks)
+    return sample.Rollout(tokens, [math.nan if i in marked else next(logprobs) for i in range(len(tokens))], "length",
+                          marks)
 
 
 def response_logprobs(model, ids, mask, resp_mask, temperature: float) -> torch.Tensor:

@@ -138,6 +138,8 @@ def test_compare_labels_runs_by_what_differs_and_draws_a_readable_figure(tmp_pat
     (["--stop-probe", "r.jsonl", "--mode", "none"], "--stop-probe asks for each budget"),
     (["--mode", "mix"], "--mode mix draws Exact or Max prompts for --fit-steps"),
     (["--stop-probe", "r.jsonl", "--fit-steps", "2", "--mode", "mix", "--fit-loss", "cuts"], "trains Exact prompts only"),
+    (["--budget-marker", "-1"], "--budget-marker must be >= 0"),
+    (["--s1", "--budget-marker", "8"], "--budget-marker counts down from the N in the prompt"),
 ])
 def test_bad_flags_are_refused_in_one_line(argv, message):
     with pytest.raises(SystemExit) as e:
@@ -256,6 +258,47 @@ def test_stop_probe_is_the_stop_log_prob_after_each_cut(tiny_llama, char_tokeniz
             direct = tiny_llama(input_ids=ids).logits[0].log_softmax(-1)[:, char_tokenizer.eos_token_id]
             for c, L in enumerate(cuts):  # the output after the response's L-th token
                 assert logp[r, a, c].item() == pytest.approx(direct[len(prompts[a][r]) + L - 1].item(), abs=1e-4)
+
+
+def test_stop_probe_with_markers_reads_the_stop_where_the_model_picks_its_next_own_token(tiny_llama, char_tokenizer):
+    import torch
+
+    torch.manual_seed(0)
+    marker, cuts, asked = sample.BudgetMarker(char_tokenizer, 3), [2, 3, 6], [3, 6]
+    problems = [data.Problem(t, "1") for t in ("1+1?", "Seven apples.")]
+    responses = [torch.randint(10, 90, (n,)).tolist() for n in (6, 8)]
+    prompts = [[data.lcpo_prompt(char_tokenizer, p, n) for p in problems] for n in asked]
+    logp = ev.stop_probe(tiny_llama, char_tokenizer, prompts, responses, cuts, batch=1, marker=marker, asked_n=asked)
+    for a, n in enumerate(asked):
+        for r in range(2):
+            for c, L in enumerate(cuts):  # the text up to the model's next own token, markers counting down from n
+                ids = torch.tensor([prompts[a][r] + marker.insert(responses[r][:L], n)[0]])
+                direct = tiny_llama(input_ids=ids).logits[0, -1].log_softmax(-1)[char_tokenizer.eos_token_id]
+                assert logp[r, a, c].item() == pytest.approx(direct.item(), abs=1e-4)
+
+
+def test_an_evaluation_puts_in_the_markers_its_adapter_learnt_and_judges_the_text_without_them(
+        tiny_model_dir, tmp_path, monkeypatch, capsys):
+    model, tokenizer = model_lib.load_model(str(tiny_model_dir), quantize=False)
+    model.lcpo_marker = 3  # as train.py --budget-marker 3 saves it
+    model_lib.save_adapter(model, tokenizer, tmp_path / "adapter")
+    seen, real = [], sample.generate
+    monkeypatch.setattr(sample, "generate", lambda *a, **k: seen.append((k["marker"], k["budgets"])) or real(*a, **k))
+    ev.main(args_for(tiny_model_dir, tmp_path / "m.json", "--adapter", str(tmp_path / "adapter")))
+    result = json.loads((tmp_path / "m.json").read_text())
+    assert result["settings"]["budget_marker"] == 3 and all(m.every == 3 for m, _ in seen)
+    assert sorted({b for _, budgets in seen for b in budgets}) == [4, 8, 12]  # each counts down from its own N
+    records = [json.loads(line) for line in (tmp_path / "m.records.jsonl").read_text().splitlines()]
+    assert records and all(" left]" not in r["text"] for r in records)
+    assert all(r["n_y"] <= 2 * r["budget"] for r in records)  # the cap counts the text's own tokens
+    seen.clear()
+    ev.main(args_for(tiny_model_dir, tmp_path / "off.json", "--adapter", str(tmp_path / "adapter"), "--budget-marker", "0"))
+    assert all(m is None for m, _ in seen) and "budget_marker" not in json.loads((tmp_path / "off.json").read_text())["settings"]
+    records = str(tmp_path / "off.records.jsonl")  # the first stage with markers: its adapter is saved with them
+    ev.main(["--model", str(tiny_model_dir), "--no-quantize", "--limit", "3", "--stop-probe", records, "--budgets", "2",
+             "4", "--fit-steps", "2", "--budget-marker", "2", "--out", str(tmp_path / "fit.json")])
+    assert model_lib.adapter_marker(tmp_path / "fit-adapter") == 2
+    assert "adapter adapter + markers every 3" in ev.compare([str(tmp_path / "m.json")], None)
 
 
 def test_probe_scores_reward_the_stop_where_n_says_and_not_a_length_bias():

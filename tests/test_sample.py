@@ -234,6 +234,56 @@ def test_bad_generation_arguments(tiny_llama, char_tokenizer, prompts, call, mes
 
 
 # -----------------------------------------------------------------------------
+# budget markers
+
+
+@pytest.mark.parametrize("static_cache", [False, True])
+def test_budget_markers_fall_every_k_own_tokens_count_down_and_do_not_count(tiny_llama, char_tokenizer, prompts,
+                                                                           static_cache):
+    marker = sample.BudgetMarker(char_tokenizer, 5)
+    assert char_tokenizer.decode(marker.ids(96)) == " [0096 left]" and marker.size == 12
+    budgets, limits = [32, 100, 3, 9999], [12, 20, 10, 5]
+    outs = _run(tiny_llama, prompts, char_tokenizer, limits, temperature=0.8, generator=torch.Generator().manual_seed(0),
+                marker=marker, budgets=budgets, static_cache=static_cache)
+    for out, n_gold, limit in zip(outs, budgets, limits):
+        assert out.n_y == limit and out.finish == "length"  # the cap counts the model's own tokens
+        assert (out.tokens, out.marks) == marker.insert(out.text_tokens(), n_gold, end=False)  # every 5 of them
+        assert all(math.isnan(out.logprobs[i]) == (i in out.marks) for i in range(len(out.tokens)))
+    assert char_tokenizer.decode(outs[0].tokens).count(" left]") == 2  # after own tokens 5 and 10, not after 12
+    assert char_tokenizer.decode(outs[0].tokens[5:17]) == " [0027 left]"
+    assert char_tokenizer.decode(outs[2].tokens[5:17]) == " [0000 left]"  # past the budget: none left
+    assert outs[3].marks == []  # stopped at its 5th token: no marker after the last one
+
+
+def test_the_text_before_the_first_marker_is_what_the_plain_loop_writes(tiny_llama, char_tokenizer, prompts):
+    plain = _run(tiny_llama, prompts, char_tokenizer, 20, temperature=0)
+    marked = _run(tiny_llama, prompts, char_tokenizer, 20, temperature=0, marker=sample.BudgetMarker(char_tokenizer, 6),
+                  budgets=[50] * len(prompts))
+    assert all(m.tokens[:6] == p.tokens[:6] and m.n_y == 20 for p, m in zip(plain, marked))
+    assert any(m.text_tokens() != p.tokens for p, m in zip(plain, marked))  # what follows reads the markers
+
+
+def test_a_row_that_stops_on_the_interval_gets_no_marker(tiny_llama, char_tokenizer, prompts):
+    marker = sample.BudgetMarker(char_tokenizer, 4)
+    free = _run(tiny_llama, prompts, char_tokenizer, 12, temperature=0, marker=marker, budgets=[9] * len(prompts))
+    row = next(i for i, f in enumerate(free) if f.text_tokens()[3] not in f.text_tokens()[:3])
+    stop = free[row].text_tokens()[3]  # its 4th own token, the first of its kind, the last before its first marker
+    stopped = _run(tiny_llama, prompts, char_tokenizer, 12, temperature=0, marker=marker, budgets=[9] * len(prompts),
+                   stop_ids=[stop])
+    assert stopped[row].finish == "eos" and stopped[row].tokens == free[row].tokens[:4] and stopped[row].marks == []
+    for f, s in zip(free, stopped):  # the others stop at their own first `stop`, markers before it kept
+        if s.finish == "eos":
+            assert s.tokens == f.tokens[:len(s.tokens)] and s.tokens[-1] == stop and len(s.tokens) - 1 not in s.marks
+
+
+def test_budget_marker_refusals(tiny_llama, char_tokenizer, prompts):
+    with pytest.raises(ValueError, match="at least 1 token"):
+        sample.BudgetMarker(char_tokenizer, 0)
+    with pytest.raises(ValueError, match="the budget N of every prompt"):
+        _run(tiny_llama, prompts, char_tokenizer, 4, marker=sample.BudgetMarker(char_tokenizer, 2), budgets=[8])
+
+
+# -----------------------------------------------------------------------------
 # S1 budget forcing
 
 
@@ -292,6 +342,15 @@ def test_cli_samples_from_a_model_directory(tiny_model_dir, capsys):
     out = capsys.readouterr().out
     assert "Think for 8 tokens." in out
     assert "--- 16 tokens (target 8), stopped by length, correct: False" in out
+
+
+def test_cli_shows_the_budget_markers_and_counts_the_text_without_them(tiny_model_dir, capsys):
+    sample.main(["--model", str(tiny_model_dir), "--prompt", "1+1?", "--budget", "8", "--budget-marker", "4"])
+    response = capsys.readouterr().out.split("--- response")[1]
+    assert " [0004 left]" in response and " [0000 left]" in response  # after 4 and 8 of its 16 tokens, not after 16
+    assert response.count(" left]") == 3 and "--- 16 tokens (target 8), stopped by length" in response
+    with pytest.raises(SystemExit, match="--budget-marker counts down from --budget"):
+        sample.main(["--model", str(tiny_model_dir), "--s1", "--budget", "8", "--budget-marker", "4"])
 
 
 def test_cli_puts_the_length_sentence_where_asked(tiny_model_dir, capsys):

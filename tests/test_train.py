@@ -162,11 +162,11 @@ def test_length_steps_end_each_response_at_the_n_its_prompt_asks(learnable_model
     build_prompt, stop_loss = data.build_prompt, train.stop_loss
     monkeypatch.setattr(data, "build_prompt", lambda problem, n, *a: asked.append((n, a[0])) or build_prompt(problem, n, *a))
 
-    def recording(model, ids, mask, n, eos_id, within=None):
+    def recording(model, ids, mask, n, eos_id, within=None, marker=None):
         rows = [r[m.bool()].tolist() for r, m in zip(ids, mask)]
         flags = [False] * len(rows) if within is None else within.tolist()
         learnt.extend(zip(rows, n.tolist(), flags))
-        return stop_loss(model, ids, mask, n, eos_id, within=within)
+        return stop_loss(model, ids, mask, n, eos_id, within=within, marker=marker)
 
     monkeypatch.setattr(train, "stop_loss", recording)
     cfg = tiny_config(learnable_model_dir, n_min=4, n_max=12, mode="mix", length_steps=2, n_min_steps=1, steps=4)
@@ -223,6 +223,92 @@ def test_stop_loss_scores_the_length_and_holds_the_text_apart_from_the_stop(char
     with torch.no_grad():
         model.lm_head.weight[20] += torch.randn(64)  # a text token moves
     assert loss()[1].min() > 0.01
+
+
+def test_stop_loss_with_markers_scores_the_decisions_after_own_tokens_alone(char_tokenizer, monkeypatch):
+    """Rows with budget markers: the length NLL and the KL read the outputs where the model picks its next own
+    token (after a marker, where one follows), found here by running each prefix on its own."""
+    import contextlib
+    import copy
+
+    model = make_tiny_llama(char_tokenizer, seed=1)
+    untrained = copy.deepcopy(model).requires_grad_(False)
+    monkeypatch.setattr(model_lib, "reference", lambda m: contextlib.nullcontext(untrained))
+    torch.manual_seed(0)
+    marker, eos = sample.BudgetMarker(char_tokenizer, 3), char_tokenizer.eos_token_id
+    text = torch.randint(10, 90, (7,)).tolist()
+    lengths = (3, 7, 6)
+    rows, prompts = [], []
+    for n in lengths:
+        prompts.append(data.lcpo_prompt(char_tokenizer, data.Problem("1+1?", "2"), n))
+        rows.append(prompts[-1] + marker.insert(text[:n], n)[0])
+    ids, mask = sample.left_pad(rows, char_tokenizer.pad_token_id, "cpu")
+    with torch.no_grad():
+        nll, kl = train.stop_loss(model, ids, mask, torch.tensor(lengths), eos, marker=marker)
+    assert len(rows[0]) == len(prompts[0]) + 3 + marker.size  # the third token is followed by its marker
+    for prompt, n, value in zip(prompts, lengths, nll):
+        stops = []
+        for t in range(1, n + 1):  # the row up to the model's next own token: t own tokens, and the markers after
+            before, _ = marker.insert(text[:t], n)
+            with torch.no_grad():
+                stops.append(model(torch.tensor([prompt + before])).logits[0, -1].log_softmax(-1)[eos])
+        stops = torch.stack(stops)
+        assert value.item() == pytest.approx(-(stops[-1] + torch.log1p(-stops[:-1].exp()).sum()).item(), abs=1e-4)
+    assert kl.abs().max() < 1e-5
+    with torch.no_grad():  # the KL of the text given no stop, at the same decisions before the last
+        model.lm_head.weight.add_(0.3 * torch.randn_like(model.lm_head.weight))
+        _, kl = train.stop_loss(model, ids, mask, torch.tensor(lengths), eos, marker=marker)
+        for prompt, n, value in zip(prompts, lengths, kl):
+            by_hand = 0.0
+            for t in range(1, n):
+                row = torch.tensor([prompt + marker.insert(text[:t], n)[0]])
+                p, q = (m(row).logits[0, -1].index_fill(-1, torch.tensor([eos]), -1e4).log_softmax(-1)
+                        for m in (untrained, model))
+                by_hand += (p.exp() * (p - q)).sum().item()
+            assert value.item() == pytest.approx(by_hand, rel=1e-4)
+
+
+def test_pack_leaves_the_markers_out_of_the_loss_and_their_neighbours_match_a_fresh_pass(char_tokenizer):
+    model = make_tiny_llama(char_tokenizer, seed=2)
+    marker = sample.BudgetMarker(char_tokenizer, 4)
+    prompts = [data.encode_prompt(char_tokenizer, m) for m in ("1+1?", "Seven apples and a pear.")]
+    outs = sample.generate(model, prompts, [9, 14], char_tokenizer.pad_token_id, [], temperature=0.7,
+                           generator=torch.Generator().manual_seed(1), marker=marker, budgets=[16, 40])
+    ids, mask, resp_mask, old = train.pack(prompts, outs, char_tokenizer.pad_token_id, "cpu")
+    assert resp_mask.sum(-1).tolist() == [9, 14] and torch.isfinite(old).all()
+    for row, out in enumerate(outs):
+        start = resp_mask.shape[1] - len(out.tokens)
+        assert [int(resp_mask[row, start + i]) for i in range(len(out.tokens))] == \
+            [0 if i in out.marks else 1 for i in range(len(out.tokens))]
+    fresh = train.response_logprobs(model, ids, mask, resp_mask, 0.7)
+    assert ((fresh - old) * resp_mask).abs().max() < 1e-4  # GRPO's old log-probs, markers in the context
+
+
+def test_a_run_with_budget_markers_shows_them_learns_around_them_and_saves_them(learnable_model_dir, tmp_path):
+    cfg = tiny_config(learnable_model_dir, budget_marker=3, n_min=4, n_max=12, mode="mix", length_steps=1, steps=3,
+                      sample_every=1)
+    run = train.train(cfg, tmp_path / "run")
+    metrics = read_metrics(run)
+    assert all(m["updated"] for m in metrics) and metrics[0]["stop_nll"] > 0 and metrics[1]["ratio_mean"] == \
+        pytest.approx(1.0, abs=1e-3)
+    assert all(m["mean_n_y"] <= cfg.max_new_tokens for m in metrics)  # own tokens: the cap holds without the markers
+    responses = [e["response"] for line in (run / "samples.jsonl").read_text().splitlines()
+                 for e in json.loads(line)["examples"]]
+    assert any(" left]" in r for r in responses)
+    assert model_lib.adapter_marker(run) == 3  # eval.py and sample.py read it
+    with pytest.raises(ValueError, match="trained with --budget-marker 3: pass --budget-marker 3"):
+        train.check_config(tiny_config(learnable_model_dir, init_adapter=str(run)))
+    train.check_config(tiny_config(learnable_model_dir, init_adapter=str(run), budget_marker=3))
+
+
+def test_a_cut_row_counts_its_markers_down_from_the_n_it_is_asked(char_tokenizer):
+    marker = sample.BudgetMarker(char_tokenizer, 2)
+    tokens, marks = marker.insert([10, 11, 12, 13, 14], 40, end=False)
+    rollout = sample.Rollout(tokens, [math.nan if i in marks else -float(i) for i in range(len(tokens))], "eos", marks)
+    cut = train.cut_at(rollout, 4, marker)
+    assert cut.text_tokens() == [10, 11, 12, 13] and (cut.tokens, cut.marks) == marker.insert([10, 11, 12, 13], 4)
+    assert char_tokenizer.decode(cut.tokens[2:2 + marker.size]) == " [0002 left]"  # not 38: the row asks for 4
+    assert [lp for lp in cut.logprobs if not math.isnan(lp)] == [lp for lp in rollout.logprobs if not math.isnan(lp)][:4]
 
 
 def test_each_problem_comes_with_several_targets(learnable_model_dir, tmp_path):
@@ -383,6 +469,7 @@ def test_init_adapter_starts_from_its_weights(learnable_model_dir, tmp_path):
     (["--delta", "inf"], "--delta must be a finite number"),
     (["--resume", "nowhere"], "nowhere is not a run directory"),
     (["--init-adapter", "nowhere"], "--init-adapter: nowhere is not a saved adapter"),
+    (["--budget-marker", "-4"], "--budget-marker must be >= 0"),
 ])
 def test_bad_flags_are_refused_before_the_model_loads(argv, message, monkeypatch, tmp_path):
     monkeypatch.setattr(model_lib, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
