@@ -57,11 +57,8 @@ class BudgetMarker:
 
     A marker is always the same number of tokens (the number has DIGITS digits, one token each), so the
     markers of every row fall at the same steps of the loop, whatever its N, and the layout of a response
-    (where its L-th own token is) does not depend on N.
-
-        >>> m = BudgetMarker(tokenizer, 16)   # doctest: +SKIP
-        >>> tokenizer.decode(m.ids(96))       # doctest: +SKIP
-        ' [0096 left]'
+    (where its L-th own token is) does not depend on N. With every = 16 and N = 40: 16 tokens of the
+    model's, " [0024 left]", 16 more, " [0008 left]", and so on; past N, " [0000 left]".
     """
 
     DIGITS = 4  # budgets up to 9999 tokens
