@@ -92,8 +92,9 @@ def settings_from(args) -> dict:
     settings = {k: getattr(args, k) for k in keys}
     settings["adapter"] = str(model_lib.find_adapter(args.adapter)) if args.adapter else None
     settings["base"] = model_lib.adapter_base(args.adapter) if args.adapter else (args.model or "embedded")
-    if marker_every(args):  # only then: the settings of every earlier evaluation stay as they were
-        settings["budget_marker"] = marker_every(args)
+    every = marker_every(args)
+    if every:  # only then: the settings of every earlier evaluation stay as they were
+        settings["budget_marker"] = every
     return settings
 
 
@@ -141,7 +142,8 @@ def evaluate(args, out: Path) -> dict:
     model, tokenizer = model_lib.load_model(args.model, adapter=args.adapter, quantize=args.quantize, trainable=False)
     model = model_lib.rollout_copy(model)  # the same function, dequantized and merged once: faster to sample from
     thinks = "</think>" in tokenizer.get_vocab()
-    marker = sample.BudgetMarker(tokenizer, marker_every(args)) if marker_every(args) else None
+    every = settings.get("budget_marker", 0)
+    marker = sample.BudgetMarker(tokenizer, every) if every else None
     from tqdm import tqdm
 
     todo = [b for b in budgets if b not in done]

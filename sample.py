@@ -206,9 +206,10 @@ def generate(
     lengths = torch.zeros(batch, dtype=torch.long, device=device)
     for step in range(max(room)):
         if marker is not None and step % cycle >= marker.every:  # a marker's token, the same step for every row
-            count = (step // cycle + 1) * marker.every  # the row's own tokens so far
-            token = torch.tensor([marker.ids(budgets[r] - count)[step % cycle - marker.every] for r in live.tolist()],
-                                 device=device)
+            if step % cycle == marker.every:  # the markers of this interval, one row each: [batch, marker.size]
+                count = (step // cycle + 1) * marker.every  # own tokens so far
+                markers = torch.tensor([marker.ids(n - count) for n in budgets], device=device)
+            token = markers[live, step % cycle - marker.every]
             rows = live[active]
             out_tokens[rows, step] = token[active]
             out_logprobs[rows, step] = math.nan
