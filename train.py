@@ -523,11 +523,15 @@ def train_step(cfg: Config, step: int, model, tokenizer, optimizer, params, prob
     else:
         advantages = group_advantages(rewards_t, G, scale=cfg.loss_norm != "dr_grpo")  # [P * G]
 
-    # 5. the loss, over micro-batches, epochs times
+    # 5. the loss, over micro-batches, epochs times. A row whose advantage is 0 (its group's rewards all equal:
+    # under Max prompts, every group with no correct answer) adds nothing to the gradient unless the KL term is
+    # on, so it is not passed; the normalisers still count every row, so the gradient is the same.
     t1 = time.perf_counter()
     model.train()
     batch_tokens = sum(r.n_y for r in learnt)
-    micro = micro_batches([len(p) + len(r.tokens) for p, r in zip(rows, learnt)], cfg.micro_batch_tokens)
+    passed = [j for j in range(len(rows)) if supervised or cfg.beta > 0 or advantages[j] != 0]
+    micro = [[passed[i] for i in idx]
+             for idx in micro_batches([len(rows[j]) + len(learnt[j].tokens) for j in passed], cfg.micro_batch_tokens)]
     if progress is not None:
         progress.set_description(f"step {step}: update", refresh=False)
         progress.unit = "micro-batch"
@@ -546,7 +550,7 @@ def train_step(cfg: Config, step: int, model, tokenizer, optimizer, params, prob
     if device.type == "cuda":  # let the reference pass finish before timing it
         torch.cuda.synchronize(device)
     reference_s, optimizer_s = time.perf_counter() - t_ref, 0.0
-    sums = dict(kl=0.0, clipped=0.0, ratio=0.0, entropy_proxy=0.0, loss=0.0, stop_nll=0.0)
+    sums = dict(kl=0.0, clipped=0.0, ratio=0.0, loss=0.0, stop_nll=0.0)
     updated, grad_norm = bool(torch.isfinite(rewards_t).all() and rows), float("nan")  # non-finite rewards: no passes
     for _ in range(cfg.epochs if updated else 0):
         optimizer.zero_grad(set_to_none=True)
@@ -575,8 +579,10 @@ def train_step(cfg: Config, step: int, model, tokenizer, optimizer, params, prob
                 sums["kl"] += (kl * resp_mask).sum().item()
                 sums["clipped"] += (clipped * resp_mask).sum().item()
                 sums["ratio"] += (torch.exp(logp - old) * resp_mask).sum().item()
-                sums["entropy_proxy"] += (-logp * resp_mask).sum().item()  # mean -log p of sampled tokens
         if updated:
+            for p in params:  # a row-less pass still steps, as a pass of zero advantages would (Adam's momentum)
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
             for group in optimizer.param_groups:  # linear warm-up, then constant
                 group["lr"] = cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip).item()
@@ -595,7 +601,9 @@ def train_step(cfg: Config, step: int, model, tokenizer, optimizer, params, prob
     # 6. what happened
     n_y = [r.n_y for r in rollouts]
     n_gold = [targets[j // G][0] for j in range(len(rollouts))]
-    denom = max(1, batch_tokens) * (cfg.epochs if updated else 1)
+    passed_tokens = sum(learnt[j].n_y for j in passed)
+    denom = max(1, passed_tokens) * (cfg.epochs if updated else 1)  # the ratio and clip metrics: the passed rows
+    sampled = [lp for r in rollouts for lp in r.logprobs if math.isfinite(lp)]  # the model's own tokens
     under = [y <= g for j, (y, g) in enumerate(zip(n_y, n_gold)) if targets[j // G][1] == "max"]  # within budget
     metrics = dict(
         step=step, updated=updated, loss=sums["loss"] / cfg.epochs,
@@ -605,9 +613,11 @@ def train_step(cfg: Config, step: int, model, tokenizer, optimizer, params, prob
         length_slope=length_slope(n_gold, n_y),
         within_budget=sum(under) / len(under) if under else None,  # of the Max prompts' responses
         stopped_by_length=sum(r.finish == "length" for r in rollouts) / len(rollouts),
-        kl=sums["kl"] / denom, clip_fraction=sums["clipped"] / denom, ratio_mean=sums["ratio"] / denom,
-        entropy_proxy=sums["entropy_proxy"] / denom, grad_norm=grad_norm,
-        rollout_tokens_per_s=sum(n_y) / rollout_s, train_tokens_per_s=batch_tokens * cfg.epochs / train_s,
+        kl=sums["kl"] / denom, clip_fraction=sums["clipped"] / denom if passed else None,
+        ratio_mean=sums["ratio"] / denom if passed else None,
+        entropy_proxy=-sum(sampled) / max(1, len(sampled)),  # mean -log p of the sampled tokens, at sampling
+        passed_rows=len(passed), grad_norm=grad_norm,
+        rollout_tokens_per_s=sum(n_y) / rollout_s, train_tokens_per_s=passed_tokens * cfg.epochs / train_s,
         peak_memory_mb=peak_memory_mb(device), rollout_s=rollout_s, reference_s=reference_s,
         policy_s=train_s - reference_s - optimizer_s, optimizer_s=optimizer_s,
     )

@@ -1,4 +1,5 @@
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -318,6 +319,31 @@ def test_each_problem_comes_with_several_targets(learnable_model_dir, tmp_path):
     problems = [e["prompt"].split(" Let's think")[0] for e in examples]  # one example per group, in order
     assert problems[0::2] == problems[1::2] and len(set(problems)) == 3
     assert all(a["n_gold"] <= 22 < b["n_gold"] for a, b in zip(examples[0::2], examples[1::2]))  # one per half of 4-40
+
+
+def test_rows_of_equal_reward_groups_are_not_passed_and_the_update_is_the_same(learnable_model_dir, tmp_path,
+                                                                                 monkeypatch):
+    # every other group's rewards all equal (0, as a Max group with no correct answer): those rows are skipped.
+    # Against a run that passes every row: beta > 0 does, and at step 0 its KL term is 0 with a zero gradient
+    # (a fresh adapter is the reference), so the two updates must agree.
+    cfg = tiny_config(learnable_model_dir, steps=1, mode="max", group_size=4, prompts_per_step=4)
+    calls = itertools.count()
+
+    def half_the_groups(*args, **kwargs):
+        j = next(calls) % (cfg.group_size * cfg.prompts_per_step)
+        return float(j % 3) if (j // cfg.group_size) % 2 == 0 else 0.0
+
+    monkeypatch.setattr(reward, "lcpo_reward", half_the_groups)
+    from safetensors.torch import load_file
+
+    runs = {}
+    for beta in (0.0, 0.001):
+        run = train.train(dataclasses.replace(cfg, beta=beta), tmp_path / f"beta-{beta}")
+        runs[beta] = (read_metrics(run)[0], load_file(model_lib.find_adapter(run) / "adapter_model.safetensors"))
+    (skipped, a), (full, b) = runs[0.0], runs[0.001]
+    assert skipped["passed_rows"] == 8 and full["passed_rows"] == 16
+    assert skipped["grad_norm"] == pytest.approx(full["grad_norm"], rel=1e-4) and skipped["grad_norm"] > 0
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a) and any(a[k].abs().sum() > 0 for k in a if k.endswith("lora_B.weight"))
 
 
 def test_several_epochs_clip(learnable_model_dir, tmp_path):
