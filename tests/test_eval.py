@@ -366,7 +366,8 @@ def test_fit_stop_length_loss_makes_the_length_follow_n(char_tokenizer, monkeypa
         return ev.length_scores(ev.stop_probe(model, char_tokenizer, prompts, [text], list(range(1, 10))), cuts)
 
     before = scores()
-    fitted = list(itertools.takewhile(lambda s: s[0] < 200, ev.fit_stop(
+    # 300 steps: by 200 the loss is still falling steeply on some CPUs (length NLL 0.21 at 200, 6e-4 at 300)
+    fitted = list(itertools.takewhile(lambda s: s[0] < 300, ev.fit_stop(
         model, char_tokenizer, lambda r, n, m: data.lcpo_prompt(char_tokenizer, problem, n, m), [text], cuts, lr=3e-3,
         batch=12, seed=0)))
     losses = [loss for _, loss, _ in fitted]
