@@ -343,7 +343,8 @@ def test_rows_of_equal_reward_groups_are_not_passed_and_the_update_is_the_same(l
     (skipped, a), (full, b) = runs[0.0], runs[0.001]
     assert skipped["passed_rows"] == 8 and full["passed_rows"] == 16
     assert skipped["grad_norm"] == pytest.approx(full["grad_norm"], rel=1e-4) and skipped["grad_norm"] > 0
-    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a) and any(a[k].abs().sum() > 0 for k in a if k.endswith("lora_B.weight"))
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert any(a[k].abs().sum() > 0 for k in a if k.endswith("lora_B.weight"))  # the update moved the adapter
 
 
 def test_several_epochs_clip(learnable_model_dir, tmp_path):
