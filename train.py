@@ -10,12 +10,13 @@ LCPO: GRPO with a length-controlled reward, written by hand.
 
 One step: sample problems and targets -> roll out G responses each -> judge and reward them ->
 group-normalised advantages -> clipped policy loss + k3 KL to the adapter-free reference -> one
-AdamW update of the LoRA weights (per epoch over the rollouts). A length step (--length-steps) keeps
-the rollouts but ends each one after N of its tokens, rewrites its prompt to ask for N, and learns the
-stop there (stop_loss), the rest of the text held by the KL to the untrained model.
+AdamW update of the LoRA weights (per epoch over the rollouts). A length step (--length-steps) rolls
+out the untrained model instead, ends each response after N of its tokens, rewrites its prompt to ask for
+N, and learns the stop there (stop_loss), the rest of the text held by the KL to the untrained model.
 """
 
 import argparse
+import contextlib
 import dataclasses
 import inspect
 import json
@@ -423,7 +424,8 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, on_step=None) -> Pat
     bad_steps, policy = 0, None
     try:
         for step in bar:
-            policy = model_lib.rollout_copy(model, policy) if cfg.rollout_copy else model  # today's weights
+            if step >= cfg.length_steps:  # (length steps roll out the untrained model: train_step)
+                policy = model_lib.rollout_copy(model, policy) if cfg.rollout_copy else model  # today's weights
             metrics, examples = train_step(cfg, step, model, tokenizer, optimizer, params, problems, thinks, device,
                                            policy, work)
             bad_steps = 0 if metrics["updated"] else bad_steps + 1
@@ -456,7 +458,8 @@ def train_step(cfg: Config, step: int, model, tokenizer, optimizer, params, prob
                progress=None):
     """One GRPO update. Everything random is seeded by (seed, step), so a resumed run repeats it exactly.
 
-    policy: what generates the rollouts, `model` itself or its dense copy (model.rollout_copy).
+    policy: what generates the rollouts, `model` itself or its dense copy (model.rollout_copy); a length
+    step generates with the adapter off.
     progress: a tqdm bar to count the step's work on: responses finished, then micro-batches learnt.
     """
     rng = random.Random(cfg.seed * 1_000_003 + step)
@@ -476,9 +479,13 @@ def train_step(cfg: Config, step: int, model, tokenizer, optimizer, params, prob
     prompts = [data.lcpo_prompt(tokenizer, p, n, m, cfg.budget_in) for p, (n, m) in zip(batch, targets)]
     marker = sample.BudgetMarker(tokenizer, cfg.budget_marker) if cfg.budget_marker else None
 
-    # 2. roll out G responses per prompt; their log-probs are GRPO's old log-probs
+    # 2. roll out G responses per prompt; their log-probs are GRPO's old log-probs. A length step rolls out the
+    # untrained model (the adapter off): its texts do not shrink as the adapter's stop moves; the policy's own
+    # did, in 5 steps, until none was long enough to end at any N (EXPERIMENTS.md)
     t0 = time.perf_counter()
     model.eval()
+    source = model if supervised or policy is None else policy
+    untrained = model_lib.reference(model) if supervised else contextlib.nullcontext()
     rows = [prompt for prompt in prompts for _ in range(G)]  # [P * G], groups contiguous
     by_target = sorted(range(len(rows)), key=lambda j: targets[j // G][0])  # similar lengths share a batch
     rollouts = [None] * len(rows)
@@ -486,14 +493,16 @@ def train_step(cfg: Config, step: int, model, tokenizer, optimizer, params, prob
         progress.set_description(f"step {step}: rollout", refresh=False)
         progress.unit = "response"
         progress.reset(total=len(rows))
-    for i in range(0, len(rows), cfg.rollout_batch):
-        chunk = by_target[i:i + cfg.rollout_batch]
-        on_token = None if progress is None else lambda t, tokens, done: progress.update(i + done - progress.n)
-        outs = sample.generate(model if policy is None else policy, [rows[j] for j in chunk], cfg.max_new_tokens,
-                               tokenizer.pad_token_id, [tokenizer.eos_token_id], cfg.temperature, 1.0, generator,
-                               on_token=on_token, marker=marker, budgets=[targets[j // G][0] for j in chunk])
-        for j, out in zip(chunk, outs):
-            rollouts[j] = out
+    cap = min(cfg.max_new_tokens, cfg.n_max) if supervised else cfg.max_new_tokens  # a length step cuts at N <= n_max
+    with untrained:
+        for i in range(0, len(rows), cfg.rollout_batch):
+            chunk = by_target[i:i + cfg.rollout_batch]
+            on_token = None if progress is None else lambda t, tokens, done: progress.update(i + done - progress.n)
+            outs = sample.generate(source, [rows[j] for j in chunk], cap, tokenizer.pad_token_id,
+                                   [tokenizer.eos_token_id], cfg.temperature, 1.0, generator, on_token=on_token,
+                                   marker=marker, budgets=[targets[j // G][0] for j in chunk])
+            for j, out in zip(chunk, outs):
+                rollouts[j] = out
     rollout_s = time.perf_counter() - t0
 
     # 3. judge and reward

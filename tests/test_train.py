@@ -190,6 +190,21 @@ def test_length_steps_end_each_response_at_the_n_its_prompt_asks(learnable_model
     assert all(w is None or 0 <= w <= 1 for w in within) and any(w is not None for w in within)
 
 
+def test_length_steps_roll_out_the_untrained_model_whatever_the_adapter(learnable_model_dir, tmp_path):
+    # the policy's own texts shrink as its stop moves, until none can be ended at any N: a length step learns
+    # the untrained model's texts instead, so its rollouts do not depend on the adapter it starts from
+    trained = train.train(tiny_config(learnable_model_dir, steps=3), tmp_path / "trained")
+
+    def first_responses(name, **overrides):
+        cfg = tiny_config(learnable_model_dir, n_max=12, steps=1, sample_every=1, lr=0.0, **overrides)
+        run = train.train(cfg, tmp_path / name)
+        return [e["response"] for e in json.loads((run / "samples.jsonl").read_text().splitlines()[0])["examples"]]
+
+    assert first_responses("lcpo-fresh") != first_responses("lcpo-trained", init_adapter=str(trained))  # it matters
+    assert first_responses("length-fresh", length_steps=1) == \
+        first_responses("length-trained", length_steps=1, init_adapter=str(trained))
+
+
 def test_stop_loss_scores_the_length_and_holds_the_text_apart_from_the_stop(char_tokenizer, monkeypatch):
     import contextlib
     import copy
