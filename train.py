@@ -61,7 +61,7 @@ class Config:
     delta: float = 0.5  # Max reward of a correct answer at exactly n_gold tokens
     n_min: int = N_MIN  # smallest target length n_gold, tokens
     n_max: int = N_MAX  # largest target length n_gold, tokens
-    length_steps: int = 0  # the first steps are supervised: each response, ended after N of its tokens, learns to stop there under its prompt rewritten to ask for N (stop_loss; a Max prompt: N/2 to N)
+    length_steps: int = 0  # the first steps are supervised: each response of the untrained model, ended after N of its tokens, learns to stop there under its prompt rewritten to ask for N (stop_loss; a Max prompt: N/2 to N)
     n_min_steps: int = 0  # the next steps use n_min alone (an ablation: it teaches a stop that ignores N)
     ends_steps: int = 0  # the next steps use n_min and n_max alone: the model learns that N sets the length
     targets_per_problem: int = 1  # each problem of a step comes with this many targets, one per k-th of the range: their responses differ by N alone
@@ -515,11 +515,11 @@ def train_step(cfg: Config, step: int, model, tokenizer, optimizer, params, prob
         rewards.append(reward.lcpo_reward(ok, r.n_y, n_gold, mode, cfg.alpha, cfg.delta))
     rewards_t = torch.tensor(rewards, dtype=torch.float32)
 
-    # 4. advantages; in the first --length-steps, the supervised rows instead: each response's text (without
-    # its stop token) ended after N of its tokens, N drawn from n_min to its length, under its own prompt
+    # 4. advantages; in the first --length-steps, the supervised rows instead: each (untrained) response's text
+    # (without its stop token) ended after N of its tokens, N drawn from n_min to its length, under its own prompt
     # (Exact or Max) rewritten to ask for N. The same kind of text ended at every N is the contrast that
-    # reading N needs, and the reward gives it only slowly; the text is the model's own, and stop_loss's
-    # KL keeps it so.
+    # reading N needs, and the reward gives it only slowly; stop_loss's KL holds the rest of the text to the
+    # untrained model's, the very texts learnt here.
     learnt = rollouts
     if supervised:
         text = [r.n_y - (r.finish == "eos") for r in rollouts]
