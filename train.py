@@ -486,6 +486,7 @@ def train_step(cfg: Config, step: int, model, tokenizer, optimizer, params, prob
     model.eval()
     source = model if supervised or policy is None else policy
     untrained = model_lib.reference(model) if supervised else contextlib.nullcontext()
+    cap = min(cfg.max_new_tokens, cfg.n_max) if supervised else cfg.max_new_tokens  # a length step cuts at N <= n_max
     rows = [prompt for prompt in prompts for _ in range(G)]  # [P * G], groups contiguous
     by_target = sorted(range(len(rows)), key=lambda j: targets[j // G][0])  # similar lengths share a batch
     rollouts = [None] * len(rows)
@@ -493,7 +494,6 @@ def train_step(cfg: Config, step: int, model, tokenizer, optimizer, params, prob
         progress.set_description(f"step {step}: rollout", refresh=False)
         progress.unit = "response"
         progress.reset(total=len(rows))
-    cap = min(cfg.max_new_tokens, cfg.n_max) if supervised else cfg.max_new_tokens  # a length step cuts at N <= n_max
     with untrained:
         for i in range(0, len(rows), cfg.rollout_batch):
             chunk = by_target[i:i + cfg.rollout_batch]
