@@ -23,10 +23,7 @@ each N (`stop_probe`), and the length each N would get from it (`length_scores`)
 """
 
 import argparse
-import itertools
 import json
-import math
-import random
 import re
 import sys
 from pathlib import Path
@@ -37,12 +34,9 @@ import data
 import model as model_lib
 import reward
 import sample
-import train
 
 MAX_CAP_FACTOR = 4  # Max prompts: the cap is 4 x the budget (Exact: 2 x), room to show they stay under it
 NO_BUDGET = 0  # the budget recorded for --mode none
-FIT_BATCH = 16  # --fit-steps: (text, asked N) pairs per update
-PROBE_EVERY = 16  # --fit-steps: updates between probes of the held-out texts
 
 
 def writes_budget(text: str, budget: int, problem: str, answer: str) -> bool:
@@ -238,50 +232,6 @@ def stop_probe(model, tokenizer, prompts: list[list[list[int]]], responses: list
     return out
 
 
-def fit_stop(model, tokenizer, prompt, responses, cuts, lr: float, batch: int, seed: int, loss: str = "length",
-             modes: tuple[str, ...] = ("exact",), marker=None):
-    """The positive control of reading N, and the first stage of the recipe: train the adapter on the stop
-    decision, on other texts.
-
-    prompt(r, n, mode): response r's prompt asking for n tokens in that mode. loss "length": N drawn from
-    min(cuts)..max(cuts) and the mode from `modes`, the model's own text ended at N: train.stop_loss, the
-    loss of train.py --length-steps (the negative log-likelihood of a length of exactly N -- for a Max
-    prompt, of N/2 to N -- plus the KL from the untrained model's text before N, without which the text
-    drifts into empty lines). "cuts": N is one of the cuts, binary cross-entropy of the
-    stop decision at the cuts alone (which leaves the stop and the content free everywhere else).
-    marker: the texts are read with budget markers counting down from each pair's N.
-    Yields (step, loss, KL per text).
-    """
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    rng = random.Random(seed)
-    eos, device = tokenizer.eos_token_id, model.device
-    for step in itertools.count():
-        model.train()
-        # (N, text, mode); a single mode draws nothing, so a one-mode fit repeats the pairs of the earlier fits
-        chosen = [(rng.choice(cuts) if loss == "cuts" else rng.randint(min(cuts), max(cuts)),
-                   rng.randrange(len(responses)), rng.choice(modes) if len(modes) > 1 else modes[0])
-                  for _ in range(batch)]
-        n = torch.tensor([n for n, _, _ in chosen], device=device)
-        if loss == "cuts":
-            logp = stop_logprobs(model, tokenizer, [prompt(r, n, m) + with_markers(responses[r][:max(cuts)], n, marker)
-                                                    for n, r, m in chosen], cuts, marker)
-            stop_here = (torch.tensor(cuts, device=device) == n[:, None]).float()  # [batch, cuts]
-            kl = torch.zeros(batch, device=device)
-            value = -(stop_here * logp + (1 - stop_here) * train.log_no_stop(logp)).mean()
-        else:
-            rows = [prompt(r, n, m) + with_markers(responses[r][:n], n, marker) for n, r, m in chosen]
-            ids, mask = sample.left_pad(rows, tokenizer.pad_token_id, device)
-            within = torch.tensor([m == "max" for _, _, m in chosen], device=device)
-            nll, kl = train.stop_loss(model, ids, mask, n, eos, within=within, marker=marker)
-            value = (nll + kl).mean()
-        optimizer.zero_grad()
-        value.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        yield step, value.item(), kl.mean().item()
-
-
 def probe_scores(logp: torch.Tensor) -> dict:
     """From stop_probe's [responses, asked N, cut L]: how often the stop is likeliest at a cut L when the
     prompt asks for L (accuracy; chance 1 / the number of N), by how much in log-probability (margin,
@@ -309,87 +259,37 @@ def length_scores(logp: torch.Tensor, budgets: list[int]) -> dict:
     >>> round(s["length_nll"], 2), s["median"], [round(w, 2) for w in s["within"]]
     (0.0, [1.0, 2.0], [1.0, 1.0])
     """
-    nll = [train.length_nll(logp[:, a, :n], torch.full((len(logp),), n)) for a, n in enumerate(budgets)]
-    survive = torch.cumprod(1 - logp.exp(), dim=-1)  # [responses, asked, position]: no stop by its end
+    go_on = torch.log1p(-logp.exp().clamp(max=1 - 1e-6)).cumsum(-1)  # log p(no stop up to and at this position)
+    nll = [-(logp[:, a, n - 1] + (go_on[:, a, n - 2] if n > 1 else 0)) for a, n in enumerate(budgets)]  # [responses]
+    survive = go_on.exp()  # [responses, asked, position]: no stop by its end
     median = 1 + (survive > 0.5).sum(-1).float()  # [responses, asked]: the first position where survival <= 1/2
     within = [1 - survive[:, a, n - 1].mean().item() for a, n in enumerate(budgets)]
     return dict(length_nll=torch.stack(nll).mean().item(), median=median.mean(0).tolist(), within=within)
 
 
-def run_stop_probe(args, out: Path) -> dict:
-    """The probe over an evaluation's records; with --fit-steps, its positive control first learns it
-    on the texts of the even-numbered problems and is probed on the others every PROBE_EVERY steps."""
+def run_stop_probe(args) -> dict:
+    """The probe over an evaluation's records: every text at least max(budgets) tokens long, read under
+    a prompt asking for each budget."""
     records = [r for r in data.read_jsonl(Path(args.stop_probe)) if "text" in r]
     problems = data.load_problems(args.data, args.split, args.problem_column, args.answer_column, limit=args.limit,
                                   seed=args.seed)
     if not records or max(r["problem"] for r in records) >= len(problems):
         raise ValueError(f"{args.stop_probe} has no responses to the problems of --data {args.data} --limit "
                          f"{args.limit}: give the records of an evaluation of the same problems")
-    fitting = args.fit_steps > 0
-    model, tokenizer = model_lib.load_model(args.model, adapter=args.adapter, quantize=args.quantize, trainable=fitting)
-    if not fitting:
-        model = model_lib.rollout_copy(model)
+    model, tokenizer = model_lib.load_model(args.model, adapter=args.adapter, quantize=args.quantize, trainable=False)
+    model = model_lib.rollout_copy(model)
     every = marker_every(args)
     marker = sample.BudgetMarker(tokenizer, every) if every else None
-    model.lcpo_marker = every  # a fitted adapter is saved with it
     cuts = sorted(args.budgets)
     kept = [(r["problem"], ids[:max(cuts)]) for r in records
             if len(ids := tokenizer.encode(r["text"], add_special_tokens=False)) >= max(cuts)]
     if not kept:
         raise ValueError(f"no response in {args.stop_probe} is {max(cuts)} tokens long: use smaller --budgets")
-    held = [k for k in kept if k[0] % 2 == 1] if fitting else kept  # fitting: held-out problems and texts
-
-    def prompt(text, n, mode):
-        return data.lcpo_prompt(tokenizer, problems[text[0]], n, mode, args.budget_in)
-
-    probed = "max" if args.mode == "mix" else args.mode  # mix: the Max prompts are probed, and the Exact lengths
-
-    def probe():
-        model.eval()
-
-        def logp(mode):  # every position: the cuts, and the lengths they imply
-            return stop_probe(model, tokenizer, [[prompt(t, n, mode) for t in held] for n in cuts],
-                              [ids for _, ids in held], list(range(1, max(cuts) + 1)), marker=marker, asked_n=cuts)
-
-        asked = logp(probed)
-        scores = dict(probe_scores(asked[..., [L - 1 for L in cuts]]), **length_scores(asked, cuts))
-        if args.mode == "mix":
-            scores["median_exact"] = length_scores(logp("exact"), cuts)["median"]
-        return scores
-
-    def say(step, scores):
-        print(f"step {step}: accuracy {scores['accuracy']:.1%}, margin {scores['margin']:.3f} nats, length NLL "
-              f"{scores['length_nll']:.2f}, median length " + " / ".join(f"{m:.0f}" for m in scores["median"])
-              + ", within N " + " / ".join(f"{w:.0%}" for w in scores["within"])
-              + (", Exact prompts' median length " + " / ".join(f"{m:.0f}" for m in scores["median_exact"])
-                 if "median_exact" in scores else ""), flush=True)
-
-    result = dict(settings=settings_from(args), records=args.stop_probe, responses=len(held), budgets=cuts, **probe())
-    if fitting:
-        fit = [k for k in kept if k[0] % 2 == 0]
-        keys = [k for k in ("accuracy", "margin", "length_nll", "median", "within", "median_exact") if k in result]
-        curve, losses, kls = [dict(step=0, **{k: result[k] for k in keys})], [], []
-        print(f"fit ({args.fit_loss}) on {len(fit)} texts, probe on {len(held)}")
-        say(0, result)
-        modes = ("exact", "max") if args.mode == "mix" else (args.mode,)
-        for step, loss, kl in fit_stop(model, tokenizer, lambda r, n, m: prompt(fit[r], n, m), [ids for _, ids in fit],
-                                       cuts, args.fit_lr, FIT_BATCH, args.seed, args.fit_loss, modes, marker):
-            losses.append(loss)
-            kls.append(kl)
-            if (step + 1) % PROBE_EVERY == 0 or step + 1 == args.fit_steps:
-                result.update(probe())
-                curve.append(dict(step=step + 1, loss=sum(losses[-PROBE_EVERY:]) / len(losses[-PROBE_EVERY:]),
-                                  kl=sum(kls[-PROBE_EVERY:]) / len(kls[-PROBE_EVERY:]), **{k: result[k] for k in keys}))
-                print(f"training loss {curve[-1]['loss']:.4f} (KL to the untrained model {curve[-1]['kl']:.3f}); ", end="")
-                say(step + 1, result)
-                out.parent.mkdir(parents=True, exist_ok=True)
-                out.write_text(json.dumps(dict(result, fit_responses=len(fit), curve=curve), indent=1))
-                model_lib.save_adapter(model, tokenizer, out.with_name(out.stem + "-adapter"))  # a killed fit keeps it
-            if step + 1 == args.fit_steps:
-                break
-        result.update(fit_responses=len(fit), curve=curve, fit_lr=args.fit_lr, fit_steps=args.fit_steps,
-                      fit_loss=args.fit_loss)
-    return result
+    prompts = [[data.lcpo_prompt(tokenizer, problems[p], n, args.mode, args.budget_in) for p, _ in kept] for n in cuts]
+    asked = stop_probe(model, tokenizer, prompts, [ids for _, ids in kept], list(range(1, max(cuts) + 1)),
+                       marker=marker, asked_n=cuts)  # every position: the cuts, and the lengths they imply
+    return dict(settings=settings_from(args), records=args.stop_probe, responses=len(kept), budgets=cuts,
+                **probe_scores(asked[..., [L - 1 for L in cuts]]), **length_scores(asked, cuts))
 
 
 # -----------------------------------------------------------------------------
@@ -407,7 +307,7 @@ def method(result: dict) -> str:
         return "S1"
     if not s["adapter"]:
         return "base" + (" (no length)" if s["mode"] == "none" else "")
-    if not result.get("train_config"):  # not a train.py run (e.g. eval.py --fit-steps): the adapter's own name
+    if not result.get("train_config"):  # not a train.py run (e.g. an exported adapter): the adapter's own name
         return (f"adapter {Path(s['adapter']).name}" + (" (max)" if s["mode"] == "max" else "")
                 + (f" + markers every {s['budget_marker']}" if s.get("budget_marker") else ""))
     return "LCPO" + ("-Max" if s["mode"] == "max" else "") + (" + markers" if s.get("budget_marker") else "")
@@ -416,8 +316,8 @@ def method(result: dict) -> str:
 def labels(results: list[dict], names: list[str]) -> list[str]:
     """Name each run by what differs: the method, then train.py settings (e.g. "LCPO α=0.001")."""
     keys = sorted({k for r in results for k in r.get("train_config", {})} - IGNORED)
-    differ = [k for k in keys if len({json.dumps(r.get("train_config", {}).get(k)) for r in results
-                                      if r.get("train_config")}) > 1]
+    differ = [k for k in keys if len({json.dumps(r["train_config"][k]) for r in results  # a knob newer than a run:
+                                      if k in r.get("train_config", {})}) > 1]  # that run had its neutral value
     out = []
     for r, name in zip(results, names):
         parts = [method(r)]
@@ -555,11 +455,6 @@ def parse_args(argv):
     parser.add_argument("--plot", default=None, help="with --compare or --curves: write the figure here (.png)")
     parser.add_argument("--stop-probe", default=None, metavar="RECORDS", help="an evaluation's records.jsonl: "
                         "the stop token's probability after each budget's worth of its texts, under each N")
-    parser.add_argument("--fit-steps", type=int, default=0, help="--stop-probe: first learn the probe's question "
-                        "on half of the problems for this many steps (the positive control), probing the other half")
-    parser.add_argument("--fit-lr", type=float, default=1e-3, help="--fit-steps: the LoRA learning rate")
-    parser.add_argument("--fit-loss", default="length", choices=["length", "cuts"], help="--fit-steps: the "
-                        "likelihood of stopping after exactly N tokens, or the stop decision at the cuts alone")
     parser.add_argument("--model", default=None, help="hub id or local directory (default: the embedded model)")
     parser.add_argument("--adapter", default=None, help="a saved adapter, or a train.py run directory")
     parser.add_argument("--data", default="builtin", help="builtin, a known set (data.KNOWN_SETS), a hub id or a file")
@@ -568,8 +463,8 @@ def parse_args(argv):
     parser.add_argument("--answer-column", default="answer")
     parser.add_argument("--limit", type=int, default=64, help="problems (first N; 0: all)")
     parser.add_argument("--budgets", type=int, nargs="+", default=[32, 64, 128], help="N of 'Think for N tokens.'")
-    parser.add_argument("--mode", default="exact", choices=["exact", "max", "none", "mix"],
-                        help="none: no length sentence; mix (--fit-steps only): each pair Exact or Max")
+    parser.add_argument("--mode", default="exact", choices=["exact", "max", "none"],
+                        help="Exact or Max prompts; none: no length sentence")
     parser.add_argument("--budget-in", default="user", choices=data.BUDGET_PLACES,
                         help="where the length sentence goes: as the adapter was trained (train.py --budget-in)")
     parser.add_argument("--budget-marker", type=int, default=None, metavar="K",
@@ -598,8 +493,6 @@ def parse_args(argv):
         raise ValueError("--plot goes with --compare or --curves")
     if any(b <= 0 for b in args.budgets):
         raise ValueError(f"budgets must be positive token counts, got {args.budgets}")
-    if args.fit_steps < 0 or (args.fit_steps and not args.stop_probe) or not (math.isfinite(args.fit_lr) and args.fit_lr > 0):
-        raise ValueError("--fit-steps must be >= 0 and goes with --stop-probe; --fit-lr must be a positive number")
     for name in ("samples", "batch", "answer_tokens"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -607,16 +500,12 @@ def parse_args(argv):
         raise ValueError(f"--limit must be >= 0 (0: all problems), got {args.limit}")
     if args.stop_probe and (args.s1 or args.mode == "none"):
         raise ValueError("--stop-probe asks for each budget in the prompt: it goes with --mode exact or max")
-    if args.mode == "mix" and not args.fit_steps:
-        raise ValueError("--mode mix draws Exact or Max prompts for --fit-steps: evaluate with --mode exact or max")
-    if args.mode == "mix" and args.fit_loss == "cuts":
-        raise ValueError("--fit-loss cuts trains Exact prompts only: use --mode exact, or --fit-loss length with mix")
     if args.s1 and args.mode == "none":
         raise ValueError("--s1 forces each budget: it cannot go with --mode none")
     if args.budget_marker is not None and args.budget_marker < 0:
         raise ValueError(f"--budget-marker must be >= 0 (0: off), got {args.budget_marker}")
     if args.budget_marker and (args.s1 or args.mode == "none"):
-        raise ValueError("--budget-marker counts down from the N in the prompt: it goes with --mode exact, max or mix")
+        raise ValueError("--budget-marker counts down from the N in the prompt: it goes with --mode exact or max")
     args.limit = args.limit or None
     if args.split is None and args.data == "builtin":
         args.split = "test"
@@ -638,7 +527,7 @@ def main(argv: list[str] | None = None) -> None:
         out = Path(args.out)
         model_lib.set_threads()
         if args.stop_probe:
-            result = run_stop_probe(args, out)
+            result = run_stop_probe(args)
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps(result, indent=1))
             print(f"log p(stop) after L tokens (columns) when N is asked (rows), mean of {result['responses']} texts:")
@@ -649,7 +538,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"stop likeliest under the asked N: {result['accuracy']:.1%} (chance {result['chance']:.0%}), "
                   f"margin {result['margin']:.3f} nats; length NLL {result['length_nll']:.2f} nats, median length "
                   + " / ".join(f"{m:.0f}" for m in result["median"]) + f" (asked {' / '.join(map(str, result['budgets']))})"
-                  f"\nresults: {out}")
+                  + ", p(length <= N) " + " / ".join(f"{w:.0%}" for w in result["within"]) + f"\nresults: {out}")
             return
         result = evaluate(args, out)
     except (ValueError, model_lib.ModelError) as e:

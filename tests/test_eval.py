@@ -1,4 +1,3 @@
-import itertools
 import json
 
 import pytest
@@ -136,8 +135,6 @@ def test_compare_labels_runs_by_what_differs_and_draws_a_readable_figure(tmp_pat
     (["--temperature", "nan"], "temperature must be a finite number >= 0"),
     (["--max-new-tokens", "0"], "max_new_tokens must be positive"),
     (["--stop-probe", "r.jsonl", "--mode", "none"], "--stop-probe asks for each budget"),
-    (["--mode", "mix"], "--mode mix draws Exact or Max prompts for --fit-steps"),
-    (["--stop-probe", "r.jsonl", "--fit-steps", "2", "--mode", "mix", "--fit-loss", "cuts"], "trains Exact prompts only"),
     (["--budget-marker", "-1"], "--budget-marker must be >= 0"),
     (["--s1", "--budget-marker", "8"], "--budget-marker counts down from the N in the prompt"),
 ])
@@ -294,11 +291,22 @@ def test_an_evaluation_puts_in_the_markers_its_adapter_learnt_and_judges_the_tex
     seen.clear()
     ev.main(args_for(tiny_model_dir, tmp_path / "off.json", "--adapter", str(tmp_path / "adapter"), "--budget-marker", "0"))
     assert all(m is None for m, _ in seen) and "budget_marker" not in json.loads((tmp_path / "off.json").read_text())["settings"]
-    records = str(tmp_path / "off.records.jsonl")  # the first stage with markers: its adapter is saved with them
+    records = str(tmp_path / "off.records.jsonl")  # the probe reads the texts with the adapter's markers too
     ev.main(["--model", str(tiny_model_dir), "--no-quantize", "--limit", "3", "--stop-probe", records, "--budgets", "2",
-             "4", "--fit-steps", "2", "--budget-marker", "2", "--out", str(tmp_path / "fit.json")])
-    assert model_lib.adapter_marker(tmp_path / "fit-adapter") == 2
+             "4", "--adapter", str(tmp_path / "adapter"), "--out", str(tmp_path / "probe.json")])
+    assert json.loads((tmp_path / "probe.json").read_text())["settings"]["budget_marker"] == 3
     assert "adapter adapter + markers every 3" in ev.compare([str(tmp_path / "m.json")], None)
+
+
+def test_the_probe_s_length_nll_is_the_training_loss_s():
+    """length_scores reads -log p(a length of exactly N) as train.length_nll, the first stage's loss, scores it."""
+    import torch
+
+    import train
+
+    logp = torch.rand(3, 2, 8).clamp(min=0.01).log()  # [responses, asked N, position]: p(stop) after each token
+    by_train = [train.length_nll(logp[:, a, :n], torch.full((3,), n)) for a, n in enumerate([3, 8])]
+    assert ev.length_scores(logp, [3, 8])["length_nll"] == pytest.approx(torch.stack(by_train).mean().item(), rel=1e-5)
 
 
 def test_probe_scores_reward_the_stop_where_n_says_and_not_a_length_bias():
@@ -324,82 +332,3 @@ def test_stop_probe_from_an_evaluation_s_records(tiny_model_dir, tmp_path, capsy
     with pytest.raises(SystemExit, match="no response"):
         ev.main(["--model", str(tiny_model_dir), "--no-quantize", "--limit", "3", "--stop-probe", records,
                  "--budgets", "500", "--out", str(tmp_path / "q.json")])
-
-
-def test_fit_stop_learns_to_stop_where_n_says(char_tokenizer):
-    import torch
-
-    from tests.conftest import make_tiny_llama
-
-    model = make_tiny_llama(char_tokenizer, seed=1)
-    torch.manual_seed(0)
-    cuts = [3, 6, 9]
-    problems = [data.Problem(t, "1") for t in ("1+1?", "Seven apples.", "x", "Ten pens and a box.")]
-    responses = [torch.randint(10, 90, (9,)).tolist() for _ in problems]
-    prompts = [[data.lcpo_prompt(char_tokenizer, p, n) for p in problems] for n in cuts]
-    before = ev.probe_scores(ev.stop_probe(model, char_tokenizer, prompts, responses, cuts))
-    losses = [loss for step, loss, _ in itertools.takewhile(lambda s: s[0] < 120, ev.fit_stop(
-        model, char_tokenizer, lambda r, n, m: prompts[cuts.index(n)][r], responses, cuts, lr=3e-3, batch=12, seed=0,
-        loss="cuts"))]
-    after = ev.probe_scores(ev.stop_probe(model, char_tokenizer, prompts, responses, cuts))
-    assert before["accuracy"] < 0.6 and after["accuracy"] == 1.0 and after["margin"] > before["margin"] + 1
-    assert sum(losses[-5:]) < sum(losses[:5]) / 2
-
-
-def test_fit_stop_length_loss_makes_the_length_follow_n(char_tokenizer, monkeypatch):
-    """The same text under prompts asking 3..9 tokens: learnt, the stop comes after exactly N tokens and not before."""
-    import contextlib
-    import copy
-
-    import torch
-
-    from tests.conftest import make_tiny_llama
-
-    model = make_tiny_llama(char_tokenizer, seed=1)
-    untrained = copy.deepcopy(model).requires_grad_(False)
-    monkeypatch.setattr(ev.model_lib, "reference", lambda m: contextlib.nullcontext(untrained))  # LoRA switched off
-    torch.manual_seed(0)
-    cuts, problem, text = [3, 6, 9], data.Problem("1+1?", "2"), torch.randint(10, 90, (9,)).tolist()
-    prompts = [[data.lcpo_prompt(char_tokenizer, problem, n)] for n in cuts]
-
-    def scores():
-        return ev.length_scores(ev.stop_probe(model, char_tokenizer, prompts, [text], list(range(1, 10))), cuts)
-
-    before = scores()
-    # 300 steps: by 200 the loss is still falling steeply on some CPUs (length NLL 0.21 at 200, 6e-4 at 300)
-    fitted = list(itertools.takewhile(lambda s: s[0] < 300, ev.fit_stop(
-        model, char_tokenizer, lambda r, n, m: data.lcpo_prompt(char_tokenizer, problem, n, m), [text], cuts, lr=3e-3,
-        batch=12, seed=0)))
-    losses = [loss for _, loss, _ in fitted]
-    after = scores()
-    assert before["median"] == [10, 10, 10] and after["median"] == cuts  # 10: no stop within the text
-    assert after["length_nll"] < 0.1 < 1 < before["length_nll"] and sum(losses[-5:]) < sum(losses[:5]) / 10
-
-
-def test_fit_stop_under_max_prompts_ends_within_the_budget_and_past_half_of_it(char_tokenizer, monkeypatch):
-    """Half the pairs Max prompts (a length of N/2..N learnt), half Exact (exactly N): each prompt gets its own."""
-    import contextlib
-    import copy
-
-    import torch
-
-    from tests.conftest import make_tiny_llama
-
-    model = make_tiny_llama(char_tokenizer, seed=1)
-    untrained = copy.deepcopy(model).requires_grad_(False)
-    monkeypatch.setattr(ev.model_lib, "reference", lambda m: contextlib.nullcontext(untrained))
-    torch.manual_seed(0)
-    cuts, problem, text = [4, 8, 12], data.Problem("1+1?", "2"), torch.randint(10, 90, (12,)).tolist()
-
-    def scores(mode):
-        prompts = [[data.lcpo_prompt(char_tokenizer, problem, n, mode)] for n in cuts]
-        return ev.length_scores(ev.stop_probe(model, char_tokenizer, prompts, [text], list(range(1, 13))), cuts)
-
-    assert max(scores("max")["within"]) < 0.5
-    for _ in itertools.takewhile(lambda s: s[0] < 250, ev.fit_stop(
-            model, char_tokenizer, lambda r, n, m: data.lcpo_prompt(char_tokenizer, problem, n, m), [text], cuts,
-            lr=3e-3, batch=12, seed=0, modes=("exact", "max"))):
-        pass
-    at_most, exact = scores("max"), scores("exact")
-    assert min(at_most["within"]) > 0.9 and all(n / 2 < m <= n for m, n in zip(at_most["median"], cuts))
-    assert exact["median"] == cuts and exact["median"] != at_most["median"]

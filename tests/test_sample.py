@@ -427,5 +427,5 @@ def test_the_shipped_l1_exact_adapter_turns_the_dial():
         outs = sample.generate(model, prompts, 256, tokenizer.pad_token_id, [tokenizer.eos_token_id], temperature=0)
         lengths[n] = sum(o.n_y for o in outs) / len(outs)
     # the same cap for both, so that the cap is not what differs; the untrained model runs past 64 at N = 32
-    assert lengths[32] < 64 and lengths[128] > lengths[32] + 32, lengths  # sampled at T = 0.6: 33.9 and 108.0
+    assert lengths[32] < 64 and lengths[128] > lengths[32] + 32, lengths  # sampled at T = 0.6: 26.1 and 103.7
 

@@ -241,6 +241,72 @@ def test_stop_loss_scores_the_length_and_holds_the_text_apart_from_the_stop(char
     assert loss()[1].min() > 0.01
 
 
+def learn_stop(model, tokenizer, problem, text, cuts, modes, steps, monkeypatch):
+    """stop_loss alone, as --length-steps applies it (the first stage, and its positive control): 12 pairs an
+    update, the text ended after N of its tokens, N drawn over the cuts' range, each pair Exact or Max. The
+    untrained model is a frozen copy (the tiny model's LoRA cannot be switched off). Returns the losses."""
+    import contextlib
+    import copy
+    import random
+
+    untrained = copy.deepcopy(model).requires_grad_(False)
+    monkeypatch.setattr(model_lib, "reference", lambda m: contextlib.nullcontext(untrained))
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer, rng, losses = torch.optim.AdamW(params, lr=3e-3, weight_decay=0.0), random.Random(0), []
+    for _ in range(steps):
+        pairs = [(rng.randint(min(cuts), max(cuts)), rng.choice(modes)) for _ in range(12)]
+        rows = [data.lcpo_prompt(tokenizer, problem, n, mode) + text[:n] for n, mode in pairs]
+        ids, mask = sample.left_pad(rows, tokenizer.pad_token_id, "cpu")
+        nll, kl = train.stop_loss(model, ids, mask, torch.tensor([n for n, _ in pairs]), tokenizer.eos_token_id,
+                                  within=torch.tensor([mode == "max" for _, mode in pairs]))
+        loss = (nll + kl).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
+def test_stop_loss_makes_the_length_follow_n(char_tokenizer, monkeypatch):
+    """The same text under prompts asking 3..9 tokens: learnt, the stop comes after exactly N tokens and not
+    before (read by eval.py's stop probe)."""
+    import eval as ev
+
+    model = make_tiny_llama(char_tokenizer, seed=1)
+    torch.manual_seed(0)
+    cuts, problem, text = [3, 6, 9], data.Problem("1+1?", "2"), torch.randint(10, 90, (9,)).tolist()
+    prompts = [[data.lcpo_prompt(char_tokenizer, problem, n)] for n in cuts]
+
+    def scores():
+        return ev.length_scores(ev.stop_probe(model, char_tokenizer, prompts, [text], list(range(1, 10))), cuts)
+
+    before = scores()
+    losses = learn_stop(model, char_tokenizer, problem, text, cuts, ["exact"], 300, monkeypatch)
+    after = scores()
+    assert before["median"] == [10, 10, 10] and after["median"] == cuts  # 10: no stop within the text
+    assert after["length_nll"] < 0.1 < 1 < before["length_nll"] and sum(losses[-5:]) < sum(losses[:5]) / 10
+
+
+def test_stop_loss_under_max_prompts_ends_within_the_budget_and_past_half_of_it(char_tokenizer, monkeypatch):
+    """Half the pairs Max prompts (a length of N/2..N learnt), half Exact (exactly N): each prompt gets its own."""
+    import eval as ev
+
+    model = make_tiny_llama(char_tokenizer, seed=1)
+    torch.manual_seed(0)
+    cuts, problem, text = [4, 8, 12], data.Problem("1+1?", "2"), torch.randint(10, 90, (12,)).tolist()
+
+    def scores(mode):
+        prompts = [[data.lcpo_prompt(char_tokenizer, problem, n, mode)] for n in cuts]
+        return ev.length_scores(ev.stop_probe(model, char_tokenizer, prompts, [text], list(range(1, 13))), cuts)
+
+    assert max(scores("max")["within"]) < 0.5
+    learn_stop(model, char_tokenizer, problem, text, cuts, ["exact", "max"], 250, monkeypatch)
+    at_most, exact = scores("max"), scores("exact")
+    assert min(at_most["within"]) > 0.9 and all(n / 2 < m <= n for m, n in zip(at_most["median"], cuts))
+    assert exact["median"] == cuts and exact["median"] != at_most["median"]
+
+
 def test_stop_loss_with_markers_scores_the_decisions_after_own_tokens_alone(char_tokenizer, monkeypatch):
     """Rows with budget markers: the length NLL and the KL read the outputs where the model picks its next own
     token (after a marker, where one follows), found here by running each prefix on its own."""
