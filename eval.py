@@ -259,9 +259,8 @@ def length_scores(logp: torch.Tensor, budgets: list[int]) -> dict:
     >>> round(s["length_nll"], 2), s["median"], [round(w, 2) for w in s["within"]]
     (0.0, [1.0, 2.0], [1.0, 1.0])
     """
-    go_on = torch.log1p(-logp.exp().clamp(max=1 - 1e-6)).cumsum(-1)  # log p(no stop up to and at this position)
-    nll = [-(logp[:, a, n - 1] + (go_on[:, a, n - 2] if n > 1 else 0)) for a, n in enumerate(budgets)]  # [responses]
-    survive = go_on.exp()  # [responses, asked, position]: no stop by its end
+    nll = [sample.length_nll(logp[:, a, :n], torch.full((len(logp),), n)) for a, n in enumerate(budgets)]
+    survive = torch.cumprod(1 - logp.exp(), dim=-1)  # [responses, asked, position]: no stop by its end
     median = 1 + (survive > 0.5).sum(-1).float()  # [responses, asked]: the first position where survival <= 1/2
     within = [1 - survive[:, a, n - 1].mean().item() for a, n in enumerate(budgets)]
     return dict(length_nll=torch.stack(nll).mean().item(), median=median.mean(0).tolist(), within=within)

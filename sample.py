@@ -395,6 +395,38 @@ def sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tens
 
 
 # -----------------------------------------------------------------------------
+# the likelihood of a length, from the stop token's log-probability after each token (train.stop_loss learns
+# it, eval.length_scores reads it)
+
+
+def length_nll(stop_logp: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+    """-log p(a length of exactly n tokens), from log p(stop) after each token, right-aligned: column -1 is
+    after the n-th token, column -1-k after the (n-k)-th; columns before the first token are not read.
+
+        -log p(stop after n) - sum over t < n of log p(no stop after t)
+
+    stop_logp [rows, R], n [rows] with 1 <= n <= R. Returns [rows].
+
+        >>> round(length_nll(torch.tensor([[0.9, 0.5, 0.5, 0.5]]).log(), torch.tensor([3])).item(), 3)  # 3 log 2
+        2.079
+    """
+    return -(stop_logp[:, -1] + (log_no_stop(stop_logp) * before_the_end(stop_logp, n)).sum(-1))
+
+
+def log_no_stop(stop_logp: torch.Tensor) -> torch.Tensor:
+    """log p(not the stop token) from log p(stop), finite where the stop is certain."""
+    return torch.log1p(-stop_logp.exp().clamp(max=1 - 1e-6))
+
+
+def before_the_end(columns: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+    """[rows, R] True at the columns after tokens 1..n-1 of each row, in length_nll's right-aligned layout
+    (column -1 after the n-th token): where the text goes on."""
+    R = columns.shape[-1]
+    tokens_after = torch.arange(R - 1, -1, -1, device=columns.device)  # how many tokens come after this column
+    return (tokens_after >= 1) & (tokens_after < n.to(columns.device)[:, None])
+
+
+# -----------------------------------------------------------------------------
 # S1 budget forcing, the baseline L1 is compared with
 
 

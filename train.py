@@ -231,48 +231,22 @@ def normalise(loss: torch.Tensor, mask: torch.Tensor, how: str, batch_tokens: in
     return (loss * mask).sum() / (batch_rows * max_new_tokens)
 
 
-def length_nll(stop_logp: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
-    """-log p(a length of exactly n tokens), from log p(stop) after each token, right-aligned: column -1 is
-    after the n-th token, column -1-k after the (n-k)-th; columns before the first token are not read.
-
-        -log p(stop after n) - sum over t < n of log p(no stop after t)
-
-    stop_logp [rows, R], n [rows] with 1 <= n <= R. Returns [rows].
-
-        >>> round(length_nll(torch.tensor([[0.9, 0.5, 0.5, 0.5]]).log(), torch.tensor([3])).item(), 3)  # 3 log 2
-        2.079
-    """
-    return -(stop_logp[:, -1] + (log_no_stop(stop_logp) * before_the_end(stop_logp, n)).sum(-1))
-
-
-def log_no_stop(stop_logp: torch.Tensor) -> torch.Tensor:
-    """log p(not the stop token) from log p(stop), finite where the stop is certain."""
-    return torch.log1p(-stop_logp.exp().clamp(max=1 - 1e-6))
-
-
 def budget_nll(stop_logp: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
-    """-log p(a length within the budget n and over half of it): the Max prompts' counterpart of length_nll,
-    in the same layout. Without the floor, ending at once would be the likeliest length within any budget.
+    """-log p(a length within the budget n and over half of it): the Max prompts' counterpart of
+    sample.length_nll, in the same layout. Without the floor, ending at once would be the likeliest length
+    within any budget.
 
         -log p(no stop after tokens 1..n//2) - log p(a stop after one of tokens n//2+1..n)
 
         >>> round(budget_nll(torch.tensor([[0.5, 0.5, 0.5, 0.5]]).log(), torch.tensor([4])).item(), 3)  # 1/4 * 3/4
         1.674
     """
-    go_on = log_no_stop(stop_logp)
+    go_on = sample.log_no_stop(stop_logp)
     tokens_after = torch.arange(stop_logp.shape[-1] - 1, -1, -1, device=stop_logp.device)[None]  # n - t at token t
     half = (n - n // 2).to(stop_logp.device)[:, None]  # tokens n//2+1..n have n - t < half
     late = tokens_after < half
-    survive = (go_on * (before_the_end(stop_logp, n) & ~late)).sum(-1)  # no stop after tokens 1..n//2
+    survive = (go_on * (sample.before_the_end(stop_logp, n) & ~late)).sum(-1)  # no stop after tokens 1..n//2
     return -(survive + torch.log(-torch.expm1((go_on * late).sum(-1).clamp(max=-1e-6))))
-
-
-def before_the_end(columns: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
-    """[rows, R] True at the columns after tokens 1..n-1 of each row, in length_nll's right-aligned layout
-    (column -1 after the n-th token): where the text goes on."""
-    R = columns.shape[-1]
-    tokens_after = torch.arange(R - 1, -1, -1, device=columns.device)  # how many tokens come after this column
-    return (tokens_after >= 1) & (tokens_after < n.to(columns.device)[:, None])
 
 
 def stop_loss(model, ids: torch.Tensor, mask: torch.Tensor, n: torch.Tensor, eos_id: int,
@@ -282,7 +256,7 @@ def stop_loss(model, ids: torch.Tensor, mask: torch.Tensor, n: torch.Tensor, eos
     first N tokens of a response, left-padded (every row ends at the last column): ([rows] length NLL,
     [rows] KL).
 
-    length NLL: the text ended after exactly N tokens (length_nll); in the rows where `within` [rows] is
+    length NLL: the text ended after exactly N tokens (sample.length_nll); in the rows where `within` [rows] is
     True (Max prompts), after N/2 to N tokens (budget_nll). KL: sum over t < N of
     KL(untrained || model) of the next token after t tokens given that it is not the stop; it holds the
     text itself, which the NLL alone lets drift (into blank lines, measured), and leaves the stop to the
@@ -313,13 +287,14 @@ def stop_loss(model, ids: torch.Tensor, mask: torch.Tensor, n: torch.Tensor, eos
                           for s in range(0, R, chunk)], dim=-1)  # each [rows, R]
     if marker is not None:
         stop, kl = own_columns(stop, n, marker), own_columns(kl, n, marker)
-    nll = length_nll(stop, n) if within is None else torch.where(within, budget_nll(stop, n), length_nll(stop, n))
-    return nll, (kl * before_the_end(kl, n)).sum(-1)
+    exactly = sample.length_nll(stop, n)
+    nll = exactly if within is None else torch.where(within, budget_nll(stop, n), exactly)
+    return nll, (kl * sample.before_the_end(kl, n)).sum(-1)
 
 
 def own_columns(columns: torch.Tensor, n: torch.Tensor, marker: sample.BudgetMarker) -> torch.Tensor:
     """From [rows, R] columns over responses with budget markers (right-aligned, each row n own tokens
-    long, BudgetMarker.insert), the columns where the model decides its next own token, in length_nll's
+    long, BudgetMarker.insert), the columns where the model decides its next own token, in sample.length_nll's
     layout: [rows, max n], column -1 after the n-th own token (and its marker), -1-k after the (n-k)-th."""
     n = n.to(columns.device)[:, None]
     width = int(n.max())

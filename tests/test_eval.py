@@ -298,17 +298,6 @@ def test_an_evaluation_puts_in_the_markers_its_adapter_learnt_and_judges_the_tex
     assert "adapter adapter + markers every 3" in ev.compare([str(tmp_path / "m.json")], None)
 
 
-def test_the_probe_s_length_nll_is_the_training_loss_s():
-    """length_scores reads -log p(a length of exactly N) as train.length_nll, the first stage's loss, scores it."""
-    import torch
-
-    import train
-
-    logp = torch.rand(3, 2, 8).clamp(min=0.01).log()  # [responses, asked N, position]: p(stop) after each token
-    by_train = [train.length_nll(logp[:, a, :n], torch.full((3,), n)) for a, n in enumerate([3, 8])]
-    assert ev.length_scores(logp, [3, 8])["length_nll"] == pytest.approx(torch.stack(by_train).mean().item(), rel=1e-5)
-
-
 def test_probe_scores_reward_the_stop_where_n_says_and_not_a_length_bias():
     import torch
 
