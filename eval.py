@@ -352,7 +352,7 @@ def compare(paths: list[str], plot: str | None) -> str:
         import matplotlib.pyplot as plt
         import matplotlib.ticker
 
-        fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+        fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2 + 0.2 * len(names)), layout="constrained")
         for name, r in zip(names, results):
             b = r["budgets"]
             line, = left.plot([x["mean_tokens"] for x in b], [100 * x["accuracy"] for x in b], "o-", label=name)
@@ -375,9 +375,7 @@ def compare(paths: list[str], plot: str | None) -> str:
             ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
             ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
             ax.grid(alpha=0.3, which="both")
-            if ax.get_legend_handles_labels()[0]:
-                ax.legend(fontsize=8)
-        fig.tight_layout()
+        fig.legend(*left.get_legend_handles_labels(), loc="outside lower center", fontsize=8)  # one, under both: labels can be long
         Path(plot).parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(plot, dpi=120)
         plt.close(fig)
