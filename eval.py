@@ -413,8 +413,10 @@ def curves(run_dirs: list[str], plot: str | None, window: int = 10) -> str:
         import matplotlib.pyplot as plt
         import matplotlib.ticker
 
-        fig, axes = plt.subplots(1, 3, figsize=(16, 4.2))
-        for name, m in zip(names, runs):
+        fig, axes = plt.subplots(1, 3, figsize=(16, 4.4 + 0.2 * len(names)), layout="constrained")
+        handles = {}
+        for i, (name, m) in enumerate(zip(names, runs)):
+            colour = f"C{i % 10}"  # one colour per run on every panel (a run without a slope skips the third)
             for ax, key in zip(axes, ("reward_mean", "length_error", "length_slope")):
                 points = [(r["step"], r[key]) for r in m if r.get(key) is not None]  # older runs have no slope
                 if not points:
@@ -422,8 +424,8 @@ def curves(run_dirs: list[str], plot: str | None, window: int = 10) -> str:
                 steps, values = zip(*points)
                 recent = [values[max(0, i - window + 1):i + 1] for i in range(len(values))]
                 smooth = [sum(v) / len(v) for v in recent]
-                line, = ax.plot(steps, smooth, label=f"{name} (mean of {window})")
-                ax.plot(steps, values, color=line.get_color(), alpha=0.25, linewidth=0.8)
+                handles[name], = ax.plot(steps, smooth, color=colour, label=f"{name} (mean of {window})")
+                ax.plot(steps, values, color=colour, alpha=0.25, linewidth=0.8)
         axes[0].set(xlabel="step", ylabel="mean reward", title="reward per step")
         axes[1].set(xlabel="step", ylabel="mean |n_y - N| / N", title="length error per step")
         axes[1].set_ylim(bottom=0)
@@ -433,9 +435,8 @@ def curves(run_dirs: list[str], plot: str | None, window: int = 10) -> str:
         for ax in axes:
             ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
             ax.grid(alpha=0.3)
-            if ax.get_legend_handles_labels()[0]:
-                ax.legend(fontsize=8)
-        fig.tight_layout()
+        if handles:  # one legend under the three panels: run names can be long
+            fig.legend(handles=list(handles.values()), loc="outside lower center", fontsize=8)
         Path(plot).parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(plot, dpi=120)
         plt.close(fig)

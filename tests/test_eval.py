@@ -186,6 +186,31 @@ def test_curves_summarise_and_plot_training_runs(tmp_path, capsys):
     assert image.shape[1] > 800 and image[..., :3].std() > 0.05
 
 
+def test_curves_give_each_run_one_colour_and_one_legend(tmp_path, monkeypatch):
+    import matplotlib.colors
+    import matplotlib.pyplot as plt
+
+    for name, with_slope in (("old", False), ("new", True)):  # the run without a slope comes first
+        run = tmp_path / name
+        run.mkdir()
+        rows = [dict(step=s, reward_mean=0.1 * s, length_error=1.0, **({"length_slope": 0.5} if with_slope else {}))
+                for s in range(12)]
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)  # keep the figure to look at it
+    ev.main(["--curves", str(tmp_path / "old"), str(tmp_path / "new"), "--plot", str(tmp_path / "c.png")])
+    (fig,) = figures
+    reward_ax, _, slope_ax = fig.axes
+    colour = {line.get_label().split(" (")[0]: matplotlib.colors.to_hex(line.get_color())
+              for line in reward_ax.get_lines() if not line.get_label().startswith("_")}
+    (slope_line,) = [line for line in slope_ax.get_lines() if line.get_label().startswith("new")]
+    assert matplotlib.colors.to_hex(slope_line.get_color()) == colour["new"] != colour["old"]
+    assert len(fig.legends) == 1 and not any(ax.get_legend() for ax in fig.axes)
+    assert [t.get_text().split(" (")[0] for t in fig.legends[0].get_texts()] == ["old", "new"]
+    monkeypatch.undo()
+    plt.close(fig)
+
+
 def test_curves_refuse_a_directory_without_metrics(tmp_path):
     with pytest.raises(SystemExit) as e:
         ev.main(["--curves", str(tmp_path)])
