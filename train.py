@@ -44,7 +44,7 @@ from data import N_MAX, N_MIN  # the default range of targets (data.py previews 
 # The recipe's first stage, done once and shipped: the embedded model's adapter whose stop reads N, from
 # 163 --length-steps on train-split problems (README, "Training"). From a fresh adapter the reward alone
 # teaches this model to stop but not to read N; from this one, 40 LCPO steps make the dial.
-STOP_ADAPTER = Path(__file__).resolve().parent / "results" / "stage1-train-adapter"
+STOP_ADAPTER = Path(__file__).resolve().parent / "results" / "stage1-adapter"
 
 
 @dataclass
