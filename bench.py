@@ -27,6 +27,7 @@ import torch
 
 import data
 import model as model_lib
+import runs
 import sample
 import train
 
@@ -119,18 +120,13 @@ def run_variant(name, model, copy, *args):
     return function(model_lib.rollout_copy(model, copy) if dense else model, *args, **flags)
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def peak_mb(device, reset: bool = False) -> float:
     if device.type == "cuda":
         value = torch.cuda.max_memory_allocated(device) / 2**20
         if reset:
             torch.cuda.reset_peak_memory_stats(device)
         return value
-    return train.peak_memory_mb(device)  # the process's peak RSS: it only grows
+    return model_lib.peak_memory_mb(device)  # the process's peak RSS: it only grows
 
 
 def bench_rollout(args, model_name, device) -> dict:
@@ -151,11 +147,11 @@ def bench_rollout(args, model_name, device) -> dict:
         for repeat in range(args.repeats):  # alternating, so drift in the machine's speed hits all of them
             for v in variants:
                 peak_mb(device, reset=True)
-                sync(device)
+                model_lib.synchronize(device)
                 t = time.perf_counter()
                 produced = run_variant(v, model, copy, tokenizer, rows, targets, lengths, batch, args.temperature,
                                        args.top_p)
-                sync(device)
+                model_lib.synchronize(device)
                 times[v].append(time.perf_counter() - t)
                 memory[v] = max(memory[v], peak_mb(device))
                 assert produced == useful, (v, produced, useful)  # both sides did the same work
@@ -165,7 +161,7 @@ def bench_rollout(args, model_name, device) -> dict:
     table = {v: dict(seconds=times[v], tokens_per_s=useful / best[v], peak_memory_mb=memory[v],
                      vs_generate=(base / best[v]) if base else None,
                      vs_dense_generate=(dense / best[v]) if dense else None) for v in variants}
-    print(f"\n| rollout | tokens/s | x generate(), dense copy | x generate() | peak MB |\n|---|---:|---:|---:|---:|")
+    print("\n| rollout | tokens/s | x generate(), dense copy | x generate() | peak MB |\n|---|---:|---:|---:|---:|")
     for v, r in table.items():
         ratios = [f"{r[k]:.2f}" if r[k] else "-" for k in ("vs_dense_generate", "vs_generate")]
         print(f"| {v} | {r['tokens_per_s']:.1f} | {' | '.join(ratios)} | {r['peak_memory_mb']:.0f} |")
@@ -201,7 +197,7 @@ def bench_train(args, model_name, device, preset: str) -> dict:
         if getattr(args, knob, None) is not None:
             overrides[knob] = getattr(args, knob)
     cfg = train.Config(**{**train.PRESETS[preset], **overrides, "data": "builtin"})
-    train.check_config(cfg)
+    runs.check_config(cfg)
     steps = []
     real_generate = sample.generate
     if args.force_lengths:  # train.py's rollouts call sample.generate: each row gets its length
@@ -225,7 +221,7 @@ def bench_trl(args, model_name, device) -> dict:
     """One GRPO step of train.py and one of TRL's GRPOTrainer at the same settings, alternating, `repeats` times.
 
     Both: the same model in full precision with LoRA r16 on every linear layer, the built-in problems
-    as LCPO-Exact prompts (TRL reads data.export's file), G, temperature, response cap, beta, token-level
+    as LCPO-Exact prompts (TRL reads scale_out.export's file), G, temperature, response cap, beta, token-level
     loss, learning rate, no gradient checkpointing, and the LCPO reward (scale_out.trl_reward for TRL).
     Each run takes two steps and the second is timed (the first pays for warm-up). Responses are
     sampled, so lengths differ from run to run: the time per generated token is the fair comparison.
@@ -244,7 +240,7 @@ def bench_trl(args, model_name, device) -> dict:
                        group_size=args.group_size, n_min=args.n_min, n_max=args.n_max, n_min_steps=0,
                        max_new_tokens=args.max_new_tokens, temperature=args.temperature, beta=0.001, steps=2,
                        save_every=100, sample_every=100)
-    train.check_config(cfg)
+    runs.check_config(cfg)
     source = model_lib.resolve(model_name)
     rows = cfg.prompts_per_step * cfg.group_size
 
@@ -269,7 +265,7 @@ def bench_trl(args, model_name, device) -> dict:
     def run_trl(tmp: Path, seed: int) -> dict:
         tokenizer = model_lib.load_tokenizer(source)
         problems = data.builtin_problems("train", cfg.prompts_per_step * 2, seed)
-        data.export(problems, tmp / "trl.parquet", "trl", cfg.n_min, cfg.n_max, "exact", seed)
+        scale_out.export(problems, tmp / "trl.parquet", "trl", cfg.n_min, cfg.n_max, "exact", seed)
         import datasets
 
         torch.manual_seed(seed)
@@ -305,23 +301,23 @@ def bench_trl(args, model_name, device) -> dict:
                  "trl_step_time_s": logged[-1].get("step_time")}
         return dict(step_s=clock.seconds[-1], tokens=length * rows, mean_length=length, split=split)
 
-    runs = {"ours": [], "TRL GRPOTrainer": []}
+    timed = {"ours": [], "TRL GRPOTrainer": []}
     with tempfile.TemporaryDirectory() as tmp:
         for repeat in range(args.repeats):  # alternating, so drift in the machine's speed hits both
             for name, run in (("ours", run_ours), ("TRL GRPOTrainer", run_trl)):
                 r = run(Path(tmp), seed=repeat)
                 r["ms_per_token"] = 1000 * r["step_s"] / r["tokens"]
-                runs[name].append(r)
+                timed[name].append(r)
                 print(f"  repeat {repeat + 1}  {name:16s} {r['step_s']:7.1f} s a step, {r['tokens']:6.0f} tokens "
                       f"(mean {r['mean_length']:.0f}), {r['ms_per_token']:.1f} ms per token")
-    best = {name: min(rs, key=lambda r: r["ms_per_token"]) for name, rs in runs.items()}
+    best = {name: min(rs, key=lambda r: r["ms_per_token"]) for name, rs in timed.items()}
     ratio_token = best["TRL GRPOTrainer"]["ms_per_token"] / best["ours"]["ms_per_token"]
-    ratio_step = min(r["step_s"] for r in runs["TRL GRPOTrainer"]) / min(r["step_s"] for r in runs["ours"])
+    ratio_step = min(r["step_s"] for r in timed["TRL GRPOTrainer"]) / min(r["step_s"] for r in timed["ours"])
     print(f"\n| {rows} responses a step | s a step | mean length | ms per generated token |\n|---|---:|---:|---:|")
     for name, r in best.items():
         print(f"| {name} | {r['step_s']:.1f} | {r['mean_length']:.0f} | {r['ms_per_token']:.1f} |")
     print(f"ours is {ratio_token:.2f}x TRL per generated token, {ratio_step:.2f}x per step")
-    return dict(config={k: v for k, v in vars(cfg).items()}, runs=runs, ours_vs_trl_per_token=ratio_token,
+    return dict(config={k: v for k, v in vars(cfg).items()}, runs=timed, ours_vs_trl_per_token=ratio_token,
                 ours_vs_trl_per_step=ratio_step)
 
 

@@ -4,7 +4,6 @@ Problems in, prompts out.
     python data.py                                  # preview the built-in set's prompts
     python data.py --data math500 --n 3             # a known eval set (needs the hub, or its cache)
     python data.py --data my_problems.jsonl --problem-column question --answer-column solution
-    python data.py --data deepscaler --export verl --out lcpo-verl.parquet --n-min 100 --n-max 4000
 
 A dataset is any table with a problem and an answer column: the built-in offline set, a Hugging
 Face hub id, a local .json/.jsonl/.parquet file, or a known eval set by name (KNOWN_SETS). Each
@@ -19,7 +18,6 @@ which goes to the model as one user turn through its chat template (encode_promp
 """
 
 import argparse
-import json
 import random
 import sys
 import zlib
@@ -27,7 +25,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 MODES = ("exact", "max")  # the two LCPO prompt forms; "mix" (training only) draws one of them per problem
-BUDGET_PLACES = ("user", "system")  # where the length sentence goes: after the problem (the paper) or in a system message
 MATH_INSTRUCTION = "Let's think step by step and output the final answer within \\boxed{}."
 CHOICE_INSTRUCTION = "Let's think step by step and output the final answer (eg, A, B, C, D) within \\boxed{}."
 LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
@@ -75,32 +72,20 @@ def length_sentence(n_gold: int, mode: str = "exact") -> str:
     return f"Think for {n_gold} tokens." if mode == "exact" else f"Think for maximum {n_gold} tokens."
 
 
-def lcpo_prompt(tokenizer, problem: "Problem", n_gold: int | None, mode: str = "exact",
-                budget_in: str = "user") -> list[int]:
-    """Token ids of the LCPO prompt for `problem` asking for n_gold tokens, ready to generate from.
-
-    budget_in "user" (the paper) ends the user message with the length sentence; "system" puts the
-    sentence alone in a system message (replacing the template's default one) and leaves the
-    problem as it is, so that a small model does not take N for a quantity of the problem.
-    """
-    if budget_in not in BUDGET_PLACES:
-        raise DataError(f"unknown budget place {budget_in!r}: use one of {', '.join(BUDGET_PLACES)}")
-    if budget_in == "system" and n_gold is not None:
-        message = build_prompt(problem.problem, None, mode, problem.multiple_choice)
-        return encode_prompt(tokenizer, message, system=length_sentence(n_gold, mode))
+def lcpo_prompt(tokenizer, problem: "Problem", n_gold: int | None, mode: str = "exact") -> list[int]:
+    """Token ids of the LCPO prompt for `problem` asking for n_gold tokens, ready to generate from."""
     return encode_prompt(tokenizer, build_prompt(problem.problem, n_gold, mode, problem.multiple_choice))
 
 
-def encode_prompt(tokenizer, message: str, system: str | None = None) -> list[int]:
-    """Token ids of `message` as one user turn of the tokenizer's chat template (after a system turn
-    if `system` is given), ready to generate from."""
+def encode_prompt(tokenizer, message: str) -> list[int]:
+    """Token ids of `message` as one user turn of the tokenizer's chat template, ready to generate from."""
     if not getattr(tokenizer, "chat_template", None):
         name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
         raise DataError(
             f"tokenizer {name!r} has no chat template: use an instruct/chat model, "
             "or set tokenizer.chat_template to a Jinja template"
         )
-    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": message}]
+    messages = [{"role": "user", "content": message}]
     return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False))
 
 
@@ -142,6 +127,15 @@ def sample_targets(n: int, n_min: int, n_max: int, mode: str, rng: random.Random
         n_gold = min(n_max, n_min + int(u * (n_max - n_min + 1)))
         pairs.append((n_gold, rng.choice(MODES) if mode == "mix" else mode))
     return pairs
+
+
+def draw_batch(problems: list["Problem"], prompts: int, n_min: int, n_max: int, mode: str, rng: random.Random,
+               targets_per_problem: int = 1) -> tuple[list["Problem"], list[tuple[int, str]]]:
+    """A training step's prompts: problems drawn with replacement, each `targets_per_problem` times with
+    targets spread over the range (sample_targets' strata): ([prompts] problems, [prompts] (n_gold, mode))."""
+    drawn = [problems[rng.randrange(len(problems))] for _ in range(prompts // targets_per_problem)]
+    batch = [p for p in drawn for _ in range(targets_per_problem)]  # the same problem, different N
+    return batch, sample_targets(len(batch), n_min, n_max, mode, rng, targets_per_problem)
 
 
 # -----------------------------------------------------------------------------
@@ -382,60 +376,6 @@ def load_problems(
     return problems
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    """The records of a .jsonl log (train.py's metrics, eval.py's responses); a line cut short by a
-    crash is dropped, with a note, so the run can go on."""
-    records = []
-    for line in Path(path).read_text().splitlines() if Path(path).exists() else []:
-        try:
-            record = json.loads(line)
-        except ValueError:
-            record = None
-        if isinstance(record, dict):
-            records.append(record)
-        elif line.strip():
-            print(f"note: dropped a damaged line of {path}", file=sys.stderr)
-    return records
-
-
-# -----------------------------------------------------------------------------
-# export, for training in TRL or verl (scale_out.py reads these columns back)
-
-
-def export(problems: list[Problem], path: str | Path, engine: str, n_min: int, n_max: int, mode: str = "exact",
-           seed: int = 0, data_source: str = "lcpo", tokenizer: str = "embedded", boxed_only: bool = True) -> int:
-    """Write LCPO prompts, targets drawn as train.py draws them, to a parquet file for `engine`.
-
-    trl : prompt (one user message), answer, n_gold, mode, multiple_choice: GRPOTrainer hands every
-          column but the prompt to the reward function (scale_out.trl_reward).
-    verl: data_source, prompt, ability, reward_model {style, ground_truth}, extra_info {n_gold, mode,
-          multiple_choice, tokenizer, boxed_only}: the layout of verl's data loader, read back
-          by scale_out.compute_score. `tokenizer` names the model whose tokens n_y counts.
-    """
-    import datasets
-
-    if engine not in ("trl", "verl"):
-        raise DataError(f"unknown engine {engine!r}: export for trl or verl")
-    check_target_range(n_min, n_max)
-    targets = sample_targets(len(problems), n_min, n_max, mode, random.Random(seed))
-    rows = []
-    for i, (p, (n_gold, m)) in enumerate(zip(problems, targets)):
-        prompt = [{"role": "user", "content": build_prompt(p.problem, n_gold, m, p.multiple_choice)}]
-        if engine == "trl":
-            rows.append(dict(prompt=prompt, answer=p.answer, n_gold=n_gold, mode=m, multiple_choice=p.multiple_choice))
-        else:
-            rows.append(dict(data_source=data_source, prompt=prompt, ability="math",
-                             reward_model={"style": "rule", "ground_truth": p.answer},
-                             extra_info=dict(index=i, n_gold=n_gold, mode=m, multiple_choice=p.multiple_choice,
-                                             tokenizer=tokenizer, boxed_only=boxed_only)))
-    try:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        datasets.Dataset.from_list(rows).to_parquet(str(path))
-    except OSError as e:
-        raise DataError(f"cannot write {path} ({e.strerror or e}): choose another --out") from None
-    return len(rows)
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Preview the LCPO prompts of a dataset.")
     parser.add_argument("--data", default="builtin", help="builtin, a known set (%s), a hub id or a local file"
@@ -449,25 +389,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--n-max", type=int, default=N_MAX, help="largest target length, tokens")
     parser.add_argument("--n", type=int, default=3, help="how many prompts to show")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--export", choices=["trl", "verl"], default=None, help="write the prompts for TRL or verl")
-    parser.add_argument("--out", default=None, help="with --export: the parquet file to write")
-    parser.add_argument("--tokenizer", default="embedded", help="with --export verl: the model whose tokens n_y counts")
-    parser.add_argument("--boxed-only", action=argparse.BooleanOptionalAction, default=True,
-                        help="with --export verl: judge only \\boxed{} answers (the paper)")
     args = parser.parse_args(argv)
     try:
         check_target_range(args.n_min, args.n_max)
         if args.n < 1:
             raise DataError(f"--n must be >= 1 (how many prompts to show), got {args.n}")
-        if (args.export is None) != (args.out is None):
-            raise DataError("--export and --out go together: --export trl|verl --out FILE.parquet")
         problems = load_problems(args.data, args.split, args.problem_column, args.answer_column, args.config,
                                  seed=args.seed)
-        if args.export:
-            n = export(problems, args.out, args.export, args.n_min, args.n_max, args.mode, args.seed,
-                       data_source=args.data, tokenizer=args.tokenizer, boxed_only=args.boxed_only)
-            print(f"wrote {n} {args.mode} prompts (N {args.n_min}-{args.n_max}) for {args.export} to {args.out}")
-            return
     except DataError as e:
         sys.exit(f"error: {e}")
     print(f"{len(problems)} problems from {args.data}")

@@ -19,7 +19,7 @@ started again with the same command skips the budgets already finished.
 
 --stop-probe asks, without sampling, whether a model reads N: over fixed response texts (an
 evaluation's records), the probability of the stop token at every position under prompts asking for
-each N (`stop_probe`), and the length each N would get from it (`length_scores`).
+each N, and the length each N would get from it (stage1.stop_probe, stage1.length_scores).
 """
 
 import argparse
@@ -33,7 +33,9 @@ import torch
 import data
 import model as model_lib
 import reward
+import runs
 import sample
+import stage1
 
 MAX_CAP_FACTOR = 4  # Max prompts: the cap is 4 x the budget (Exact: 2 x), room to show they stay under it
 NO_BUDGET = 0  # the budget recorded for --mode none
@@ -82,21 +84,11 @@ def table(rows: list[dict], label: str | None = None) -> str:
 def settings_from(args) -> dict:
     """Everything that decides the numbers; a resumed run must match them exactly."""
     keys = ("model", "adapter", "data", "split", "problem_column", "answer_column", "limit", "budgets", "mode", "s1",
-            "samples", "temperature", "top_p", "boxed_only", "answer_tokens", "quantize", "seed", "budget_in")
+            "samples", "temperature", "top_p", "boxed_only", "answer_tokens", "quantize", "seed")
     settings = {k: getattr(args, k) for k in keys}
     settings["adapter"] = str(model_lib.find_adapter(args.adapter)) if args.adapter else None
     settings["base"] = model_lib.adapter_base(args.adapter) if args.adapter else (args.model or "embedded")
-    every = marker_every(args)
-    if every:  # only then: the settings of every earlier evaluation stay as they were
-        settings["budget_marker"] = every
     return settings
-
-
-def marker_every(args) -> int:
-    """The budget-marker interval: --budget-marker, else as the adapter was trained (0: none)."""
-    if args.budget_marker is not None:
-        return args.budget_marker
-    return model_lib.adapter_marker(args.adapter) if args.adapter else 0
 
 
 def train_config(adapter: str | None) -> dict:
@@ -124,7 +116,7 @@ def evaluate(args, out: Path) -> dict:
         result["budgets"] = previous["budgets"]
     done = {b["budget"] for b in result["budgets"]}
     budgets = [NO_BUDGET] if args.mode == "none" else args.budgets
-    kept = [r for r in data.read_jsonl(records_path) if r.get("budget") in done]
+    kept = [r for r in runs.read_jsonl(records_path) if r.get("budget") in done]
     records_path.parent.mkdir(parents=True, exist_ok=True)
     records_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
     if all(b in done for b in budgets):
@@ -136,8 +128,6 @@ def evaluate(args, out: Path) -> dict:
     model, tokenizer = model_lib.load_model(args.model, adapter=args.adapter, quantize=args.quantize, trainable=False)
     model = model_lib.rollout_copy(model)  # the same function, dequantized and merged once: faster to sample from
     thinks = "</think>" in tokenizer.get_vocab()
-    every = settings.get("budget_marker", 0)
-    marker = sample.BudgetMarker(tokenizer, every) if every else None
     from tqdm import tqdm
 
     todo = [b for b in budgets if b not in done]
@@ -147,7 +137,7 @@ def evaluate(args, out: Path) -> dict:
         rows = [(i, k) for i in range(len(problems)) for k in range(args.samples)]
         asked = budget if (budget != NO_BUDGET and not args.s1) else None  # N in the prompt, if any
         mode = "exact" if args.mode == "none" else args.mode
-        prompts = [data.lcpo_prompt(tokenizer, p, asked, mode, args.budget_in) for p in problems]
+        prompts = [data.lcpo_prompt(tokenizer, p, asked, mode) for p in problems]
         cap = args.max_new_tokens or (2 * max(args.budgets) if budget == NO_BUDGET else
                                       (MAX_CAP_FACTOR if mode == "max" else 2) * budget)
         records = []
@@ -161,10 +151,9 @@ def evaluate(args, out: Path) -> dict:
             else:
                 outs = sample.generate(model, batch_prompts, cap, tokenizer.pad_token_id, [tokenizer.eos_token_id],
                                        args.temperature, args.top_p, generator,
-                                       on_token=lambda step, tokens, finished: bar.update(done + finished - bar.n),
-                                       marker=marker if asked is not None else None, budgets=[budget] * len(chunk))
+                                       on_token=lambda step, tokens, finished: bar.update(done + finished - bar.n))
             for (i, k), o in zip(chunk, outs):
-                text = tokenizer.decode(o.text_tokens(), skip_special_tokens=True)  # without the markers
+                text = tokenizer.decode(o.tokens, skip_special_tokens=True)
                 p = problems[i]
                 ok = reward.judge(text, p.answer, p.multiple_choice, thinks, args.boxed_only)
                 records.append(dict(problem=i, budget=budget, sample=k, n_y=o.n_y, correct=ok,
@@ -182,94 +171,13 @@ def evaluate(args, out: Path) -> dict:
 
 
 # -----------------------------------------------------------------------------
-# the stop probe: does the model put its stop where N says? (teacher-forced, no sampling)
-
-
-def position_logprobs(model, tokenizer, rows: list[list[int]], cuts: list[int], marker=None) -> torch.Tensor:
-    """The next-token log-probabilities after each row's first L response tokens, for each L in cuts:
-    [rows, cuts, vocabulary].
-
-    Each row is a prompt followed by exactly max(cuts) response tokens; rows are left-padded here.
-    marker: the responses hold budget markers (BudgetMarker.insert): L counts their own tokens, and the
-    output is read where the model picks the next one (after the marker that follows an L on the interval).
-    """
-    device = model.device
-    ids, mask = sample.left_pad(rows, tokenizer.pad_token_id, device)
-    width = ids.shape[1]
-    hidden = model.get_decoder()(input_ids=ids, attention_mask=mask,
-                                 position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).last_hidden_state  # [rows, T, H]
-    if marker is None:
-        at = [width - max(cuts) + L - 1 for L in cuts]  # the output after the L-th token
-    else:
-        at = [width - marker.columns(max(cuts)) + marker.decision(L) for L in cuts]
-    return model.get_output_embeddings()(hidden[:, torch.tensor(at, device=device)]).float().log_softmax(-1)
-
-
-def stop_logprobs(model, tokenizer, rows: list[list[int]], cuts: list[int], marker=None) -> torch.Tensor:
-    """log p(stop token) after each row's first L response tokens, for each L in cuts: [rows, cuts]."""
-    return position_logprobs(model, tokenizer, rows, cuts, marker)[..., tokenizer.eos_token_id]
-
-
-def with_markers(tokens: list[int], n: int, marker) -> list[int]:
-    """A text as the model reads it under a prompt asking for n: with the budget markers, if any."""
-    return tokens if marker is None else marker.insert(tokens, n)[0]
-
-
-@torch.no_grad()
-def stop_probe(model, tokenizer, prompts: list[list[list[int]]], responses: list[list[int]], cuts: list[int],
-               batch: int = 8, marker=None, asked_n: list[int] | None = None) -> torch.Tensor:
-    """stop_logprobs for each response under each asked N: [responses, asked N, cut L].
-
-    prompts[a][r]: response r's prompt asking the a-th N (asked_n[a], which the markers count down
-    from); cuts: the L; responses at least max(cuts) tokens long.
-    """
-    out = torch.zeros(len(responses), len(prompts), len(cuts))
-    for a, asked in enumerate(prompts):
-        for start in range(0, len(responses), batch):
-            rows = [p + with_markers(r[:max(cuts)], asked_n[a] if marker else 0, marker)
-                    for p, r in zip(asked[start:start + batch], responses[start:start + batch])]
-            out[start:start + len(rows), a] = stop_logprobs(model, tokenizer, rows, cuts, marker).cpu()
-    return out
-
-
-def probe_scores(logp: torch.Tensor) -> dict:
-    """From stop_probe's [responses, asked N, cut L]: how often the stop is likeliest at a cut L when the
-    prompt asks for L (accuracy; chance 1 / the number of N), by how much in log-probability (margin,
-    against the other N's mean), and the mean matrix [asked][cut].
-
-    >>> probe_scores(torch.tensor([[[-1., -5.], [-3., -2.]]]))["accuracy"]
-    1.0
-    """
-    k = logp.shape[1]
-    diagonal = logp.diagonal(dim1=1, dim2=2)  # [responses, k]: asked N = cut L
-    others = (logp.sum(1) - diagonal) / (k - 1)  # [responses, k]: the other N at the same cut
-    best = logp.argmax(1)  # [responses, cut]: the N under which the stop is likeliest
-    return dict(accuracy=(best == torch.arange(k)).float().mean().item(), chance=1 / k,
-                margin=(diagonal - others).mean().item(), matrix=logp.mean(0).tolist())
-
-
-def length_scores(logp: torch.Tensor, budgets: list[int]) -> dict:
-    """From stop_probe at every position 1..max(budgets), [responses, asked N, position]: what the stop
-    decisions say about the length each asked N gets on these texts. length_nll: -log p(a length of
-    exactly N), mean over texts; median: the length by which the stop has come with probability 1/2
-    (max(budgets) + 1 when it has not), mean over texts, one per asked N; within: p(a length of at most N),
-    mean over texts, one per asked N (what a Max prompt asks).
-
-    >>> s = length_scores(torch.tensor([[[0.0, -9, -9], [-9, 0.0, -9]]]).clamp(max=-1e-4), [1, 2])
-    >>> round(s["length_nll"], 2), s["median"], [round(w, 2) for w in s["within"]]
-    (0.0, [1.0, 2.0], [1.0, 1.0])
-    """
-    nll = [sample.length_nll(logp[:, a, :n], torch.full((len(logp),), n)) for a, n in enumerate(budgets)]
-    survive = torch.cumprod(1 - logp.exp(), dim=-1)  # [responses, asked, position]: no stop by its end
-    median = 1 + (survive > 0.5).sum(-1).float()  # [responses, asked]: the first position where survival <= 1/2
-    within = [1 - survive[:, a, n - 1].mean().item() for a, n in enumerate(budgets)]
-    return dict(length_nll=torch.stack(nll).mean().item(), median=median.mean(0).tolist(), within=within)
+# the stop probe (stage1.py): does the model put its stop where N says? (teacher-forced, no sampling)
 
 
 def run_stop_probe(args) -> dict:
     """The probe over an evaluation's records: every text at least max(budgets) tokens long, read under
     a prompt asking for each budget."""
-    records = [r for r in data.read_jsonl(Path(args.stop_probe)) if "text" in r]
+    records = [r for r in runs.read_jsonl(Path(args.stop_probe)) if "text" in r]
     problems = data.load_problems(args.data, args.split, args.problem_column, args.answer_column, limit=args.limit,
                                   seed=args.seed)
     if not records or max(r["problem"] for r in records) >= len(problems):
@@ -277,18 +185,16 @@ def run_stop_probe(args) -> dict:
                          f"{args.limit}: give the records of an evaluation of the same problems")
     model, tokenizer = model_lib.load_model(args.model, adapter=args.adapter, quantize=args.quantize, trainable=False)
     model = model_lib.rollout_copy(model)
-    every = marker_every(args)
-    marker = sample.BudgetMarker(tokenizer, every) if every else None
     cuts = sorted(args.budgets)
     kept = [(r["problem"], ids[:max(cuts)]) for r in records
             if len(ids := tokenizer.encode(r["text"], add_special_tokens=False)) >= max(cuts)]
     if not kept:
         raise ValueError(f"no response in {args.stop_probe} is {max(cuts)} tokens long: use smaller --budgets")
-    prompts = [[data.lcpo_prompt(tokenizer, problems[p], n, args.mode, args.budget_in) for p, _ in kept] for n in cuts]
-    asked = stop_probe(model, tokenizer, prompts, [ids for _, ids in kept], list(range(1, max(cuts) + 1)),
-                       marker=marker, asked_n=cuts)  # every position: the cuts, and the lengths they imply
+    prompts = [[data.lcpo_prompt(tokenizer, problems[p], n, args.mode) for p, _ in kept] for n in cuts]
+    asked = stage1.stop_probe(model, tokenizer, prompts, [ids for _, ids in kept],
+                              list(range(1, max(cuts) + 1)))  # every position: the cuts, and the lengths they imply
     return dict(settings=settings_from(args), records=args.stop_probe, responses=len(kept), budgets=cuts,
-                **probe_scores(asked[..., [L - 1 for L in cuts]]), **length_scores(asked, cuts))
+                **stage1.probe_scores(asked[..., [L - 1 for L in cuts]]), **stage1.length_scores(asked, cuts))
 
 
 # -----------------------------------------------------------------------------
@@ -307,9 +213,8 @@ def method(result: dict) -> str:
     if not s["adapter"]:
         return "base" + (" (no length)" if s["mode"] == "none" else "")
     if not result.get("train_config"):  # not a train.py run (e.g. an exported adapter): the adapter's own name
-        return (f"adapter {Path(s['adapter']).name}" + (" (max)" if s["mode"] == "max" else "")
-                + (f" + markers every {s['budget_marker']}" if s.get("budget_marker") else ""))
-    return "LCPO" + ("-Max" if s["mode"] == "max" else "") + (" + markers" if s.get("budget_marker") else "")
+        return f"adapter {Path(s['adapter']).name}" + (" (max)" if s["mode"] == "max" else "")
+    return "LCPO" + ("-Max" if s["mode"] == "max" else "")
 
 
 def labels(results: list[dict], names: list[str]) -> list[str]:
@@ -387,7 +292,7 @@ def read_metrics(run_dir: str) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise ValueError(f"{run_dir} is not a train.py run (no metrics.jsonl): give run directories to --curves")
-    return data.read_jsonl(path)
+    return runs.read_jsonl(path)
 
 
 def curves(run_dirs: list[str], plot: str | None, window: int = 10) -> str:
@@ -463,11 +368,6 @@ def parse_args(argv):
     parser.add_argument("--budgets", type=int, nargs="+", default=[32, 64, 128], help="N of 'Think for N tokens.'")
     parser.add_argument("--mode", default="exact", choices=["exact", "max", "none"],
                         help="Exact or Max prompts; none: no length sentence")
-    parser.add_argument("--budget-in", default="user", choices=data.BUDGET_PLACES,
-                        help="where the length sentence goes: as the adapter was trained (train.py --budget-in)")
-    parser.add_argument("--budget-marker", type=int, default=None, metavar="K",
-                        help="show the budget left after every K tokens of the response (train.py --budget-marker); "
-                        "default: as the adapter was trained, 0: off")
     parser.add_argument("--s1", action="store_true", help="S1 budget forcing at each budget (no length sentence)")
     parser.add_argument("--samples", type=int, default=2, help="K samples per problem (the paper: 16)")
     parser.add_argument("--temperature", type=float, default=0.6)
@@ -500,10 +400,6 @@ def parse_args(argv):
         raise ValueError("--stop-probe asks for each budget in the prompt: it goes with --mode exact or max")
     if args.s1 and args.mode == "none":
         raise ValueError("--s1 forces each budget: it cannot go with --mode none")
-    if args.budget_marker is not None and args.budget_marker < 0:
-        raise ValueError(f"--budget-marker must be >= 0 (0: off), got {args.budget_marker}")
-    if args.budget_marker and (args.s1 or args.mode == "none"):
-        raise ValueError("--budget-marker counts down from the N in the prompt: it goes with --mode exact or max")
     args.limit = args.limit or None
     if args.split is None and args.data == "builtin":
         args.split = "test"

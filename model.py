@@ -17,6 +17,7 @@ second.
 import contextlib
 import importlib.util
 import json
+import math
 import os
 import shutil
 import sys
@@ -194,7 +195,6 @@ def load_model(
     quantize: bool = True,
     lora_rank: int = 16,
     lora_alpha: int = 32,
-    lora_dropout: float = 0.0,
     lora_targets: str | list[str] = LORA_TARGETS,
     gradient_checkpointing: bool = False,
     trainable: bool = True,
@@ -256,11 +256,10 @@ def load_model(
         if adapter is not None:
             model = PeftModel.from_pretrained(model, adapter, is_trainable=trainable)
         else:
-            config = LoraConfig(r=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+            config = LoraConfig(r=lora_rank, lora_alpha=lora_alpha,
                                 target_modules=lora_targets, task_type="CAUSAL_LM")
             model = get_peft_model(model, config)
     model.lcpo_base = name or "embedded"  # what the user named, saved beside the adapter
-    model.lcpo_marker = adapter_marker(adapter) if adapter is not None else 0  # saved beside it too
     return model, tokenizer
 
 
@@ -337,17 +336,55 @@ def rollout_copy(model, previous=None):
 
 
 # -----------------------------------------------------------------------------
+# the update
+
+
+def optimizer_step(optimizer, params: list, grad_clip: float) -> float | None:
+    """One update of the LoRA weights from their accumulated gradient, clipped to norm grad_clip: the
+    gradient's norm, or None (no update, the gradient cleared) when it is not finite.
+
+    A weight without a gradient gets zeros (a pass with no rows still steps, as a pass of zero
+    advantages would: Adam's momentum moves on).
+    """
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip).item()
+    if not math.isfinite(grad_norm):
+        optimizer.zero_grad(set_to_none=True)
+        return None
+    optimizer.step()
+    if not all(torch.isfinite(p).all() for p in params):  # nothing after this could be saved or trusted
+        raise RuntimeError("the update made the adapter's weights non-finite: start a new run with a lower --lr, "
+                           "from the last checkpoint with --init-adapter")
+    return grad_norm
+
+
+def synchronize(device) -> None:
+    """Wait for the GPU's queued work (before reading a clock); nothing on a CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_memory_mb(device) -> float:
+    """Peak GPU memory allocated, or the process's peak resident memory on a CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+# -----------------------------------------------------------------------------
 # saving
 
 
-def save_adapter(model, tokenizer, out_dir: str | Path) -> None:
-    """The adapter in peft's own format (PeftModel.from_pretrained reads it), with the tokenizer
-    and the name of its base model; written atomically."""
+def save_adapter(model, out_dir: str | Path) -> None:
+    """The adapter in peft's own format (PeftModel.from_pretrained reads it) and the name of its base
+    model, whose tokenizer goes with it; written atomically."""
     with atomic_dir(Path(out_dir)) as staging:
         model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        (staging / ADAPTER_BASE_FILE).write_text(json.dumps({"base": getattr(model, "lcpo_base", "embedded"),
-                                                             "budget_marker": getattr(model, "lcpo_marker", 0)}))
+        (staging / ADAPTER_BASE_FILE).write_text(json.dumps({"base": getattr(model, "lcpo_base", "embedded")}))
 
 
 def find_adapter(path: str | Path) -> Path:
@@ -398,18 +435,6 @@ def adapter_base(adapter: str | Path) -> str:
     except (ValueError, KeyError, TypeError) as e:
         raise ModelError(f"adapter {path} does not say which base model it was trained on ({e!r}): "
                          f"its {ADAPTER_BASE_FILE} or adapter_config.json is damaged") from None
-
-
-def adapter_marker(adapter: str | Path) -> int:
-    """The budget-marker interval an adapter was trained with (train.py --budget-marker; 0: none)."""
-    path = find_adapter(adapter) / ADAPTER_BASE_FILE
-    try:
-        every = json.loads(path.read_text()).get("budget_marker", 0) if path.is_file() else 0
-    except (ValueError, AttributeError):  # not JSON, or not an object
-        every = None
-    if not isinstance(every, int) or every < 0:
-        raise ModelError(f"{path} is damaged (its budget_marker is not a number of tokens): save the adapter again")
-    return every
 
 
 def export_adapter(adapter: str | Path, out_dir: str | Path, dtype: torch.dtype = torch.bfloat16) -> Path:

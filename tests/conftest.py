@@ -1,5 +1,6 @@
 """Shared test fixtures: everything is built here, nothing is downloaded."""
 
+import json
 import os
 import string
 
@@ -71,3 +72,30 @@ def tiny_model_dir(tmp_path, char_tokenizer):
     make_tiny_llama(char_tokenizer).save_pretrained(path)
     char_tokenizer.save_pretrained(path)
     return path
+
+
+# end to end on the tiny model
+
+
+@pytest.fixture
+def learnable_model_dir(tmp_path):
+    # a wider initialisation than the default 0.02: with it the small adapter can move the EOS logit far
+    tokenizer = make_char_tokenizer()
+    path = tmp_path / "tiny"
+    make_tiny_llama(tokenizer, init_std=0.1).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def tiny_config(model_dir, **overrides):
+    """train.py's Config for the tiny model: a few prompts, short targets, no quantization."""
+    from train import Config
+
+    settings = dict(model=str(model_dir), n_min=4, n_max=4, max_new_tokens=24, group_size=8, prompts_per_step=4,
+                    quantize=False, lr=0.01, alpha=0.05, steps=30, save_every=100, sample_every=10, beta=0.001,
+                    loss_norm="token", temperature=1.0)
+    return Config(**{**settings, **overrides})
+
+
+def read_metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

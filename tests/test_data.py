@@ -60,17 +60,11 @@ def test_encode_prompt_applies_the_chat_template(char_tokenizer):
     assert ids[-1] == char_tokenizer.convert_tokens_to_ids("<|assistant|>")  # generation prompt added
 
 
-def test_lcpo_prompt_puts_the_length_sentence_where_asked(char_tokenizer):
+def test_lcpo_prompt_is_the_papers_prompt_in_one_user_turn(char_tokenizer):
     problem = Problem("What is 2+3?", "5", multiple_choice=False)
     in_user = char_tokenizer.decode(lcpo_prompt(char_tokenizer, problem, 100, "max"))
-    assert in_user == f"<|user|>{build_prompt('What is 2+3?', 100, 'max')}<eos><|assistant|>"  # the paper's
-    in_system = char_tokenizer.decode(lcpo_prompt(char_tokenizer, problem, 100, "max", budget_in="system"))
-    assert in_system == (f"<|system|>Think for maximum 100 tokens.<eos>"
-                         f"<|user|>{build_prompt('What is 2+3?', None)}<eos><|assistant|>")  # the problem alone
-    # no target, no length sentence anywhere: the template's own system message, the same prompt
-    assert lcpo_prompt(char_tokenizer, problem, None, budget_in="system") == lcpo_prompt(char_tokenizer, problem, None)
-    with pytest.raises(DataError, match="unknown budget place 'prompt'"):
-        lcpo_prompt(char_tokenizer, problem, 100, budget_in="prompt")
+    assert in_user == f"<|user|>{build_prompt('What is 2+3?', 100, 'max')}<eos><|assistant|>"
+    assert "Think for" not in char_tokenizer.decode(lcpo_prompt(char_tokenizer, problem, None))  # no target: no sentence
 
 
 def test_encode_prompt_with_the_embedded_models_tokenizer():
@@ -366,7 +360,6 @@ def test_cli_prints_prompts(capsys):
     (["--data", "{tmp}"], "is a directory: give a .json, .jsonl or .parquet file in it"),
     (["--n", "-1"], "error: --n must be >= 1"),
     (["--n", "0"], "error: --n must be >= 1"),
-    (["--export", "trl", "--out", "/proc/nope/x.parquet"], "error: cannot write /proc/nope/x.parquet"),
 ])
 def test_cli_refuses_bad_input_in_one_line(argv, message, tmp_path):
     with pytest.raises(SystemExit) as info:
@@ -382,14 +375,6 @@ def test_cli_previews_the_targets_train_py_draws(capsys):
     targets = [int(n) for n in re.findall(r"Think for (\d+) tokens", capsys.readouterr().out)]
     assert len(targets) == 50 and train.Config.n_min <= min(targets) and max(targets) <= train.Config.n_max
     assert max(targets) - min(targets) > (train.Config.n_max - train.Config.n_min) / 2  # the whole range
-
-
-def test_a_line_cut_short_by_a_crash_is_dropped_from_a_log(tmp_path, capsys):
-    log = tmp_path / "metrics.jsonl"
-    log.write_text('{"step": 0}\n{"step": 1}\n{"step": 2, "rew')
-    assert data.read_jsonl(log) == [{"step": 0}, {"step": 1}]
-    assert "dropped a damaged line" in capsys.readouterr().err
-    assert data.read_jsonl(tmp_path / "missing.jsonl") == []
 
 
 def test_an_unreachable_hub_fails_at_once(monkeypatch):

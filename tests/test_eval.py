@@ -6,6 +6,7 @@ import data
 import eval as ev
 import model as model_lib
 import reward
+import runs
 import sample
 
 
@@ -80,15 +81,6 @@ def test_writes_budget_catches_n_taken_for_a_quantity():
     assert not ev.writes_budget("so 64", 64, "Ann has 8 pens. She doubles them twice.", "64")  # so does the answer
 
 
-def test_the_length_sentence_goes_where_the_adapter_learnt_it(tiny_model_dir, tmp_path, monkeypatch):
-    places = []
-    lcpo_prompt = data.lcpo_prompt
-    monkeypatch.setattr(data, "lcpo_prompt", lambda *a: places.append(a[-1]) or lcpo_prompt(*a))
-    ev.main(args_for(tiny_model_dir, tmp_path / "system.json", "--budget-in", "system"))
-    assert places and set(places) == {"system"}
-    assert json.loads((tmp_path / "system.json").read_text())["settings"]["budget_in"] == "system"
-
-
 def test_multiple_choice_sets_use_the_choice_judge(tiny_model_dir, tmp_path, monkeypatch):
     problems = [data.Problem("Pick one.\n\n(A) 1\n(B) 2", "B", True)]
     monkeypatch.setattr(data, "load_problems", lambda *a, **k: problems)
@@ -135,8 +127,6 @@ def test_compare_labels_runs_by_what_differs_and_draws_a_readable_figure(tmp_pat
     (["--temperature", "nan"], "temperature must be a finite number >= 0"),
     (["--max-new-tokens", "0"], "max_new_tokens must be positive"),
     (["--stop-probe", "r.jsonl", "--mode", "none"], "--stop-probe asks for each budget"),
-    (["--budget-marker", "-1"], "--budget-marker must be >= 0"),
-    (["--s1", "--budget-marker", "8"], "--budget-marker counts down from the N in the prompt"),
 ])
 def test_bad_flags_are_refused_in_one_line(argv, message):
     with pytest.raises(SystemExit) as e:
@@ -161,7 +151,7 @@ def test_an_empty_set_and_an_adapter_of_another_base_are_refused(tiny_model_dir,
         ev.main(args_for(tiny_model_dir, tmp_path / "x.json", "--data", str(empty)))
     assert "no usable rows" in str(e.value) and "\n" not in str(e.value)
     model, tok = model_lib.load_model(str(tiny_model_dir), quantize=False)
-    model_lib.save_adapter(model, tok, tmp_path / "adapter")
+    model_lib.save_adapter(model, tmp_path / "adapter")
     with pytest.raises(SystemExit) as e:
         ev.main(["--adapter", str(tmp_path / "adapter"), "--model", "some/other-model", "--out", str(tmp_path / "y.json")])
     assert "some/other-model" in str(e.value) and str(tiny_model_dir) in str(e.value)
@@ -233,7 +223,7 @@ def test_a_damaged_result_or_record_line_names_its_file(tiny_model_dir, tmp_path
         f.write('{"problem": 0, "bud')  # a kill mid-write
     ev.main(args_for(tiny_model_dir, out, "--budgets", "4"))  # every budget done: nothing to redo
     ev.main(args_for(tiny_model_dir, tmp_path / "more.json", "--budgets", "4", "8"))
-    assert len(data.read_jsonl(records)) == 3 * 2
+    assert len(runs.read_jsonl(records)) == 3 * 2
 
 
 def test_the_bar_counts_responses_as_they_finish(tiny_model_dir, tmp_path, monkeypatch):
@@ -257,82 +247,11 @@ def test_the_bar_counts_responses_as_they_finish(tiny_model_dir, tmp_path, monke
 
 def test_a_damaged_train_config_behind_an_adapter_names_its_file(tiny_model_dir, tmp_path):
     model, tok = model_lib.load_model(str(tiny_model_dir), quantize=False)
-    model_lib.save_adapter(model, tok, tmp_path / "run" / "checkpoints" / "step-000001" / "adapter")
+    model_lib.save_adapter(model, tmp_path / "run" / "checkpoints" / "step-000001" / "adapter")
     (tmp_path / "run" / "config.json").write_text("{not json")
     with pytest.raises(SystemExit) as e:
         ev.main(["--adapter", str(tmp_path / "run"), "--no-quantize", "--out", str(tmp_path / "e.json")])
     assert str(tmp_path / "run" / "config.json") in str(e.value) and "\n" not in str(e.value)
-
-
-def test_stop_probe_is_the_stop_log_prob_after_each_cut(tiny_llama, char_tokenizer):
-    import torch
-
-    torch.manual_seed(0)
-    cuts = [3, 6, 9]
-    problems = [data.Problem(t, "1") for t in ("1+1?", "A long problem about seven apples.", "x")]
-    responses = [torch.randint(10, 90, (n,)).tolist() for n in (9, 12, 10)]  # longer than the cut: trimmed
-    prompts = [[data.lcpo_prompt(char_tokenizer, p, n) for p in problems] for n in cuts]
-    logp = ev.stop_probe(tiny_llama, char_tokenizer, prompts, responses, cuts, batch=2)  # padded, two batches
-    assert logp.shape == (3, 3, 3)
-    for a in range(3):
-        for r in range(3):
-            ids = torch.tensor([prompts[a][r] + responses[r][:9]])
-            direct = tiny_llama(input_ids=ids).logits[0].log_softmax(-1)[:, char_tokenizer.eos_token_id]
-            for c, L in enumerate(cuts):  # the output after the response's L-th token
-                assert logp[r, a, c].item() == pytest.approx(direct[len(prompts[a][r]) + L - 1].item(), abs=1e-4)
-
-
-def test_stop_probe_with_markers_reads_the_stop_where_the_model_picks_its_next_own_token(tiny_llama, char_tokenizer):
-    import torch
-
-    torch.manual_seed(0)
-    marker, cuts, asked = sample.BudgetMarker(char_tokenizer, 3), [2, 3, 6], [3, 6]
-    problems = [data.Problem(t, "1") for t in ("1+1?", "Seven apples.")]
-    responses = [torch.randint(10, 90, (n,)).tolist() for n in (6, 8)]
-    prompts = [[data.lcpo_prompt(char_tokenizer, p, n) for p in problems] for n in asked]
-    logp = ev.stop_probe(tiny_llama, char_tokenizer, prompts, responses, cuts, batch=1, marker=marker, asked_n=asked)
-    for a, n in enumerate(asked):
-        for r in range(2):
-            for c, L in enumerate(cuts):  # the text up to the model's next own token, markers counting down from n
-                ids = torch.tensor([prompts[a][r] + marker.insert(responses[r][:L], n)[0]])
-                direct = tiny_llama(input_ids=ids).logits[0, -1].log_softmax(-1)[char_tokenizer.eos_token_id]
-                assert logp[r, a, c].item() == pytest.approx(direct.item(), abs=1e-4)
-
-
-def test_an_evaluation_puts_in_the_markers_its_adapter_learnt_and_judges_the_text_without_them(
-        tiny_model_dir, tmp_path, monkeypatch, capsys):
-    model, tokenizer = model_lib.load_model(str(tiny_model_dir), quantize=False)
-    model.lcpo_marker = 3  # as train.py --budget-marker 3 saves it
-    model_lib.save_adapter(model, tokenizer, tmp_path / "adapter")
-    seen, real = [], sample.generate
-    monkeypatch.setattr(sample, "generate", lambda *a, **k: seen.append((k["marker"], k["budgets"])) or real(*a, **k))
-    ev.main(args_for(tiny_model_dir, tmp_path / "m.json", "--adapter", str(tmp_path / "adapter")))
-    result = json.loads((tmp_path / "m.json").read_text())
-    assert result["settings"]["budget_marker"] == 3 and all(m.every == 3 for m, _ in seen)
-    assert sorted({b for _, budgets in seen for b in budgets}) == [4, 8, 12]  # each counts down from its own N
-    records = [json.loads(line) for line in (tmp_path / "m.records.jsonl").read_text().splitlines()]
-    assert records and all(" left]" not in r["text"] for r in records)
-    assert all(r["n_y"] <= 2 * r["budget"] for r in records)  # the cap counts the text's own tokens
-    seen.clear()
-    ev.main(args_for(tiny_model_dir, tmp_path / "off.json", "--adapter", str(tmp_path / "adapter"), "--budget-marker", "0"))
-    assert all(m is None for m, _ in seen) and "budget_marker" not in json.loads((tmp_path / "off.json").read_text())["settings"]
-    records = str(tmp_path / "off.records.jsonl")  # the probe reads the texts with the adapter's markers too
-    ev.main(["--model", str(tiny_model_dir), "--no-quantize", "--limit", "3", "--stop-probe", records, "--budgets", "2",
-             "4", "--adapter", str(tmp_path / "adapter"), "--out", str(tmp_path / "probe.json")])
-    assert json.loads((tmp_path / "probe.json").read_text())["settings"]["budget_marker"] == 3
-    assert "adapter adapter + markers every 3" in ev.compare([str(tmp_path / "m.json")], None)
-
-
-def test_probe_scores_reward_the_stop_where_n_says_and_not_a_length_bias():
-    import torch
-
-    reads_n = torch.tensor([[[-1.0, -6, -6], [-6, -1, -6], [-6, -6, -1]]])  # [response, asked, cut]
-    shorter_when_asked_less = torch.tensor([[[-1.0, -1, -1], [-2, -2, -2], [-3, -3, -3]]])
-    s = ev.probe_scores(reads_n)
-    assert s["accuracy"] == 1.0 and s["margin"] == pytest.approx(5.0) and s["chance"] == pytest.approx(1 / 3)
-    s = ev.probe_scores(shorter_when_asked_less)  # the stop rises for small N at every cut: right at one cut of three
-    assert s["accuracy"] == pytest.approx(1 / 3) and s["margin"] == pytest.approx(0.0)
-    assert s["matrix"] == shorter_when_asked_less[0].tolist()
 
 
 def test_stop_probe_from_an_evaluation_s_records(tiny_model_dir, tmp_path, capsys):

@@ -90,8 +90,9 @@ def test_save_and_load_adapter_round_trip(tiny_model_dir, tmp_path):
     model, tokenizer = load_model(str(tiny_model_dir), quantize=False)
     _perturb_adapter(model)
     out = tmp_path / "run" / "adapter"
-    save_adapter(model, tokenizer, out)
+    save_adapter(model, out)
     assert {"adapter_config.json", "adapter_model.safetensors", model_lib.ADAPTER_BASE_FILE} <= {p.name for p in out.iterdir()}
+    assert not any(p.name.startswith("tokenizer") for p in out.iterdir())  # the base's tokenizer goes with it
     assert [p.name for p in out.parent.iterdir()] == ["adapter"]  # no staging directory left behind
     assert model_lib.adapter_base(out) == str(tiny_model_dir)
 
@@ -107,7 +108,7 @@ def test_save_and_load_adapter_round_trip(tiny_model_dir, tmp_path):
 
 def test_adapter_on_another_base_is_refused(tiny_model_dir, tmp_path):
     model, tokenizer = load_model(str(tiny_model_dir), quantize=False)
-    save_adapter(model, tokenizer, tmp_path / "adapter")
+    save_adapter(model, tmp_path / "adapter")
     with pytest.raises(ModelError, match=f"trained on {tiny_model_dir}, not on other/model"):
         load_model("other/model", adapter=str(tmp_path / "adapter"))
     with pytest.raises(ModelError, match="not a saved adapter"):
@@ -119,7 +120,7 @@ def test_export_merged_matches_the_adapter(tiny_model_dir, tmp_path):
 
     model, tokenizer = load_model(str(tiny_model_dir), quantize=False)
     _perturb_adapter(model)
-    save_adapter(model, tokenizer, tmp_path / "adapter")
+    save_adapter(model, tmp_path / "adapter")
     model_lib.export_merged(tmp_path / "adapter", tmp_path / "merged")
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     assert not any("lora" in n for n, _ in merged.named_parameters())
@@ -135,7 +136,7 @@ def test_export_adapter_is_bf16_alone_and_loads_back(tiny_model_dir, tmp_path):
     model, tokenizer = load_model(str(tiny_model_dir), quantize=False)
     _perturb_adapter(model)
     checkpoint = tmp_path / "run" / "checkpoints" / "step-000004"
-    save_adapter(model, tokenizer, checkpoint / "adapter")
+    save_adapter(model, checkpoint / "adapter")
     (checkpoint / "state.pt").write_bytes(b"optimizer state")
     out = model_lib.export_adapter(tmp_path / "run", tmp_path / "shared")  # a run: its newest adapter
     assert not (out / "state.pt").exists() and model_lib.adapter_base(out) == str(tiny_model_dir)
@@ -260,7 +261,7 @@ def _cut_short(path, keep=0.5):
 def test_a_damaged_adapter_is_one_clear_error_and_a_run_falls_back_to_its_previous_one(tiny_model_dir, tmp_path):
     model, tok = load_model(str(tiny_model_dir), quantize=False)
     for step in (1, 2):
-        save_adapter(model, tok, tmp_path / "run" / "checkpoints" / f"step-00000{step}" / "adapter")
+        save_adapter(model, tmp_path / "run" / "checkpoints" / f"step-00000{step}" / "adapter")
     _cut_short(tmp_path / "run" / "checkpoints" / "step-000002" / "adapter" / "adapter_model.safetensors")
     with pytest.raises(ModelError, match="step-000002/adapter is damaged") as info:
         load_model(adapter=str(tmp_path / "run" / "checkpoints" / "step-000002" / "adapter"))

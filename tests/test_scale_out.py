@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 import data
 import reward
@@ -26,7 +25,7 @@ def problems():
 
 def test_trl_reward_reads_the_export_columns(tmp_path, problems):
     datasets = pytest.importorskip("datasets")
-    data.export(problems, tmp_path / "trl.parquet", "trl", 10, 50, "mix", seed=1)
+    scale_out.export(problems, tmp_path / "trl.parquet", "trl", 10, 50, "mix", seed=1)
     rows = datasets.load_dataset("parquet", data_files=str(tmp_path / "trl.parquet"), split="train")
     assert rows.column_names == ["prompt", "answer", "n_gold", "mode", "multiple_choice"]
     assert {m for m in rows["mode"]} <= {"exact", "max"} and all(10 <= n <= 50 for n in rows["n_gold"])
@@ -47,7 +46,7 @@ def test_grpo_trainer_logs_our_rewards(tmp_path, problems, char_tokenizer, tiny_
     trl = pytest.importorskip("trl", reason="TRL is an optional extra: `make extras` installs it")
     import datasets
 
-    data.export(problems[:4], tmp_path / "trl.parquet", "trl", 4, 12, "mix", seed=0)
+    scale_out.export(problems[:4], tmp_path / "trl.parquet", "trl", 4, 12, "mix", seed=0)
     train_set = datasets.load_dataset("parquet", data_files=str(tmp_path / "trl.parquet"), split="train")
     func = scale_out.trl_reward(char_tokenizer, boxed_only=False)
     seen = []
@@ -104,7 +103,7 @@ def test_verl_reward_manager_scores_with_our_compute_score(tmp_path, problems, c
         pytest.skip("verl is an optional extra: `make extras` installs it")
     import datasets
 
-    data.export(problems, tmp_path / "verl.parquet", "verl", 5, 40, "mix", seed=2, tokenizer=str(tiny_model_dir))
+    scale_out.export(problems, tmp_path / "verl.parquet", "verl", 5, 40, "mix", seed=2, tokenizer=str(tiny_model_dir))
     rows = datasets.load_dataset("parquet", data_files=str(tmp_path / "verl.parquet"), split="train")
     assert rows.column_names == ["data_source", "prompt", "ability", "reward_model", "extra_info"]
     responses = [f"<think>3 + 4</think> so \\boxed{{{p.answer}}}" if i % 3 == 0 else  # right
@@ -148,10 +147,12 @@ def test_compute_score_is_train_py_s_reward_of_the_text(tiny_model_dir, char_tok
 
 def test_export_errors_and_cli(tmp_path, problems, capsys):
     with pytest.raises(data.DataError, match="unknown engine 'ray'"):
-        data.export(problems, tmp_path / "x.parquet", "ray", 4, 8)
+        scale_out.export(problems, tmp_path / "x.parquet", "ray", 4, 8)
+    with pytest.raises(SystemExit):
+        scale_out.main(["verl"])  # --out is required: argparse says so
     with pytest.raises(SystemExit) as e:
-        data.main(["--export", "verl"])
-    assert "--export and --out go together" in str(e.value)
-    data.main(["--split", "test", "--export", "verl", "--out", str(tmp_path / "v.parquet"), "--n-min", "100",
-               "--n-max", "4000", "--mode", "max"])
+        scale_out.main(["trl", "--split", "test", "--out", "/proc/nope/x.parquet"])
+    assert str(e.value).startswith("error: cannot write /proc/nope/x.parquet") and "\n" not in str(e.value)
+    scale_out.main(["verl", "--split", "test", "--out", str(tmp_path / "v.parquet"), "--n-min", "100",
+                    "--n-max", "4000", "--mode", "max"])
     assert "wrote 200 max prompts (N 100-4000) for verl" in capsys.readouterr().out

@@ -9,13 +9,13 @@ import pytest
 from hypothesis import given, strategies as st
 import torch
 
-import data
 import model as model_lib
 import reward
+import runs
 import sample
 import train
-from train import Config, group_advantages, normalise, per_token_loss
-from tests.conftest import make_char_tokenizer, make_tiny_llama
+from train import group_advantages, normalise, per_token_loss
+from tests.conftest import read_metrics, tiny_config
 
 TIMING_KEYS = {"rollout_tokens_per_s", "train_tokens_per_s", "peak_memory_mb", "rollout_s", "reference_s", "policy_s",
                "optimizer_s"}
@@ -76,7 +76,7 @@ def test_loss_normalisations_and_micro_batches():
 
 @given(st.lists(st.integers(1, 300), min_size=1, max_size=60), st.integers(1, 1000))
 def test_micro_batches_pack_by_tokens(lengths, max_tokens):
-    batches = train.micro_batches(lengths, max_tokens)
+    batches = sample.micro_batches(lengths, max_tokens)
     assert sorted(j for b in batches for j in b) == list(range(len(lengths)))  # every row exactly once
     for b in batches:
         padded = len(b) * max(lengths[j] for j in b)
@@ -87,33 +87,12 @@ def test_micro_batches_pack_by_tokens(lengths, max_tokens):
 
 
 def test_micro_batches_hold_more_short_rows_than_long_ones():
-    batches = train.micro_batches([10] * 20 + [100] * 4, 200)
+    batches = sample.micro_batches([10] * 20 + [100] * 4, 200)
     assert [len(b) for b in batches] == [20, 2, 2]
 
 
 # -----------------------------------------------------------------------------
 # end to end on the tiny model
-
-
-@pytest.fixture
-def learnable_model_dir(tmp_path):
-    # a wider initialisation than the default 0.02: with it the small adapter can move the EOS logit far
-    tokenizer = make_char_tokenizer()
-    path = tmp_path / "tiny"
-    make_tiny_llama(tokenizer, init_std=0.1).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
-def tiny_config(model_dir, **overrides):
-    settings = dict(model=str(model_dir), n_min=4, n_max=4, max_new_tokens=24, group_size=8, prompts_per_step=4,
-                    quantize=False, lr=0.01, alpha=0.05, steps=30, save_every=100, sample_every=10, beta=0.001,
-                    loss_norm="token", temperature=1.0, warmup_steps=0, n_min_steps=0)
-    return Config(**{**settings, **overrides})
-
-
-def read_metrics(run_dir):
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_lcpo_exact_reward_alone_teaches_the_target_length(learnable_model_dir, tmp_path):
@@ -131,267 +110,6 @@ def test_lcpo_exact_reward_alone_teaches_the_target_length(learnable_model_dir, 
     assert metrics[-1]["kl"] > 0  # the policy moved away from the reference
     assert (run / "samples.jsonl").read_text().count('"step"') == 3
     assert model_lib.find_adapter(run).parent.name == "step-000030"
-
-
-def test_the_first_steps_train_on_the_shortest_target(learnable_model_dir, tmp_path):
-    run = train.train(tiny_config(learnable_model_dir, n_min=4, n_max=40, n_min_steps=2, steps=5), tmp_path / "run")
-    targets = [m["mean_n_gold"] for m in read_metrics(run)]
-    assert targets[:2] == [4, 4] and all(t > 4 for t in targets[2:]), targets
-
-
-def test_the_next_steps_train_on_the_two_ends(learnable_model_dir, tmp_path):
-    cfg = tiny_config(learnable_model_dir, n_min=4, n_max=40, n_min_steps=1, ends_steps=2, prompts_per_step=6,
-                      targets_per_problem=2, steps=4, sample_every=1)
-    steps = [json.loads(line) for line in (train.train(cfg, tmp_path / "run") / "samples.jsonl").read_text().splitlines()]
-    targets = [[e["n_gold"] for e in s["examples"]] for s in steps]
-    assert targets[0] == [4] * 6
-    assert targets[1] == targets[2] == [4, 40] * 3  # each problem once short, once long
-    assert not set(targets[3]) <= {4, 40}, targets[3]
-    slopes = [m["length_slope"] for m in read_metrics(tmp_path / "run")]
-    assert slopes[0] is None and all(isinstance(x, float) for x in slopes[1:])  # one N has no slope
-
-
-def test_the_length_sentence_can_go_in_a_system_message(learnable_model_dir, tmp_path):
-    cfg = tiny_config(learnable_model_dir, budget_in="system", steps=1, sample_every=1)
-    (step,) = [json.loads(line) for line in (train.train(cfg, tmp_path / "run") / "samples.jsonl").read_text().splitlines()]
-    for example in step["examples"]:
-        assert example["prompt"].startswith("<|system|>Think for 4 tokens.<eos><|user|>")
-        assert "Think for" not in example["prompt"].split("<|user|>")[1]  # the problem alone in the user turn
-
-
-def test_length_steps_end_each_response_at_the_n_its_prompt_asks(learnable_model_dir, tmp_path, monkeypatch):
-    asked, learnt = [], []
-    build_prompt, stop_loss = data.build_prompt, train.stop_loss
-    monkeypatch.setattr(data, "build_prompt", lambda problem, n, *a: asked.append((n, a[0])) or build_prompt(problem, n, *a))
-
-    def recording(model, ids, mask, n, eos_id, within=None, marker=None):
-        rows = [r[m.bool()].tolist() for r, m in zip(ids, mask)]
-        flags = [False] * len(rows) if within is None else within.tolist()
-        learnt.extend(zip(rows, n.tolist(), flags))
-        return stop_loss(model, ids, mask, n, eos_id, within=within, marker=marker)
-
-    monkeypatch.setattr(train, "stop_loss", recording)
-    cfg = tiny_config(learnable_model_dir, n_min=4, n_max=12, mode="mix", length_steps=2, n_min_steps=1, steps=4)
-    metrics = read_metrics(train.train(cfg, tmp_path / "run"))
-    rows = [m.get("length_rows", 0) for m in metrics]
-    assert rows[:2] > [0, 0] and rows[2:] == [0, 0] and len(learnt) == sum(rows)
-    rollout_modes = [mode for _, mode in asked[:cfg.prompts_per_step]]
-    relabelled = asked[cfg.prompts_per_step:cfg.prompts_per_step + rows[0]]  # step 0: its rollouts' prompts, then these
-    assert sorted(n for n, _ in relabelled) == sorted(k for _, k, _ in learnt[:rows[0]])
-    assert {m for _, m in relabelled} <= set(rollout_modes) and {w for _, _, w in learnt} == {True, False}  # both
-    tok = make_char_tokenizer()
-    for row, k, within in learnt:  # the prompt asks for k, then k tokens of the response, no stop token
-        prompt = tok.decode(row[:-k])
-        assert 4 <= k <= 12 and tok.eos_token_id not in row[-k:]
-        assert f"Think for {'maximum ' if within else ''}{k} tokens." in prompt  # a Max prompt: N/2 to N tokens
-    assert all(m["stop_nll"] > 0 and m["kl"] >= 0 and m["ratio_mean"] is None for m in metrics[:2])  # supervised
-    assert [m["mean_n_gold"] == 4 for m in metrics] == [False, False, True, False]  # then the curriculum
-    assert all(m["ratio_mean"] == pytest.approx(1.0, abs=1e-3) for m in metrics[2:])  # then LCPO
-    within = [m["within_budget"] for m in metrics]  # of the Max prompts' responses, n_y <= N
-    assert all(w is None or 0 <= w <= 1 for w in within) and any(w is not None for w in within)
-
-
-def test_length_steps_roll_out_the_untrained_model_whatever_the_adapter(learnable_model_dir, tmp_path):
-    # the policy's own texts shrink as its stop moves, until none can be ended at any N: a length step learns
-    # the untrained model's texts instead, so its rollouts do not depend on the adapter it starts from
-    trained = train.train(tiny_config(learnable_model_dir, steps=3), tmp_path / "trained")
-
-    def first_responses(name, **overrides):
-        cfg = tiny_config(learnable_model_dir, n_max=12, steps=1, sample_every=1, lr=0.0, **overrides)
-        run = train.train(cfg, tmp_path / name)
-        return [e["response"] for e in json.loads((run / "samples.jsonl").read_text().splitlines()[0])["examples"]]
-
-    assert first_responses("lcpo-fresh") != first_responses("lcpo-trained", init_adapter=str(trained))  # it matters
-    assert first_responses("length-fresh", length_steps=1) == \
-        first_responses("length-trained", length_steps=1, init_adapter=str(trained))
-
-
-def test_stop_loss_scores_the_length_and_holds_the_text_apart_from_the_stop(char_tokenizer, monkeypatch):
-    import contextlib
-    import copy
-
-    model = make_tiny_llama(char_tokenizer, seed=1)
-    untrained = copy.deepcopy(model).requires_grad_(False)
-    monkeypatch.setattr(model_lib, "reference", lambda m: contextlib.nullcontext(untrained))  # LoRA switched off
-    torch.manual_seed(0)
-    text, eos = torch.randint(10, 90, (6,)).tolist(), char_tokenizer.eos_token_id
-    rows = [data.lcpo_prompt(char_tokenizer, data.Problem("1+1?", "2"), n) + text[:n] for n in (3, 6)]
-    ids, mask = sample.left_pad(rows, char_tokenizer.pad_token_id, "cpu")
-
-    def loss():
-        with torch.no_grad():
-            return train.stop_loss(model, ids, mask, torch.tensor([3, 6]), eos)
-
-    nll, kl = loss()
-    for row, n, value in zip(rows, (3, 6), nll):  # unpadded, from the plain forward: -log p(stop after n, not before)
-        with torch.no_grad():
-            stop = model(torch.tensor([row])).logits[0, -n:].log_softmax(-1)[:, eos]  # after tokens 1..n
-        assert value.item() == pytest.approx(-(stop[-1] + torch.log1p(-stop[:-1].exp()).sum()).item(), abs=1e-4)
-    with torch.no_grad():  # Max rows: a length of n//2 + 1 .. n, the same probabilities added up by hand
-        within, _ = train.stop_loss(model, ids, mask, torch.tensor([3, 6]), eos, within=torch.tensor([True, False]))
-        stop = model(torch.tensor([rows[0]])).logits[0, -3:].softmax(-1)[:, eos]  # p(stop) after tokens 1..3
-    by_hand = (1 - stop[0]) * (stop[1] + (1 - stop[1]) * stop[2])  # no stop after token 1, then one after 2 or 3
-    assert within[0].item() == pytest.approx(-by_hand.log().item(), abs=1e-4) and within[1] == nll[1]
-    assert kl.abs().max() < 1e-5  # the model is the untrained one
-    with torch.no_grad():
-        model.lm_head.weight[eos] += torch.randn(64)  # the stop alone moves
-    moved_nll, moved_kl = loss()
-    assert (moved_nll - nll).abs().min() > 0.01 and moved_kl.abs().max() < 1e-5  # the text is held, not the stop
-    with torch.no_grad():
-        model.lm_head.weight[20] += torch.randn(64)  # a text token moves
-    assert loss()[1].min() > 0.01
-
-
-def learn_stop(model, tokenizer, problem, text, cuts, modes, steps, monkeypatch):
-    """stop_loss alone, as --length-steps applies it (the first stage, and its positive control): 12 pairs an
-    update, the text ended after N of its tokens, N drawn over the cuts' range, each pair Exact or Max. The
-    untrained model is a frozen copy (the tiny model's LoRA cannot be switched off). Returns the losses."""
-    import contextlib
-    import copy
-    import random
-
-    untrained = copy.deepcopy(model).requires_grad_(False)
-    monkeypatch.setattr(model_lib, "reference", lambda m: contextlib.nullcontext(untrained))
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer, rng, losses = torch.optim.AdamW(params, lr=3e-3, weight_decay=0.0), random.Random(0), []
-    for _ in range(steps):
-        pairs = [(rng.randint(min(cuts), max(cuts)), rng.choice(modes)) for _ in range(12)]
-        rows = [data.lcpo_prompt(tokenizer, problem, n, mode) + text[:n] for n, mode in pairs]
-        ids, mask = sample.left_pad(rows, tokenizer.pad_token_id, "cpu")
-        nll, kl = train.stop_loss(model, ids, mask, torch.tensor([n for n, _ in pairs]), tokenizer.eos_token_id,
-                                  within=torch.tensor([mode == "max" for _, mode in pairs]))
-        loss = (nll + kl).mean()
-        optimizer.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        losses.append(loss.item())
-    return losses
-
-
-def test_stop_loss_makes_the_length_follow_n(char_tokenizer, monkeypatch):
-    """The same text under prompts asking 3..9 tokens: learnt, the stop comes after exactly N tokens and not
-    before (read by eval.py's stop probe)."""
-    import eval as ev
-
-    model = make_tiny_llama(char_tokenizer, seed=1)
-    torch.manual_seed(0)
-    cuts, problem, text = [3, 6, 9], data.Problem("1+1?", "2"), torch.randint(10, 90, (9,)).tolist()
-    prompts = [[data.lcpo_prompt(char_tokenizer, problem, n)] for n in cuts]
-
-    def scores():
-        return ev.length_scores(ev.stop_probe(model, char_tokenizer, prompts, [text], list(range(1, 10))), cuts)
-
-    before = scores()
-    losses = learn_stop(model, char_tokenizer, problem, text, cuts, ["exact"], 300, monkeypatch)
-    after = scores()
-    assert before["median"] == [10, 10, 10] and after["median"] == cuts  # 10: no stop within the text
-    assert after["length_nll"] < 0.1 < 1 < before["length_nll"] and sum(losses[-5:]) < sum(losses[:5]) / 10
-
-
-def test_stop_loss_under_max_prompts_ends_within_the_budget_and_past_half_of_it(char_tokenizer, monkeypatch):
-    """Half the pairs Max prompts (a length of N/2..N learnt), half Exact (exactly N): each prompt gets its own."""
-    import eval as ev
-
-    model = make_tiny_llama(char_tokenizer, seed=1)
-    torch.manual_seed(0)
-    cuts, problem, text = [4, 8, 12], data.Problem("1+1?", "2"), torch.randint(10, 90, (12,)).tolist()
-
-    def scores(mode):
-        prompts = [[data.lcpo_prompt(char_tokenizer, problem, n, mode)] for n in cuts]
-        return ev.length_scores(ev.stop_probe(model, char_tokenizer, prompts, [text], list(range(1, 13))), cuts)
-
-    assert max(scores("max")["within"]) < 0.5
-    learn_stop(model, char_tokenizer, problem, text, cuts, ["exact", "max"], 250, monkeypatch)
-    at_most, exact = scores("max"), scores("exact")
-    assert min(at_most["within"]) > 0.9 and all(n / 2 < m <= n for m, n in zip(at_most["median"], cuts))
-    assert exact["median"] == cuts and exact["median"] != at_most["median"]
-
-
-def test_stop_loss_with_markers_scores_the_decisions_after_own_tokens_alone(char_tokenizer, monkeypatch):
-    """Rows with budget markers: the length NLL and the KL read the outputs where the model picks its next own
-    token (after a marker, where one follows), found here by running each prefix on its own."""
-    import contextlib
-    import copy
-
-    model = make_tiny_llama(char_tokenizer, seed=1)
-    untrained = copy.deepcopy(model).requires_grad_(False)
-    monkeypatch.setattr(model_lib, "reference", lambda m: contextlib.nullcontext(untrained))
-    torch.manual_seed(0)
-    marker, eos = sample.BudgetMarker(char_tokenizer, 3), char_tokenizer.eos_token_id
-    text = torch.randint(10, 90, (7,)).tolist()
-    lengths = (3, 7, 6)
-    rows, prompts = [], []
-    for n in lengths:
-        prompts.append(data.lcpo_prompt(char_tokenizer, data.Problem("1+1?", "2"), n))
-        rows.append(prompts[-1] + marker.insert(text[:n], n)[0])
-    ids, mask = sample.left_pad(rows, char_tokenizer.pad_token_id, "cpu")
-    with torch.no_grad():
-        nll, kl = train.stop_loss(model, ids, mask, torch.tensor(lengths), eos, marker=marker)
-    assert len(rows[0]) == len(prompts[0]) + 3 + marker.size  # the third token is followed by its marker
-    for prompt, n, value in zip(prompts, lengths, nll):
-        stops = []
-        for t in range(1, n + 1):  # the row up to the model's next own token: t own tokens, and the markers after
-            before, _ = marker.insert(text[:t], n)
-            with torch.no_grad():
-                stops.append(model(torch.tensor([prompt + before])).logits[0, -1].log_softmax(-1)[eos])
-        stops = torch.stack(stops)
-        assert value.item() == pytest.approx(-(stops[-1] + torch.log1p(-stops[:-1].exp()).sum()).item(), abs=1e-4)
-    assert kl.abs().max() < 1e-5
-    with torch.no_grad():  # the KL of the text given no stop, at the same decisions before the last
-        model.lm_head.weight.add_(0.3 * torch.randn_like(model.lm_head.weight))
-        _, kl = train.stop_loss(model, ids, mask, torch.tensor(lengths), eos, marker=marker)
-        for prompt, n, value in zip(prompts, lengths, kl):
-            by_hand = 0.0
-            for t in range(1, n):
-                row = torch.tensor([prompt + marker.insert(text[:t], n)[0]])
-                p, q = (m(row).logits[0, -1].index_fill(-1, torch.tensor([eos]), -1e4).log_softmax(-1)
-                        for m in (untrained, model))
-                by_hand += (p.exp() * (p - q)).sum().item()
-            assert value.item() == pytest.approx(by_hand, rel=1e-4)
-
-
-def test_pack_leaves_the_markers_out_of_the_loss_and_their_neighbours_match_a_fresh_pass(char_tokenizer):
-    model = make_tiny_llama(char_tokenizer, seed=2)
-    marker = sample.BudgetMarker(char_tokenizer, 4)
-    prompts = [data.encode_prompt(char_tokenizer, m) for m in ("1+1?", "Seven apples and a pear.")]
-    outs = sample.generate(model, prompts, [9, 14], char_tokenizer.pad_token_id, [], temperature=0.7,
-                           generator=torch.Generator().manual_seed(1), marker=marker, budgets=[16, 40])
-    ids, mask, resp_mask, old = train.pack(prompts, outs, char_tokenizer.pad_token_id, "cpu")
-    assert resp_mask.sum(-1).tolist() == [9, 14] and torch.isfinite(old).all()
-    for row, out in enumerate(outs):
-        start = resp_mask.shape[1] - len(out.tokens)
-        assert [int(resp_mask[row, start + i]) for i in range(len(out.tokens))] == \
-            [0 if i in out.marks else 1 for i in range(len(out.tokens))]
-    fresh = train.response_logprobs(model, ids, mask, resp_mask, 0.7)
-    assert ((fresh - old) * resp_mask).abs().max() < 1e-4  # GRPO's old log-probs, markers in the context
-
-
-def test_a_run_with_budget_markers_shows_them_learns_around_them_and_saves_them(learnable_model_dir, tmp_path):
-    cfg = tiny_config(learnable_model_dir, budget_marker=3, n_min=4, n_max=12, mode="mix", length_steps=1, steps=3,
-                      sample_every=1)
-    run = train.train(cfg, tmp_path / "run")
-    metrics = read_metrics(run)
-    assert all(m["updated"] for m in metrics) and metrics[0]["stop_nll"] > 0 and metrics[1]["ratio_mean"] == \
-        pytest.approx(1.0, abs=1e-3)
-    assert all(m["mean_n_y"] <= cfg.max_new_tokens for m in metrics)  # own tokens: the cap holds without the markers
-    responses = [e["response"] for line in (run / "samples.jsonl").read_text().splitlines()
-                 for e in json.loads(line)["examples"]]
-    assert any(" left]" in r for r in responses)
-    assert model_lib.adapter_marker(run) == 3  # eval.py and sample.py read it
-    with pytest.raises(ValueError, match="trained with --budget-marker 3: pass --budget-marker 3"):
-        train.check_config(tiny_config(learnable_model_dir, init_adapter=str(run)))
-    train.check_config(tiny_config(learnable_model_dir, init_adapter=str(run), budget_marker=3))
-
-
-def test_a_cut_row_counts_its_markers_down_from_the_n_it_is_asked(char_tokenizer):
-    marker = sample.BudgetMarker(char_tokenizer, 2)
-    tokens, marks = marker.insert([10, 11, 12, 13, 14], 40, end=False)
-    rollout = sample.Rollout(tokens, [math.nan if i in marks else -float(i) for i in range(len(tokens))], "eos", marks)
-    cut = train.cut_at(rollout, 4, marker)
-    assert cut.text_tokens() == [10, 11, 12, 13] and (cut.tokens, cut.marks) == marker.insert([10, 11, 12, 13], 4)
-    assert char_tokenizer.decode(cut.tokens[2:2 + marker.size]) == " [0002 left]"  # not 38: the row asks for 4
-    assert [lp for lp in cut.logprobs if not math.isnan(lp)] == [lp for lp in rollout.logprobs if not math.isnan(lp)][:4]
 
 
 def test_each_problem_comes_with_several_targets(learnable_model_dir, tmp_path):
@@ -448,7 +166,7 @@ def test_resume_after_ctrl_c_matches_an_uninterrupted_run(learnable_model_dir, t
 
     train.train(cfg, tmp_path / "stopped", on_step=ctrl_c_at_step_2)  # returns: a stop asked for is no error
     assert [m["step"] for m in read_metrics(tmp_path / "stopped")] == [0, 1, 2]
-    assert train.latest_checkpoint(tmp_path / "stopped")[0].name == "step-000003"  # saved on the way out
+    assert runs.latest_checkpoint(tmp_path / "stopped")[0].name == "step-000003"  # saved on the way out
     resumed = read_metrics(train.train(cfg, tmp_path / "stopped", resume=True))
     assert _comparable(resumed) == _comparable(straight)
 
@@ -463,7 +181,7 @@ def test_resume_after_a_crash_redoes_the_steps_since_the_checkpoint(learnable_mo
 
     with pytest.raises(MemoryError):
         train.train(cfg, tmp_path / "crashed", on_step=crash_at_step_4)
-    assert train.latest_checkpoint(tmp_path / "crashed")[0].name == "step-000004"
+    assert runs.latest_checkpoint(tmp_path / "crashed")[0].name == "step-000004"
     resumed = read_metrics(train.train(cfg, tmp_path / "crashed", resume=True))
     assert _comparable(resumed) == _comparable(straight)  # step 4 is redone, not logged twice
 
@@ -502,7 +220,7 @@ def test_resume_falls_back_past_a_damaged_checkpoint_and_cleans_up_after_a_kill(
     (run / "checkpoints" / ".step-000006-x1y2").mkdir()  # a kill in the middle of a save leaves its staging dir
     with open(run / "metrics.jsonl", "a") as f:
         f.write('{"step": 4, "rew')  # and a kill mid-write a torn line
-    assert train.latest_checkpoint(run)[0].name == "step-000002"
+    assert runs.latest_checkpoint(run)[0].name == "step-000002"
     resumed = read_metrics(train.train(cfg, run, resume=True))
     assert _comparable(resumed) == _comparable(straight)  # steps 2 and 3 redone from the good checkpoint
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000002", "step-000004"]
@@ -564,12 +282,9 @@ def test_init_adapter_starts_from_its_weights(learnable_model_dir, tmp_path):
     (["--group-size", "1"], "--group-size must be >= 2"),
     (["--n-min", "50", "--n-max", "10"], "n_min (50) is larger than n_max (10)"),
     (["--n-min", "0"], "n_min must be a positive"),
-    (["--n-min-steps", "-1"], "--n-min-steps must be >= 0"),
-    (["--ends-steps", "-1"], "--ends-steps must be >= 0"),
     (["--targets-per-problem", "3"], "--targets-per-problem must divide --prompts-per-step (8)"),
     (["--targets-per-problem", "0"], "--targets-per-problem must be >= 1"),
     (["--mode", "min"], "--mode must be exact, max or mix"),
-    (["--budget-in", "assistant"], "--budget-in must be one of user, system"),
     (["--preset", "l2"], "unknown preset 'l2'"),
     (["--loss-norm", "sum"], "--loss-norm must be token, grpo or dr_grpo"),
     (["--temperature", "nan"], "--temperature must be a finite number, got nan"),
@@ -578,7 +293,6 @@ def test_init_adapter_starts_from_its_weights(learnable_model_dir, tmp_path):
     (["--delta", "inf"], "--delta must be a finite number"),
     (["--resume", "nowhere"], "nowhere is not a run directory"),
     (["--init-adapter", "nowhere"], "--init-adapter: nowhere is not a saved adapter"),
-    (["--budget-marker", "-4"], "--budget-marker must be >= 0"),
 ])
 def test_bad_flags_are_refused_before_the_model_loads(argv, message, monkeypatch, tmp_path):
     monkeypatch.setattr(model_lib, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))

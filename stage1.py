@@ -1,0 +1,278 @@
+"""
+The first stage: this project's addition to the paper, not part of LCPO.
+
+Why it exists. The paper starts from a 1.5B reasoning model; our embedded default is a 135M model.
+LCPO's reward alone teaches it to stop, but not to read N: 167 steps of it left the length at
+58 / 64 / 67 tokens for N = 32 / 64 / 128 (mean |n_y - N| / N 0.51; EXPERIMENTS.md). So the stop
+decision is taught first, directly, by a supervised loss: the untrained model's own responses, each
+ended after N of its tokens, learn to stop there under a prompt rewritten to ask for N. 163 such steps
+(train.py --length-steps) make a stop that reads N (sampled length slope 0.94, error 0.30); 40 LCPO
+steps from there give the shipped L1-Exact (slope 0.85, error 0.21). The recipe runs it once and ships
+the result as results/stage1-adapter, where `python train.py` starts.
+
+    python train.py --init-adapter none --length-steps 400 --steps 240 --lr 1e-3 --no-quantize   # the first stage
+    python eval.py --stop-probe results/probe-texts.records.jsonl --limit 96 --budgets 32 64 96 128 --adapter DIR
+
+The loss (stop_loss): -log p(the text ends after exactly N tokens), from the stop token's probability
+after each token (length_nll; a Max prompt: after N/2 to N tokens, budget_nll), plus a KL to the
+untrained model over the text's other tokens, which holds the text itself. The probe (stop_probe,
+length_scores) reads the same stop probabilities on fixed texts, without sampling: the low-noise test
+of whether a model reads N.
+"""
+
+import random
+import time
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+import data
+import model as model_lib
+import reward
+import sample
+
+# -----------------------------------------------------------------------------
+# the likelihood of a length, from the stop token's log-probability after each token
+
+
+def length_nll(stop_logp: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+    """-log p(a length of exactly n tokens), from log p(stop) after each token, right-aligned: column -1 is
+    after the n-th token, column -1-k after the (n-k)-th; columns before the first token are not read.
+
+        -log p(stop after n) - sum over t < n of log p(no stop after t)
+
+    stop_logp [rows, R], n [rows] with 1 <= n <= R. Returns [rows].
+
+        >>> round(length_nll(torch.tensor([[0.9, 0.5, 0.5, 0.5]]).log(), torch.tensor([3])).item(), 3)  # 3 log 2
+        2.079
+    """
+    return -(stop_logp[:, -1] + (log_no_stop(stop_logp) * before_the_end(stop_logp, n)).sum(-1))
+
+
+def log_no_stop(stop_logp: torch.Tensor) -> torch.Tensor:
+    """log p(not the stop token) from log p(stop), finite where the stop is certain."""
+    return torch.log1p(-stop_logp.exp().clamp(max=1 - 1e-6))
+
+
+def before_the_end(columns: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+    """[rows, R] True at the columns after tokens 1..n-1 of each row, in length_nll's right-aligned layout
+    (column -1 after the n-th token): where the text goes on."""
+    R = columns.shape[-1]
+    tokens_after = torch.arange(R - 1, -1, -1, device=columns.device)  # how many tokens come after this column
+    return (tokens_after >= 1) & (tokens_after < n.to(columns.device)[:, None])
+
+
+def budget_nll(stop_logp: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+    """-log p(a length within the budget n and over half of it): the Max prompts' counterpart of
+    length_nll, in the same layout. Without the floor, ending at once would be the likeliest length
+    within any budget.
+
+        -log p(no stop after tokens 1..n//2) - log p(a stop after one of tokens n//2+1..n)
+
+        >>> round(budget_nll(torch.tensor([[0.5, 0.5, 0.5, 0.5]]).log(), torch.tensor([4])).item(), 3)  # 1/4 * 3/4
+        1.674
+    """
+    go_on = log_no_stop(stop_logp)
+    tokens_after = torch.arange(stop_logp.shape[-1] - 1, -1, -1, device=stop_logp.device)[None]  # n - t at token t
+    half = (n - n // 2).to(stop_logp.device)[:, None]  # tokens n//2+1..n have n - t < half
+    late = tokens_after < half
+    survive = (go_on * (before_the_end(stop_logp, n) & ~late)).sum(-1)  # no stop after tokens 1..n//2
+    return -(survive + torch.log(-torch.expm1((go_on * late).sum(-1).clamp(max=-1e-6))))
+
+
+def stop_loss(model, ids: torch.Tensor, mask: torch.Tensor, n: torch.Tensor, eos_id: int,
+              chunk: int = sample.LOGPROB_CHUNK, within: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The supervised length loss (--length-steps) of rows that are a prompt asking for N followed by the
+    first N tokens of a response, left-padded (every row ends at the last column): ([rows] length NLL,
+    [rows] KL).
+
+    length NLL: the text ended after exactly N tokens (length_nll); in the rows where `within` [rows] is
+    True (Max prompts), after N/2 to N tokens (budget_nll). KL: sum over t < N of
+    KL(untrained || model) of the next token after t tokens given that it is not the stop; it holds the
+    text itself, which the NLL alone lets drift (into blank lines, measured), and leaves the stop to the
+    NLL (a KL over the full distribution also pulls the stop back to the untrained one: measured, it
+    slows the length down). The fp32 log-softmax runs `chunk` positions at a time and is recomputed in
+    backward, like sample.sequence_logprobs.
+    """
+    R = int(n.max())  # response columns of the longest row
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with model_lib.reference(model) as untrained:
+        reference = untrained.get_decoder()(input_ids=ids, attention_mask=mask, position_ids=positions,
+                                            use_cache=False).last_hidden_state[:, -R:]  # [rows, R, H]
+        reference_head = untrained.get_output_embeddings()  # LoRA leaves lm_head alone: valid outside too
+    hidden = model.get_decoder()(input_ids=ids, attention_mask=mask, position_ids=positions,
+                                 use_cache=False).last_hidden_state[:, -R:]
+    lm_head, stop_id = model.get_output_embeddings(), torch.tensor([eos_id], device=ids.device)
+
+    def terms(h, h_ref):
+        logits, ref_logits = lm_head(h).float(), reference_head(h_ref).float()
+        text, ref = (x.index_fill(-1, stop_id, -1e4).log_softmax(-1) for x in (logits, ref_logits))  # given no stop
+        return torch.stack([logits.log_softmax(-1)[..., eos_id], (ref.exp() * (ref - text)).sum(-1)])
+
+    stop, kl = torch.cat([checkpoint(terms, hidden[:, s:s + chunk], reference[:, s:s + chunk], use_reentrant=False)
+                          for s in range(0, R, chunk)], dim=-1)  # each [rows, R]
+    exactly = length_nll(stop, n)
+    nll = exactly if within is None else torch.where(within, budget_nll(stop, n), exactly)
+    return nll, (kl * before_the_end(kl, n)).sum(-1)
+
+
+# -----------------------------------------------------------------------------
+# a length step
+
+
+def length_step(cfg, step: int, model, tokenizer, optimizer, params, problems, thinks, device, progress=None):
+    """One step of the first stage, in train.py's place (train_step's layout, its metrics and seeds).
+
+    The untrained model (the adapter off) answers the step's prompts, up to n_max tokens; each response
+    longer than n_min is ended after N of its tokens, N ~ UniformInt(n_min, its length), under its own
+    prompt (Exact or Max) rewritten to ask for N, and stop_loss learns the stop there. The texts come from
+    the untrained model because from the policy's own the stop collapsed: in 5 steps no text was long
+    enough to end at any N (EXPERIMENTS.md).
+    """
+    rng = random.Random(cfg.seed * 1_000_003 + step)
+    generator = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + step)
+    G = cfg.group_size
+    drawn = [problems[rng.randrange(len(problems))] for _ in range(cfg.prompts_per_step // cfg.targets_per_problem)]
+    batch = [p for p in drawn for _ in range(cfg.targets_per_problem)]
+    targets = data.sample_targets(len(batch), cfg.n_min, cfg.n_max, cfg.mode, rng, cfg.targets_per_problem)
+    prompts = [data.lcpo_prompt(tokenizer, p, n, m) for p, (n, m) in zip(batch, targets)]
+
+    t0 = time.perf_counter()
+    model.eval()
+    with model_lib.reference(model):
+        rollouts = sample.generate_in_batches(model, [p for p in prompts for _ in range(G)],
+                                              [targets[j // G][0] for j in range(len(prompts) * G)],
+                                              min(cfg.max_new_tokens, cfg.n_max), cfg.rollout_batch,
+                                              tokenizer.pad_token_id, [tokenizer.eos_token_id], cfg.temperature,
+                                              generator, progress)
+    rollout_s = time.perf_counter() - t0
+    correct = [reward.judge(tokenizer.decode(r.tokens, skip_special_tokens=True), batch[j // G].answer,
+                            batch[j // G].multiple_choice, thinks, cfg.boxed_only) for j, r in enumerate(rollouts)]
+    scores = [reward.lcpo_reward(ok, r.n_y, *targets[j // G], cfg.alpha, cfg.delta)
+              for j, (ok, r) in enumerate(zip(correct, rollouts))]
+    rewards = torch.tensor(scores, dtype=torch.float32)
+
+    # the rows: a response's text (without its stop token) ended after N of its tokens, under a prompt asking for N
+    text = [r.n_y - (r.finish == "eos") for r in rollouts]
+    kept = [j for j in range(len(rollouts)) if text[j] >= cfg.n_min]  # shorter ones cannot be ended at any N
+    cut = [rng.randint(cfg.n_min, min(cfg.n_max, text[j])) for j in kept]
+    modes = [targets[j // G][1] for j in kept]  # a Max prompt learns a length of N/2 to N (budget_nll)
+    rows = [data.lcpo_prompt(tokenizer, batch[j // G], n, m) for j, n, m in zip(kept, cut, modes)]
+    learnt = [sample.Rollout(rollouts[j].tokens[:n], rollouts[j].logprobs[:n], "length") for j, n in zip(kept, cut)]
+    within = torch.tensor([m == "max" for m in modes], dtype=torch.bool)
+
+    t1 = time.perf_counter()
+    model.train()
+    micro = sample.micro_batches([len(p) + r.n_y for p, r in zip(rows, learnt)], cfg.micro_batch_tokens)
+    if progress is not None:
+        progress.unit = "micro-batch"
+        progress.reset(total=len(micro) * cfg.epochs)
+    tensors = [sample.pack([rows[j] for j in idx], [learnt[j] for j in idx], tokenizer.pad_token_id, device)
+               for idx in micro]
+    sums = dict(loss=0.0, kl=0.0, stop_nll=0.0)
+    updated, grad_norm, optimizer_s = bool(torch.isfinite(rewards).all() and rows), None, 0.0
+    for _ in range(cfg.epochs if updated else 0):  # the mean over rows of the length NLL + KL
+        optimizer.zero_grad(set_to_none=True)
+        for idx, (ids, mask, resp_mask, _) in zip(micro, tensors):
+            nll, kl = stop_loss(model, ids, mask, resp_mask.sum(-1).long(), tokenizer.eos_token_id,
+                                within=within[idx].to(device))
+            loss = (nll + kl).sum() / len(rows)
+            loss.backward()
+            sums["loss"] += loss.item()
+            sums["kl"] += kl.sum().item()
+            sums["stop_nll"] += nll.sum().item()
+            if progress is not None:
+                progress.update()
+        t_opt = time.perf_counter()
+        grad_norm = model_lib.optimizer_step(optimizer, params, cfg.grad_clip)
+        optimizer_s += time.perf_counter() - t_opt
+        if grad_norm is None:
+            optimizer.zero_grad(set_to_none=True)
+            updated = False
+            break
+    train_s = time.perf_counter() - t1
+
+    tokens = sum(r.n_y for r in learnt)
+    epochs = cfg.epochs if updated else 1
+    metrics = dict(
+        step=step, updated=updated, loss=sums["loss"] / cfg.epochs,
+        **sample.rollout_metrics(rollouts, [targets[j // G] for j in range(len(rollouts))], correct, rewards),
+        kl=sums["kl"] / (max(1, tokens) * epochs), clip_fraction=None, ratio_mean=None, passed_rows=len(rows),
+        grad_norm=grad_norm if grad_norm is not None else float("nan"),
+        rollout_tokens_per_s=sum(r.n_y for r in rollouts) / rollout_s, train_tokens_per_s=tokens * cfg.epochs / train_s,
+        peak_memory_mb=model_lib.peak_memory_mb(device), rollout_s=rollout_s, reference_s=0.0,
+        policy_s=train_s - optimizer_s, optimizer_s=optimizer_s,
+        stop_nll=sums["stop_nll"] / max(1, len(rows)) / epochs,  # -log p(its length) per row, under the prompt asking for it
+        length_rows=len(rows),
+    )
+    metrics["entropy_proxy"] = None  # LCPO's alone
+    examples = [dict(prompt=tokenizer.decode(prompts[j // G]), response=tokenizer.decode(rollouts[j].tokens),
+                     n_y=rollouts[j].n_y, n_gold=targets[j // G][0], correct=correct[j], reward=scores[j])
+                for j in range(0, len(rollouts), G)]
+    return metrics, examples
+
+
+# -----------------------------------------------------------------------------
+# the stop probe: does the model put its stop where N says? (teacher-forced, no sampling)
+
+
+def stop_logprobs(model, tokenizer, rows: list[list[int]], cuts: list[int]) -> torch.Tensor:
+    """log p(stop token) after each row's first L response tokens, for each L in cuts: [rows, cuts].
+
+    Each row is a prompt followed by exactly max(cuts) response tokens; rows are left-padded here.
+    """
+    ids, mask = sample.left_pad(rows, tokenizer.pad_token_id, model.device)
+    hidden = model.get_decoder()(input_ids=ids, attention_mask=mask,
+                                 position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).last_hidden_state  # [rows, T, H]
+    at = [ids.shape[1] - max(cuts) + L - 1 for L in cuts]  # the output after the L-th token
+    logits = model.get_output_embeddings()(hidden[:, torch.tensor(at, device=model.device)]).float()
+    return logits.log_softmax(-1)[..., tokenizer.eos_token_id]
+
+
+@torch.no_grad()
+def stop_probe(model, tokenizer, prompts: list[list[list[int]]], responses: list[list[int]], cuts: list[int],
+               batch: int = 8) -> torch.Tensor:
+    """stop_logprobs for each response under each asked N: [responses, asked N, cut L].
+
+    prompts[a][r]: response r's prompt asking the a-th N; cuts: the L; responses at least max(cuts) tokens long.
+    """
+    out = torch.zeros(len(responses), len(prompts), len(cuts))
+    for a, asked in enumerate(prompts):
+        for start in range(0, len(responses), batch):
+            rows = [p + r[:max(cuts)] for p, r in zip(asked[start:start + batch], responses[start:start + batch])]
+            out[start:start + len(rows), a] = stop_logprobs(model, tokenizer, rows, cuts).cpu()
+    return out
+
+
+def probe_scores(logp: torch.Tensor) -> dict:
+    """From stop_probe's [responses, asked N, cut L]: how often the stop is likeliest at a cut L when the
+    prompt asks for L (accuracy; chance 1 / the number of N), by how much in log-probability (margin,
+    against the other N's mean), and the mean matrix [asked][cut].
+
+    >>> probe_scores(torch.tensor([[[-1., -5.], [-3., -2.]]]))["accuracy"]
+    1.0
+    """
+    k = logp.shape[1]
+    diagonal = logp.diagonal(dim1=1, dim2=2)  # [responses, k]: asked N = cut L
+    others = (logp.sum(1) - diagonal) / (k - 1)  # [responses, k]: the other N at the same cut
+    best = logp.argmax(1)  # [responses, cut]: the N under which the stop is likeliest
+    return dict(accuracy=(best == torch.arange(k)).float().mean().item(), chance=1 / k,
+                margin=(diagonal - others).mean().item(), matrix=logp.mean(0).tolist())
+
+
+def length_scores(logp: torch.Tensor, budgets: list[int]) -> dict:
+    """From stop_probe at every position 1..max(budgets), [responses, asked N, position]: what the stop
+    decisions say about the length each asked N gets on these texts. length_nll: -log p(a length of
+    exactly N), mean over texts; median: the length by which the stop has come with probability 1/2
+    (max(budgets) + 1 when it has not), mean over texts, one per asked N; within: p(a length of at most N),
+    mean over texts, one per asked N (what a Max prompt asks).
+
+    >>> s = length_scores(torch.tensor([[[0.0, -9, -9], [-9, 0.0, -9]]]).clamp(max=-1e-4), [1, 2])
+    >>> round(s["length_nll"], 2), s["median"], [round(w, 2) for w in s["within"]]
+    (0.0, [1.0, 2.0], [1.0, 1.0])
+    """
+    nll = [length_nll(logp[:, a, :n], torch.full((len(logp),), n)) for a, n in enumerate(budgets)]
+    survive = torch.cumprod(1 - logp.exp(), dim=-1)  # [responses, asked, position]: no stop by its end
+    median = 1 + (survive > 0.5).sum(-1).float()  # [responses, asked]: the first position where survival <= 1/2
+    within = [1 - survive[:, a, n - 1].mean().item() for a, n in enumerate(budgets)]
+    return dict(length_nll=torch.stack(nll).mean().item(), median=median.mean(0).tolist(), within=within)

@@ -1,0 +1,187 @@
+"""The first stage (stage1.py): the length step, its loss, and the stop probe."""
+
+import json
+
+import pytest
+import torch
+
+import data
+import model as model_lib
+import sample
+import stage1
+import train
+from tests.conftest import make_char_tokenizer, make_tiny_llama, read_metrics, tiny_config
+
+
+def test_length_steps_end_each_response_at_the_n_its_prompt_asks(learnable_model_dir, tmp_path, monkeypatch):
+    asked, learnt = [], []
+    build_prompt, stop_loss = data.build_prompt, stage1.stop_loss
+    monkeypatch.setattr(data, "build_prompt", lambda problem, n, *a: asked.append((n, a[0])) or build_prompt(problem, n, *a))
+
+    def recording(model, ids, mask, n, eos_id, within=None):
+        rows = [r[m.bool()].tolist() for r, m in zip(ids, mask)]
+        flags = [False] * len(rows) if within is None else within.tolist()
+        learnt.extend(zip(rows, n.tolist(), flags))
+        return stop_loss(model, ids, mask, n, eos_id, within=within)
+
+    monkeypatch.setattr(stage1, "stop_loss", recording)
+    cfg = tiny_config(learnable_model_dir, n_min=4, n_max=12, mode="mix", length_steps=2, steps=4)
+    metrics = read_metrics(train.train(cfg, tmp_path / "run"))
+    rows = [m.get("length_rows", 0) for m in metrics]
+    assert rows[:2] > [0, 0] and rows[2:] == [0, 0] and len(learnt) == sum(rows)
+    rollout_modes = [mode for _, mode in asked[:cfg.prompts_per_step]]
+    relabelled = asked[cfg.prompts_per_step:cfg.prompts_per_step + rows[0]]  # step 0: its rollouts' prompts, then these
+    assert sorted(n for n, _ in relabelled) == sorted(k for _, k, _ in learnt[:rows[0]])
+    assert {m for _, m in relabelled} <= set(rollout_modes) and {w for _, _, w in learnt} == {True, False}  # both
+    tok = make_char_tokenizer()
+    for row, k, within in learnt:  # the prompt asks for k, then k tokens of the response, no stop token
+        prompt = tok.decode(row[:-k])
+        assert 4 <= k <= 12 and tok.eos_token_id not in row[-k:]
+        assert f"Think for {'maximum ' if within else ''}{k} tokens." in prompt  # a Max prompt: N/2 to N tokens
+    assert all(m["stop_nll"] > 0 and m["kl"] >= 0 and m["ratio_mean"] is None for m in metrics[:2])  # supervised
+    assert all(m["ratio_mean"] == pytest.approx(1.0, abs=1e-3) for m in metrics[2:])  # then LCPO
+    within = [m["within_budget"] for m in metrics]  # of the Max prompts' responses, n_y <= N
+    assert all(w is None or 0 <= w <= 1 for w in within) and any(w is not None for w in within)
+
+
+def test_length_steps_roll_out_the_untrained_model_whatever_the_adapter(learnable_model_dir, tmp_path):
+    # the policy's own texts shrink as its stop moves, until none can be ended at any N: a length step learns
+    # the untrained model's texts instead, so its rollouts do not depend on the adapter it starts from
+    trained = train.train(tiny_config(learnable_model_dir, steps=3), tmp_path / "trained")
+
+    def first_responses(name, **overrides):
+        cfg = tiny_config(learnable_model_dir, n_max=12, steps=1, sample_every=1, lr=0.0, **overrides)
+        run = train.train(cfg, tmp_path / name)
+        return [e["response"] for e in json.loads((run / "samples.jsonl").read_text().splitlines()[0])["examples"]]
+
+    assert first_responses("lcpo-fresh") != first_responses("lcpo-trained", init_adapter=str(trained))  # it matters
+    assert first_responses("length-fresh", length_steps=1) == \
+        first_responses("length-trained", length_steps=1, init_adapter=str(trained))
+
+
+def test_stop_loss_scores_the_length_and_holds_the_text_apart_from_the_stop(char_tokenizer, monkeypatch):
+    import contextlib
+    import copy
+
+    model = make_tiny_llama(char_tokenizer, seed=1)
+    untrained = copy.deepcopy(model).requires_grad_(False)
+    monkeypatch.setattr(model_lib, "reference", lambda m: contextlib.nullcontext(untrained))  # LoRA switched off
+    torch.manual_seed(0)
+    text, eos = torch.randint(10, 90, (6,)).tolist(), char_tokenizer.eos_token_id
+    rows = [data.lcpo_prompt(char_tokenizer, data.Problem("1+1?", "2"), n) + text[:n] for n in (3, 6)]
+    ids, mask = sample.left_pad(rows, char_tokenizer.pad_token_id, "cpu")
+
+    def loss():
+        with torch.no_grad():
+            return stage1.stop_loss(model, ids, mask, torch.tensor([3, 6]), eos)
+
+    nll, kl = loss()
+    for row, n, value in zip(rows, (3, 6), nll):  # unpadded, from the plain forward: -log p(stop after n, not before)
+        with torch.no_grad():
+            stop = model(torch.tensor([row])).logits[0, -n:].log_softmax(-1)[:, eos]  # after tokens 1..n
+        assert value.item() == pytest.approx(-(stop[-1] + torch.log1p(-stop[:-1].exp()).sum()).item(), abs=1e-4)
+    with torch.no_grad():  # Max rows: a length of n//2 + 1 .. n, the same probabilities added up by hand
+        within, _ = stage1.stop_loss(model, ids, mask, torch.tensor([3, 6]), eos, within=torch.tensor([True, False]))
+        stop = model(torch.tensor([rows[0]])).logits[0, -3:].softmax(-1)[:, eos]  # p(stop) after tokens 1..3
+    by_hand = (1 - stop[0]) * (stop[1] + (1 - stop[1]) * stop[2])  # no stop after token 1, then one after 2 or 3
+    assert within[0].item() == pytest.approx(-by_hand.log().item(), abs=1e-4) and within[1] == nll[1]
+    assert kl.abs().max() < 1e-5  # the model is the untrained one
+    with torch.no_grad():
+        model.lm_head.weight[eos] += torch.randn(64)  # the stop alone moves
+    moved_nll, moved_kl = loss()
+    assert (moved_nll - nll).abs().min() > 0.01 and moved_kl.abs().max() < 1e-5  # the text is held, not the stop
+    with torch.no_grad():
+        model.lm_head.weight[20] += torch.randn(64)  # a text token moves
+    assert loss()[1].min() > 0.01
+
+
+def learn_stop(model, tokenizer, problem, text, cuts, modes, steps, monkeypatch):
+    """stop_loss alone, as --length-steps applies it (the first stage, and its positive control): 12 pairs an
+    update, the text ended after N of its tokens, N drawn over the cuts' range, each pair Exact or Max. The
+    untrained model is a frozen copy (the tiny model's LoRA cannot be switched off). Returns the losses."""
+    import contextlib
+    import copy
+    import random
+
+    untrained = copy.deepcopy(model).requires_grad_(False)
+    monkeypatch.setattr(model_lib, "reference", lambda m: contextlib.nullcontext(untrained))
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer, rng, losses = torch.optim.AdamW(params, lr=3e-3, weight_decay=0.0), random.Random(0), []
+    for _ in range(steps):
+        pairs = [(rng.randint(min(cuts), max(cuts)), rng.choice(modes)) for _ in range(12)]
+        rows = [data.lcpo_prompt(tokenizer, problem, n, mode) + text[:n] for n, mode in pairs]
+        ids, mask = sample.left_pad(rows, tokenizer.pad_token_id, "cpu")
+        nll, kl = stage1.stop_loss(model, ids, mask, torch.tensor([n for n, _ in pairs]), tokenizer.eos_token_id,
+                                  within=torch.tensor([mode == "max" for _, mode in pairs]))
+        loss = (nll + kl).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
+def test_stop_loss_makes_the_length_follow_n(char_tokenizer, monkeypatch):
+    """The same text under prompts asking 3..9 tokens: learnt, the stop comes after exactly N tokens and not
+    before (read by the stop probe)."""
+    model = make_tiny_llama(char_tokenizer, seed=1)
+    torch.manual_seed(0)
+    cuts, problem, text = [3, 6, 9], data.Problem("1+1?", "2"), torch.randint(10, 90, (9,)).tolist()
+    prompts = [[data.lcpo_prompt(char_tokenizer, problem, n)] for n in cuts]
+
+    def scores():
+        return stage1.length_scores(stage1.stop_probe(model, char_tokenizer, prompts, [text], list(range(1, 10))), cuts)
+
+    before = scores()
+    losses = learn_stop(model, char_tokenizer, problem, text, cuts, ["exact"], 300, monkeypatch)
+    after = scores()
+    assert before["median"] == [10, 10, 10] and after["median"] == cuts  # 10: no stop within the text
+    assert after["length_nll"] < 0.1 < 1 < before["length_nll"] and sum(losses[-5:]) < sum(losses[:5]) / 10
+
+
+def test_stop_loss_under_max_prompts_ends_within_the_budget_and_past_half_of_it(char_tokenizer, monkeypatch):
+    """Half the pairs Max prompts (a length of N/2..N learnt), half Exact (exactly N): each prompt gets its own."""
+    model = make_tiny_llama(char_tokenizer, seed=1)
+    torch.manual_seed(0)
+    cuts, problem, text = [4, 8, 12], data.Problem("1+1?", "2"), torch.randint(10, 90, (12,)).tolist()
+
+    def scores(mode):
+        prompts = [[data.lcpo_prompt(char_tokenizer, problem, n, mode)] for n in cuts]
+        return stage1.length_scores(stage1.stop_probe(model, char_tokenizer, prompts, [text], list(range(1, 13))), cuts)
+
+    assert max(scores("max")["within"]) < 0.5
+    learn_stop(model, char_tokenizer, problem, text, cuts, ["exact", "max"], 250, monkeypatch)
+    at_most, exact = scores("max"), scores("exact")
+    assert min(at_most["within"]) > 0.9 and all(n / 2 < m <= n for m, n in zip(at_most["median"], cuts))
+    assert exact["median"] == cuts and exact["median"] != at_most["median"]
+
+
+def test_stop_probe_is_the_stop_log_prob_after_each_cut(tiny_llama, char_tokenizer):
+    import torch
+
+    torch.manual_seed(0)
+    cuts = [3, 6, 9]
+    problems = [data.Problem(t, "1") for t in ("1+1?", "A long problem about seven apples.", "x")]
+    responses = [torch.randint(10, 90, (n,)).tolist() for n in (9, 12, 10)]  # longer than the cut: trimmed
+    prompts = [[data.lcpo_prompt(char_tokenizer, p, n) for p in problems] for n in cuts]
+    logp = stage1.stop_probe(tiny_llama, char_tokenizer, prompts, responses, cuts, batch=2)  # padded, two batches
+    assert logp.shape == (3, 3, 3)
+    for a in range(3):
+        for r in range(3):
+            ids = torch.tensor([prompts[a][r] + responses[r][:9]])
+            direct = tiny_llama(input_ids=ids).logits[0].log_softmax(-1)[:, char_tokenizer.eos_token_id]
+            for c, L in enumerate(cuts):  # the output after the response's L-th token
+                assert logp[r, a, c].item() == pytest.approx(direct[len(prompts[a][r]) + L - 1].item(), abs=1e-4)
+
+
+def test_probe_scores_reward_the_stop_where_n_says_and_not_a_length_bias():
+    import torch
+
+    reads_n = torch.tensor([[[-1.0, -6, -6], [-6, -1, -6], [-6, -6, -1]]])  # [response, asked, cut]
+    shorter_when_asked_less = torch.tensor([[[-1.0, -1, -1], [-2, -2, -2], [-3, -3, -3]]])
+    s = stage1.probe_scores(reads_n)
+    assert s["accuracy"] == 1.0 and s["margin"] == pytest.approx(5.0) and s["chance"] == pytest.approx(1 / 3)
+    s = stage1.probe_scores(shorter_when_asked_less)  # the stop rises for small N at every cut: right at one cut of three
+    assert s["accuracy"] == pytest.approx(1 / 3) and s["margin"] == pytest.approx(0.0)
+    assert s["matrix"] == shorter_when_asked_less[0].tolist()
