@@ -237,7 +237,7 @@ def bench_trl(args, model_name, device) -> dict:
     import scale_out
 
     cfg = train.Config(model=model_name, quantize=False, gradient_checkpointing=False, prompts_per_step=args.prompts,
-                       group_size=args.group_size, n_min=args.n_min, n_max=args.n_max, n_min_steps=0,
+                       group_size=args.group_size, n_min=args.n_min, n_max=args.n_max,
                        max_new_tokens=args.max_new_tokens, temperature=args.temperature, beta=0.001, steps=2,
                        save_every=100, sample_every=100)
     runs.check_config(cfg)
