@@ -132,62 +132,58 @@ def length_step(cfg, step: int, model, tokenizer, optimizer, params, problems, t
     rng = random.Random(cfg.seed * 1_000_003 + step)
     generator = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + step)
     G = cfg.group_size
-    drawn = [problems[rng.randrange(len(problems))] for _ in range(cfg.prompts_per_step // cfg.targets_per_problem)]
-    batch = [p for p in drawn for _ in range(cfg.targets_per_problem)]
-    targets = data.sample_targets(len(batch), cfg.n_min, cfg.n_max, cfg.mode, rng, cfg.targets_per_problem)
+    batch, targets = data.draw_batch(problems, cfg.prompts_per_step, cfg.n_min, cfg.n_max, cfg.mode, rng,
+                                     cfg.targets_per_problem)
     prompts = [data.lcpo_prompt(tokenizer, p, n, m) for p, (n, m) in zip(batch, targets)]
 
     t0 = time.perf_counter()
     model.eval()
+    rows, row_targets = [p for p in prompts for _ in range(G)], [t for t in targets for _ in range(G)]
     with model_lib.reference(model):
-        rollouts = sample.generate_in_batches(model, [p for p in prompts for _ in range(G)],
-                                              [targets[j // G][0] for j in range(len(prompts) * G)],
-                                              min(cfg.max_new_tokens, cfg.n_max), cfg.rollout_batch,
-                                              tokenizer.pad_token_id, [tokenizer.eos_token_id], cfg.temperature,
-                                              generator, progress)
+        rollouts = sample.generate_in_batches(model, rows, [n for n, _ in row_targets], min(cfg.max_new_tokens, cfg.n_max),
+                                              cfg.rollout_batch, tokenizer.pad_token_id, [tokenizer.eos_token_id],
+                                              cfg.temperature, generator, progress)
     rollout_s = time.perf_counter() - t0
     correct = [reward.judge(tokenizer.decode(r.tokens, skip_special_tokens=True), batch[j // G].answer,
                             batch[j // G].multiple_choice, thinks, cfg.boxed_only) for j, r in enumerate(rollouts)]
-    scores = [reward.lcpo_reward(ok, r.n_y, *targets[j // G], cfg.alpha, cfg.delta)
-              for j, (ok, r) in enumerate(zip(correct, rollouts))]
+    scores = [reward.lcpo_reward(ok, r.n_y, n_gold, mode, cfg.alpha, cfg.delta)
+              for ok, r, (n_gold, mode) in zip(correct, rollouts, row_targets)]
     rewards = torch.tensor(scores, dtype=torch.float32)
 
     # the rows: a response's text (without its stop token) ended after N of its tokens, under a prompt asking for N
     text = [r.n_y - (r.finish == "eos") for r in rollouts]
     kept = [j for j in range(len(rollouts)) if text[j] >= cfg.n_min]  # shorter ones cannot be ended at any N
     cut = [rng.randint(cfg.n_min, min(cfg.n_max, text[j])) for j in kept]
-    modes = [targets[j // G][1] for j in kept]  # a Max prompt learns a length of N/2 to N (budget_nll)
-    rows = [data.lcpo_prompt(tokenizer, batch[j // G], n, m) for j, n, m in zip(kept, cut, modes)]
+    modes = [row_targets[j][1] for j in kept]  # a Max prompt learns a length of N/2 to N (budget_nll)
+    cut_rows = [data.lcpo_prompt(tokenizer, batch[j // G], n, m) for j, n, m in zip(kept, cut, modes)]
     learnt = [sample.Rollout(rollouts[j].tokens[:n], rollouts[j].logprobs[:n], "length") for j, n in zip(kept, cut)]
     within = torch.tensor([m == "max" for m in modes], dtype=torch.bool)
 
     t1 = time.perf_counter()
     model.train()
-    micro = sample.micro_batches([len(p) + r.n_y for p, r in zip(rows, learnt)], cfg.micro_batch_tokens)
+    micro = sample.micro_batches([len(p) + r.n_y for p, r in zip(cut_rows, learnt)], cfg.micro_batch_tokens)
     if progress is not None:
         progress.unit = "micro-batch"
         progress.reset(total=len(micro) * cfg.epochs)
-    tensors = [sample.pack([rows[j] for j in idx], [learnt[j] for j in idx], tokenizer.pad_token_id, device)
+    tensors = [sample.pack([cut_rows[j] for j in idx], [learnt[j] for j in idx], tokenizer.pad_token_id, device)
                for idx in micro]
     sums = dict(loss=0.0, kl=0.0, stop_nll=0.0)
-    updated, grad_norm, optimizer_s = bool(torch.isfinite(rewards).all() and rows), None, 0.0
+    updated, grad_norm, optimizer_s = bool(torch.isfinite(rewards).all() and cut_rows), None, 0.0
     for _ in range(cfg.epochs if updated else 0):  # the mean over rows of the length NLL + KL
         optimizer.zero_grad(set_to_none=True)
         for idx, (ids, mask, resp_mask, _) in zip(micro, tensors):
             nll, kl = stop_loss(model, ids, mask, resp_mask.sum(-1).long(), tokenizer.eos_token_id,
                                 within=within[idx].to(device))
-            loss = (nll + kl).sum() / len(rows)
+            loss = (nll + kl).sum() / len(cut_rows)
             loss.backward()
-            sums["loss"] += loss.item()
-            sums["kl"] += kl.sum().item()
-            sums["stop_nll"] += nll.sum().item()
+            for key, value in dict(loss=loss, kl=kl, stop_nll=nll).items():
+                sums[key] += value.sum().item()
             if progress is not None:
                 progress.update()
         t_opt = time.perf_counter()
         grad_norm = model_lib.optimizer_step(optimizer, params, cfg.grad_clip)
         optimizer_s += time.perf_counter() - t_opt
-        if grad_norm is None:
-            optimizer.zero_grad(set_to_none=True)
+        if grad_norm is None:  # a non-finite loss or gradient: no update, the weights kept
             updated = False
             break
     train_s = time.perf_counter() - t1
@@ -196,20 +192,17 @@ def length_step(cfg, step: int, model, tokenizer, optimizer, params, problems, t
     epochs = cfg.epochs if updated else 1
     metrics = dict(
         step=step, updated=updated, loss=sums["loss"] / cfg.epochs,
-        **sample.rollout_metrics(rollouts, [targets[j // G] for j in range(len(rollouts))], correct, rewards),
-        kl=sums["kl"] / (max(1, tokens) * epochs), clip_fraction=None, ratio_mean=None, passed_rows=len(rows),
+        **sample.rollout_metrics(rollouts, row_targets, correct, rewards),
+        kl=sums["kl"] / (max(1, tokens) * epochs), clip_fraction=None, ratio_mean=None, passed_rows=len(cut_rows),
         grad_norm=grad_norm if grad_norm is not None else float("nan"),
         rollout_tokens_per_s=sum(r.n_y for r in rollouts) / rollout_s, train_tokens_per_s=tokens * cfg.epochs / train_s,
         peak_memory_mb=model_lib.peak_memory_mb(device), rollout_s=rollout_s, reference_s=0.0,
         policy_s=train_s - optimizer_s, optimizer_s=optimizer_s,
-        stop_nll=sums["stop_nll"] / max(1, len(rows)) / epochs,  # -log p(its length) per row, under the prompt asking for it
-        length_rows=len(rows),
+        stop_nll=sums["stop_nll"] / max(1, len(cut_rows)) / epochs,  # -log p(its length) per row, asked for it
+        length_rows=len(cut_rows),
     )
     metrics["entropy_proxy"] = None  # LCPO's alone
-    examples = [dict(prompt=tokenizer.decode(prompts[j // G]), response=tokenizer.decode(rollouts[j].tokens),
-                     n_y=rollouts[j].n_y, n_gold=targets[j // G][0], correct=correct[j], reward=scores[j])
-                for j in range(0, len(rollouts), G)]
-    return metrics, examples
+    return metrics, sample.examples(tokenizer, rows, rollouts, row_targets, correct, scores, every=G)
 
 
 # -----------------------------------------------------------------------------
