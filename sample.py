@@ -11,6 +11,10 @@ stops at its own EOS (or stop id) or at its own max_new_tokens, and then leaves 
 Per row it returns the tokens, the log-prob of each under the distribution it was sampled
 from (logits / temperature, after top-p), and why it stopped: these are GRPO's "old" log-probs,
 equal to what `sequence_logprobs` computes by a fresh forward pass over prompt + response.
+
+Around the loop, what every training step does with rollouts: `generate_in_batches` (a step's rows,
+similar targets batched together), `micro_batches` and `pack` (rows for the loss pass, by token count),
+`rollout_metrics` and `examples` (what a step's rollouts did). S1 budget forcing is `budget_forcing`.
 """
 
 import argparse
