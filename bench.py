@@ -5,6 +5,7 @@ Speed and memory of the LCPO loop, measured against the alternative in the same 
     python bench.py train                      # one GRPO step: rollout / reference / policy / optimizer
     python bench.py memory --preset l1-exact   # does a full step of the 1.5B model at paper lengths fit in 24 GB?
     python bench.py trl                        # one GRPO step: ours against TRL's GRPOTrainer, same settings
+    python bench.py loss                       # the loss pass: each prompt once for its G responses, or once per row
 
 On a CPU the embedded default is used with short targets; on a GPU, a randomly initialised model
 with the configuration of DeepSeek-R1-Distill-Qwen-1.5B at the paper's lengths. Random weights
@@ -217,6 +218,60 @@ def bench_train(args, model_name, device, preset: str) -> dict:
     return dict(config={k: v for k, v in vars(cfg).items()}, step=m, forced_lengths=args.force_lengths)
 
 
+LOSS_SHAPES = [(90, 4, 100), (256, 4, 100), (256, 16, 100), (1024, 16, 100), (1024, 16, 400)]  # (prompt, G, response)
+
+
+def bench_loss(args, device) -> dict:
+    """The loss pass (forward + backward of the policy's log-probs) over the same GRPO rows, two ways: each
+    row its own prompt + response (sample.pack), or each prompt once for its G responses (sample.pack_shared),
+    at growing prompt lengths and G, on a small random Llama (the saving is in tokens, not in the model).
+    Responses vary in length around the given one; 2 prompts a shape; best of --repeats, alternating."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=8192, hidden_size=128, intermediate_size=384, num_hidden_layers=4,
+                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192,
+                                         bos_token_id=None)).to(device)
+    rng, shapes = random.Random(args.seed), []
+    for prompt_len, group, response in LOSS_SHAPES:
+        rows, rollouts = [], []
+        for _ in range(2):
+            prompt = [rng.randrange(1, 8192) for _ in range(prompt_len)]
+            for _ in range(group):
+                n = rng.randint(response // 2, 3 * response // 2)
+                rows.append(prompt)
+                rollouts.append(sample.Rollout([rng.randrange(1, 8192) for _ in range(n)], [0.0] * n, "length"))
+        ways = {"per row": lambda: sample.pack(rows, rollouts, 0, device),
+                "shared prompt": lambda: sample.pack_shared(rows, rollouts, 0, device)}
+        times, out = {w: [] for w in ways}, {}
+        for _ in range(args.repeats):
+            for way, packed in ways.items():
+                model.zero_grad(set_to_none=True)
+                model_lib.synchronize(device)
+                t = time.perf_counter()
+                if way == "per row":
+                    ids, mask, resp_mask, _ = packed()
+                    logp = sample.sequence_logprobs(model, ids, mask)[:, -resp_mask.shape[1]:] * resp_mask
+                    tokens = ids.numel()
+                else:
+                    inputs, resp_mask, _ = packed()
+                    logp = sample.shared_logprobs(model, inputs) * resp_mask
+                    tokens = inputs["ids"].numel()
+                logp.sum().backward()
+                model_lib.synchronize(device)
+                times[way].append(time.perf_counter() - t)
+                out[way] = (logp.detach(), tokens)
+        best = {w: min(ts) for w, ts in times.items()}
+        shape = dict(prompt=prompt_len, group_size=group, response=response, seconds=best,
+                     tokens={w: out[w][1] for w in ways}, speedup=best["per row"] / best["shared prompt"],
+                     max_logprob_difference=(out["per row"][0] - out["shared prompt"][0]).abs().max().item())
+        shapes.append(shape)
+        print(f"prompt {prompt_len:5d}, G {group:2d}, response ~{response}: per row {best['per row']:.2f} s "
+              f"({shape['tokens']['per row']} tokens), shared prompt {best['shared prompt']:.2f} s "
+              f"({shape['tokens']['shared prompt']} tokens): {shape['speedup']:.2f}x")
+    return dict(shapes=shapes)
+
+
 def bench_trl(args, model_name, device) -> dict:
     """One GRPO step of train.py and one of TRL's GRPOTrainer at the same settings, alternating, `repeats` times.
 
@@ -323,7 +378,7 @@ def bench_trl(args, model_name, device) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
-    parser.add_argument("what", choices=["rollout", "train", "memory", "trl"])
+    parser.add_argument("what", choices=["rollout", "train", "memory", "trl", "loss"])
     parser.add_argument("--model", default=None, help="hub id or directory; default: the embedded model on a CPU, "
                         "a random 1.5B Qwen2 on a GPU")
     parser.add_argument("--preset", default=None, help="train/memory: a train.py preset (default: default on a CPU, "
@@ -364,7 +419,7 @@ def main(argv: list[str] | None = None) -> None:
                 memory_fraction(args.memory_cap_gb, torch.cuda.get_device_properties(device).total_memory), device)
         except ValueError as e:
             sys.exit(f"error: {e}")
-    paper = gpu and args.model is None and args.what != "trl"
+    paper = gpu and args.model is None and args.what not in ("trl", "loss")
     if args.force_lengths is None:
         args.force_lengths = paper
     defaults = dict(prompts=4, group_size=16, n_min=100, n_max=4000, max_new_tokens=4096, temperature=1.0) if paper \
@@ -384,7 +439,9 @@ def main(argv: list[str] | None = None) -> None:
         try:
             model_name = random_qwen(Path(tmp) / "qwen-1.5b-random",
                                      model_lib.load_tokenizer(model_lib.embedded_model_dir())) if paper else args.model
-            if args.what == "rollout":
+            if args.what == "loss":
+                result = bench_loss(args, device)
+            elif args.what == "rollout":
                 result = bench_rollout(args, model_name, device)
             elif args.what == "trl":
                 result = bench_trl(args, model_name, device)
@@ -401,7 +458,8 @@ def main(argv: list[str] | None = None) -> None:
         except (ValueError, model_lib.ModelError) as e:
             sys.exit(f"error: {e}")
     result.update(what=args.what, command="python bench.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-                  model=args.model or ("random Qwen2 1.5B configuration" if paper else "embedded SmolLM2-135M-Instruct"),
+                  model="a small random Llama (bench_loss)" if args.what == "loss" else args.model or (
+                      "random Qwen2 1.5B configuration" if paper else "embedded SmolLM2-135M-Instruct"),
                   device=torch.cuda.get_device_name(device) if gpu else f"CPU, {torch.get_num_threads()} threads, "
                   f"{platform.processor() or platform.machine()}", date=time.strftime("%Y-%m-%d"),
                   torch=torch.__version__)

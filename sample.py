@@ -254,29 +254,31 @@ def left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, 
 
 def sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, temperature: float = 1.0,
                       chunk: int = LOGPROB_CHUNK) -> torch.Tensor:
-    """Log-prob of each token given the ones before it, at the sampling temperature: [B, T-1].
+    """Log-prob of each token given the ones before it, at the sampling temperature: [B, T-1]."""
+    positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                                 use_cache=False).last_hidden_state  # [B, T, H]; no KV cache to keep
+    return token_logprobs(model, hidden[:, :-1], input_ids[:, 1:], temperature, chunk)
+
+
+def token_logprobs(model, hidden: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
+                   chunk: int = LOGPROB_CHUNK) -> torch.Tensor:
+    """log p(targets[b, t]) from the hidden states that predict them, hidden[b, t], at the temperature: [B, L].
 
     Never holds the fp32 logits of the whole batch: the lm_head and log-softmax run `chunk`
     positions at a time, and under autograd each chunk is recomputed in backward instead of stored.
     """
-    positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
-                                 use_cache=False).last_hidden_state  # [B, T, H]; no KV cache to keep
-    lm_head = model.get_output_embeddings()
-    scale = temperature or 1.0
+    lm_head, scale = model.get_output_embeddings(), temperature or 1.0
 
-    def chunk_logprobs(h, targets):
+    def chunk_logprobs(h, t):
         logits = lm_head(h).float() / scale  # [B, chunk, V]
-        return logits.log_softmax(-1).gather(-1, targets[..., None]).squeeze(-1)
+        return logits.log_softmax(-1).gather(-1, t[..., None]).squeeze(-1)
 
     out = []
-    for start in range(0, input_ids.shape[1] - 1, chunk):
-        h = hidden[:, start:start + chunk][:, : input_ids.shape[1] - 1 - start]
-        targets = input_ids[:, start + 1:start + 1 + h.shape[1]]
-        if torch.is_grad_enabled():
-            out.append(checkpoint(chunk_logprobs, h, targets, use_reentrant=False))
-        else:
-            out.append(chunk_logprobs(h, targets))
+    for start in range(0, targets.shape[1], chunk):
+        h, t = hidden[:, start:start + chunk], targets[:, start:start + chunk]
+        out.append(checkpoint(chunk_logprobs, h, t, use_reentrant=False) if torch.is_grad_enabled()
+                   else chunk_logprobs(h, t))
     return torch.cat(out, dim=1)
 
 
@@ -309,6 +311,80 @@ def pack(prompts: list[list[int]], rollouts: list[Rollout], pad_id: int, device)
         resp_mask[i, start:] = 1
         old[i, start:] = torch.tensor(r.logprobs).nan_to_num(0.0)
     return ids, mask, resp_mask.to(device), old.to(device)
+
+
+def share_prompts(prompts: list[list[int]], lengths: list[int], max_tokens: int) -> list[list[int]]:
+    """Row indices in micro-batches for pack_shared: rows with the same prompt (a GRPO group) go together,
+    so that the prompt is computed once for all of them, in units of at most max_tokens (the prompt, then
+    as many of its responses as fit; one that does not fit goes alone), and units of similar size share a
+    micro-batch of at most max_tokens padded tokens. lengths: each row's response length."""
+    groups = {}
+    for j, p in enumerate(prompts):
+        groups.setdefault(tuple(p), []).append(j)
+    units = []
+    for prompt, rows in groups.items():
+        unit, size = [], len(prompt)
+        for j in rows:
+            if unit and size + lengths[j] > max_tokens:
+                units.append(unit)
+                unit, size = [], len(prompt)
+            unit.append(j)
+            size += lengths[j]
+        units.append(unit)
+    sizes = [len(prompts[u[0]]) + sum(lengths[j] for j in u) for u in units]
+    return [[j for i in idx for j in units[i]] for idx in micro_batches(sizes, max_tokens)]
+
+
+def pack_shared(prompts: list[list[int]], rollouts: list[Rollout], pad_id: int, device, dtype=torch.float32):
+    """Rows for shared_logprobs, each prompt computed once: consecutive rows with the same prompt become one
+    sequence, the prompt then each response, under a block attention mask (a response sees the prompt and its
+    own past, not the other responses) with each response's positions continuing from the prompt's end.
+
+    Returns (inputs, response mask [n, R], old log-probs [n, R]) with one row per rollout, in pack's layout
+    (every response ends at the last column). inputs: ids [u, T], positions [u, T], the additive mask
+    [u, 1, T, T] (0 seen, the dtype's min not; a padding column sees only itself), and for each response
+    token, the sequence and column of the hidden state that predicts it ([n, R] each) and the token itself.
+    """
+    units = []  # (prompt, [rollout index])
+    for j, p in enumerate(prompts):
+        if units and units[-1][0] == p:
+            units[-1][1].append(j)
+        else:
+            units.append((p, [j]))
+    width = max(len(p) + sum(len(rollouts[j].tokens) for j in js) for p, js in units)
+    longest = max(len(r.tokens) for r in rollouts)
+    ids = torch.full((len(units), width), pad_id, dtype=torch.long)
+    positions = torch.zeros((len(units), width), dtype=torch.long)
+    segment = torch.full((len(units), width), -1)  # -1 padding, 0 the prompt, k the k-th response
+    unit_of, column = torch.zeros((len(rollouts), longest), dtype=torch.long), torch.zeros((len(rollouts), longest), dtype=torch.long)
+    targets, resp_mask, old = (torch.zeros((len(rollouts), longest), dtype=t) for t in (torch.long, torch.float, torch.float))
+    for u, (p, js) in enumerate(units):
+        col = width - len(p) - sum(len(rollouts[j].tokens) for j in js)  # left padding
+        ids[u, col:col + len(p)], positions[u, col:col + len(p)], segment[u, col:col + len(p)] = torch.tensor(p), torch.arange(len(p)), 0
+        last_prompt, col = col + len(p) - 1, col + len(p)
+        for k, j in enumerate(js, 1):
+            r, n = rollouts[j].tokens, len(rollouts[j].tokens)
+            ids[u, col:col + n], positions[u, col:col + n], segment[u, col:col + n] = torch.tensor(r), torch.arange(len(p), len(p) + n), k
+            unit_of[j, longest - n:] = u
+            column[j, longest - n:] = torch.tensor([last_prompt] + list(range(col, col + n - 1)))  # what predicts each token
+            targets[j, longest - n:], resp_mask[j, longest - n:] = torch.tensor(r), 1
+            old[j, longest - n:] = torch.tensor(rollouts[j].logprobs).nan_to_num(0.0)
+            col += n
+    later = torch.arange(width)[None, :, None] < torch.arange(width)[None, None, :]  # [1, query, key]: a future key
+    q, k = segment[:, :, None], segment[:, None, :]
+    seen = ~later & (k != -1) & ((k == 0) | (k == q)) | torch.eye(width, dtype=torch.bool)
+    mask = torch.zeros((len(units), 1, width, width), dtype=dtype).masked_fill(~seen[:, None], torch.finfo(dtype).min)
+    inputs = dict(ids=ids.to(device), positions=positions.to(device), mask=mask.to(device), unit_of=unit_of.to(device),
+                  column=column.to(device), targets=targets.to(device))
+    return inputs, resp_mask.to(device), old.to(device)
+
+
+def shared_logprobs(model, inputs: dict, temperature: float = 1.0) -> torch.Tensor:
+    """Log-prob of each response token of pack_shared's rows, at the sampling temperature: [n, R], as
+    sequence_logprobs would give it for the rollout alone after its prompt (0 where the response mask is 0)."""
+    hidden = model.get_decoder()(input_ids=inputs["ids"], attention_mask=inputs["mask"], position_ids=inputs["positions"],
+                                 use_cache=False).last_hidden_state  # [u, T, H]
+    return token_logprobs(model, hidden[inputs["unit_of"], inputs["column"]], inputs["targets"], temperature)
 
 
 # -----------------------------------------------------------------------------

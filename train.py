@@ -148,11 +148,6 @@ def normalise(loss: torch.Tensor, mask: torch.Tensor, how: str, batch_tokens: in
     return (loss * mask).sum() / (batch_rows * max_new_tokens)
 
 
-def response_logprobs(model, ids, mask, resp_mask, temperature: float) -> torch.Tensor:
-    """Log-probs of the response tokens only: the last R columns of sample.sequence_logprobs. [b, R]"""
-    return sample.sequence_logprobs(model, ids, mask, temperature)[:, -resp_mask.shape[1]:]
-
-
 # -----------------------------------------------------------------------------
 # one step
 
@@ -189,31 +184,31 @@ def train_step(cfg: Config, step: int, model, tokenizer, optimizer, params, prob
     # 4. advantages, within each group of G
     advantages = group_advantages(rewards, G, scale=cfg.loss_norm != "dr_grpo")  # [P * G]
 
-    # 5. the loss, over micro-batches of similar length, epochs times. A row of advantage 0 (its group's
-    # rewards all equal) adds nothing to the gradient unless the KL term is on: it is not passed (the
-    # normalisers still count it, so the gradient is the same)
+    # 5. the loss, over micro-batches, epochs times; a group's prompt is computed once for its responses. A row
+    # of advantage 0 (its group's rewards all equal) adds nothing to the gradient unless the KL term is on: it
+    # is not passed (the normalisers still count it, so the gradient is the same)
     t1 = time.perf_counter()
     model.train()
     passed = [j for j in range(len(rows)) if cfg.beta > 0 or advantages[j] != 0]
-    micro = [[passed[i] for i in idx] for idx in
-             sample.micro_batches([len(rows[j]) + rollouts[j].n_y for j in passed], cfg.micro_batch_tokens)]
-    tensors = [sample.pack([rows[j] for j in idx], [rollouts[j] for j in idx], tokenizer.pad_token_id, device)
-               for idx in micro]
+    micro = [[passed[i] for i in idx] for idx in sample.share_prompts(
+        [rows[j] for j in passed], [rollouts[j].n_y for j in passed], cfg.micro_batch_tokens)]
+    tensors = [sample.pack_shared([rows[j] for j in idx], [rollouts[j] for j in idx], tokenizer.pad_token_id, device,
+                                  model.get_input_embeddings().weight.dtype) for idx in micro]
     if progress is not None:
         progress.unit = "micro-batch"
         progress.reset(total=len(micro) * cfg.epochs)
     ref = [None] * len(micro)
     if cfg.beta > 0:  # the reference: the same model with its adapter off, once per rollout batch
         with model_lib.reference(model):
-            ref = [response_logprobs(model, ids, mask, resp_mask, cfg.temperature) for ids, mask, resp_mask, _ in tensors]
+            ref = [sample.shared_logprobs(model, inputs, cfg.temperature) for inputs, _, _ in tensors]
     model_lib.synchronize(device)  # the reference pass finished, before timing it
     reference_s = time.perf_counter() - t1
     sums = dict(loss=0.0, kl=0.0, clipped=0.0, ratio=0.0)
     updated, grad_norm, optimizer_s = bool(torch.isfinite(rewards).all()), None, 0.0  # non-finite rewards: no passes
     for _ in range(cfg.epochs if updated else 0):
         optimizer.zero_grad(set_to_none=True)
-        for idx, (ids, mask, resp_mask, old), ref_logp in zip(micro, tensors, ref):
-            logp = response_logprobs(model, ids, mask, resp_mask, cfg.temperature)  # [b, R]
+        for idx, (inputs, resp_mask, old), ref_logp in zip(micro, tensors, ref):
+            logp = sample.shared_logprobs(model, inputs, cfg.temperature)  # [b, R]
             loss_tok, kl, clipped = per_token_loss(logp, old, ref_logp, advantages[idx].to(device), cfg.clip, cfg.beta)
             loss = normalise(loss_tok, resp_mask, cfg.loss_norm, sum(r.n_y for r in rollouts), len(rows),
                              cfg.max_new_tokens)

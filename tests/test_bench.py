@@ -38,6 +38,17 @@ def test_train_splits_a_step(tiny_model_dir, tmp_path, capsys):
     assert "rollout" in capsys.readouterr().out
 
 
+def test_loss_compares_the_two_passes_on_the_same_rows(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(bench, "LOSS_SHAPES", [(12, 1, 6), (40, 4, 6)])
+    bench.main(["loss", "--repeats", "1", "--out", str(tmp_path)])
+    shapes = json.loads((tmp_path / "loss-cpu.json").read_text())["shapes"]
+    alone, grouped = shapes
+    assert alone["tokens"]["shared prompt"] == alone["tokens"]["per row"]  # G = 1: nothing to share
+    assert grouped["tokens"]["shared prompt"] < grouped["tokens"]["per row"] / 2  # the prompt once, not 4 times
+    assert all(s["max_logprob_difference"] < 1e-4 and s["speedup"] > 0 for s in shapes)
+    assert "shared prompt" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("args, message", [
     (["memory"], "needs a CUDA device"),
     (["rollout", "--repeats", "0"], "must be >= 1"),

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, strategies as st
 
 import data
 import model as model_lib
@@ -156,6 +157,65 @@ def test_chunked_logprobs_and_their_gradients_match_the_plain_computation(char_t
     chunked.sum().backward()
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.grad, expected[name], atol=1e-5, rtol=1e-4)
+
+
+def _groups(prompts, seed=0):
+    """GRPO rows: each prompt 3 times, with responses of different lengths (random tokens, a few ending in EOS)."""
+    gen = torch.Generator().manual_seed(seed)
+    rows, rollouts = [], []
+    for p in prompts:
+        for n in torch.randint(1, 12, (3,), generator=gen).tolist():
+            tokens = torch.randint(10, 90, (n,), generator=gen).tolist()
+            rows.append(p)
+            rollouts.append(Rollout(tokens, torch.rand(n, generator=gen).log().tolist(), "length"))
+    return rows, rollouts
+
+
+def _per_row(model, rows, rollouts, pad_id, temperature):
+    """Today's pass: each row its own prompt + response, left-padded (sample.pack), read at its response."""
+    ids, mask, resp_mask, _ = sample.pack(rows, rollouts, pad_id, "cpu")
+    return sequence_logprobs(model, ids, mask, temperature)[:, -resp_mask.shape[1]:] * resp_mask, resp_mask
+
+
+def test_the_shared_prompt_pass_gives_each_rows_log_probs_and_gradients(char_tokenizer, prompts):
+    model = make_tiny_llama(char_tokenizer, seed=2).train()
+    rows, rollouts = _groups(prompts)
+    expected, resp_mask = _per_row(model, rows, rollouts, char_tokenizer.pad_token_id, 0.7)
+    (expected * torch.linspace(-1, 1, len(rows))[:, None]).sum().backward()  # a loss that weighs rows differently
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    inputs, shared_mask, old = sample.pack_shared(rows, rollouts, char_tokenizer.pad_token_id, "cpu")
+    assert inputs["ids"].shape[0] == len(prompts)  # one sequence per group: each prompt once
+    torch.testing.assert_close(shared_mask, resp_mask)
+    shared = sample.shared_logprobs(model, inputs, 0.7) * shared_mask
+    torch.testing.assert_close(shared, expected, atol=1e-5, rtol=1e-5)
+    (shared * torch.linspace(-1, 1, len(rows))[:, None]).sum().backward()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, grads[name], atol=1e-5, rtol=1e-4)
+    # the test sees the mask: responses that also see the responses before them give other log-probs
+    seen_by_all = (inputs["mask"] == 0) | (inputs["ids"] != char_tokenizer.pad_token_id)[:, None, None, :]
+    causal = torch.ones_like(seen_by_all).tril()
+    broken = dict(inputs, mask=torch.zeros_like(inputs["mask"]).masked_fill(~(seen_by_all & causal), -1e30))
+    with torch.no_grad():
+        assert not torch.allclose(sample.shared_logprobs(model, broken, 0.7) * shared_mask, expected, atol=1e-3)
+
+
+@given(lengths=st.lists(st.integers(1, 40), min_size=1, max_size=12), prompt=st.integers(1, 30),
+       group=st.integers(1, 4), max_tokens=st.integers(1, 120))
+def test_share_prompts_keeps_groups_together_and_every_row_once(lengths, prompt, group, max_tokens):
+    prompts = [[j // group] * prompt for j in range(len(lengths))]  # groups of `group` rows share a prompt
+    micro = sample.share_prompts(prompts, lengths, max_tokens)
+    assert sorted(j for m in micro for j in m) == list(range(len(lengths)))
+    for m in micro:
+        sizes, j = [], 0
+        while j < len(m):  # the sequences pack_shared makes: consecutive rows with one prompt
+            k = j
+            while k < len(m) and prompts[m[k]] == prompts[m[j]]:
+                k += 1
+            sizes.append(prompt + sum(lengths[i] for i in m[j:k]))
+            j = k
+        assert len(sizes) == len({tuple(prompts[i]) for i in m}) or len(m) == 1  # a prompt once per micro-batch
+        assert len(sizes) * max(sizes) <= max_tokens or len(m) == 1  # within the budget, or a row alone
 
 
 @pytest.mark.parametrize("call, message", [

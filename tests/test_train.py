@@ -143,7 +143,9 @@ def test_rows_of_equal_reward_groups_are_not_passed_and_the_update_is_the_same(l
     (skipped, a), (full, b) = runs[0.0], runs[0.001]
     assert skipped["passed_rows"] == 8 and full["passed_rows"] == 16
     assert skipped["grad_norm"] == pytest.approx(full["grad_norm"], rel=1e-4) and skipped["grad_norm"] > 0
-    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    # equal to float rounding: the two runs pack other micro-batches, and Adam's first step, lr * g / (|g| + eps),
+    # turns a rounding difference in a near-zero gradient into up to ~0.3% of the step (lr 0.01: 3e-5)
+    assert all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)
     assert any(a[k].abs().sum() > 0 for k in a if k.endswith("lora_B.weight"))  # the update moved the adapter
 
 
