@@ -313,68 +313,84 @@ def pack(prompts: list[list[int]], rollouts: list[Rollout], pad_id: int, device)
     return ids, mask, resp_mask.to(device), old.to(device)
 
 
-def share_prompts(prompts: list[list[int]], lengths: list[int], max_tokens: int) -> list[list[int]]:
-    """Row indices in micro-batches for pack_shared: rows with the same prompt (a GRPO group) go together,
-    so that the prompt is computed once for all of them, in units of at most max_tokens (the prompt, then
-    as many of its responses as fit; one that does not fit goes alone), and units of similar size share a
-    micro-batch of at most max_tokens padded tokens. lengths: each row's response length."""
+def share_prompts(prompts: list[list[int]], lengths: list[int], max_tokens: int, linear_per_key: float = math.inf,
+                  rows: list[int] | None = None) -> list[list[list[int]]]:
+    """Rows in micro-batches of units for pack_shared ([micro-batch][unit][row index]): the rows of a unit
+    share one prompt (a GRPO group's), computed once for all of them, and units of similar size share a
+    micro-batch of at most max_tokens padded tokens. lengths: each row's response length; rows: the rows
+    to pass (default all).
+
+    A unit is the prompt, then as many of its responses as fit in max_tokens and still pay: under the block
+    mask every token of a unit is scored against every column of it, so a response of R tokens joining a
+    unit T wide adds 2TR + R^2 query-key pairs, where a unit of its own would cost (P + R)^2 pairs and P more
+    tokens through the layers; linear_per_key (linear_per_key(config)) converts tokens into pairs. Short
+    responses after a long prompt share it; responses far longer than it go alone, as in the per-row pass.
+    """
     groups = {}
-    for j, p in enumerate(prompts):
-        groups.setdefault(tuple(p), []).append(j)
+    for j in range(len(prompts)) if rows is None else rows:
+        groups.setdefault(tuple(prompts[j]), []).append(j)
     units = []
     for prompt, rows in groups.items():
-        unit, size = [], len(prompt)
+        unit, size, P = [], len(prompt), len(prompt)
         for j in rows:
-            if unit and size + lengths[j] > max_tokens:
+            R = lengths[j]
+            if unit and (size + R > max_tokens or 2 * size * R + R * R > (P + R) ** 2 + linear_per_key * P):
                 units.append(unit)
-                unit, size = [], len(prompt)
+                unit, size = [], P
             unit.append(j)
-            size += lengths[j]
+            size += R
         units.append(unit)
     sizes = [len(prompts[u[0]]) + sum(lengths[j] for j in u) for u in units]
-    return [[j for i in idx for j in units[i]] for idx in micro_batches(sizes, max_tokens)]
+    return [[units[i] for i in idx] for idx in micro_batches(sizes, max_tokens)]
 
 
-def pack_shared(prompts: list[list[int]], rollouts: list[Rollout], pad_id: int, device, dtype=torch.float32):
-    """Rows for shared_logprobs, each prompt computed once: consecutive rows with the same prompt become one
-    sequence, the prompt then each response, under a block attention mask (a response sees the prompt and its
-    own past, not the other responses) with each response's positions continuing from the prompt's end.
+def linear_per_key(config) -> float:
+    """A decoder layer's work per token in its linear layers, in units of its attention's work per query-key
+    pair (4 x hidden flops): (2 hidden^2 + 2 hidden kv + 3 hidden intermediate) x 2 / (4 hidden)."""
+    head = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    hidden, kv = config.hidden_size, config.num_key_value_heads * head
+    return hidden + kv + 1.5 * config.intermediate_size
 
-    Returns (inputs, response mask [n, R], old log-probs [n, R]) with one row per rollout, in pack's layout
-    (every response ends at the last column). inputs: ids [u, T], positions [u, T], the additive mask
+
+def pack_shared(units: list[list[int]], prompts: list[list[int]], rollouts: list[Rollout], pad_id: int, device,
+                dtype=torch.float32):
+    """Rows for shared_logprobs, each prompt computed once: the rows of a unit (of share_prompts, all with
+    one prompt) become one sequence, the prompt then each response, under a block attention mask (a response
+    sees the prompt and its own past, not the other responses), each response's positions continuing from
+    the prompt's end.
+
+    Returns (inputs, response mask [n, R], old log-probs [n, R]) with one row per row of the units, in their
+    order, in pack's layout (every response ends at the last column). inputs: ids [u, T], positions [u, T], the additive mask
     [u, 1, T, T] (0 seen, the dtype's min not; a padding column sees only itself), and for each response
     token, the sequence and column of the hidden state that predicts it ([n, R] each) and the token itself.
     """
-    units = []  # (prompt, [rollout index])
-    for j, p in enumerate(prompts):
-        if units and units[-1][0] == p:
-            units[-1][1].append(j)
-        else:
-            units.append((p, [j]))
-    width = max(len(p) + sum(len(rollouts[j].tokens) for j in js) for p, js in units)
-    longest = max(len(r.tokens) for r in rollouts)
+    units = [(prompts[u[0]], u) for u in units]
+    n, width = sum(len(js) for _, js in units), max(len(p) + sum(rollouts[j].n_y for j in js) for p, js in units)
+    longest = max(rollouts[j].n_y for _, js in units for j in js)
     ids = torch.full((len(units), width), pad_id, dtype=torch.long)
     positions = torch.zeros((len(units), width), dtype=torch.long)
     segment = torch.full((len(units), width), -1)  # -1 padding, 0 the prompt, k the k-th response
-    unit_of, column = torch.zeros((len(rollouts), longest), dtype=torch.long), torch.zeros((len(rollouts), longest), dtype=torch.long)
-    targets, resp_mask, old = (torch.zeros((len(rollouts), longest), dtype=t) for t in (torch.long, torch.float, torch.float))
+    unit_of, column, targets = (torch.zeros((n, longest), dtype=torch.long) for _ in range(3))
+    resp_mask, old = torch.zeros((n, longest)), torch.zeros((n, longest))
+    row = 0
     for u, (p, js) in enumerate(units):
-        col = width - len(p) - sum(len(rollouts[j].tokens) for j in js)  # left padding
+        col = width - len(p) - sum(rollouts[j].n_y for j in js)  # left padding
         ids[u, col:col + len(p)], positions[u, col:col + len(p)], segment[u, col:col + len(p)] = torch.tensor(p), torch.arange(len(p)), 0
         last_prompt, col = col + len(p) - 1, col + len(p)
         for k, j in enumerate(js, 1):
-            r, n = rollouts[j].tokens, len(rollouts[j].tokens)
-            ids[u, col:col + n], positions[u, col:col + n], segment[u, col:col + n] = torch.tensor(r), torch.arange(len(p), len(p) + n), k
-            unit_of[j, longest - n:] = u
-            column[j, longest - n:] = torch.tensor([last_prompt] + list(range(col, col + n - 1)))  # what predicts each token
-            targets[j, longest - n:], resp_mask[j, longest - n:] = torch.tensor(r), 1
-            old[j, longest - n:] = torch.tensor(rollouts[j].logprobs).nan_to_num(0.0)
-            col += n
-    later = torch.arange(width)[None, :, None] < torch.arange(width)[None, None, :]  # [1, query, key]: a future key
-    q, k = segment[:, :, None], segment[:, None, :]
-    seen = ~later & (k != -1) & ((k == 0) | (k == q)) | torch.eye(width, dtype=torch.bool)
-    mask = torch.zeros((len(units), 1, width, width), dtype=dtype).masked_fill(~seen[:, None], torch.finfo(dtype).min)
-    inputs = dict(ids=ids.to(device), positions=positions.to(device), mask=mask.to(device), unit_of=unit_of.to(device),
+            r, m = rollouts[j].tokens, rollouts[j].n_y
+            ids[u, col:col + m], positions[u, col:col + m], segment[u, col:col + m] = torch.tensor(r), torch.arange(len(p), len(p) + m), k
+            unit_of[row, longest - m:] = u
+            column[row, longest - m:] = torch.tensor([last_prompt] + list(range(col, col + m - 1)))  # what predicts each token
+            targets[row, longest - m:], resp_mask[row, longest - m:] = torch.tensor(r), 1
+            old[row, longest - m:] = torch.tensor(rollouts[j].logprobs).nan_to_num(0.0)
+            col, row = col + m, row + 1
+    segment, columns = segment.to(device), torch.arange(width, device=device)
+    q, k = segment[:, :, None], segment[:, None, :]  # [u, query, key]
+    seen = (columns[:, None] >= columns[None, :]) & (k != -1) & ((k == 0) | (k == q)) | (columns[:, None] == columns)
+    mask = torch.zeros((len(units), 1, width, width), dtype=dtype, device=device).masked_fill(~seen[:, None],
+                                                                                             torch.finfo(dtype).min)
+    inputs = dict(ids=ids.to(device), positions=positions.to(device), mask=mask, unit_of=unit_of.to(device),
                   column=column.to(device), targets=targets.to(device))
     return inputs, resp_mask.to(device), old.to(device)
 

@@ -190,10 +190,10 @@ def train_step(cfg: Config, step: int, model, tokenizer, optimizer, params, prob
     t1 = time.perf_counter()
     model.train()
     passed = [j for j in range(len(rows)) if cfg.beta > 0 or advantages[j] != 0]
-    micro = [[passed[i] for i in idx] for idx in sample.share_prompts(
-        [rows[j] for j in passed], [rollouts[j].n_y for j in passed], cfg.micro_batch_tokens)]
-    tensors = [sample.pack_shared([rows[j] for j in idx], [rollouts[j] for j in idx], tokenizer.pad_token_id, device,
-                                  model.get_input_embeddings().weight.dtype) for idx in micro]
+    micro = sample.share_prompts(rows, [r.n_y for r in rollouts], cfg.micro_batch_tokens,
+                                 sample.linear_per_key(model.config), passed)  # [micro-batch][unit][row]
+    tensors = [sample.pack_shared(units, rows, rollouts, tokenizer.pad_token_id, device,
+                                  model.get_input_embeddings().weight.dtype) for units in micro]
     if progress is not None:
         progress.unit = "micro-batch"
         progress.reset(total=len(micro) * cfg.epochs)
@@ -207,9 +207,10 @@ def train_step(cfg: Config, step: int, model, tokenizer, optimizer, params, prob
     updated, grad_norm, optimizer_s = bool(torch.isfinite(rewards).all()), None, 0.0  # non-finite rewards: no passes
     for _ in range(cfg.epochs if updated else 0):
         optimizer.zero_grad(set_to_none=True)
-        for idx, (inputs, resp_mask, old), ref_logp in zip(micro, tensors, ref):
-            logp = sample.shared_logprobs(model, inputs, cfg.temperature)  # [b, R]
-            loss_tok, kl, clipped = per_token_loss(logp, old, ref_logp, advantages[idx].to(device), cfg.clip, cfg.beta)
+        for units, (inputs, resp_mask, old), ref_logp in zip(micro, tensors, ref):
+            logp = sample.shared_logprobs(model, inputs, cfg.temperature)  # [b, R], b = the units' rows
+            loss_tok, kl, clipped = per_token_loss(logp, old, ref_logp, advantages[sum(units, [])].to(device), cfg.clip,
+                                                   cfg.beta)
             loss = normalise(loss_tok, resp_mask, cfg.loss_norm, sum(r.n_y for r in rollouts), len(rows),
                              cfg.max_new_tokens)
             loss.backward()

@@ -10,7 +10,7 @@ import data
 import model as model_lib
 import sample
 from sample import Rollout, budget_forcing, generate, sequence_logprobs
-from tests.conftest import make_tiny_llama
+from tests.conftest import make_char_tokenizer, make_tiny_llama
 
 MESSAGES = ["1+1?", "What is seven times six, please?", "Ava has 3 pencils.", "x"]
 
@@ -184,7 +184,8 @@ def test_the_shared_prompt_pass_gives_each_rows_log_probs_and_gradients(char_tok
     (expected * torch.linspace(-1, 1, len(rows))[:, None]).sum().backward()  # a loss that weighs rows differently
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
-    inputs, shared_mask, old = sample.pack_shared(rows, rollouts, char_tokenizer.pad_token_id, "cpu")
+    units = [list(range(j, j + 3)) for j in range(0, len(rows), 3)]  # each group's three rows, one micro-batch
+    inputs, shared_mask, old = sample.pack_shared(units, rows, rollouts, char_tokenizer.pad_token_id, "cpu")
     assert inputs["ids"].shape[0] == len(prompts)  # one sequence per group: each prompt once
     torch.testing.assert_close(shared_mask, resp_mask)
     shared = sample.shared_logprobs(model, inputs, 0.7) * shared_mask
@@ -201,21 +202,28 @@ def test_the_shared_prompt_pass_gives_each_rows_log_probs_and_gradients(char_tok
 
 
 @given(lengths=st.lists(st.integers(1, 40), min_size=1, max_size=12), prompt=st.integers(1, 30),
-       group=st.integers(1, 4), max_tokens=st.integers(1, 120))
-def test_share_prompts_keeps_groups_together_and_every_row_once(lengths, prompt, group, max_tokens):
+       group=st.integers(1, 4), max_tokens=st.integers(1, 120), per_key=st.sampled_from([0.0, 50.0, math.inf]))
+def test_share_prompts_keeps_groups_together_and_every_row_once(lengths, prompt, group, max_tokens, per_key):
     prompts = [[j // group] * prompt for j in range(len(lengths))]  # groups of `group` rows share a prompt
-    micro = sample.share_prompts(prompts, lengths, max_tokens)
-    assert sorted(j for m in micro for j in m) == list(range(len(lengths)))
-    for m in micro:
-        sizes, j = [], 0
-        while j < len(m):  # the sequences pack_shared makes: consecutive rows with one prompt
-            k = j
-            while k < len(m) and prompts[m[k]] == prompts[m[j]]:
-                k += 1
-            sizes.append(prompt + sum(lengths[i] for i in m[j:k]))
-            j = k
-        assert len(sizes) == len({tuple(prompts[i]) for i in m}) or len(m) == 1  # a prompt once per micro-batch
-        assert len(sizes) * max(sizes) <= max_tokens or len(m) == 1  # within the budget, or a row alone
+    micro = sample.share_prompts(prompts, lengths, max_tokens, per_key)
+    assert sorted(j for units in micro for u in units for j in u) == list(range(len(lengths)))
+    for units in micro:
+        sizes = [prompt + sum(lengths[j] for j in u) for u in units]
+        assert all(len({tuple(prompts[j]) for j in u}) == 1 for u in units)  # a unit: one prompt
+        assert len(units) * max(sizes) <= max_tokens or sum(map(len, units)) == 1  # within budget, or a row alone
+        for u in units:  # each response joined its unit only where that costs less than a unit of its own
+            for k in range(1, len(u)):
+                width, r = prompt + sum(lengths[j] for j in u[:k]), lengths[u[k]]
+                assert 2 * width * r + r * r <= (prompt + r) ** 2 + per_key * prompt
+
+
+def test_share_prompts_shares_a_long_prompt_and_not_a_short_one_before_long_responses():
+    config = make_tiny_llama(make_char_tokenizer()).config  # hidden 64, kv 32, intermediate 128: 288 per key
+    assert sample.linear_per_key(config) == 64 + 32 + 1.5 * 128
+    long_prompt = sample.share_prompts([[1] * 200] * 4, [20] * 4, 4096, sample.linear_per_key(config))
+    assert [len(u) for units in long_prompt for u in units] == [4]  # 200 prompt tokens once, not four times
+    short_prompt = sample.share_prompts([[1] * 5] * 4, [500] * 4, 4096, sample.linear_per_key(config))
+    assert [len(u) for units in short_prompt for u in units] == [1, 1, 1, 1]  # 5 tokens saved, 500^2 pairs lost
 
 
 @pytest.mark.parametrize("call, message", [
