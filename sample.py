@@ -359,40 +359,37 @@ def pack_shared(units: list[list[int]], prompts: list[list[int]], rollouts: list
     sees the prompt and its own past, not the other responses), each response's positions continuing from
     the prompt's end.
 
-    Returns (inputs, response mask [n, R], old log-probs [n, R]) with one row per row of the units, in their
-    order, in pack's layout (every response ends at the last column). inputs: ids [u, T], positions [u, T], the additive mask
-    [u, 1, T, T] (0 seen, the dtype's min not; a padding column sees only itself), and for each response
-    token, the sequence and column of the hidden state that predicts it ([n, R] each) and the token itself.
+    Returns (inputs, response mask [n, R], old log-probs [n, R]), a row for each row of the units in their
+    order, in pack's layout (every response ends at the last column). inputs: ids [u, T], positions [u, T],
+    the additive mask [u, 1, T, T] (0: seen; a padding column sees only itself), and for each response token
+    the sequence and column of the hidden state that predicts it, and the token ([n, R] each).
     """
-    units = [(prompts[u[0]], u) for u in units]
-    n, width = sum(len(js) for _, js in units), max(len(p) + sum(rollouts[j].n_y for j in js) for p, js in units)
-    longest = max(rollouts[j].n_y for _, js in units for j in js)
-    ids = torch.full((len(units), width), pad_id, dtype=torch.long)
-    positions = torch.zeros((len(units), width), dtype=torch.long)
-    segment = torch.full((len(units), width), -1)  # -1 padding, 0 the prompt, k the k-th response
-    unit_of, column, targets = (torch.zeros((n, longest), dtype=torch.long) for _ in range(3))
-    resp_mask, old = torch.zeros((n, longest)), torch.zeros((n, longest))
-    row = 0
-    for u, (p, js) in enumerate(units):
-        col = width - len(p) - sum(rollouts[j].n_y for j in js)  # left padding
-        ids[u, col:col + len(p)], positions[u, col:col + len(p)], segment[u, col:col + len(p)] = torch.tensor(p), torch.arange(len(p)), 0
-        last_prompt, col = col + len(p) - 1, col + len(p)
-        for k, j in enumerate(js, 1):
-            r, m = rollouts[j].tokens, rollouts[j].n_y
-            ids[u, col:col + m], positions[u, col:col + m], segment[u, col:col + m] = torch.tensor(r), torch.arange(len(p), len(p) + m), k
-            unit_of[row, longest - m:] = u
-            column[row, longest - m:] = torch.tensor([last_prompt] + list(range(col, col + m - 1)))  # what predicts each token
-            targets[row, longest - m:], resp_mask[row, longest - m:] = torch.tensor(r), 1
-            old[row, longest - m:] = torch.tensor(rollouts[j].logprobs).nan_to_num(0.0)
-            col, row = col + m, row + 1
-    segment, columns = segment.to(device), torch.arange(width, device=device)
+    sequences, positions, segments, predictors = [], [], [], []  # per unit; per row: (unit, columns)
+    for u, rows in enumerate(units):
+        P = len(prompts[rows[0]])
+        tokens, position, segment = list(prompts[rows[0]]), list(range(P)), [0] * P  # segment 0: the prompt
+        for k, j in enumerate(rows, 1):  # the prompt's last token predicts a response's first, then its own
+            predictors.append((u, [P - 1] + list(range(len(tokens), len(tokens) + rollouts[j].n_y - 1))))
+            tokens, position = tokens + rollouts[j].tokens, position + list(range(P, P + rollouts[j].n_y))
+            segment += [k] * rollouts[j].n_y
+        sequences.append(tokens), positions.append(position), segments.append(segment)
+    width = max(map(len, sequences))
+    pads = [width - len(s) for s in sequences]
+    left = lambda rows, fill: torch.tensor([[fill] * n + r for n, r in zip(pads, rows)], device=device)
+    ids, positions, segment = left(sequences, pad_id), left(positions, 0), left(segments, -1)  # [u, T]; -1: padding
+    columns = torch.arange(width, device=device)
     q, k = segment[:, :, None], segment[:, None, :]  # [u, query, key]
-    seen = (columns[:, None] >= columns[None, :]) & (k != -1) & ((k == 0) | (k == q)) | (columns[:, None] == columns)
-    mask = torch.zeros((len(units), 1, width, width), dtype=dtype, device=device).masked_fill(~seen[:, None],
-                                                                                             torch.finfo(dtype).min)
-    inputs = dict(ids=ids.to(device), positions=positions.to(device), mask=mask, unit_of=unit_of.to(device),
-                  column=column.to(device), targets=targets.to(device))
-    return inputs, resp_mask.to(device), old.to(device)
+    seen = (columns[:, None] >= columns) & (k != -1) & ((k == 0) | (k == q)) | (columns[:, None] == columns)
+    mask = torch.zeros((len(units), 1, width, width), dtype=dtype, device=device)
+    mask = mask.masked_fill(~seen[:, None], torch.finfo(dtype).min)
+    responses = [rollouts[j] for rows in units for j in rows]
+    R = max(r.n_y for r in responses)
+    right = lambda rows, fill: torch.tensor([[fill] * (R - len(r)) + r for r in rows], device=device)
+    inputs = dict(ids=ids, positions=positions, mask=mask, unit_of=right([[u] * len(c) for u, c in predictors], 0),
+                  column=right([[c + pads[u] for c in cols] for u, cols in predictors], 0),
+                  targets=right([r.tokens for r in responses], 0))
+    old = right([torch.tensor(r.logprobs).nan_to_num(0.0).tolist() for r in responses], 0.0)
+    return inputs, right([[1.0] * r.n_y for r in responses], 0.0), old
 
 
 def shared_logprobs(model, inputs: dict, temperature: float = 1.0) -> torch.Tensor:
