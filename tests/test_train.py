@@ -255,7 +255,6 @@ def test_a_damaged_init_adapter_is_refused_before_loading(learnable_model_dir, t
 def test_non_finite_rewards_skip_the_update_then_stop_the_run(learnable_model_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(reward, "lcpo_reward", lambda *args, **kwargs: float("nan"))
     cfg = tiny_config(learnable_model_dir, steps=10, max_bad_steps=3)
-    before = {k: v.clone() for k, v in model_lib.load_model(str(learnable_model_dir), quantize=False)[0].state_dict().items()}
     with pytest.raises(RuntimeError, match="3 steps in a row had a non-finite loss or reward"):
         train.train(cfg, tmp_path / "run")
     metrics = read_metrics(tmp_path / "run")
