@@ -13,8 +13,9 @@ from (logits / temperature, after top-p), and why it stopped: these are GRPO's "
 equal to what `sequence_logprobs` computes by a fresh forward pass over prompt + response.
 
 Around the loop, what every training step does with rollouts: `generate_in_batches` (a step's rows,
-similar targets batched together), `micro_batches` and `pack` (rows for the loss pass, by token count),
-`rollout_metrics` and `examples` (what a step's rollouts did). S1 budget forcing is `budget_forcing`.
+similar targets batched together), `share_prompts`, `pack_shared` and `shared_logprobs` (the loss pass,
+each group's prompt computed once; `micro_batches` and `pack` for rows that stand alone, as the first
+stage's), `rollout_metrics` and `examples` (what a step's rollouts did). S1 budget forcing is `budget_forcing`.
 """
 
 import argparse
@@ -329,18 +330,17 @@ def share_prompts(prompts: list[list[int]], lengths: list[int], max_tokens: int,
     groups = {}
     for j in range(len(prompts)) if rows is None else rows:
         groups.setdefault(tuple(prompts[j]), []).append(j)
-    units = []
-    for prompt, rows in groups.items():
-        unit, size, P = [], len(prompt), len(prompt)
-        for j in rows:
+    units, sizes = [], []  # sizes: a unit's width, its prompt and its responses
+    for prompt, members in groups.items():
+        P = len(prompt)
+        for k, j in enumerate(members):
             R = lengths[j]
-            if unit and (size + R > max_tokens or 2 * size * R + R * R > (P + R) ** 2 + linear_per_key * P):
-                units.append(unit)
-                unit, size = [], P
-            unit.append(j)
-            size += R
-        units.append(unit)
-    sizes = [len(prompts[u[0]]) + sum(lengths[j] for j in u) for u in units]
+            if k == 0 or sizes[-1] + R > max_tokens or \
+                    2 * sizes[-1] * R + R * R > (P + R) ** 2 + linear_per_key * P:  # a new unit
+                units.append([])
+                sizes.append(P)
+            units[-1].append(j)
+            sizes[-1] += R
     return [[units[i] for i in idx] for idx in micro_batches(sizes, max_tokens)]
 
 
@@ -388,7 +388,7 @@ def pack_shared(units: list[list[int]], prompts: list[list[int]], rollouts: list
     inputs = dict(ids=ids, positions=positions, mask=mask, unit_of=right([[u] * len(c) for u, c in predictors], 0),
                   column=right([[c + pads[u] for c in cols] for u, cols in predictors], 0),
                   targets=right([r.tokens for r in responses], 0))
-    old = right([torch.tensor(r.logprobs).nan_to_num(0.0).tolist() for r in responses], 0.0)
+    old = right([[0.0 if math.isnan(lp) else lp for lp in r.logprobs] for r in responses], 0.0)
     return inputs, right([[1.0] * r.n_y for r in responses], 0.0), old
 
 
