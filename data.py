@@ -18,6 +18,8 @@ which goes to the model as one user turn through its chat template (encode_promp
 """
 
 import argparse
+import json
+import math
 import random
 import sys
 import zlib
@@ -211,8 +213,8 @@ def builtin_problems(split: str, n: int | None = None, seed: int = 0) -> list[Pr
 
 # Known eval sets: where they live and which of their columns are our problem and answer.
 # `choices` is a column holding the option list, or a tuple of columns with the correct option first
-# (GPQA), which are shuffled into A-D with a seeded generator. A list answer means its first item;
-# an integer answer of a multiple-choice set is an option index.
+# (GPQA), which are shuffled into A-D with a seeded generator. A list of one answer means that answer
+# (OlympiadBench); an integer answer of a multiple-choice set is an option index.
 KNOWN_SETS = {
     "math500": dict(path="HuggingFaceH4/MATH-500", split="test", problem="problem", answer="answer"),
     "aime2024": dict(path="HuggingFaceH4/aime_2024", split="train", problem="problem", answer="answer"),
@@ -258,8 +260,62 @@ def hub_reachable(timeout: float = 3.0) -> bool:
 _HUB_REACHABLE = None
 
 
+def read_json_rows(path: Path) -> tuple[list[dict], int, str | None]:
+    """The rows of a local .json or .jsonl file, read with Python's own JSON parser, so an integer answer stays
+    exact (a table library would make a column of ints and floats all floats: 12345678901234567 -> ...568).
+
+    A .json file may hold a list of row objects, columns (an object of equal-length lists) or JSON lines.
+    Returns (rows, lines skipped, the first skipped line's reason): a line that is not a JSON object is
+    skipped and counted; a file with no usable line, or not UTF-8, is a DataError naming the file and line.
+    """
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise DataError(f"dataset file {path} is not UTF-8 text (line {line}: byte {raw[e.start]:#04x}): "
+                        f"save it as UTF-8") from None
+    if path.suffix == ".json":
+        try:
+            whole = json.loads(text)
+        except ValueError:
+            whole = None  # JSON lines in a .json file, or broken JSON: read it line by line below
+        if isinstance(whole, list):
+            bad = [i for i, row in enumerate(whole) if not isinstance(row, dict)]
+            if len(bad) == len(whole):
+                raise DataError(f"dataset file {path} is a JSON list of {type(whole[0]).__name__ if whole else 'nothing'}"
+                                f", not of row objects ({{\"problem\": ..., \"answer\": ...}})")
+            return [row for row in whole if isinstance(row, dict)], len(bad), bad and f"item {bad[0]} is not an object"
+        if isinstance(whole, dict):
+            lengths = {len(v) if isinstance(v, list) else -1 for v in whole.values()}
+            if len(lengths) != 1 or -1 in lengths:
+                raise DataError(f"dataset file {path} is one JSON object, not a list of rows nor columns of equal "
+                                f"length: give a list of {{\"problem\": ..., \"answer\": ...}} objects or JSON lines")
+            return [dict(zip(whole, values)) for values in zip(*whole.values())], 0, None
+    rows, skipped, first_bad = [], 0, None
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            reason = None if isinstance(row, dict) else f"a JSON {type(row).__name__}, not an object"
+        except ValueError as e:
+            reason = f"not JSON: {e}"
+        if reason is None:
+            rows.append(row)
+        else:
+            skipped += 1
+            first_bad = first_bad or f"line {number} is {reason}"
+    if not rows:
+        hint = " (it looks like CSV: convert it to JSON lines)" if "," in text.splitlines()[0] and \
+            not text.lstrip().startswith(("{", "[")) else ""
+        raise DataError(f"dataset file {path} has no JSON object lines ({first_bad}){hint}")
+    return rows, skipped, first_bad
+
+
 def _load_table(source: str, split: str, config):
-    """A `datasets.Dataset` from a local file or the hub; every failure becomes one DataError line."""
+    """The rows of a local file or a hub set: a list of dicts (a local .json/.jsonl) or a `datasets.Dataset`,
+    its column names, and a note on the lines skipped; every failure becomes one DataError line."""
     import datasets
 
     path = Path(source).expanduser()
@@ -274,19 +330,25 @@ def _load_table(source: str, split: str, config):
                 raise DataError(f"dataset file {source} is not .json, .jsonl or .parquet")
             if path.stat().st_size == 0:
                 raise DataError(f"dataset file {source} is empty")
+            if path.suffix in (".json", ".jsonl"):
+                rows, skipped, first_bad = read_json_rows(path)
+                columns = list(dict.fromkeys(k for row in rows for k in row))
+                return rows, columns, skipped and f"{skipped} lines that are not JSON objects (first: {first_bad})"
             # a local file loads in a blink: no progress bars, and errors come once, as our DataError
             datasets.disable_progress_bars()
             verbosity = datasets.logging.get_verbosity()
             datasets.logging.set_verbosity(datasets.logging.CRITICAL)
             try:
-                return datasets.load_dataset(LOCAL_FORMATS[path.suffix], data_files=str(path), split="train")
+                table = datasets.load_dataset("parquet", data_files=str(path), split="train")
             finally:
                 datasets.enable_progress_bars()
                 datasets.logging.set_verbosity(verbosity)
+            return table, table.column_names, None
         configs = config if isinstance(config, tuple) else (config,)
         online = hub_reachable()
         parts = [datasets.load_dataset(source, c, split=split) for c in configs]
-        return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+        table = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+        return table, table.column_names, None
     except DataError:
         raise
     except Exception as e:  # datasets raises many types (connection, missing split, bad json): one message
@@ -298,14 +360,24 @@ def _load_table(source: str, split: str, config):
         raise DataError(f"cannot load dataset {where} ({detail}){hint}") from None
 
 
-def _gold_text(value, multiple_choice: bool) -> str:
+def _gold_text(value, multiple_choice: bool) -> tuple[str, str | None]:
+    """(the gold answer as text, None), or ("", why the value cannot be an answer). Kept exactly: an int is
+    its digits, 142.0 is "142" (AMC stores integers as floats); a list of one answer is that answer."""
     if isinstance(value, (list, tuple)):
-        value = value[0] if value else ""
-    if multiple_choice and isinstance(value, int) and not isinstance(value, bool):
-        return chr(ord("A") + value)
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))  # AMC stores 142 as 142.0
-    return "" if value is None else str(value).strip()
+        if len(value) > 1:
+            return "", "a list of several answers"
+        value = value[0] if value else None
+    if isinstance(value, bool) or isinstance(value, dict):
+        return "", "a true/false answer" if isinstance(value, bool) else "an object as answer"
+    if multiple_choice and isinstance(value, int):
+        return (chr(ord("A") + value), None) if 0 <= value < 26 else ("", "an option number out of range")
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return "", "a non-finite number as answer"
+        return str(int(value)) if value.is_integer() else repr(value), None
+    if value is not None and not isinstance(value, (str, int)):
+        return "", f"an answer of type {type(value).__name__}"
+    return ("" if value is None else str(value).strip()), None
 
 
 def format_choices(question: str, choices) -> str:
@@ -325,13 +397,18 @@ def load_problems(
 ) -> list[Problem]:
     """Problems from the built-in set, a known eval set, a hub id or a local .json/.jsonl/.parquet file.
 
-    Rows whose problem or answer is missing or empty are skipped and counted (one line on stderr).
-    A missing file, an unknown column or nothing left to use raises DataError.
+    Rows whose problem or answer is missing, empty or not a single value (a list of several, an object,
+    true/false) are skipped and counted by reason (one line on stderr). A missing file, an unknown
+    column or nothing left to use raises DataError.
     """
     if source == "builtin":
         return builtin_problems(split or "train", limit, seed)
     spec = KNOWN_SETS.get(source.lower(), {})
-    table = _load_table(spec.get("path", source), split or spec.get("split", "train"), spec.get("config", config))
+    for flag, column in (("--problem-column", problem_column), ("--answer-column", answer_column)):
+        if not spec and not (isinstance(column, str) and column.strip()):
+            raise DataError(f"{flag} must name a column of {source}, not {column!r}")
+    table, columns, note = _load_table(spec.get("path", source), split or spec.get("split", "train"),
+                                       spec.get("config", config))
     problem_column = spec.get("problem", problem_column)
     answer_column = spec.get("answer", answer_column)
     choices = spec.get("choices")
@@ -340,18 +417,20 @@ def load_problems(
     needed = [problem_column] + ([answer_column] if answer_column else [])
     needed += list(choices) if isinstance(choices, tuple) else [choices] if choices else []
     for column in needed:
-        if column not in table.column_names:
+        if column not in columns:
             raise DataError(
-                f"column {column!r} is not in {source} (its columns: {', '.join(table.column_names)}); "
+                f"column {column!r} is not in {source} (its columns: {', '.join(columns)}); "
                 "name the right one with --problem-column / --answer-column"
             )
     if len(table) == 0:
         raise DataError(f"dataset {source} has no rows")
 
     shuffle_rng = random.Random(seed)
-    problems, skipped = [], 0
+    problems, skipped = [], {}  # why a row was skipped -> how many
     for row in table:
-        question = row[problem_column]
+        question, why = row.get(problem_column), None
+        if question is not None and not isinstance(question, str):
+            why = f"a problem that is not text ({type(question).__name__})"
         question = question.strip() if isinstance(question, str) else ""
         if isinstance(choices, tuple):  # correct option first: shuffle it into a random letter
             options = [str(row[c] or "").strip() for c in choices]
@@ -360,19 +439,23 @@ def load_problems(
             gold = chr(ord("A") + order.index(0))
             question = format_choices(question, [options[i] for i in order]) if question else ""
         else:
-            gold = _gold_text(row[answer_column], multiple_choice)
+            gold, why = _gold_text(row.get(answer_column), multiple_choice) if why is None else ("", why)
             if choices and question:
                 question = format_choices(question, row[choices])
         if not question or not gold:
-            skipped += 1
+            why = why or "an empty problem or answer"
+            skipped[why] = skipped.get(why, 0) + 1
             continue
         problems.append(Problem(question, gold, multiple_choice))
         if limit is not None and len(problems) >= limit:
             break
+    if note:
+        print(f"data: skipped {note} in {source}", file=sys.stderr)
     if skipped:
-        print(f"data: skipped {skipped} of {len(table)} rows of {source} with an empty problem or answer", file=sys.stderr)
+        reasons = ", ".join(f"{n} with {why}" for why, n in skipped.items())
+        print(f"data: skipped {sum(skipped.values())} of {len(table)} rows of {source}: {reasons}", file=sys.stderr)
     if not problems:
-        raise DataError(f"dataset {source} has no usable rows (every problem or answer is empty)")
+        raise DataError(f"dataset {source} has no usable rows (every problem or answer is empty or unusable)")
     return problems
 
 

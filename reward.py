@@ -18,8 +18,10 @@ Python; the only pieces it hands on to sympy are the number literals it recognis
 eval/exec, and every judgement has a time limit.
 """
 
+import logging
 import re
 import threading
+import unicodedata
 from functools import lru_cache
 
 from math_verify import LatexExtractionConfig, parse, verify
@@ -30,6 +32,7 @@ DELTA_MAX = 0.5  # LCPO-Max: the budget term's value at n_y = n_gold
 JUDGE_TIMEOUT_S = 2  # per-answer limit on math-verify's parse and verify (SIGALRM: whole seconds, main thread)
 MAX_ANSWER_CHARS = 1000  # a longer "final answer" is degenerate output: incorrect, never parsed
 THINK_END = "</think>"
+logging.getLogger("math_verify").setLevel(logging.ERROR)  # its timeouts are judged incorrect here, not printed
 
 
 # -----------------------------------------------------------------------------
@@ -177,10 +180,20 @@ def extract_answer(response: str, thinks: bool = False, boxed_only: bool = True)
     return answer
 
 
+def ascii_digits(text: str) -> str:
+    """Every decimal digit as its ASCII digit: full-width (１２), Arabic-Indic (١٢) and the rest read as 12.
+    Nothing else changes (NFKC would also turn x² into x2).
+
+        >>> ascii_digits("\\boxed{１２}")
+        '\\boxed{12}'
+    """
+    return text if text.isascii() else re.sub(r"\d", lambda m: str(unicodedata.decimal(m[0])), text)
+
+
 def is_correct(response: str, gold: str, thinks: bool = False, boxed_only: bool = True) -> bool:
     r"""Is the final answer of the response equivalent to the gold answer?
 
-    Judged with math-verify, so 1/2 = \frac12 = 0.5, x=3 matches 3, 1,000 matches 1000,
+    Judged with math-verify, so 1/2 = \frac12 = 0.5, x=3 matches 3, 1,000 matches 1000, １２ matches 12,
     \text{(B)} matches B. A response without an answer, or a pathological answer that takes longer
     than JUDGE_TIMEOUT_S to parse or compare, is incorrect. `thinks` and `boxed_only`: see
     final_answer_text and extract_answer.
@@ -188,7 +201,7 @@ def is_correct(response: str, gold: str, thinks: bool = False, boxed_only: bool 
     answer = extract_answer(response, thinks, boxed_only)
     if answer is None or not answer.strip() or len(answer) > MAX_ANSWER_CHARS:
         return False
-    gold = str(gold)
+    answer, gold = ascii_digits(answer), ascii_digits(str(gold))
     if _same_text(answer, gold):
         return True
     return bool(verify(_parse_gold(gold), _parse_latex(answer), timeout_seconds=_time_limit()))

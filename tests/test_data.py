@@ -241,7 +241,7 @@ def test_load_errors_are_one_clear_line(tmp_path):
         ((str(_write(tmp_path / "bad.txt", ROWS)),), {}, "is not .json, .jsonl or .parquet"),
     ]
     (tmp_path / "broken.jsonl").write_text('{"problem": "a", "answer": \n')
-    cases.append(((str(tmp_path / "broken.jsonl"),), {}, "cannot load dataset file"))
+    cases.append(((str(tmp_path / "broken.jsonl"),), {}, "broken.jsonl has no JSON object lines \\(line 1 is not JSON"))
     empty = tmp_path / "empty.parquet"
     import datasets
 
@@ -255,6 +255,73 @@ def test_load_errors_are_one_clear_line(tmp_path):
         with pytest.raises(DataError, match=message) as info:
             load_problems(*args, **kwargs)
         assert "\n" not in str(info.value)
+
+
+def test_integer_answers_stay_exact_beside_floats_in_the_same_column(tmp_path, capsys):
+    # a table library reads a column of ints and floats as floats: 12345678901234567 would become ...568
+    rows = [{"problem": "big", "answer": 12345678901234567}, {"problem": "half", "answer": 0.5},
+            {"problem": "amc", "answer": 142.0}, {"problem": "neg", "answer": -3}]
+    for path in (_write(tmp_path / "mixed.jsonl", rows), _write(tmp_path / "mixed.json", rows)):
+        assert [p.answer for p in load_problems(str(path))] == ["12345678901234567", "0.5", "142", "-3"]
+    from reward import is_correct
+
+    assert is_correct("\\boxed{12345678901234567}", load_problems(str(tmp_path / "mixed.jsonl"))[0].answer)
+
+
+def test_answers_that_are_not_one_value_are_skipped_and_counted_by_reason(tmp_path, capsys):
+    rows = [{"problem": "ok", "answer": 4}, {"problem": "one", "answer": ["7"]},
+            {"problem": "several", "answer": [1, 2]}, {"problem": "dict", "answer": {"x": 1}},
+            {"problem": "bool", "answer": True}, {"problem": 12, "answer": "3"}, {"problem": "inf", "answer": 1e999}]
+    path = tmp_path / "odd.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows).replace("1e+999", "Infinity"))
+    assert load_problems(str(path)) == [Problem("ok", "4"), Problem("one", "7")]
+    err = capsys.readouterr().err
+    assert "skipped 5 of 7 rows" in err and "1 with a list of several answers" in err
+    for reason in ("an object as answer", "a true/false answer", "a problem that is not text (int)",
+                   "a non-finite number as answer"):
+        assert f"1 with {reason}" in err
+    assert err.count("\n") == 1  # one line
+
+
+def test_json_files_of_rows_columns_or_lines_all_load(tmp_path):
+    expected = [Problem("a", "1"), Problem("b", "2")]
+    (tmp_path / "rows.json").write_text('[{"problem": "a", "answer": 1}, {"problem": "b", "answer": 2}]')
+    (tmp_path / "columns.json").write_text('{"problem": ["a", "b"], "answer": [1, 2]}')
+    (tmp_path / "lines.json").write_text('{"problem": "a", "answer": 1}\n{"problem": "b", "answer": 2}\n')
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + (tmp_path / "lines.json").read_bytes())
+    for name in ("rows.json", "columns.json", "lines.json", "bom.jsonl"):
+        assert load_problems(str(tmp_path / name)) == expected, name
+
+
+def test_a_line_that_is_not_a_json_object_is_skipped_and_named(tmp_path, capsys):
+    path = tmp_path / "some.jsonl"
+    path.write_text('{"problem": "a", "answer": 1}\n[1, 2]\nnot json\n\n{"problem": "b", "answer": 2}\n')
+    assert len(load_problems(str(path))) == 2
+    err = capsys.readouterr().err
+    assert "skipped 2 lines that are not JSON objects (first: line 2 is a JSON list, not an object)" in err
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("latin1.jsonl", '{"problem": "caf\u00e9", "answer": 1}\n'.encode("latin-1"),
+     r"latin1.jsonl is not UTF-8 text \(line 1: byte 0xe9\): save it as UTF-8"),
+    ("table.jsonl", b"problem,answer\n1+1?,2\n", r"table.jsonl has no JSON object lines \(line 1 is not JSON.*looks like CSV"),
+    ("numbers.json", b"[1, 2, 3]", r"numbers.json is a JSON list of int, not of row objects"),
+    ("ragged.json", b'{"problem": ["a", "b"], "answer": [1]}', r"ragged.json is one JSON object, not a list of rows"),
+    ("scalar.json", b'{"problem": "a", "answer": 1}', r"scalar.json is one JSON object"),
+])
+def test_a_data_file_in_another_format_is_one_line_naming_the_file(tmp_path, name, content, message):
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(DataError, match=message) as info:
+        load_problems(str(tmp_path / name))
+    assert "\n" not in str(info.value)
+
+
+def test_an_empty_column_name_is_refused(tmp_path):
+    path = _write(tmp_path / "set.jsonl", ROWS)
+    with pytest.raises(DataError, match="--answer-column must name a column of .*set.jsonl, not ''"):
+        load_problems(str(path), problem_column="question", answer_column="")
+    with pytest.raises(DataError, match="--problem-column must name a column"):
+        load_problems(str(path), problem_column=" ", answer_column="solution")
 
 
 # -----------------------------------------------------------------------------

@@ -326,16 +326,31 @@ def test_boxed_only_is_the_default():
     assert not is_correct("the answer is 7. Check: 7 - 4 = 3", "7", boxed_only=False)  # last number decides
 
 
-def test_judging_off_the_main_thread_works_without_the_alarm():
+def test_judging_off_the_main_thread_works_without_the_alarm(monkeypatch, capsys):
     # engines (verl's reward workers) may judge in a worker thread, where SIGALRM cannot be set
     import threading
 
+    import math_verify.grader
+    import math_verify.parser
+
+    for module in (math_verify.parser, math_verify.grader):  # it warns once per process that it has no alarm
+        monkeypatch.setattr(module, "TIMEOUT_WARNING_SHOWN", False)
     out = []
     worker = threading.Thread(target=lambda: out.append((reward.is_correct(r"so \boxed{\dfrac{1}{2}}", "0.5"),
                                                          reward.is_correct(r"\boxed{3}", "4"))))
     worker.start()
     worker.join()
     assert out == [(True, False)]
+    assert capsys.readouterr().err == ""  # a judge says nothing: an answer past its time limit is incorrect
+
+
+@pytest.mark.parametrize("response, gold", [
+    (r"\boxed{１２}", "12"), (r"\boxed{١٢}", "12"), (r"\boxed{12}", "１２"), ("so it is १२.", "12"),
+    (r"\boxed{-３.５}", "-3.5"),
+])
+def test_digits_of_any_script_are_digits(response, gold):
+    assert is_correct(response, gold, boxed_only=False)
+    assert not is_correct(response, "13", boxed_only=False)
 
 
 def test_judge_picks_the_judge_the_problem_calls_for():
