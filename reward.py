@@ -184,8 +184,8 @@ def ascii_digits(text: str) -> str:
     """Every decimal digit as its ASCII digit: full-width (１２), Arabic-Indic (١٢) and the rest read as 12.
     Nothing else changes (NFKC would also turn x² into x2).
 
-        >>> ascii_digits("\\boxed{１２}")
-        '\\boxed{12}'
+        >>> ascii_digits("x = １２, y = ٣")
+        'x = 12, y = 3'
     """
     return text if text.isascii() else re.sub(r"\d", lambda m: str(unicodedata.decimal(m[0])), text)
 
