@@ -17,6 +17,7 @@ second.
 import contextlib
 import importlib.util
 import json
+import logging
 import math
 import os
 import shutil
@@ -36,6 +37,9 @@ EMBEDDED_NAME = "SmolLM2-135M-Instruct (embedded)"
 DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lcpo" / "SmolLM2-135M-Instruct"
 LORA_TARGETS = "all-linear"  # every linear projection of every block (peft's name for it), lm_head excluded
 ADAPTER_BASE_FILE = "lcpo_base.json"  # which base an adapter was trained on, as the user named it
+# on CPUs with AVX512-BF16, bitsandbytes looks for an optional kernel package at import and warns that it is
+# missing; load_model turns that CPU path off anyway (support_avx512bf16_for_cpu), so the warning says nothing
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
 class ModelError(RuntimeError):
@@ -119,6 +123,12 @@ def embedded_model_dir(cache_dir: Path = DEFAULT_CACHE) -> Path:
     package_dir = next(iter(spec.submodule_search_locations))
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    try:
+        cache_dir.parent.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=cache_dir.parent).close()
+    except OSError as e:
+        raise ModelError(f"cannot write the embedded model's converted copy to {cache_dir} ({e.strerror or e}): "
+                         f"set XDG_CACHE_HOME to a writable directory") from None
     print(f"converting the embedded {EMBEDDED_GGUF} to {cache_dir} (once)")
     model = AutoModelForCausalLM.from_pretrained(package_dir, gguf_file=EMBEDDED_GGUF, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(package_dir, gguf_file=EMBEDDED_GGUF)
@@ -126,9 +136,12 @@ def embedded_model_dir(cache_dir: Path = DEFAULT_CACHE) -> Path:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    with atomic_dir(cache_dir) as staging:
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
+    try:
+        with atomic_dir(cache_dir) as staging:
+            model.save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
+    except OSError as e:  # a full disk
+        raise ModelError(f"cannot write the embedded model's converted copy to {cache_dir} ({e.strerror or e})") from None
     return cache_dir
 
 
@@ -254,7 +267,21 @@ def load_model(
     with warnings.catch_warnings():  # peft asks transformers a question it has renamed: not ours to fix
         warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
         if adapter is not None:
-            model = PeftModel.from_pretrained(model, adapter, is_trainable=trainable)
+            targets = json.loads((Path(adapter) / "adapter_config.json").read_text()).get("target_modules")
+            names = [n for n, _ in model.named_modules()]
+            lacking = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)] \
+                if isinstance(targets, list) else []
+            if lacking:
+                raise ModelError(f"adapter {adapter} adapts modules {name or 'the model'} does not have "
+                                 f"({', '.join(map(str, lacking))}): it was made for another model")
+            try:
+                model = PeftModel.from_pretrained(model, adapter, is_trainable=trainable)
+            except RuntimeError as e:  # a weight of another shape: peft lists every one of them
+                mismatch = next((line.strip() for line in str(e).splitlines() if "size mismatch" in line), None)
+                if mismatch is None:
+                    raise
+                raise ModelError(f"adapter {adapter}'s weights do not fit {name or 'the model'} ({mismatch[:200]}"
+                                 f"): it was made for another model") from None
         else:
             config = LoraConfig(r=lora_rank, lora_alpha=lora_alpha,
                                 target_modules=lora_targets, task_type="CAUSAL_LM")
@@ -417,12 +444,31 @@ def check_adapter(path: Path) -> None:
     if not weights.is_file():
         raise ModelError(f"{path} has no adapter_model.safetensors: the adapter was not saved completely")
     try:
-        json.loads((path / "adapter_config.json").read_text())
-        with safe_open(str(weights), "pt"):
-            pass
+        config = json.loads((path / "adapter_config.json").read_text())
+        with safe_open(str(weights), "pt") as f:
+            ranks = {f.get_slice(k).get_shape()[0] for k in f.keys() if k.endswith("lora_A.weight")}
     except Exception as e:  # SafetensorError, JSONDecodeError, OSError: one line says which file
         detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelError(f"adapter {path} is damaged ({detail}): use another checkpoint or save it again") from None
+    r, alpha, targets = config.get("r"), config.get("lora_alpha"), config.get("target_modules")
+    problem = None
+    if type(r) is not int or r < 1:
+        problem = f"its r is {r!r}, not a positive integer"
+    elif type(alpha) not in (int, float):
+        problem = f"its lora_alpha is {alpha!r}, not a number"
+    elif not (isinstance(targets, str) or isinstance(targets, list) and all(isinstance(t, str) for t in targets)):
+        problem = f"its target_modules is {targets!r}, not module names"
+    elif not config.get("rank_pattern") and ranks - {r}:
+        problem = f"it says r = {r} but its weights have rank {', '.join(map(str, sorted(ranks - {r})))}"
+    if problem:
+        raise ModelError(f"adapter {path}/adapter_config.json does not describe its weights ({problem}): fix it "
+                         f"or save the adapter again")
+
+
+def adapter_lora(adapter: str | Path) -> tuple[int, float]:
+    """The LoRA rank and alpha of a saved adapter (or a run's newest one)."""
+    config = json.loads((find_adapter(adapter) / "adapter_config.json").read_text())
+    return config["r"], config["lora_alpha"]
 
 
 def adapter_base(adapter: str | Path) -> str:

@@ -8,14 +8,20 @@ from the preset and the flags that change what is trained, so the same command a
 """
 
 import argparse
+import contextlib
 import dataclasses
+import errno
+import fcntl
+import hashlib
 import inspect
 import json
 import math
+import os
 import re
 import shutil
 import signal
 import sys
+import tempfile
 import typing
 import zlib
 from pathlib import Path
@@ -24,7 +30,6 @@ import torch
 
 import data
 import model as model_lib
-import sample
 
 RESUMABLE = ("steps", "save_every", "keep_checkpoints", "sample_every", "max_bad_steps", "micro_batch_tokens",
              "rollout_batch", "rollout_copy", "gradient_checkpointing", "out_dir", "run_name")  # a resumed run may change
@@ -48,6 +53,11 @@ def check_config(cfg) -> None:
         problems.append(f"--alpha must be >= 0, got {cfg.alpha}")
     if not 0 <= cfg.delta <= 1:
         problems.append(f"--delta must be in [0, 1], got {cfg.delta}")
+    if cfg.temperature <= 0:
+        problems.append(f"--temperature must be > 0 to train, got {cfg.temperature}: at 0 the G responses to a "
+                        f"prompt are the same and their advantages all 0, so nothing is learnt")
+    if not 0 <= cfg.seed < 2**32:
+        problems.append(f"--seed must be in [0, 2**32), got {cfg.seed}")
     if cfg.group_size < 2:
         problems.append(f"--group-size must be >= 2 (advantages compare responses to the same prompt), got {cfg.group_size}")
     if cfg.targets_per_problem >= 1 and cfg.prompts_per_step % cfg.targets_per_problem:
@@ -71,11 +81,35 @@ def check_config(cfg) -> None:
             problems.append(f"--init-adapter: {e}")
     try:
         data.check_target_range(cfg.n_min, cfg.n_max)
-        sample.check_sampling_args(cfg.max_new_tokens, cfg.temperature, 1.0)
     except ValueError as e:
         problems.append(str(e))
     if problems:
         raise ValueError("; ".join(problems))
+
+
+def check_writable(path: Path, flag: str) -> None:
+    """Refuse, before any work, a place a run or a result cannot be written: the directory itself if it
+    exists, else the nearest parent that does (a read-only disk, no permission, a file in the way)."""
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    try:
+        if not existing.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, "a file is in the way", str(existing))
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        raise ValueError(f"{flag}: cannot write to {existing} ({e.strerror or e}): choose a writable place") from None
+
+
+def check_adapter_settings(cfg, given: dict) -> None:
+    """An adapter to start from brings its own LoRA rank and alpha: a flag asking for others is refused, and
+    the config records the adapter's (not the defaults, which would not be what is trained)."""
+    rank, alpha = model_lib.adapter_lora(cfg.init_adapter)
+    asked = {k: v for k, v in (("lora_rank", rank), ("lora_alpha", alpha)) if k in given and given[k] != v}
+    if asked:
+        raise ValueError(f"--init-adapter {cfg.init_adapter} has rank {rank} and alpha {alpha}: drop "
+                         f"{', '.join('--' + k.replace('_', '-') for k in asked)} (they shape a new adapter), or "
+                         f"start a new one with --init-adapter none")
+    cfg.lora_rank, cfg.lora_alpha = rank, alpha
 
 
 # -----------------------------------------------------------------------------
@@ -111,6 +145,7 @@ def parse_args(argv, config_class, presets: dict, description: str, first_stage:
                              f"--run-name (and --init-adapter {run_dir} to start from its weights)")
         cfg = config_class(**{**saved, **given})
         check_config(cfg)
+        check_writable(run_dir, "--resume")
         return cfg, run_dir, True
     if args.preset not in presets:
         raise ValueError(f"unknown preset {args.preset!r}: use one of {', '.join(presets)}")
@@ -120,10 +155,13 @@ def parse_args(argv, config_class, presets: dict, description: str, first_stage:
     elif cfg.init_adapter is None and cfg.model is None:  # the recipe: LCPO from the stop that reads N
         cfg.init_adapter = str(first_stage)
     check_config(cfg)
+    if cfg.init_adapter is not None:
+        check_adapter_settings(cfg, given)
     cfg.run_name = cfg.run_name or run_name(args.preset, given)
     run_dir = Path(cfg.out_dir) / cfg.run_name
+    check_writable(run_dir, "--out-dir")
     if not (run_dir / "config.json").exists():
-        if run_dir.exists() and any(run_dir.iterdir()):
+        if run_dir.exists() and any(p.name != LOCK for p in run_dir.iterdir()):
             raise ValueError(f"{run_dir} exists and is not a run (no config.json): pass another --run-name")
         return cfg, run_dir, False
     saved = saved_config(run_dir, config_class)
@@ -174,11 +212,69 @@ def saved_config(run_dir: Path, config_class) -> dict:
 # -----------------------------------------------------------------------------
 # checkpoints and logs
 
+LOCK = ".lock"  # in a run directory while a process trains it
 
-def start(run_dir: Path, cfg, resume: bool) -> dict | None:
+
+@contextlib.contextmanager
+def exclusive(path: Path, what: str):
+    """Hold the lock file `path` while the block runs; another process asking for it meanwhile is refused at
+    once (ValueError naming the holder's pid). The lock is the kernel's (flock): a crash or a kill releases
+    it, so a file left behind by one never blocks the next run. The file is removed on the way out."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if os.fstat(f.fileno()).st_ino != os.stat(path).st_ino:  # its holder removed it as we opened it
+                raise BlockingIOError
+        except (BlockingIOError, FileNotFoundError):
+            f.seek(0)
+            pid = f.read().strip()
+            raise ValueError(f"{what} is in use by another process{f' (pid {pid})' if pid else ''}: wait for it to "
+                             f"finish or stop it") from None
+        f.seek(0)
+        f.truncate()
+        f.write(str(os.getpid()))
+        f.flush()
+        try:
+            yield
+        finally:
+            path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def open_run(run_dir: Path, cfg, resume: bool, problems: list):
+    """A run directory held by this process alone (a second train.py on it is refused) while the block
+    runs; yields start()'s state. A start that fails before any step leaves no new directory behind, so
+    the corrected command is not taken for another run."""
+    new = not (run_dir / "config.json").exists()
+    with exclusive(run_dir / LOCK, f"run {run_dir}"):
+        try:
+            yield start(run_dir, cfg, resume, problems)
+        except BaseException:
+            if new and not read_jsonl(run_dir / "metrics.jsonl") and not any(run_dir.glob("checkpoints/step-*")):
+                shutil.rmtree(run_dir, ignore_errors=True)
+            raise
+
+
+def problems_id(problems: list) -> dict:
+    """What a run trains on, in a checkpoint: the number of problems and a hash of their text and answers."""
+    text = json.dumps([[p.problem, p.answer, p.multiple_choice] for p in problems])
+    return {"problems": len(problems), "sha256": hashlib.sha256(text.encode()).hexdigest()[:16]}
+
+
+def check_same_problems(state: dict | None, problems: list, run_dir: Path, source: str) -> None:
+    """Refuse to resume a run on problems other than those its checkpoint trained on."""
+    saved, now = (state or {}).get("problems"), problems_id(problems)
+    if saved is not None and saved != now:
+        raise ValueError(f"the problems of --data {source} changed since {run_dir} was checkpointed "
+                         f"({saved['problems']} problems then, {now['problems']} now, or their text): restore them, "
+                         f"or start a new run with --run-name and --init-adapter {run_dir}")
+
+
+def start(run_dir: Path, cfg, resume: bool, problems: list) -> dict | None:
     """Open a run directory: the state of its newest readable checkpoint if it resumes (None: from step 0),
     its config written, and its logs cut back to the steps before that checkpoint (a resumed run redoes
-    the rest)."""
+    the rest). A checkpoint made on other problems is refused before anything is written."""
     run_dir.mkdir(parents=True, exist_ok=True)
     checkpoint, state = None, None
     if resume:
@@ -188,6 +284,7 @@ def start(run_dir: Path, cfg, resume: bool) -> dict | None:
         if checkpoint is None and any((run_dir / "checkpoints").glob("step-*")):
             raise ValueError(f"no checkpoint of {run_dir} can be read: delete {run_dir / 'checkpoints'} to start "
                              f"the run again")
+        check_same_problems(state, problems, run_dir, cfg.data)
     (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
     start_step = state["step"] if state else 0
     for log in ("metrics.jsonl", "samples.jsonl"):
@@ -197,16 +294,24 @@ def start(run_dir: Path, cfg, resume: bool) -> dict | None:
     return None if state is None else dict(state, adapter=checkpoint / "adapter")
 
 
-def save_checkpoint(run_dir: Path, step: int, model, optimizer, keep: int) -> None:
-    """adapter + optimizer + RNG + step, written atomically; the newest `keep` are kept."""
+def save_checkpoint(run_dir: Path, step: int, model, optimizer, keep: int, problems: dict | None = None) -> None:
+    """adapter + optimizer + RNG + step (+ problems_id), written atomically; the newest `keep` are kept.
+    A failed write (a full disk) leaves the checkpoints before it as they were and says so in one line."""
     if not all(torch.isfinite(p).all() for p in model.parameters() if p.requires_grad):
         raise RuntimeError(f"the adapter's weights are not finite at step {step}: not saved (the checkpoints in "
                            f"{run_dir} are the last good ones)")
     path = run_dir / "checkpoints" / f"step-{step:06d}"
-    with model_lib.atomic_dir(path) as staging:
-        model_lib.save_adapter(model, staging / "adapter")
-        torch.save({"optimizer": optimizer.state_dict(), "step": step, "torch_rng": torch.get_rng_state()},
-                   staging / "state.pt")
+    try:
+        with model_lib.atomic_dir(path) as staging:
+            model_lib.save_adapter(model, staging / "adapter")
+            torch.save({"optimizer": optimizer.state_dict(), "step": step, "torch_rng": torch.get_rng_state(),
+                        "problems": problems}, staging / "state.pt")
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+        last = sorted(run_dir.glob("checkpoints/step-*"))
+        detail = getattr(e, "strerror", None) or (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise RuntimeError(f"cannot save the checkpoint of step {step} in {run_dir} ({detail}): "
+                           + (f"{last[-1].name} is kept as it was" if last else "no checkpoint was saved before it")
+                           + "; free space, then the same command continues from there") from None
     for old in sorted((run_dir / "checkpoints").glob("step-*"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
 

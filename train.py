@@ -253,7 +253,14 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, on_step=None) -> Pat
 
     Ctrl-C or a kill finishes the step, saves a checkpoint and returns; a second Ctrl-C quits at once.
     """
-    state = runs.start(run_dir, cfg, resume)
+    # split None: the set's own (train for the built-in one, e.g. test for math500)
+    problems = data.load_problems(cfg.data, None, cfg.problem_column, cfg.answer_column, seed=cfg.seed)
+    with runs.open_run(run_dir, cfg, resume, problems) as state:  # this process's alone until it returns
+        return train_loop(cfg, run_dir, state, problems, on_step)
+
+
+def train_loop(cfg: Config, run_dir: Path, state: dict | None, problems: list, on_step=None) -> Path:
+    """The steps from `state` (a checkpoint's, or None: step 0) to cfg.steps, saving checkpoints on the way."""
     start = state["step"] if state else 0
     if start >= cfg.steps:
         print(f"{run_dir} has done its {start} steps: pass --steps with more to continue it")
@@ -262,8 +269,6 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, on_step=None) -> Pat
     model, tokenizer = model_lib.load_model(
         cfg.model, adapter=str(state["adapter"]) if state else cfg.init_adapter, quantize=cfg.quantize,
         lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha, gradient_checkpointing=cfg.gradient_checkpointing)
-    # split None: the set's own (train for the built-in one, e.g. test for math500)
-    problems = data.load_problems(cfg.data, None, cfg.problem_column, cfg.answer_column, seed=cfg.seed)
     thinks = "</think>" in tokenizer.get_vocab()  # R1-style models: an answer only counts after </think>
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
@@ -300,7 +305,8 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, on_step=None) -> Pat
                 if on_step is not None:
                     on_step(step, metrics)
                 if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps or stop.asked:
-                    runs.save_checkpoint(run_dir, step + 1, model, optimizer, cfg.keep_checkpoints)
+                    runs.save_checkpoint(run_dir, step + 1, model, optimizer, cfg.keep_checkpoints,
+                                         runs.problems_id(problems))
                 if stop.asked:
                     bar.write(f"stopped and saved at step {step + 1}; the same command continues the run")
                     break
@@ -331,6 +337,9 @@ def main(argv: list[str] | None = None) -> None:
         train(cfg, run_dir, resume)
     except (ValueError, model_lib.ModelError, RuntimeError) as e:
         sys.exit(f"error: {e}")
+    except OSError as e:  # a full disk or a permission taken away mid-run: the last checkpoint is intact
+        sys.exit(f"error: cannot write {e.filename or run_dir} ({e.strerror or e}): the run's last checkpoint is "
+                 f"kept; fix it, then the same command continues")
     except KeyboardInterrupt:  # a second Ctrl-C: the step in progress is lost, the last checkpoint is not
         sys.exit(130)
 

@@ -1,4 +1,5 @@
 import dataclasses
+import errno
 import itertools
 import json
 import math
@@ -195,12 +196,13 @@ def test_a_checkpoint_interrupted_while_written_never_replaces_the_good_one(lear
 
     def save_then_die(obj, path, *args, **kwargs):
         calls["n"] += 1
-        if calls["n"] == 2:  # the second checkpoint dies half-way
-            raise OSError("disk full")
+        if calls["n"] == 2:  # the second checkpoint dies half-way: the disk is full
+            raise OSError(errno.ENOSPC, "No space left on device")
         return real_save(obj, path, *args, **kwargs)
 
     monkeypatch.setattr(torch, "save", save_then_die)
-    with pytest.raises(OSError):
+    with pytest.raises(RuntimeError, match=r"^cannot save the checkpoint of step 4 in .*run \(No space left on device\): "
+                       r"step-000002 is kept as it was; free space, then the same command continues from there$"):
         train.train(cfg, tmp_path / "run")
     checkpoints = tmp_path / "run" / "checkpoints"
     assert [p.name for p in checkpoints.iterdir()] == ["step-000002"]  # no half-written step-000004
@@ -294,12 +296,21 @@ def test_init_adapter_starts_from_its_weights(learnable_model_dir, tmp_path):
     (["--delta", "inf"], "--delta must be a finite number"),
     (["--resume", "nowhere"], "nowhere is not a run directory"),
     (["--init-adapter", "nowhere"], "--init-adapter: nowhere is not a saved adapter"),
+    (["--temperature", "0"], "--temperature must be > 0 to train, got 0.0: at 0 the G responses to a prompt are the same"),
+    (["--seed", "-1"], "--seed must be in [0, 2**32), got -1"),
+    (["--seed", str(2**32)], "--seed must be in [0, 2**32), got 4294967296"),
+    (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1, got 0"),
+    (["--lora-rank", "8"], "stage1-adapter has rank 16 and alpha 32: drop --lora-rank (they shape a new adapter)"),
+    (["--out-dir", "{file}/runs"], "--out-dir: cannot write to {file} (a file is in the way)"),
 ])
 def test_bad_flags_are_refused_before_the_model_loads(argv, message, monkeypatch, tmp_path):
     monkeypatch.setattr(model_lib, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    (tmp_path / "file").write_text("")
+    argv = [a.format(file=tmp_path / "file") for a in argv]
     with pytest.raises(SystemExit) as info:
-        train.main(argv + ["--out-dir", str(tmp_path)])
-    assert str(info.value).startswith("error: ") and message in str(info.value)
+        train.main(argv + ([] if "--out-dir" in argv else ["--out-dir", str(tmp_path)]))
+    assert str(info.value).startswith("error: ") and message.format(file=tmp_path / "file") in str(info.value)
+    assert str(info.value).count("must") <= 1 and "\n" not in str(info.value)  # each problem said once
 
 
 def _write_run(run_dir, **settings):
