@@ -114,9 +114,15 @@ def evaluate(args, out: Path) -> dict:
         if previous.get("settings") != settings:
             raise ValueError(f"{out} holds an evaluation with other settings: pass another --out, or delete it")
         result["budgets"] = previous["budgets"]
+    kept = runs.read_jsonl(records_path)
+    for b in list(result["budgets"]):  # a finished budget whose responses are gone (a deleted file) is done again
+        if sum(r.get("budget") == b["budget"] for r in kept) != b["responses"]:
+            print(f"note: {records_path} lacks the responses of budget {b['budget']}: evaluating it again",
+                  file=sys.stderr)
+            result["budgets"].remove(b)
     done = {b["budget"] for b in result["budgets"]}
     budgets = [NO_BUDGET] if args.mode == "none" else args.budgets
-    kept = [r for r in runs.read_jsonl(records_path) if r.get("budget") in done]
+    kept = [r for r in kept if r.get("budget") in done]
     records_path.parent.mkdir(parents=True, exist_ok=True)
     records_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
     if all(b in done for b in budgets):
@@ -386,6 +392,8 @@ def parse_args(argv):
     if args.compare or args.curves:
         if args.plot and not args.plot.lower().endswith(".png"):
             raise ValueError(f"--plot writes a PNG: give a file name ending in .png, not {args.plot!r}")
+        if args.plot:
+            runs.check_writable(Path(args.plot).parent, "--plot")
         return args
     if args.plot:
         raise ValueError("--plot goes with --compare or --curves")
@@ -394,6 +402,8 @@ def parse_args(argv):
     for name in ("samples", "batch", "answer_tokens"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if not 0 <= args.seed < 2**32:
+        raise ValueError(f"--seed must be in [0, 2**32), got {args.seed}")
     if args.limit < 0:
         raise ValueError(f"--limit must be >= 0 (0: all problems), got {args.limit}")
     if args.stop_probe and (args.s1 or args.mode == "none"):
@@ -407,6 +417,9 @@ def parse_args(argv):
     if args.out is None:
         run = Path(args.adapter).resolve().name if args.adapter else "base"
         args.out = f"evals/{run}-{'stop-probe' if args.stop_probe else 's1' if args.s1 else args.mode}.json"
+    if Path(args.out).is_dir():
+        raise ValueError(f"--out {args.out} is a directory: give a file name ending in .json")
+    runs.check_writable(Path(args.out).parent, "--out")
     return args
 
 
@@ -420,10 +433,11 @@ def main(argv: list[str] | None = None) -> None:
             return
         out = Path(args.out)
         model_lib.set_threads()
-        if args.stop_probe:
-            result = run_stop_probe(args)
+        with runs.exclusive(out.with_suffix(".lock"), f"--out {out}"):  # one evaluation writes a result at a time
+            result = run_stop_probe(args) if args.stop_probe else evaluate(args, out)
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps(result, indent=1))
+        if args.stop_probe:
             print(f"log p(stop) after L tokens (columns) when N is asked (rows), mean of {result['responses']} texts:")
             print("| asked N | " + " | ".join(f"L = {L}" for L in result["budgets"]) + " |\n|---|"
                   + "---:|" * len(result["budgets"]))
@@ -434,9 +448,11 @@ def main(argv: list[str] | None = None) -> None:
                   + " / ".join(f"{m:.0f}" for m in result["median"]) + f" (asked {' / '.join(map(str, result['budgets']))})"
                   + ", p(length <= N) " + " / ".join(f"{w:.0%}" for w in result["within"]) + f"\nresults: {out}")
             return
-        result = evaluate(args, out)
     except (ValueError, model_lib.ModelError) as e:
         sys.exit(f"error: {e}")
+    except OSError as e:  # a full disk, a permission taken away: the finished budgets are kept
+        sys.exit(f"error: cannot write {e.filename or args.out} ({e.strerror or e}): the finished budgets are kept; "
+                 f"fix it, then the same command resumes")
     except KeyboardInterrupt:
         sys.exit(f"\ninterrupted: the finished budgets are in {args.out}; the same command resumes")
     print(table(result["budgets"]))

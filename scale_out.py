@@ -133,13 +133,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--boxed-only", action=argparse.BooleanOptionalAction, default=True,
                         help="verl: judge only \\boxed{} answers (the paper)")
     args = parser.parse_args(argv)
+    import model as model_lib
+    import runs
+
     try:
         data.check_target_range(args.n_min, args.n_max)
+        runs.check_writable(Path(args.out).parent, "--out")
+        if args.engine == "verl":  # its reward counts n_y with this tokenizer on every response: it must load
+            try:
+                _tokenizer(args.tokenizer)
+            except (OSError, model_lib.ModelError) as e:
+                raise ValueError(f"--tokenizer {args.tokenizer} cannot be loaded ({str(e).strip().splitlines()[0]}): "
+                                 f"name a local model directory, or a hub id in the local cache") from None
         problems = data.load_problems(args.data, args.split, args.problem_column, args.answer_column, args.config,
                                       seed=args.seed)
         n = export(problems, args.out, args.engine, args.n_min, args.n_max, args.mode, args.seed,
                    data_source=args.data, tokenizer=args.tokenizer, boxed_only=args.boxed_only)
-    except data.DataError as e:
+    except ValueError as e:
         sys.exit(f"error: {e}")
     print(f"wrote {n} {args.mode} prompts (N {args.n_min}-{args.n_max}) for {args.engine} to {args.out}")
 

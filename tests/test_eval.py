@@ -127,6 +127,10 @@ def test_compare_labels_runs_by_what_differs_and_draws_a_readable_figure(tmp_pat
     (["--temperature", "nan"], "temperature must be a finite number >= 0"),
     (["--max-new-tokens", "0"], "max_new_tokens must be positive"),
     (["--stop-probe", "r.jsonl", "--mode", "none"], "--stop-probe asks for each budget"),
+    (["--seed", "-1"], "--seed must be in [0, 2**32), got -1"),
+    (["--seed", str(2**40)], "--seed must be in [0, 2**32)"),
+    (["--out", "/dev/null/e.json"], "--out: cannot write to /dev/null (a file is in the way)"),
+    (["--compare", "a.json", "--plot", "/dev/null/c.png"], "--plot: cannot write to /dev/null (a file is in the way)"),
 ])
 def test_bad_flags_are_refused_in_one_line(argv, message):
     with pytest.raises(SystemExit) as e:
@@ -265,3 +269,39 @@ def test_stop_probe_from_an_evaluation_s_records(tiny_model_dir, tmp_path, capsy
     with pytest.raises(SystemExit, match="no response"):
         ev.main(["--model", str(tiny_model_dir), "--no-quantize", "--limit", "3", "--stop-probe", records,
                  "--budgets", "500", "--out", str(tmp_path / "q.json")])
+
+
+def test_one_evaluation_writes_a_result_at_a_time(tiny_model_dir, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "e.json"
+    holder = subprocess.Popen(  # another eval.py writing the same --out, as far as the lock can tell
+        [sys.executable, "-c", "import pathlib, sys, time, runs\nwith runs.exclusive(pathlib.Path(sys.argv[1]), 'x'):\n"
+         "    print('held', flush=True); time.sleep(120)", str(out.with_suffix(".lock"))],
+        stdout=subprocess.PIPE, text=True, cwd=Path(runs.__file__).parent)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(SystemExit, match=rf"^error: --out {out} is in use by another process \(pid {holder.pid}\)"):
+            ev.main(args_for(tiny_model_dir, out))
+        assert not out.exists() and not out.with_suffix(".records.jsonl").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    ev.main(args_for(tiny_model_dir, out))  # the lock of a process that died does not block
+    assert len(json.loads(out.read_text())["budgets"]) == 3 and not out.with_suffix(".lock").exists()
+
+
+def test_a_deleted_records_file_is_noticed_and_its_budgets_evaluated_again(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "e.json"
+    ev.main(args_for(tiny_model_dir, out))
+    records = out.with_suffix(".records.jsonl")
+    lines = records.read_text().splitlines()
+    records.write_text("".join(line + "\n" for line in lines if json.loads(line)["budget"] != 8))  # budget 8's lost
+    ev.main(args_for(tiny_model_dir, out))
+    assert "lacks the responses of budget 8: evaluating it again" in capsys.readouterr().err
+    assert sorted(records.read_text().splitlines()) == sorted(lines)  # the same seed: the same responses
+    records.unlink()
+    ev.main(args_for(tiny_model_dir, out))
+    assert len(records.read_text().splitlines()) == len(lines)

@@ -272,6 +272,50 @@ def test_a_damaged_adapter_is_one_clear_error_and_a_run_falls_back_to_its_previo
         model_lib.find_adapter(tmp_path / "run")
 
 
+@pytest.mark.parametrize("edit, message", [
+    (dict(r="4"), r"adapter_config.json does not describe its weights \(its r is '4', not a positive integer\)"),
+    (dict(r=8), r"does not describe its weights \(it says r = 8 but its weights have rank 4\)"),
+    (dict(lora_alpha="8"), r"its lora_alpha is '8', not a number"),
+    (dict(target_modules=[3]), r"its target_modules is \[3\], not module names"),
+    (dict(target_modules=["q_proj", "gate_up_proj"]), r"adapts modules .*tiny does not have \(gate_up_proj\): it was made "
+     r"for another model"),
+])
+def test_an_adapter_whose_config_does_not_fit_is_one_line(tiny_model_dir, tmp_path, edit, message):
+    model, _ = load_model(str(tiny_model_dir), quantize=False, lora_rank=4)
+    save_adapter(model, tmp_path / "adapter")
+    config_path = tmp_path / "adapter" / "adapter_config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), **edit}))
+    with pytest.raises(ModelError, match=message) as info:
+        load_model(adapter=str(tmp_path / "adapter"), quantize=False)
+    assert "\n" not in str(info.value)
+
+
+def test_an_adapter_of_another_model_s_shape_is_one_line(tmp_path, char_tokenizer):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    small, wide = tmp_path / "small", tmp_path / "wide"
+    make_tiny_llama(char_tokenizer).save_pretrained(small)
+    config = LlamaConfig(**{**make_tiny_llama(char_tokenizer).config.to_dict(), "hidden_size": 32, "intermediate_size": 64})
+    LlamaForCausalLM(config).save_pretrained(wide)
+    for path in (small, wide):
+        char_tokenizer.save_pretrained(path)
+    model, _ = load_model(str(wide), quantize=False)
+    save_adapter(model, tmp_path / "adapter")
+    (tmp_path / "adapter" / model_lib.ADAPTER_BASE_FILE).write_text(json.dumps({"base": str(small)}))  # it says so
+    with pytest.raises(ModelError, match=r"adapter .*'s weights do not fit .*small \(size mismatch for .*\): it was made "
+                       r"for another model") as info:
+        load_model(adapter=str(tmp_path / "adapter"), quantize=False)
+    assert "\n" not in str(info.value)
+
+
+def test_an_unwritable_cache_for_the_embedded_model_is_one_line(tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ModelError, match=r"cannot write the embedded model's converted copy to .*file/lcpo .*: set "
+                       r"XDG_CACHE_HOME to a writable directory") as info:
+        model_lib.embedded_model_dir(tmp_path / "file" / "lcpo")
+    assert "\n" not in str(info.value)
+
+
 def test_loading_says_nothing_about_the_libraries_own_deprecations(tiny_model_dir):
     import warnings
 
@@ -279,6 +323,17 @@ def test_loading_says_nothing_about_the_libraries_own_deprecations(tiny_model_di
         warnings.simplefilter("always")
         load_model(str(tiny_model_dir), gradient_checkpointing=True)
     assert not [w for w in seen if "is_gradient_checkpointing" in str(w.message)]
+
+
+def test_bitsandbytes_says_nothing_about_an_optional_kernel_package_at_import():
+    # on CPUs with AVX512-BF16 it warned "Failed to load CPU gemm_4bit_forward from kernels-community"
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    done = subprocess.run([sys.executable, "-c", "import model, bitsandbytes"], capture_output=True, text=True,
+                          cwd=Path(model_lib.__file__).parent)
+    assert done.returncode == 0 and "kernels" not in done.stderr, done.stderr
 
 
 def test_threads_follow_omp_num_threads_or_the_free_cores(monkeypatch):

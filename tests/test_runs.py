@@ -1,12 +1,18 @@
 """Run management (runs.py): logs, and the settings a run directory holds."""
 
 import dataclasses
+import errno
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
+import model as model_lib
 import runs
 import train
+from tests.conftest import read_metrics, tiny_config
 
 
 def test_a_line_cut_short_by_a_crash_is_dropped_from_a_log(tmp_path, capsys):
@@ -26,3 +32,93 @@ def test_a_run_from_before_a_setting_was_removed_resumes_only_if_it_left_it_off(
     (tmp_path / "marked" / "config.json").write_text(json.dumps({**saved, "budget_marker": 3}))
     with pytest.raises(ValueError, match=r"settings this train.py does not know \(budget_marker\)"):
         runs.saved_config(tmp_path / "marked", train.Config)
+
+
+# -----------------------------------------------------------------------------
+# one process per run, failed starts, changed data, unwritable places
+
+
+def test_a_run_is_trained_by_one_process_at_a_time_and_a_crash_frees_it(learnable_model_dir, tmp_path):
+    cfg, run = tiny_config(learnable_model_dir, steps=2), tmp_path / "run"
+    holder = subprocess.Popen(  # another train.py on the same run, as far as the lock can tell
+        [sys.executable, "-c", "import pathlib, sys, time, runs\nwith runs.exclusive(pathlib.Path(sys.argv[1]), 'run'):\n"
+         "    print('held', flush=True); time.sleep(120)", str(run / runs.LOCK)],
+        stdout=subprocess.PIPE, text=True, cwd=Path(runs.__file__).parent)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(ValueError, match=rf"^run {run} is in use by another process \(pid {holder.pid}\): wait for "
+                           r"it to finish or stop it$"):
+            train.train(cfg, run)
+        assert not (run / "metrics.jsonl").exists()
+    finally:
+        holder.kill()  # a crash: its lock file stays behind, its lock does not
+        holder.wait()
+    assert (run / runs.LOCK).exists()
+    train.train(cfg, run)
+    assert [m["step"] for m in read_metrics(run)] == [0, 1] and not (run / runs.LOCK).exists()
+
+
+def test_a_start_that_fails_leaves_nothing_in_the_way_of_the_corrected_command(learnable_model_dir, tmp_path,
+                                                                                monkeypatch):
+    argv = ["--model", str(learnable_model_dir), "--no-quantize", "--out-dir", str(tmp_path), "--run-name", "mine",
+            "--steps", "1", "--prompts-per-step", "2", "--max-new-tokens", "8"]
+    real_load = model_lib.load_model
+
+    def fails(*args, **kwargs):
+        raise model_lib.ModelError("cannot load it")
+
+    monkeypatch.setattr(model_lib, "load_model", fails)
+    with pytest.raises(SystemExit, match="cannot load it"):
+        train.main(argv + ["--group-size", "3"])
+    assert not (tmp_path / "mine").exists()
+    monkeypatch.setattr(model_lib, "load_model", real_load)
+    train.main(argv + ["--group-size", "4"])  # not "runs/mine holds a run with other settings"
+    assert [m["step"] for m in read_metrics(tmp_path / "mine")] == [0]
+
+
+def test_a_run_is_not_resumed_on_problems_that_changed(learnable_model_dir, tmp_path):
+    problems = tmp_path / "problems.jsonl"
+    problems.write_text("".join(json.dumps({"problem": f"{i}+1?", "answer": i + 1}) + "\n" for i in range(4)))
+    cfg, run = tiny_config(learnable_model_dir, steps=2, save_every=1, data=str(problems)), tmp_path / "run"
+    train.train(cfg, run)
+    original = problems.read_text()
+    problems.write_text(original.replace('"answer": 2', '"answer": 3'))  # one answer corrected
+    longer = dataclasses.replace(cfg, steps=3)
+    with pytest.raises(ValueError, match=r"^the problems of --data .*problems.jsonl changed since .*run was checkpointed "
+                       r"\(4 problems then, 4 now, or their text\): restore them"):
+        train.train(longer, run, resume=True)
+    assert [m["step"] for m in read_metrics(run)] == [0, 1]  # nothing lost
+    problems.write_text(original)
+    train.train(longer, run, resume=True)
+    assert [m["step"] for m in read_metrics(run)] == [0, 1, 2]
+
+
+def test_an_unwritable_out_dir_is_refused_before_the_model_loads(tmp_path, monkeypatch):
+    import tempfile
+
+    def denied(*args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(model_lib, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(tempfile, "TemporaryFile", denied)  # what a read-only directory answers
+    with pytest.raises(SystemExit, match=rf"^error: --out-dir: cannot write to {tmp_path} \(Permission denied\): choose "
+                       r"a writable place$"):
+        train.main(["--out-dir", str(tmp_path)])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_full_disk_mid_run_is_one_line_and_keeps_the_last_checkpoint(learnable_model_dir, tmp_path, monkeypatch):
+    argv = ["--model", str(learnable_model_dir), "--no-quantize", "--out-dir", str(tmp_path), "--run-name", "r",
+            "--steps", "3", "--save-every", "1", "--prompts-per-step", "2", "--group-size", "2", "--max-new-tokens", "8"]
+    real_append = runs.append_jsonl
+
+    def full(path, record):
+        if record.get("step") == 2:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        real_append(path, record)
+
+    monkeypatch.setattr(runs, "append_jsonl", full)
+    with pytest.raises(SystemExit, match=r"^error: cannot write .*metrics.jsonl \(No space left on device\): the run's "
+                       r"last checkpoint is kept; fix it, then the same command continues$"):
+        train.main(argv)
+    assert runs.latest_checkpoint(tmp_path / "r")[0].name == "step-000002"

@@ -152,7 +152,12 @@ def test_export_errors_and_cli(tmp_path, problems, capsys):
         scale_out.main(["verl"])  # --out is required: argparse says so
     with pytest.raises(SystemExit) as e:
         scale_out.main(["trl", "--split", "test", "--out", "/proc/nope/x.parquet"])
-    assert str(e.value).startswith("error: cannot write /proc/nope/x.parquet") and "\n" not in str(e.value)
+    assert str(e.value).startswith("error: --out: cannot write to /proc") and "\n" not in str(e.value)
+    with pytest.raises(SystemExit) as e:  # verl's reward counts tokens with it: checked before anything is written
+        scale_out.main(["verl", "--out", str(tmp_path / "t.parquet"), "--tokenizer", str(tmp_path / "none")])
+    assert str(e.value) == (f"error: --tokenizer {tmp_path / 'none'} cannot be loaded (model directory {tmp_path / 'none'} "
+                            f"does not exist): name a local model directory, or a hub id in the local cache")
+    assert not (tmp_path / "t.parquet").exists()
     scale_out.main(["verl", "--split", "test", "--out", str(tmp_path / "v.parquet"), "--n-min", "100",
                     "--n-max", "4000", "--mode", "max"])
     assert "wrote 200 max prompts (N 100-4000) for verl" in capsys.readouterr().out
