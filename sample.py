@@ -466,6 +466,8 @@ def main(argv: list[str] | None = None) -> None:
             raise ValueError(f"--budget must be >= 0, got {args.budget}")
         if args.s1 and args.budget == 0:
             raise ValueError("--s1 needs a --budget")
+        if not 0 <= args.seed < 2**32:
+            raise ValueError(f"--seed must be in [0, 2**32), got {args.seed}")
         max_new = args.max_new_tokens if args.max_new_tokens is not None else (2 * args.budget or 256)
         check_sampling_args(max_new, args.temperature, args.top_p)
         if args.prompt is None:  # the first built-in test problem, with its answer

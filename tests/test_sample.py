@@ -322,6 +322,7 @@ def test_cli_samples_from_the_dense_copy(tiny_model_dir, monkeypatch, capsys):
     (["--prompt", "x" * 100_000], "do not fit in the model's context of 512 tokens"),
     (["--max-new-tokens", "100000"], "do not fit in the model's context of 512 tokens"),
     (["--s1", "--budget", "100000"], "do not fit in the model's context of 512 tokens"),
+    (["--seed", str(2**64)], "--seed must be in [0, 2**32), got 18446744073709551616"),
 ])
 def test_cli_refuses_what_does_not_fit_the_context(tiny_model_dir, argv, message):
     with pytest.raises(SystemExit) as info:
