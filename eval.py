@@ -12,8 +12,10 @@ The paper's evaluation: accuracy and length against the budget in the prompt.
     python eval.py --stop-probe evals/base-exact.records.jsonl --adapter runs/exact --budgets 32 64 96 128
 
 For each budget: K samples per problem with "Think for N tokens." in the prompt, and per budget
-pass@1 (mean correctness over samples), mean n_y, mean signed and absolute relative length error
-(n_y - N) / N, the share over budget and the share cut by the token cap. Writes OUT.json (every
+pass@1 (mean correctness over samples), mean n_y, the paper's adherence numbers over e = (n_y - N) / N
+(the error of the mean length, mean e; the relative RMSE, sqrt(mean e^2); and mean |e|), the share over
+budget, the share cut by the token cap, and two signs of a length bought with filler: the share that
+writes N itself and the share that pads (repeats a line or sentence 3+ times). Writes OUT.json (every
 number and the exact settings) and OUT.records.jsonl (one line per response); an interrupted run
 started again with the same command skips the budgets already finished.
 
@@ -24,8 +26,10 @@ each N, and the length each N would get from it (stage1.stop_probe, stage1.lengt
 
 import argparse
 import json
+import math
 import re
 import sys
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -48,31 +52,47 @@ def writes_budget(text: str, budget: int, problem: str, answer: str) -> bool:
     return str(budget) in numbers(text) and str(budget) not in numbers(f"{problem} {answer}")
 
 
+def pads(text: str) -> bool:
+    r"""The response repeats a line or a sentence three or more times: length bought with filler (lines of "1",
+    the same sentence again and again) rather than with reasoning.
+
+        >>> pads("2 + 3 = 5.\n1\n1\n1"), pads("First 2 + 3 = 5. Then 5 + 4 = 9. So 9.")
+        (True, False)
+    """
+    parts = [p.strip() for p in re.split(r"\n|(?<=[.!?])\s+", text) if p.strip()]
+    return any(count >= 3 for count in Counter(parts).values())
+
+
 def summarise(records: list[dict], budget: int) -> dict:
-    """Per-budget numbers from response records (n_y, correct, cut). budget NO_BUDGET: no length errors."""
+    """Per-budget numbers from response records (n_y, correct, cut; text if any). budget NO_BUDGET: no length errors.
+
+    The paper's adherence numbers, with e = (n_y - N) / N: length_error = mean e = (E[n_y] - N) / N (the error of
+    the mean length), rel_rmse = sqrt(mean e^2) (the relative RMSE), abs_length_error = mean |e|."""
     n = len(records)
     out = dict(budget=budget, responses=n, accuracy=sum(r["correct"] for r in records) / n,
                mean_tokens=sum(r["n_y"] for r in records) / n, cut_by_cap=sum(r["cut"] for r in records) / n)
     if budget != NO_BUDGET:
         errors = [(r["n_y"] - budget) / budget for r in records]
         out.update(length_error=sum(errors) / n, abs_length_error=sum(map(abs, errors)) / n,
-                   over_budget=sum(r["n_y"] > budget for r in records) / n)
+                   rel_rmse=math.sqrt(sum(e * e for e in errors) / n), over_budget=sum(r["n_y"] > budget for r in records) / n)
         if all("writes_n" in r for r in records):
             out["writes_n"] = sum(r["writes_n"] for r in records) / n
+    if all("text" in r for r in records):
+        out["pads"] = sum(pads(r["text"]) for r in records) / n
     return out
 
 
 def table(rows: list[dict], label: str | None = None) -> str:
     """A Markdown table of per-budget summaries (a label column when comparing runs)."""
-    head = (["run"] if label else []) + ["budget", "pass@1", "mean tokens", "length error", "|length error|",
-                                         "over budget", "cut by cap", "writes N"]
+    head = (["run"] if label else []) + ["budget", "pass@1", "mean tokens", "(E[n_y] - N)/N", "rel. RMSE",
+                                         "mean |n_y - N|/N", "over budget", "cut by cap", "writes N", "pads"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         pct = lambda k: f"{100 * r[k]:.1f}%" if k in r else "-"
-        err = lambda k: f"{r[k]:+.3f}" if k in r else "-"
+        num = lambda k, f="{:.3f}": f.format(r[k]) if k in r else "-"
         cells = ([r[label]] if label else []) + [str(r["budget"] or "none"), pct("accuracy"), f"{r['mean_tokens']:.1f}",
-                                                 err("length_error"), f"{r['abs_length_error']:.3f}" if "abs_length_error"
-                                                 in r else "-", pct("over_budget"), pct("cut_by_cap"), pct("writes_n")]
+                                                 num("length_error", "{:+.3f}"), num("rel_rmse"), num("abs_length_error"),
+                                                 pct("over_budget"), pct("cut_by_cap"), pct("writes_n"), pct("pads")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -20,6 +20,9 @@ def test_summary_numbers_are_the_formulas():
     assert s["responses"] == 4 and s["accuracy"] == 0.5 and s["mean_tokens"] == 80
     assert s["length_error"] == pytest.approx((-0.5 + 0 + 0.5 - 0.8) / 4)
     assert s["abs_length_error"] == pytest.approx((0.5 + 0 + 0.5 + 0.8) / 4)
+    assert s["length_error"] == pytest.approx((80 - 100) / 100)  # the error of the mean length, for one N
+    assert s["rel_rmse"] == pytest.approx(((0.25 + 0 + 0.25 + 0.64) / 4) ** 0.5)
+    assert "pads" not in s  # no texts
     assert s["over_budget"] == 0.25 and s["cut_by_cap"] == 0.25
     none = ev.summarise(records, ev.NO_BUDGET)  # no length sentence: no target to miss
     assert "length_error" not in none and none["mean_tokens"] == 80
@@ -71,6 +74,18 @@ def test_s1_and_no_length_sentence(tiny_model_dir, tmp_path, monkeypatch):
     assert all(b["mean_tokens"] >= b["budget"] for b in s1["budgets"])  # it thinks the whole budget, then answers
     ev.main(args_for(tiny_model_dir, tmp_path / "none.json", "--mode", "none"))
     assert [b["budget"] for b in json.loads((tmp_path / "none.json").read_text())["budgets"]] == [ev.NO_BUDGET]
+
+
+@pytest.mark.parametrize("text, padded", [
+    ("3 + 4 = 7.\n1\n1\n1", True),  # lines of "1"
+    ("I add them. I add them. I add them. So 7.", True),  # one sentence again and again
+    ("First 3 + 4 = 7. Then 7 + 2 = 9. Then 9 + 1 = 10. So 10.", False),
+    ("1\n2\n3\n4", False), ("", False),
+])
+def test_pads_flags_a_line_or_sentence_repeated_three_times(text, padded):
+    assert ev.pads(text) is padded
+    records = [dict(rec(10, False), text=text), dict(rec(10, False), text="fine.")]
+    assert ev.summarise(records, 10)["pads"] == (0.5 if padded else 0.0)
 
 
 def test_writes_budget_catches_n_taken_for_a_quantity():
