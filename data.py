@@ -2,6 +2,7 @@
 Problems in, prompts out.
 
     python data.py                                  # preview the built-in set's prompts
+    python data.py --data builtin:sums              # another built-in family (FAMILIES)
     python data.py --data math500 --n 3             # a known eval set (needs the hub, or its cache)
     python data.py --data my_problems.jsonl --problem-column question --answer-column solution
 
@@ -141,7 +142,11 @@ def draw_batch(problems: list["Problem"], prompts: int, n_min: int, n_max: int, 
 
 
 # -----------------------------------------------------------------------------
-# the built-in offline set: short arithmetic word problems with exact integer answers
+# the built-in offline set: families of generated problems with exact integer answers
+#
+# `builtin` is the word problems (`builtin:words`); `builtin:sums` etc. pick another family. Each family
+# is a function from a random.Random to (problem text, answer) whose difficulty varies from draw to draw,
+# so that accuracy against the token budget can show whether more thinking pays on it.
 
 _NAMES = ["Ava", "Ben", "Cara", "Dan", "Eli", "Fay", "Gus", "Hana", "Ivan", "Jo", "Kim", "Leo", "Mia", "Noah", "Omar", "Pia"]
 _ITEMS = ["apples", "books", "coins", "marbles", "pencils", "stickers", "cards", "shells", "cookies", "stamps"]
@@ -184,24 +189,79 @@ def _word_problem(rng: random.Random) -> tuple[str, int]:
     return " ".join(sentences + [question]), x
 
 
+def _sums_problem(rng: random.Random) -> tuple[str, int]:
+    """The sum of 2 to 10 one-digit numbers: a running total, one addition per number."""
+    numbers = [rng.randint(1, 9) for _ in range(rng.randint(2, 10))]
+    return f"What is {' + '.join(map(str, numbers))}?", sum(numbers)
+
+
+def _steps_problem(rng: random.Random) -> tuple[str, int]:
+    """A word problem of 1 to 6 numbered steps (+, -, x2), the text saying how many there are."""
+    name, friend = rng.sample(_NAMES, 2)
+    item = rng.choice(_ITEMS)
+    x = rng.randint(2, 9)
+    n_steps = rng.randint(1, 6)
+    happen = "thing happens" if n_steps == 1 else "things happen, in order"
+    sentences = [f"{name} has {x} {item}.", f"Then {n_steps} {happen}."]
+    for i in range(1, n_steps + 1):
+        op = rng.choice(["add"] + (["sub"] if x >= 2 else []) + (["mul"] if x <= 20 else []))  # no 0, no huge counts
+        if op == "sub":
+            b = rng.randint(1, min(9, x - 1))
+            sentences.append(f"{i}. {name} gives {b} {item} to {friend}.")
+            x -= b
+        elif op == "mul":
+            sentences.append(f"{i}. {name} doubles the number of {item}.")
+            x *= 2
+        else:
+            b = rng.randint(1, 9)
+            sentences.append(f"{i}. {friend} gives {name} {b} more {item}.")
+            x += b
+    return " ".join(sentences + [f"How many {item} does {name} have at the end?"]), x
+
+
+def _digits_problem(rng: random.Random) -> tuple[str, int]:
+    """The sum of two numbers of 2 to 6 digits each: column by column, with carries."""
+    a, b = (rng.randint(10 ** (d - 1), 10 ** d - 1) for d in (rng.randint(2, 6), rng.randint(2, 6)))
+    return f"What is {a} + {b}?", a + b
+
+
+_FRUITS = ["apple", "pear", "fig", "plum", "kiwi", "lime"]
+
+
+def _count_problem(rng: random.Random) -> tuple[str, int]:
+    """How often one word occurs in a list of 3 to 15 words (at least once, at most half the list, rounded up)."""
+    target, *others = rng.sample(_FRUITS, 3)
+    items = [rng.choice(others) for _ in range(rng.randint(3, 15))]
+    count = rng.randint(1, (len(items) + 1) // 2)
+    for i in rng.sample(range(len(items)), count):
+        items[i] = target
+    return f"How many times does '{target}' appear in this list: {', '.join(items)}?", count
+
+
+FAMILIES = {"words": _word_problem, "sums": _sums_problem, "steps": _steps_problem, "digits": _digits_problem,
+            "count": _count_problem}
+
+
 def _builtin_split(text: str) -> str:
     # a problem's split is a function of its text, so train and test can never share a problem
     return "test" if zlib.crc32(text.encode()) % 5 == 0 else "train"
 
 
-def builtin_problems(split: str, n: int | None = None, seed: int = 0) -> list[Problem]:
-    """The first n problems of a split of the built-in set; the same list for the same (split, seed).
+def builtin_problems(split: str, n: int | None = None, seed: int = 0, family: str = "words") -> list[Problem]:
+    """The first n problems of a split of a built-in family; the same list for the same (split, seed).
 
         >>> builtin_problems("test", 1)[0].problem
         'Mia has 9 pencils. Then Mia doubles the number of pencils. How many pencils does Mia have now?'
     """
     if split not in BUILTIN_SIZE:
         raise DataError(f"the built-in set has splits {', '.join(BUILTIN_SIZE)}, not {split!r}")
+    if family not in FAMILIES:
+        raise DataError(f"unknown built-in family {family!r}: use one of {', '.join(FAMILIES)} (builtin:FAMILY)")
     n = BUILTIN_SIZE[split] if n is None else n
     rng = random.Random(seed)
     seen, problems = set(), []
     while len(problems) < n:
-        text, answer = _word_problem(rng)
+        text, answer = FAMILIES[family](rng)
         if text not in seen and _builtin_split(text) == split:
             seen.add(text)
             problems.append(Problem(text, str(answer)))
@@ -401,8 +461,8 @@ def load_problems(
     true/false) are skipped and counted by reason (one line on stderr). A missing file, an unknown
     column or nothing left to use raises DataError.
     """
-    if source == "builtin":
-        return builtin_problems(split or "train", limit, seed)
+    if source == "builtin" or source.startswith("builtin:"):
+        return builtin_problems(split or "train", limit, seed, source.partition(":")[2] if ":" in source else "words")
     spec = KNOWN_SETS.get(source.lower(), {})
     for flag, column in (("--problem-column", problem_column), ("--answer-column", answer_column)):
         if not spec and not (isinstance(column, str) and column.strip()):
@@ -461,8 +521,8 @@ def load_problems(
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Preview the LCPO prompts of a dataset.")
-    parser.add_argument("--data", default="builtin", help="builtin, a known set (%s), a hub id or a local file"
-                        % ", ".join(KNOWN_SETS))
+    parser.add_argument("--data", default="builtin", help="builtin[:FAMILY] (%s), a known set (%s), a hub id "
+                        "or a local file" % (", ".join(FAMILIES), ", ".join(KNOWN_SETS)))
     parser.add_argument("--split", default=None, help="dataset split (built-in: train or test)")
     parser.add_argument("--config", default=None, help="hub dataset configuration name, if it has several")
     parser.add_argument("--problem-column", default="problem")

@@ -386,7 +386,8 @@ def parse_args(argv):
                         "the stop token's probability after each budget's worth of its texts, under each N")
     parser.add_argument("--model", default=None, help="hub id or local directory (default: the embedded model)")
     parser.add_argument("--adapter", default=None, help="a saved adapter, or a train.py run directory")
-    parser.add_argument("--data", default="builtin", help="builtin, a known set (data.KNOWN_SETS), a hub id or a file")
+    parser.add_argument("--data", default="builtin", help="builtin[:FAMILY] (data.FAMILIES), a known set "
+                        "(data.KNOWN_SETS), a hub id or a file")
     parser.add_argument("--split", default=None, help="default: test for the built-in set, the set's own otherwise")
     parser.add_argument("--problem-column", default="problem")
     parser.add_argument("--answer-column", default="answer")
@@ -431,7 +432,7 @@ def parse_args(argv):
     if args.s1 and args.mode == "none":
         raise ValueError("--s1 forces each budget: it cannot go with --mode none")
     args.limit = args.limit or None
-    if args.split is None and args.data == "builtin":
+    if args.split is None and args.data.partition(":")[0] == "builtin":
         args.split = "test"
     sample.check_sampling_args(1 if args.max_new_tokens is None else args.max_new_tokens, args.temperature, args.top_p)
     if args.out is None:

@@ -189,6 +189,59 @@ def test_builtin_refuses_unknown_split():
         load_problems("builtin", "validation")
 
 
+def _solve_family(family: str, text: str) -> int:
+    """Recompute a family's answer from its text alone (words: _solve above)."""
+    numbers = [int(n) for n in re.findall(r"\d+", text)]
+    if family in ("sums", "digits"):
+        return sum(numbers)
+    if family == "count":
+        target, items = re.fullmatch(r"How many times does '(\w+)' appear in this list: (.*)\?", text).groups()
+        return items.split(", ").count(target)
+    if family == "steps":  # "N has x items. Then k thing(s) happen. 1. ... k. ... How many ...?"
+        x, k = numbers[0], numbers[1]
+        steps = re.findall(r"\d\. ([^.]+)\.", text)
+        assert len(steps) == k
+        for s in steps:
+            b = int(m.group(1)) if (m := re.search(r"(\d+)", s)) else None
+            x = x + b if "more" in s else x - b if b is not None else 2 * x
+        return x
+    return _solve(text)
+
+
+# family: (a regex whose match counts the problem's size, the sizes that must all occur)
+SIZES = {"words": (r"[.]", range(2, 5)), "sums": (r"\d+", range(2, 11)), "steps": (r"\d\. ", range(1, 7)),
+         "digits": (r"\d", range(4, 13)), "count": (r"\w+(?:, |\?)", range(3, 16))}
+
+
+@pytest.mark.parametrize("family", list(data.FAMILIES))
+def test_builtin_family_is_deterministic_with_exact_answers_and_disjoint_splits(family):
+    source = f"builtin:{family}"
+    train, test = load_problems(source, "train", limit=1000), load_problems(source, "test", limit=200)
+    assert train == load_problems(source, "train", limit=1000) and test == builtin_problems("test", 200, 0, family)
+    assert load_problems(source, "test", limit=200, seed=1) != test  # another seed, other problems
+    assert len({p.problem for p in train}) == len(train) and not {p.problem for p in train} & {p.problem for p in test}
+    assert all(data._builtin_split(p.problem) == "test" for p in test)
+    pattern, sizes = SIZES[family]
+    assert {len(re.findall(pattern, p.problem)) for p in train} == set(sizes)  # difficulty varies over its range
+    for p in train + test:
+        assert p.answer == str(int(p.answer)) and int(p.answer) >= 0, p
+        assert int(p.answer) == _solve_family(family, p.problem), p.problem
+
+
+def test_builtin_is_the_word_problems_unchanged():
+    words = load_problems("builtin:words", "test", limit=50)
+    assert words == load_problems("builtin", "test", limit=50) == builtin_problems("test", 50)
+    assert words[0].problem == (
+        "Mia has 9 pencils. Then Mia doubles the number of pencils. How many pencils does Mia have now?")
+
+
+@pytest.mark.parametrize("source", ["builtin:nope", "builtin:"])
+def test_builtin_unknown_family_is_one_line_naming_the_known_ones(source):
+    with pytest.raises(DataError, match="unknown built-in family .*: use one of words, sums, steps, digits, count") as e:
+        load_problems(source, "test")
+    assert "\n" not in str(e.value)
+
+
 # -----------------------------------------------------------------------------
 # loading local files
 
