@@ -88,6 +88,12 @@ def test_pads_flags_a_line_or_sentence_repeated_three_times(text, padded):
     assert ev.summarise(records, 10)["pads"] == (0.5 if padded else 0.0)
 
 
+def test_a_built_in_family_is_evaluated_on_its_test_split():
+    for data_source in ("builtin", "builtin:sums"):
+        assert ev.parse_args(["--data", data_source]).split == "test"
+    assert ev.parse_args(["--data", "builtin:sums", "--split", "train"]).split == "train"
+
+
 def test_writes_budget_catches_n_taken_for_a_quantity():
     assert ev.writes_budget("3 * 128 = 384, so \\boxed{384}", 128, "Cara has 3 shells.", "3")
     assert not ev.writes_budget("3 + 4 = 7", 128, "Cara has 3 shells.", "7")  # no N
