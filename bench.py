@@ -104,11 +104,13 @@ def hf_generate(model, tokenizer, rows, targets, lengths, batch: int, temperatur
 VARIANTS = {  # name -> (rollout function, generate on a dense copy, flags of sample.generate); "ours" = train.py
     "generate()": (hf_generate, False, {}),
     "generate(), dense copy": (hf_generate, True, {}),
-    "loop only": (ours, False, dict(share_prefix=False, compact=False, static_cache=False)),
-    "+ shared prefix": (ours, False, dict(share_prefix=True, compact=False, static_cache=False)),
-    "+ compaction": (ours, False, dict(share_prefix=False, compact=True, static_cache=False)),
+    "loop only": (ours, False, dict(share_prefix=False, compact=False, static_cache=False, grow_cache=False)),
+    "+ shared prefix": (ours, False, dict(share_prefix=True, compact=False, static_cache=False, grow_cache=False)),
+    "+ compaction": (ours, False, dict(share_prefix=False, compact=True, static_cache=False, grow_cache=False)),
+    "+ cache grown in place": (ours, False, dict(share_prefix=False, compact=False, static_cache=False)),
     "+ static cache": (ours, False, dict(share_prefix=False, compact=False, static_cache=True)),  # + CUDA graphs on a GPU
-    "+ dense copy": (ours, True, dict(share_prefix=False, compact=False, static_cache=False)),
+    "+ dense copy": (ours, True, dict(share_prefix=False, compact=False, static_cache=False, grow_cache=False)),
+    "ours, transformers' cache": (ours, True, dict(share_prefix=True, compact=True, static_cache=None, grow_cache=False)),
     "ours, eager decode": (ours, True, dict(share_prefix=True, compact=True, static_cache=False)),
     "ours": (ours, True, dict(share_prefix=True, compact=True, static_cache=None)),  # CUDA graphs on a GPU only
 }

@@ -78,18 +78,42 @@ def test_prefix_sharing_compaction_and_static_cache_sample_the_same_tokens(tiny_
     rows = _grpo_rows(prompts)
     limits = [3 + 2 * i for i in range(len(rows))]  # rows finish at different steps
     runs = {}
-    for flags in itertools.product((True, False), repeat=3):
+    for flags in itertools.product((True, False), repeat=4):
         generator = torch.Generator().manual_seed(7)
         runs[flags] = generate(tiny_llama, rows, limits, char_tokenizer.pad_token_id, [], temperature,
-                               generator=generator, share_prefix=flags[0], compact=flags[1], static_cache=flags[2])
-    plain = runs[False, False, False]
+                               generator=generator, share_prefix=flags[0], compact=flags[1], static_cache=flags[2],
+                               grow_cache=flags[3])
+    plain = runs[False, False, False, False]
     assert [r.n_y for r in plain] == limits
     for out in runs.values():
         assert [r.tokens for r in out] == [r.tokens for r in plain]
         for a, b in zip(out, plain):
             assert a.logprobs == pytest.approx(b.logprobs, abs=1e-4)
     if temperature > 0:  # the G copies of a prompt are different samples, not one sample copied
-        assert len({tuple(r.tokens) for r in runs[True, True, True][:3]}) > 1
+        assert len({tuple(r.tokens) for r in runs[True, True, True, True][:3]}) > 1
+
+
+def test_the_growing_cache_holds_what_concatenation_holds_and_moves_only_when_it_doubles(tiny_llama):
+    from transformers import DynamicCache
+
+    from sample import growing_cache
+
+    grown, concatenated = growing_cache(tiny_llama.config), DynamicCache(config=tiny_llama.config)
+    places = set()  # where layer 0's keys live: in place, they move only when the room runs out
+    torch.manual_seed(0)
+    for step, width in enumerate([5] + [1] * 40):
+        k, v = torch.randn(3, 2, width, 16), torch.randn(3, 2, width, 16)
+        if step == 20:  # rows dropped from the batch, as compaction does
+            for cache in (grown, concatenated):
+                cache.reorder_cache(torch.tensor([2, 0]))
+        k, v = (k[:2], v[:2]) if step >= 20 else (k, v)
+        for cache in (grown, concatenated):
+            out = cache.layers[0].update(k, v)
+        torch.testing.assert_close(out[0], concatenated.layers[0].keys, rtol=0, atol=0)
+        torch.testing.assert_close(grown.layers[0].values, concatenated.layers[0].values, rtol=0, atol=0)
+        places.add(grown.layers[0].keys.data_ptr())
+    assert grown.get_seq_length() == concatenated.get_seq_length() == 45
+    assert len(places) <= 5  # 5 -> 10 -> 20 (and once after the reorder) -> 40 -> 80 slots, not one per token
 
 
 def test_compaction_feeds_only_live_rows_and_sharing_prefills_each_prompt_once(tiny_llama, char_tokenizer, prompts):
