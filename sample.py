@@ -76,7 +76,6 @@ def sampling_logprobs(logits: torch.Tensor, temperature: float, top_p: float = 1
 # the loop
 
 
-@torch.no_grad()
 def growing_cache(config):
     """A DynamicCache whose layers append each token in place, into room that doubles when it runs out:
     transformers' own copies the whole cache (torch.cat) at every token, 14% of a decode step on a CPU
@@ -107,6 +106,7 @@ def growing_cache(config):
     return cache
 
 
+@torch.no_grad()
 def generate(
     model,
     prompts: list[list[int]],

@@ -93,6 +93,17 @@ def test_prefix_sharing_compaction_and_static_cache_sample_the_same_tokens(tiny_
         assert len({tuple(r.tokens) for r in runs[True, True, True, True][:3]}) > 1
 
 
+def test_generation_builds_no_autograd_graph(tiny_llama, char_tokenizer, prompts):
+    tiny_llama.requires_grad_(True)  # as the policy is when it samples without a rollout copy
+    seen = []
+    hook = tiny_llama.register_forward_hook(lambda module, args, out: seen.append(out.logits.requires_grad))
+    try:
+        generate(tiny_llama, prompts, 4, char_tokenizer.pad_token_id, [], 1.0)
+    finally:
+        hook.remove()
+    assert seen and not any(seen)
+
+
 def test_the_growing_cache_holds_what_concatenation_holds_and_moves_only_when_it_doubles(tiny_llama):
     from transformers import DynamicCache
 
