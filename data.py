@@ -367,8 +367,10 @@ def read_json_rows(path: Path) -> tuple[list[dict], int, str | None]:
             skipped += 1
             first_bad = first_bad or f"line {number} is {reason}"
     if not rows:
-        hint = " (it looks like CSV: convert it to JSON lines)" if "," in text.splitlines()[0] and \
-            not text.lstrip().startswith(("{", "[")) else ""
+        first = text.lstrip().partition("\n")[0]
+        if first_bad is None:
+            raise DataError(f"dataset file {path} holds no rows (only blank lines)")
+        hint = " (it looks like CSV: convert it to JSON lines)" if "," in first and not first.startswith(("{", "[")) else ""
         raise DataError(f"dataset file {path} has no JSON object lines ({first_bad}){hint}")
     return rows, skipped, first_bad
 

@@ -455,9 +455,12 @@ def main(argv: list[str] | None = None) -> None:
         out = Path(args.out)
         model_lib.set_threads()
         with runs.exclusive(out.with_suffix(".lock"), f"--out {out}"):  # one evaluation writes a result at a time
-            result = run_stop_probe(args) if args.stop_probe else evaluate(args, out)
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(json.dumps(result, indent=1))
+            if args.stop_probe:
+                result = run_stop_probe(args)
+                out.parent.mkdir(parents=True, exist_ok=True)
+                out.write_text(json.dumps(result, indent=1))
+            else:
+                result = evaluate(args, out)  # it writes the result after every budget
         if args.stop_probe:
             print(f"log p(stop) after L tokens (columns) when N is asked (rows), mean of {result['responses']} texts:")
             print("| asked N | " + " | ".join(f"L = {L}" for L in result["budgets"]) + " |\n|---|"

@@ -270,6 +270,7 @@ def train_loop(cfg: Config, run_dir: Path, state: dict | None, problems: list, o
         cfg.model, adapter=str(state["adapter"]) if state else cfg.init_adapter, quantize=cfg.quantize,
         lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha, gradient_checkpointing=cfg.gradient_checkpointing)
     thinks = "</think>" in tokenizer.get_vocab()  # R1-style models: an answer only counts after </think>
+    trained_on = runs.problems_id(problems)  # saved with each checkpoint: a resume must see the same problems
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     if state is not None:
@@ -306,7 +307,7 @@ def train_loop(cfg: Config, run_dir: Path, state: dict | None, problems: list, o
                     on_step(step, metrics)
                 if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps or stop.asked:
                     runs.save_checkpoint(run_dir, step + 1, model, optimizer, cfg.keep_checkpoints,
-                                         runs.problems_id(problems))
+                                         trained_on)
                 if stop.asked:
                     bar.write(f"stopped and saved at step {step + 1}; the same command continues the run")
                     break

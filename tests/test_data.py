@@ -361,6 +361,7 @@ def test_a_line_that_is_not_a_json_object_is_skipped_and_named(tmp_path, capsys)
     ("numbers.json", b"[1, 2, 3]", r"numbers.json is a JSON list of int, not of row objects"),
     ("ragged.json", b'{"problem": ["a", "b"], "answer": [1]}', r"ragged.json is one JSON object, not a list of rows"),
     ("scalar.json", b'{"problem": "a", "answer": 1}', r"scalar.json is one JSON object"),
+    ("blank.jsonl", b"\xef\xbb\xbf\n  \n", r"blank.jsonl holds no rows \(only blank lines\)"),
 ])
 def test_a_data_file_in_another_format_is_one_line_naming_the_file(tmp_path, name, content, message):
     (tmp_path / name).write_bytes(content)
