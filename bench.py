@@ -406,6 +406,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--memory-cap-gb", type=float, default=24.0, help="memory: the card to fit, GiB")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="bench-results", help="directory for the JSON results")
+    parser.add_argument("--replace", action="store_true", help="write over an existing result (default: keep it)")
     args = parser.parse_args(argv)
     device = torch.device(model_lib.default_device())
     gpu = device.type == "cuda"
@@ -440,6 +441,11 @@ def main(argv: list[str] | None = None) -> None:
         if getattr(args, k) is None:
             setattr(args, k, v)
 
+    try:  # the place to write is checked before it runs: a benchmark can take an hour
+        out = runs.output_file(str(Path(args.out) / f"{args.what}-{'gpu' if gpu else 'cpu'}.json"), "--out", ".json")
+        runs.keep_existing(out, "--out", args.replace)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
     with tempfile.TemporaryDirectory() as tmp:
         try:
             model_name = random_qwen(Path(tmp) / "qwen-1.5b-random",
@@ -468,7 +474,6 @@ def main(argv: list[str] | None = None) -> None:
                   device=torch.cuda.get_device_name(device) if gpu else f"CPU, {torch.get_num_threads()} threads, "
                   f"{platform.processor() or platform.machine()}", date=time.strftime("%Y-%m-%d"),
                   torch=torch.__version__)
-    out = Path(args.out) / f"{args.what}-{'gpu' if gpu else 'cpu'}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1, default=str))
     print(f"\nwritten {out}")

@@ -107,11 +107,11 @@ def test_trl_times_a_step_of_each_at_the_same_settings(tiny_model_dir, tmp_path,
     assert "ms per generated token" in capsys.readouterr().out
 
 
-def test_trl_without_trl_says_how_to_get_it(monkeypatch):
+def test_trl_without_trl_says_how_to_get_it(monkeypatch, tmp_path):
     import importlib.util
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "trl" else real(name, *a))
     with pytest.raises(SystemExit) as e:
-        bench.main(["trl", "--model", "whatever"])
+        bench.main(["trl", "--model", "whatever", "--out", str(tmp_path)])
     assert "make extras" in str(e.value) and "\n" not in str(e.value)

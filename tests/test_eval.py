@@ -300,7 +300,7 @@ def test_one_evaluation_writes_a_result_at_a_time(tiny_model_dir, tmp_path):
     out = tmp_path / "e.json"
     holder = subprocess.Popen(  # another eval.py writing the same --out, as far as the lock can tell
         [sys.executable, "-c", "import pathlib, sys, time, runs\nwith runs.exclusive(pathlib.Path(sys.argv[1]), 'x'):\n"
-         "    print('held', flush=True); time.sleep(120)", str(out.with_suffix(".lock"))],
+         "    print('held', flush=True); time.sleep(120)", str(tmp_path / ".e.json.lock")],
         stdout=subprocess.PIPE, text=True, cwd=Path(runs.__file__).parent)
     try:
         assert holder.stdout.readline().strip() == "held"
@@ -311,7 +311,7 @@ def test_one_evaluation_writes_a_result_at_a_time(tiny_model_dir, tmp_path):
         holder.kill()
         holder.wait()
     ev.main(args_for(tiny_model_dir, out))  # the lock of a process that died does not block
-    assert len(json.loads(out.read_text())["budgets"]) == 3 and not out.with_suffix(".lock").exists()
+    assert len(json.loads(out.read_text())["budgets"]) == 3 and not (tmp_path / ".e.json.lock").exists()
 
 
 def test_a_deleted_records_file_is_noticed_and_its_budgets_evaluated_again(tiny_model_dir, tmp_path, capsys):
