@@ -279,8 +279,15 @@ def load_result(path: str) -> dict:
         raise ValueError(f"{path} does not exist") from None
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise ValueError(f"{path} is not JSON: give result files written by eval.py (or delete a damaged one)") from None
-    if not isinstance(result, dict) or "settings" not in result or not result.get("budgets"):
+    if not isinstance(result, dict) or not isinstance(result.get("settings"), dict) or not result.get("budgets") \
+            or not {"s1", "adapter", "mode"} <= set(result["settings"]):
         raise ValueError(f"{path} is not an eval.py result (no settings and budgets): give files written by eval.py")
+    number = lambda v: type(v) in (int, float)
+    for b in result["budgets"] if isinstance(result["budgets"], list) else [None]:
+        if not (isinstance(b, dict) and type(b.get("budget")) is int and type(b.get("responses")) is int
+                and number(b.get("accuracy")) and number(b.get("mean_tokens"))):
+            raise ValueError(f"{path} is damaged (a budget without its budget, responses, accuracy and mean_tokens): "
+                             f"restore it, or evaluate again with --replace")
     return result
 
 
