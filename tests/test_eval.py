@@ -326,3 +326,58 @@ def test_a_deleted_records_file_is_noticed_and_its_budgets_evaluated_again(tiny_
     records.unlink()
     ev.main(args_for(tiny_model_dir, out))
     assert len(records.read_text().splitlines()) == len(lines)
+
+
+# -----------------------------------------------------------------------------
+# what an evaluation writes never takes the place of a user's file
+
+
+def test_the_lock_of_an_evaluation_is_never_a_file_of_the_user_s(tiny_model_dir, tmp_path):
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "poetry.lock").write_text("keep me")  # --out poetry.json: its neighbour is not its lock
+    ev.main(args_for(tiny_model_dir, project / "poetry.json", "--budgets", "4"))
+    assert (project / "poetry.lock").read_text() == "keep me"
+    assert sorted(p.name for p in project.iterdir()) == ["poetry.json", "poetry.lock", "poetry.records.jsonl"]
+
+
+def test_responses_without_their_result_are_kept_unless_replace(tiny_model_dir, tmp_path):
+    records = tmp_path / "e.records.jsonl"
+    records.write_text('{"problem": 0, "budget": 4, "n_y": 3, "correct": true, "text": "mine"}\n')
+    with pytest.raises(SystemExit, match=rf"^error: {records} exists without e.json: pass --replace to write over it, "
+                       r"or another --out$"):
+        ev.main(args_for(tiny_model_dir, tmp_path / "e.json", "--budgets", "4"))
+    assert "mine" in records.read_text()
+    ev.main(args_for(tiny_model_dir, tmp_path / "e.json", "--budgets", "4", "--replace"))
+    assert "mine" not in records.read_text() and (tmp_path / "e.json").exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--out", "{tmp}/notes.txt"], "--out writes a .json file: give a name ending in .json, not '{tmp}/notes.txt'"),
+    (["--out", "{tmp}/taken.json", "--stop-probe", "{tmp}/r.jsonl"], "{tmp}/taken.json exists: pass --replace"),
+    (["--compare", "{tmp}/taken.json", "--plot", "{tmp}/fig.png"], "{tmp}/fig.png exists: pass --replace"),
+    (["--compare", "{tmp}/taken.json", "--plot", "{tmp}/fig.txt"], "--plot writes a .png file"),
+])
+def test_an_output_must_fit_its_format_and_an_existing_one_is_kept(argv, message, tmp_path, monkeypatch):
+    monkeypatch.setattr(model_lib, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    for name in ("notes.txt", "taken.json", "fig.png"):
+        (tmp_path / name).write_text("mine")
+    with pytest.raises(SystemExit) as info:
+        ev.main([a.format(tmp=tmp_path) for a in argv])
+    assert str(info.value).startswith("error: " + message.format(tmp=tmp_path)) and "\n" not in str(info.value)
+    assert all((tmp_path / name).read_text() == "mine" for name in ("notes.txt", "taken.json", "fig.png"))
+
+
+@pytest.mark.parametrize("record, said", [({"problem": "0"}, "'0'"), ({}, "'missing'"), ({"problem": -5}, "-5"),
+                                          ({"problem": -1}, "-1"), ({"problem": 3}, "3"), ({"problem": True}, "True")])
+def test_stop_probe_records_must_name_one_of_the_problems(record, said, tiny_model_dir, tmp_path, monkeypatch):
+    records = tmp_path / "r.records.jsonl"
+    good = {"problem": 0, "budget": 4, "n_y": 9, "correct": False, "text": "1 2 3 4 5 6 7 8 9"}
+    records.write_text(json.dumps(good) + "\n" + json.dumps({**{k: v for k, v in good.items() if k != "problem"},
+                                                              **record}) + "\n")
+    monkeypatch.setattr(model_lib, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    with pytest.raises(SystemExit) as info:  # -1 would pair the text with the last problem, silently
+        ev.main(["--model", str(tiny_model_dir), "--no-quantize", "--limit", "3", "--stop-probe", str(records),
+                 "--budgets", "2", "--out", str(tmp_path / "p.json")])
+    assert str(info.value) == (f"error: {records}: response 2 has problem {said}, not an index of the 3 problems of "
+                               f"--data builtin --limit 3: give the records of an evaluation of the same problems")
