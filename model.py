@@ -36,9 +36,11 @@ EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_NAME = "SmolLM2-135M-Instruct (embedded)"
 # the XDG rule: a cache home that is unset, empty or relative is ~/.cache (never the working directory)
 _XDG_CACHE = os.environ.get("XDG_CACHE_HOME", "")
-DEFAULT_CACHE = (Path(_XDG_CACHE) if os.path.isabs(_XDG_CACHE) else Path.home() / ".cache") / "lcpo" / "SmolLM2-135M-Instruct"
+DEFAULT_CACHE = (Path(_XDG_CACHE) if os.path.isabs(_XDG_CACHE) else Path.home() / ".cache") / "lcpo" / \
+    "SmolLM2-135M-Instruct"
 LORA_TARGETS = "all-linear"  # every linear projection of every block (peft's name for it), lm_head excluded
 ADAPTER_BASE_FILE = "lcpo_base.json"  # which base an adapter was trained on, as the user named it
+ADAPTER_FILES = {"adapter_config.json", "adapter_model.safetensors", "README.md", ADAPTER_BASE_FILE}  # what it saves
 # on CPUs with AVX512-BF16, bitsandbytes looks for an optional kernel package at import and warns that it is
 # missing; load_model turns that CPU path off anyway (support_avx512bf16_for_cpu), so the warning says nothing
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
@@ -445,8 +447,10 @@ def peak_memory_mb(device) -> float:
 
 def save_adapter(model, out_dir: str | Path) -> None:
     """The adapter in peft's own format (PeftModel.from_pretrained reads it) and the name of its base
-    model, whose tokenizer goes with it; written atomically."""
-    with atomic_dir(Path(out_dir)) as staging:
+    model, whose tokenizer goes with it; written atomically, into a new directory or over a saved adapter."""
+    out_dir = Path(out_dir).expanduser()
+    check_out_dir(out_dir, [], ours=ADAPTER_FILES)
+    with atomic_dir(out_dir) as staging:
         model.save_pretrained(staging)
         (staging / ADAPTER_BASE_FILE).write_text(json.dumps({"base": getattr(model, "lcpo_base", "embedded")}))
 
@@ -534,7 +538,7 @@ def export_adapter(adapter: str | Path, out_dir: str | Path, dtype: torch.dtype 
 
     source = find_adapter(adapter)
     out_dir = Path(out_dir).expanduser()
-    check_out_dir(out_dir, [Path(adapter), source], ours={p.name for p in source.iterdir()})  # a new copy replaces an old
+    check_out_dir(out_dir, [Path(adapter), source], ours=ADAPTER_FILES)
     with atomic_dir(out_dir) as staging:
         shutil.copytree(source, staging, dirs_exist_ok=True)
         weights = staging / "adapter_model.safetensors"

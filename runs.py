@@ -400,7 +400,7 @@ def load_state(path: Path) -> dict:
     (torch's weights_only loader: a file from someone else can never run code), and checked for every entry
     train.py saves. DamagedState if it is cut short or incomplete; ValueError if it holds other objects."""
     try:
-        with warnings.catch_warnings():  # a pickle of another protocol than torch's draws a warning: it is refused anyway
+        with warnings.catch_warnings():  # a pickle of another protocol draws a warning: it is refused anyway
             warnings.simplefilter("ignore")
             state = torch.load(path, weights_only=True, map_location="cpu")
     except pickle.UnpicklingError as e:  # what the weights_only loader says of any object it will not build

@@ -339,7 +339,8 @@ def main(argv: list[str] | None = None) -> None:
     except (ValueError, model_lib.ModelError, RuntimeError) as e:
         sys.exit(f"error: {e}")
     except OSError as e:  # a full disk or a permission taken away mid-run: the last checkpoint is intact
-        kept = "the run's last checkpoint is kept" if any(run_dir.glob("checkpoints/step-*")) else "no checkpoint was saved yet"
+        kept = "the run's last checkpoint is kept" if any(run_dir.glob("checkpoints/step-*")) else \
+            "no checkpoint was saved yet"
         sys.exit(f"error: cannot write {e.filename or run_dir} ({e.strerror or e}): {kept}; fix it, then the same "
                  f"command continues")
     except KeyboardInterrupt:  # a second Ctrl-C: the step in progress is lost, the last checkpoint is not

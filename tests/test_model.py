@@ -377,6 +377,8 @@ def test_export_adapter_never_deletes_what_is_in_its_directory(tiny_model_dir, t
                                                         model_lib.ADAPTER_BASE_FILE]
     with pytest.raises(ModelError, match="holds other files \\(notes.txt\\)"):
         model_lib.export_merged(source, mine)  # refused before the model loads
+    with pytest.raises(ModelError, match="holds other files \\(notes.txt\\)"):
+        save_adapter(model, mine)
     umask = os.umask(0o022)
     try:
         shared = model_lib.export_adapter(source, tmp_path / "shared")
