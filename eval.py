@@ -119,9 +119,12 @@ def train_config(adapter: str | None) -> dict:
     for candidate in (path / "config.json", path.parents[2] / "config.json" if len(path.parents) > 2 else None):
         if candidate is not None and candidate.is_file():
             try:
-                return json.loads(candidate.read_text())
+                config = json.loads(candidate.read_text())
             except ValueError:
-                raise ValueError(f"{candidate} is not valid JSON: restore the run's config.json") from None
+                config = None
+            if not isinstance(config, dict):
+                raise ValueError(f"{candidate} is not a JSON object of settings: restore the run's config.json")
+            return config
     return {}
 
 
@@ -338,7 +341,14 @@ def read_metrics(run_dir: str) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise ValueError(f"{run_dir} is not a train.py run (no metrics.jsonl): give run directories to --curves")
-    return runs.read_jsonl(path)
+    metrics = runs.read_jsonl(path)
+    for line, m in enumerate(metrics, 1):
+        bad = [k for k in ("step", "reward_mean", "length_error", "length_slope", "accuracy", "mean_n_y")
+               if not (m.get(k) is None and k != "step" or type(m.get(k)) in (int, float))]
+        if bad:
+            raise ValueError(f"{path} is damaged: its line {line} has {bad[0]} {m.get(bad[0])!r}, not a number; "
+                             f"restore it from the run, or remove that line")
+    return metrics
 
 
 def curves(run_dirs: list[str], plot: str | None, window: int = 10) -> str:

@@ -461,7 +461,7 @@ def find_adapter(path: str | Path) -> Path:
     A damaged adapter (a file cut short by a crash or a full disk) is refused with a ModelError; in a
     run, the checkpoint before it is taken instead, with a note on stderr.
     """
-    path = Path(path)
+    path = Path(path).expanduser()
     if (path / "adapter_config.json").is_file():
         check_adapter(path)
         return path

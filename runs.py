@@ -352,7 +352,7 @@ def start(run_dir: Path, cfg, resume: bool, problems: list) -> dict | None:
     start_step = state["step"] if state else 0
     for log in ("metrics.jsonl", "samples.jsonl"):
         path = run_dir / log
-        kept = [r for r in read_jsonl(path) if r.get("step", math.inf) < start_step]
+        kept = [r for r in read_jsonl(path) if type(r.get("step")) is int and r["step"] < start_step]
         path.write_text("".join(json.dumps(r) + "\n" for r in kept))
     return None if state is None else dict(state, adapter=checkpoint / "adapter")
 

@@ -381,3 +381,23 @@ def test_stop_probe_records_must_name_one_of_the_problems(record, said, tiny_mod
                  "--budgets", "2", "--out", str(tmp_path / "p.json")])
     assert str(info.value) == (f"error: {records}: response 2 has problem {said}, not an index of the 3 problems of "
                                f"--data builtin --limit 3: give the records of an evaluation of the same problems")
+
+
+@pytest.mark.parametrize("line, said", [({"step": "3", "reward_mean": 0.5}, "step '3'"),
+                                        ({"reward_mean": 0.5}, "step None"),
+                                        ({"step": 0, "reward_mean": "high"}, "reward_mean 'high'")])
+def test_curves_of_a_damaged_metrics_log_are_one_line(line, said, tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.jsonl").write_text(json.dumps({"step": 0, "reward_mean": 0.1}) + "\n"
+                                                    + json.dumps(line) + "\n")
+    with pytest.raises(SystemExit) as info:
+        ev.main(["--curves", str(tmp_path / "run")])
+    assert str(info.value) == (f"error: {tmp_path / 'run' / 'metrics.jsonl'} is damaged: its line 2 has {said}, not a "
+                               f"number; restore it from the run, or remove that line")
+
+
+def test_the_config_of_the_run_an_adapter_came_from_must_be_settings(tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match=r"config.json is not a JSON object of settings: restore the run"):
+        ev.train_config(str(tmp_path / "run"))

@@ -252,3 +252,12 @@ def test_a_start_killed_outright_is_not_taken_for_a_run(tmp_path):
     (run_dir / "metrics.jsonl").write_text("")
     cfg, again, resume = train.parse_args(["--out-dir", str(tmp_path), "--run-name", "mine", "--group-size", "4"])
     assert again == run_dir and not resume and cfg.group_size == 4
+
+
+def test_a_log_line_whose_step_is_not_a_number_is_dropped_on_resume(learnable_model_dir, tmp_path):
+    cfg = tiny_config(learnable_model_dir, steps=1, prompts_per_step=2, group_size=2, max_new_tokens=8)
+    run = train.train(cfg, tmp_path / "run")
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": "1", "reward_mean": 0}\n')
+    train.train(dataclasses.replace(cfg, steps=2), run, resume=True)
+    assert [m["step"] for m in read_metrics(run)] == [0, 1]
