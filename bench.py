@@ -329,7 +329,8 @@ def bench_trl(args, model_name, device) -> dict:
         import datasets
 
         torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=model_lib.compute_dtype(device.type))
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=model_lib.compute_dtype(device.type),
+                                                     use_safetensors=True)  # weights are never unpickled
         config = trl.GRPOConfig(
             output_dir=str(tmp / f"trl-{seed}"), use_cpu=device.type == "cpu", bf16=device.type == "cuda", seed=seed, max_steps=2, report_to="none",
             logging_steps=1, save_strategy="no", num_generations=cfg.group_size, per_device_train_batch_size=rows,
