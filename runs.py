@@ -305,15 +305,19 @@ def open_run(run_dir: Path, cfg, resume: bool, problems: list):
     """A run directory held by this process alone (a second train.py on it is refused) while the block
     runs; yields start()'s state. A start that fails before any step leaves no new directory behind, so
     the corrected command is not taken for another run: a kill (SIGTERM) meanwhile is a KeyboardInterrupt."""
-    new = not started(run_dir)
+    new, existed = not started(run_dir), run_dir.exists()
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # StopRequests takes over from the first step
     try:
         with exclusive(run_dir / LOCK, f"run {run_dir}"):
             try:
                 yield start(run_dir, cfg, resume, problems)
             except BaseException:
-                if new and not started(run_dir):
-                    shutil.rmtree(run_dir, ignore_errors=True)
+                if new and not started(run_dir):  # only what the start wrote: a directory there before stays
+                    for path in [run_dir] if not existed else [run_dir / name for name in STARTED]:
+                        if path.is_dir():
+                            shutil.rmtree(path, ignore_errors=True)
+                        else:
+                            path.unlink(missing_ok=True)
                 raise
     finally:
         signal.signal(signal.SIGTERM, previous)
