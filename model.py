@@ -216,9 +216,8 @@ def safe_pad_token_id(tokenizer) -> int:
 
 
 def load_tokenizer(source: str, trust_remote_code: bool = False):
-    from transformers import AutoTokenizer
-
     from jinja2 import TemplateError
+    from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     if not tokenizer.chat_template:

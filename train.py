@@ -274,8 +274,13 @@ def train_loop(cfg: Config, run_dir: Path, state: dict | None, problems: list, o
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["torch_rng"])
+        try:
+            optimizer.load_state_dict(state["optimizer"])
+            torch.set_rng_state(state["torch_rng"])
+        except (ValueError, KeyError, TypeError, RuntimeError) as e:
+            raise ValueError(f"the optimizer or RNG state of {state['adapter'].parent} does not fit its adapter "
+                             f"({type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}): "
+                             f"delete that checkpoint to resume from the one before it") from None
     device = next(model.parameters()).device
     print(f"training {model.lcpo_base} on {len(problems)} problems of {cfg.data}; run: {run_dir}"
           + (f", resumed at step {start}" if start else ""))

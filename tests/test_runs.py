@@ -261,3 +261,18 @@ def test_a_log_line_whose_step_is_not_a_number_is_dropped_on_resume(learnable_mo
         f.write('{"step": "1", "reward_mean": 0}\n')
     train.train(dataclasses.replace(cfg, steps=2), run, resume=True)
     assert [m["step"] for m in read_metrics(run)] == [0, 1]
+
+
+def test_an_optimizer_state_that_does_not_fit_its_adapter_is_one_line(learnable_model_dir, tmp_path):
+    import torch
+
+    cfg = tiny_config(learnable_model_dir, steps=1, prompts_per_step=2, group_size=2, max_new_tokens=8)
+    run = train.train(cfg, tmp_path / "run")
+    state_file = run / "checkpoints" / "step-000001" / "state.pt"
+    state = torch.load(state_file, weights_only=True)
+    state["optimizer"]["param_groups"][0]["params"] = [0]  # one weight where the adapter has many
+    torch.save(state, state_file)
+    with pytest.raises(SystemExit) as info:
+        train.main(["--resume", str(run), "--steps", "2"])
+    assert re.match(rf"^error: the optimizer or RNG state of {state_file.parent} does not fit its adapter \(ValueError: "
+                    r".+\): delete that checkpoint to resume from the one before it$", str(info.value)), str(info.value)
