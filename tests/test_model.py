@@ -395,11 +395,11 @@ def test_an_empty_or_relative_xdg_cache_home_is_the_home_cache_not_the_working_d
     import sys
     from pathlib import Path
 
-    for value in ("", "relative"):
-        env = {**os.environ, "HOME": str(tmp_path), "XDG_CACHE_HOME": value}
-        cache = subprocess.run([sys.executable, "-c", "import model; print(model.DEFAULT_CACHE)"], env=env,
-                               cwd=Path(model_lib.__file__).parent, capture_output=True, text=True, check=True)
-        assert cache.stdout.strip() == str(tmp_path / ".cache" / "lcpo" / "SmolLM2-135M-Instruct")
+    script = ("import importlib, os, model\nfor value in ('', 'relative'):\n    os.environ['XDG_CACHE_HOME'] = value\n"
+              "    print(importlib.reload(model).DEFAULT_CACHE)")
+    caches = subprocess.run([sys.executable, "-c", script], env={**os.environ, "HOME": str(tmp_path)}, text=True,
+                            cwd=Path(model_lib.__file__).parent, capture_output=True, check=True).stdout.split()
+    assert caches == [str(tmp_path / ".cache" / "lcpo" / "SmolLM2-135M-Instruct")] * 2
 
 
 class Payload:
