@@ -74,11 +74,6 @@ def check_config(cfg) -> None:
     for name in ("beta", "clip", "lr", "grad_clip", "length_steps"):
         if getattr(cfg, name) < 0:
             problems.append(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
-    if cfg.run_name is not None:
-        try:
-            check_name(cfg.run_name, "--run-name")
-        except ValueError as e:
-            problems.append(str(e))
     if cfg.init_adapter is not None:
         try:
             base = model_lib.adapter_base(cfg.init_adapter)
@@ -198,6 +193,8 @@ def parse_args(argv, config_class, presets: dict, description: str, first_stage:
     check_config(cfg)
     if cfg.init_adapter is not None:
         check_adapter_settings(cfg, given)
+    if cfg.run_name is not None:  # a resumed run keeps the name its directory has
+        check_name(cfg.run_name, "--run-name")
     cfg.run_name = cfg.run_name or run_name(args.preset, given)
     run_dir = Path(cfg.out_dir) / cfg.run_name
     check_writable(run_dir, "--out-dir")
