@@ -217,11 +217,13 @@ def run_stop_probe(args) -> dict:
     problems = data.load_problems(args.data, args.split, args.problem_column, args.answer_column, limit=args.limit,
                                   seed=args.seed)
     for line, r in enumerate(records, 1):  # each names its problem by its index: anything else would pair the wrong one
-        if type(r.get("problem")) is not int or not 0 <= r["problem"] < len(problems) or not isinstance(r["text"], str):
-            raise ValueError(f"{args.stop_probe}: response {line} has problem {r.get('problem', 'missing')!r}"
-                             + ("" if isinstance(r["text"], str) else " and a text that is not a string")
-                             + f", not an index of the {len(problems)} problems of --data {args.data} --limit "
-                             f"{args.limit}: give the records of an evaluation of the same problems")
+        if type(r.get("problem")) is not int or not 0 <= r["problem"] < len(problems):
+            raise ValueError(f"{args.stop_probe}: response {line} has problem {r.get('problem', 'missing')!r}, not an "
+                             f"index of the {len(problems)} problems of --data {args.data} --limit {args.limit}: give "
+                             f"the records of an evaluation of the same problems")
+        if not isinstance(r["text"], str):
+            raise ValueError(f"{args.stop_probe}: response {line} has text {r['text']!r}, not a string: give the "
+                             f"records written by eval.py")
     if not records:
         raise ValueError(f"{args.stop_probe} has no responses to the problems of --data {args.data} --limit "
                          f"{args.limit}: give the records of an evaluation of the same problems")
