@@ -329,7 +329,8 @@ def bench_trl(args, model_name, device) -> dict:
         import datasets
 
         torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=model_lib.compute_dtype(device.type))
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=model_lib.compute_dtype(device.type),
+                                                     use_safetensors=True)  # weights are never unpickled
         config = trl.GRPOConfig(
             output_dir=str(tmp / f"trl-{seed}"), use_cpu=device.type == "cpu", bf16=device.type == "cuda", seed=seed, max_steps=2, report_to="none",
             logging_steps=1, save_strategy="no", num_generations=cfg.group_size, per_device_train_batch_size=rows,
@@ -406,6 +407,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--memory-cap-gb", type=float, default=24.0, help="memory: the card to fit, GiB")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="bench-results", help="directory for the JSON results")
+    parser.add_argument("--replace", action="store_true", help="write over an existing result (default: keep it)")
     args = parser.parse_args(argv)
     device = torch.device(model_lib.default_device())
     gpu = device.type == "cuda"
@@ -440,6 +442,11 @@ def main(argv: list[str] | None = None) -> None:
         if getattr(args, k) is None:
             setattr(args, k, v)
 
+    try:  # the place to write is checked before it runs: a benchmark can take an hour
+        out = runs.output_file(str(Path(args.out) / f"{args.what}-{'gpu' if gpu else 'cpu'}.json"), "--out", ".json")
+        runs.keep_existing(out, "--out", args.replace)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
     with tempfile.TemporaryDirectory() as tmp:
         try:
             model_name = random_qwen(Path(tmp) / "qwen-1.5b-random",
@@ -468,7 +475,6 @@ def main(argv: list[str] | None = None) -> None:
                   device=torch.cuda.get_device_name(device) if gpu else f"CPU, {torch.get_num_threads()} threads, "
                   f"{platform.processor() or platform.machine()}", date=time.strftime("%Y-%m-%d"),
                   torch=torch.__version__)
-    out = Path(args.out) / f"{args.what}-{'gpu' if gpu else 'cpu'}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1, default=str))
     print(f"\nwritten {out}")

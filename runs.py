@@ -17,12 +17,14 @@ import inspect
 import json
 import math
 import os
+import pickle
 import re
 import shutil
 import signal
 import sys
 import tempfile
 import typing
+import warnings
 import zlib
 from pathlib import Path
 
@@ -89,15 +91,48 @@ def check_config(cfg) -> None:
 
 def check_writable(path: Path, flag: str) -> None:
     """Refuse, before any work, a place a run or a result cannot be written: the directory itself if it
-    exists, else the nearest parent that does (a read-only disk, no permission, a file in the way)."""
-    existing = next(p for p in (path, *path.parents) if p.exists())
+    exists, else the nearest parent that does (a read-only disk, no permission, a file in the way, a link
+    to nowhere)."""
+    existing = next(p for p in (path, *path.parents) if p.exists() or p.is_symlink())
     try:
+        if not existing.exists():
+            raise FileNotFoundError(errno.ENOENT, f"a link to {os.readlink(existing)}, which does not exist")
         if not existing.is_dir():
             raise NotADirectoryError(errno.ENOTDIR, "a file is in the way", str(existing))
         with tempfile.TemporaryFile(dir=existing):
             pass
     except OSError as e:
         raise ValueError(f"{flag}: cannot write to {existing} ({e.strerror or e}): choose a writable place") from None
+
+
+def check_name(name: str, flag: str) -> None:
+    """A run's name is one directory name: no separators, no "." or "..", nothing hidden, no control characters,
+    not longer than a file system allows. So a run never lands outside --out-dir."""
+    problem = ("it is empty" if not name else "it holds a path separator" if "/" in name or "\\" in name
+               else "it starts with a dot" if name.startswith(".") else "it holds a control character"
+               if any(ord(c) < 32 or ord(c) == 127 for c in name) else "it is too long"
+               if len(name.encode(errors="replace")) > 255 else None)
+    if problem:
+        raise ValueError(f"{flag} {name!r} is not a name ({problem}): give a plain name such as 'alpha-0.001'; "
+                         f"--out-dir says where runs go")
+
+
+def output_file(value: str, flag: str, suffix: str) -> Path:
+    """The rule for every file a tool writes as its result: ~ is the home directory, the name ends in the
+    extension of what is written, and the place can be written (refused before any work otherwise)."""
+    path = Path(value).expanduser()
+    if path.is_dir():
+        raise ValueError(f"{flag} {value} is a directory: give a file name ending in {suffix}")
+    if not path.name.lower().endswith(suffix) or path.name.lower() == suffix:
+        raise ValueError(f"{flag} writes a {suffix} file: give a name ending in {suffix}, not {value!r}")
+    check_writable(path.parent, flag)
+    return path
+
+
+def keep_existing(path: Path, flag: str, replace: bool) -> None:
+    """An existing result is the user's until they say otherwise: refused unless --replace."""
+    if not replace and (path.exists() or path.is_symlink()):
+        raise ValueError(f"{path} exists: pass --replace to write over it, or give another {flag}")
 
 
 def check_adapter_settings(cfg, given: dict) -> None:
@@ -136,7 +171,7 @@ def parse_args(argv, config_class, presets: dict, description: str, first_stage:
     given = {f.name: getattr(args, f.name) for f in fields if getattr(args, f.name) is not None}
 
     if args.resume is not None:
-        run_dir = Path(args.resume)
+        run_dir = Path(args.resume).expanduser()
         saved = saved_config(run_dir, config_class)
         changed = sorted(k for k, v in given.items() if k not in RESUMABLE and v != saved.get(k))
         if changed:
@@ -150,6 +185,7 @@ def parse_args(argv, config_class, presets: dict, description: str, first_stage:
     if args.preset not in presets:
         raise ValueError(f"unknown preset {args.preset!r}: use one of {', '.join(presets)}")
     cfg = config_class(**{**presets[args.preset], **given})
+    cfg.out_dir = str(Path(cfg.out_dir).expanduser())
     if cfg.init_adapter == "none":
         cfg.init_adapter = None
     elif cfg.init_adapter is None and cfg.model is None:  # the recipe: LCPO from the stop that reads N
@@ -157,11 +193,13 @@ def parse_args(argv, config_class, presets: dict, description: str, first_stage:
     check_config(cfg)
     if cfg.init_adapter is not None:
         check_adapter_settings(cfg, given)
+    if cfg.run_name is not None:  # a resumed run keeps the name its directory has
+        check_name(cfg.run_name, "--run-name")
     cfg.run_name = cfg.run_name or run_name(args.preset, given)
     run_dir = Path(cfg.out_dir) / cfg.run_name
     check_writable(run_dir, "--out-dir")
-    if not (run_dir / "config.json").exists():
-        if run_dir.exists() and any(p.name != LOCK for p in run_dir.iterdir()):
+    if not started(run_dir):
+        if run_dir.exists() and any(p.name not in (LOCK, *STARTED) for p in run_dir.iterdir()):
             raise ValueError(f"{run_dir} exists and is not a run (no config.json): pass another --run-name")
         return cfg, run_dir, False
     saved = saved_config(run_dir, config_class)
@@ -190,6 +228,15 @@ def run_name(preset: str, given: dict) -> str:
     return name if len(name) <= 100 else f"{name[:80]}-{zlib.crc32(name.encode()):08x}"
 
 
+STARTED = ("config.json", "metrics.jsonl", "samples.jsonl", "checkpoints")  # what a start writes before step 0
+
+
+def started(run_dir: Path) -> bool:
+    """A run has started once it has logged a step or saved a checkpoint: a start that died before that (a
+    kill while the model loaded) left only its first files, and the next command starts the run anew."""
+    return bool(read_jsonl(run_dir / "metrics.jsonl") or any(run_dir.glob("checkpoints/step-*")))
+
+
 def saved_config(run_dir: Path, config_class) -> dict:
     """A run's config.json, checked against the settings this train.py knows."""
     path = run_dir / "config.json"
@@ -206,6 +253,15 @@ def saved_config(run_dir: Path, config_class) -> dict:
     if unknown:
         raise ValueError(f"{path} has settings this train.py does not know ({', '.join(unknown)}): it was written by "
                          f"another version; remove them from the file, or start a new run")
+    for f in dataclasses.fields(config_class):
+        kinds = typing.get_args(f.type) or (f.type,)
+        value = saved.get(f.name, f.default)
+        number = type(value) in (int, float) and (float in kinds or int in kinds and float(value).is_integer())
+        fits = value is None and type(None) in kinds or type(value) in (bool, str) and type(value) in kinds or number
+        if not fits:
+            wanted = " or ".join("null" if k is type(None) else k.__name__ for k in kinds)
+            raise ValueError(f"{path} is damaged: its {f.name} is {value!r}, not {wanted}; correct it (the default is "
+                             f"{f.default!r}), or start a new run")
     return saved
 
 
@@ -245,15 +301,23 @@ def exclusive(path: Path, what: str):
 def open_run(run_dir: Path, cfg, resume: bool, problems: list):
     """A run directory held by this process alone (a second train.py on it is refused) while the block
     runs; yields start()'s state. A start that fails before any step leaves no new directory behind, so
-    the corrected command is not taken for another run."""
-    new = not (run_dir / "config.json").exists()
-    with exclusive(run_dir / LOCK, f"run {run_dir}"):
-        try:
-            yield start(run_dir, cfg, resume, problems)
-        except BaseException:
-            if new and not read_jsonl(run_dir / "metrics.jsonl") and not any(run_dir.glob("checkpoints/step-*")):
-                shutil.rmtree(run_dir, ignore_errors=True)
-            raise
+    the corrected command is not taken for another run: a kill (SIGTERM) meanwhile is a KeyboardInterrupt."""
+    new, existed = not started(run_dir), run_dir.exists()
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # StopRequests takes over from the first step
+    try:
+        with exclusive(run_dir / LOCK, f"run {run_dir}"):
+            try:
+                yield start(run_dir, cfg, resume, problems)
+            except BaseException:
+                if new and not started(run_dir):  # only what the start wrote: a directory there before stays
+                    for path in [run_dir] if not existed else [run_dir / name for name in STARTED]:
+                        if path.is_dir():
+                            shutil.rmtree(path, ignore_errors=True)
+                        else:
+                            path.unlink(missing_ok=True)
+                raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def problems_id(problems: list) -> dict:
@@ -289,7 +353,7 @@ def start(run_dir: Path, cfg, resume: bool, problems: list) -> dict | None:
     start_step = state["step"] if state else 0
     for log in ("metrics.jsonl", "samples.jsonl"):
         path = run_dir / log
-        kept = [r for r in read_jsonl(path) if r.get("step", math.inf) < start_step]
+        kept = [r for r in read_jsonl(path) if type(r.get("step")) is int and r["step"] < start_step]
         path.write_text("".join(json.dumps(r) + "\n" for r in kept))
     return None if state is None else dict(state, adapter=checkpoint / "adapter")
 
@@ -318,17 +382,46 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, keep: int, probl
 
 def latest_checkpoint(run_dir: Path) -> tuple[Path | None, dict | None]:
     """(directory, state) of the newest checkpoint that can be read, or (None, None); damaged ones (a crash
-    mid-write, a full disk) are skipped, saying so."""
+    mid-write, a full disk) are skipped, saying so. One that holds anything but what train.py saves is refused."""
     for path in sorted((run_dir / "checkpoints").glob("step-*"), reverse=True):  # staging dirs start with ".": never listed
         try:
             model_lib.check_adapter(path / "adapter")
-            state = torch.load(path / "state.pt", weights_only=False)
-            state["step"]  # a state without its step is damaged too (KeyError)
-            return path, state
-        except Exception as e:  # torch.load fails in many ways (zip, pickle, EOF errors): any of them means damaged
-            detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            print(f"note: checkpoint {path} cannot be read ({detail[:200]}): using the one before it", file=sys.stderr)
+            return path, load_state(path / "state.pt")
+        except (model_lib.ModelError, DamagedState) as e:
+            print(f"note: checkpoint {path} cannot be read ({e}): using the one before it", file=sys.stderr)
     return None, None
+
+
+class DamagedState(Exception):
+    """A checkpoint's state.pt cut short or incomplete: the checkpoint before it is used."""
+
+
+def load_state(path: Path) -> dict:
+    """A checkpoint's state.pt, read without unpickling anything but tensors, numbers, strings and containers
+    (torch's weights_only loader: a file from someone else can never run code), and checked for every entry
+    train.py saves. DamagedState if it is cut short or incomplete; ValueError if it holds other objects."""
+    try:
+        with warnings.catch_warnings():  # a pickle of another protocol draws a warning: it is refused anyway
+            warnings.simplefilter("ignore")
+            state = torch.load(path, weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError as e:  # what the weights_only loader says of any object it will not build
+        found = re.search(r"GLOBAL (\S+)|Unsupported operand \d+|Unsupported class \S+", str(e))
+        raise ValueError(f"{path} holds more than tensors and numbers ({found[0] if found else 'an object'}): train.py "
+                         f"never writes that, so it is not loaded; delete {path.parent} to resume from the checkpoint "
+                         f"before it") from None
+    except Exception as e:  # zip, EOF and struct errors: a file cut short
+        raise DamagedState(str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__) from None
+    if not isinstance(state, dict):
+        raise DamagedState(f"{path.name} is not a checkpoint's state")
+    optimizer, rng, problems = state.get("optimizer"), state.get("torch_rng"), state.get("problems", None)
+    valid = dict(step=type(state.get("step")) is int and state["step"] >= 1,
+                 optimizer=isinstance(optimizer, dict) and {"state", "param_groups"} <= set(optimizer),
+                 torch_rng=isinstance(rng, torch.Tensor) and rng.dtype == torch.uint8,
+                 problems=problems is None or isinstance(problems, dict) and type(problems.get("problems")) is int
+                 and isinstance(problems.get("sha256"), str))
+    if not all(valid.values()):
+        raise DamagedState(f"{path.name} has no valid {', '.join(k for k, ok in valid.items() if not ok)}")
+    return state
 
 
 def append_jsonl(path: Path, record: dict) -> None:

@@ -119,6 +119,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Write a dataset's LCPO prompts and targets for TRL or verl.")
     parser.add_argument("engine", choices=["trl", "verl"])
     parser.add_argument("--out", required=True, help="the parquet file to write")
+    parser.add_argument("--replace", action="store_true", help="write over an existing --out (default: keep it)")
     parser.add_argument("--data", default="builtin", help="builtin, a known set (%s), a hub id or a local file"
                         % ", ".join(data.KNOWN_SETS))
     parser.add_argument("--split", default=None, help="dataset split (built-in: train or test)")
@@ -138,7 +139,7 @@ def main(argv: list[str] | None = None) -> None:
 
     try:
         data.check_target_range(args.n_min, args.n_max)
-        runs.check_writable(Path(args.out).parent, "--out")
+        runs.keep_existing(runs.output_file(args.out, "--out", ".parquet"), "--out", args.replace)
         if args.engine == "verl":  # its reward counts n_y with this tokenizer on every response: it must load
             try:
                 _tokenizer(args.tokenizer)
@@ -147,7 +148,7 @@ def main(argv: list[str] | None = None) -> None:
                                  f"name a local model directory, or a hub id in the local cache") from None
         problems = data.load_problems(args.data, args.split, args.problem_column, args.answer_column, args.config,
                                       seed=args.seed)
-        n = export(problems, args.out, args.engine, args.n_min, args.n_max, args.mode, args.seed,
+        n = export(problems, Path(args.out).expanduser(), args.engine, args.n_min, args.n_max, args.mode, args.seed,
                    data_source=args.data, tokenizer=args.tokenizer, boxed_only=args.boxed_only)
     except ValueError as e:
         sys.exit(f"error: {e}")

@@ -274,8 +274,13 @@ def train_loop(cfg: Config, run_dir: Path, state: dict | None, problems: list, o
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["torch_rng"])
+        try:
+            optimizer.load_state_dict(state["optimizer"])
+            torch.set_rng_state(state["torch_rng"])
+        except (ValueError, KeyError, TypeError, RuntimeError) as e:
+            raise ValueError(f"the optimizer or RNG state of {state['adapter'].parent} does not fit its adapter "
+                             f"({type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}): "
+                             f"delete that checkpoint to resume from the one before it") from None
     device = next(model.parameters()).device
     print(f"training {model.lcpo_base} on {len(problems)} problems of {cfg.data}; run: {run_dir}"
           + (f", resumed at step {start}" if start else ""))
@@ -339,8 +344,10 @@ def main(argv: list[str] | None = None) -> None:
     except (ValueError, model_lib.ModelError, RuntimeError) as e:
         sys.exit(f"error: {e}")
     except OSError as e:  # a full disk or a permission taken away mid-run: the last checkpoint is intact
-        sys.exit(f"error: cannot write {e.filename or run_dir} ({e.strerror or e}): the run's last checkpoint is "
-                 f"kept; fix it, then the same command continues")
+        kept = "the run's last checkpoint is kept" if any(run_dir.glob("checkpoints/step-*")) else \
+            "no checkpoint was saved yet"
+        sys.exit(f"error: cannot write {e.filename or run_dir} ({e.strerror or e}): {kept}; fix it, then the same "
+                 f"command continues")
     except KeyboardInterrupt:  # a second Ctrl-C: the step in progress is lost, the last checkpoint is not
         sys.exit(130)
 

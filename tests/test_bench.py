@@ -107,11 +107,24 @@ def test_trl_times_a_step_of_each_at_the_same_settings(tiny_model_dir, tmp_path,
     assert "ms per generated token" in capsys.readouterr().out
 
 
-def test_trl_without_trl_says_how_to_get_it(monkeypatch):
+def test_trl_without_trl_says_how_to_get_it(monkeypatch, tmp_path):
     import importlib.util
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "trl" else real(name, *a))
     with pytest.raises(SystemExit) as e:
-        bench.main(["trl", "--model", "whatever"])
+        bench.main(["trl", "--model", "whatever", "--out", str(tmp_path)])
     assert "make extras" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_where_results_go_is_checked_before_the_benchmark_and_a_result_is_kept(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench, "bench_rollout", lambda *a, **k: pytest.fail("the benchmark ran"))
+    with pytest.raises(SystemExit) as e:
+        bench.main(["rollout", "--out", "/proc/nope"])
+    assert str(e.value).startswith("error: --out: cannot write to /proc") and "\n" not in str(e.value)
+    result = tmp_path / f"rollout-{'gpu' if bench.model_lib.default_device() == 'cuda' else 'cpu'}.json"
+    result.write_text("cited in the README")
+    with pytest.raises(SystemExit) as e:
+        bench.main(["rollout", "--out", str(tmp_path)])
+    assert str(e.value) == f"error: {result} exists: pass --replace to write over it, or give another --out"
+    assert result.read_text() == "cited in the README"

@@ -300,7 +300,7 @@ def test_one_evaluation_writes_a_result_at_a_time(tiny_model_dir, tmp_path):
     out = tmp_path / "e.json"
     holder = subprocess.Popen(  # another eval.py writing the same --out, as far as the lock can tell
         [sys.executable, "-c", "import pathlib, sys, time, runs\nwith runs.exclusive(pathlib.Path(sys.argv[1]), 'x'):\n"
-         "    print('held', flush=True); time.sleep(120)", str(out.with_suffix(".lock"))],
+         "    print('held', flush=True); time.sleep(120)", str(tmp_path / ".e.json.lock")],
         stdout=subprocess.PIPE, text=True, cwd=Path(runs.__file__).parent)
     try:
         assert holder.stdout.readline().strip() == "held"
@@ -311,7 +311,7 @@ def test_one_evaluation_writes_a_result_at_a_time(tiny_model_dir, tmp_path):
         holder.kill()
         holder.wait()
     ev.main(args_for(tiny_model_dir, out))  # the lock of a process that died does not block
-    assert len(json.loads(out.read_text())["budgets"]) == 3 and not out.with_suffix(".lock").exists()
+    assert len(json.loads(out.read_text())["budgets"]) == 3 and not (tmp_path / ".e.json.lock").exists()
 
 
 def test_a_deleted_records_file_is_noticed_and_its_budgets_evaluated_again(tiny_model_dir, tmp_path, capsys):
@@ -326,3 +326,78 @@ def test_a_deleted_records_file_is_noticed_and_its_budgets_evaluated_again(tiny_
     records.unlink()
     ev.main(args_for(tiny_model_dir, out))
     assert len(records.read_text().splitlines()) == len(lines)
+
+
+# -----------------------------------------------------------------------------
+# what an evaluation writes never takes the place of a user's file
+
+
+def test_the_lock_of_an_evaluation_is_never_a_file_of_the_user_s(tiny_model_dir, tmp_path):
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "poetry.lock").write_text("keep me")  # --out poetry.json: its neighbour is not its lock
+    ev.main(args_for(tiny_model_dir, project / "poetry.json", "--budgets", "4"))
+    assert (project / "poetry.lock").read_text() == "keep me"
+    assert sorted(p.name for p in project.iterdir()) == ["poetry.json", "poetry.lock", "poetry.records.jsonl"]
+
+
+def test_responses_without_their_result_are_kept_unless_replace(tiny_model_dir, tmp_path):
+    records = tmp_path / "e.records.jsonl"
+    records.write_text('{"problem": 0, "budget": 4, "n_y": 3, "correct": true, "text": "mine"}\n')
+    with pytest.raises(SystemExit, match=rf"^error: {records} exists without e.json: pass --replace to write over it, "
+                       r"or another --out$"):
+        ev.main(args_for(tiny_model_dir, tmp_path / "e.json", "--budgets", "4"))
+    assert "mine" in records.read_text()
+    ev.main(args_for(tiny_model_dir, tmp_path / "e.json", "--budgets", "4", "--replace"))
+    assert "mine" not in records.read_text() and (tmp_path / "e.json").exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--out", "{tmp}/notes.txt"], "--out writes a .json file: give a name ending in .json, not '{tmp}/notes.txt'"),
+    (["--out", "{tmp}/taken.json", "--stop-probe", "{tmp}/r.jsonl"], "{tmp}/taken.json exists: pass --replace"),
+    (["--compare", "{tmp}/taken.json", "--plot", "{tmp}/fig.png"], "{tmp}/fig.png exists: pass --replace"),
+    (["--compare", "{tmp}/taken.json", "--plot", "{tmp}/fig.txt"], "--plot writes a .png file"),
+])
+def test_an_output_must_fit_its_format_and_an_existing_one_is_kept(argv, message, tmp_path, monkeypatch):
+    monkeypatch.setattr(model_lib, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    for name in ("notes.txt", "taken.json", "fig.png"):
+        (tmp_path / name).write_text("mine")
+    with pytest.raises(SystemExit) as info:
+        ev.main([a.format(tmp=tmp_path) for a in argv])
+    assert str(info.value).startswith("error: " + message.format(tmp=tmp_path)) and "\n" not in str(info.value)
+    assert all((tmp_path / name).read_text() == "mine" for name in ("notes.txt", "taken.json", "fig.png"))
+
+
+@pytest.mark.parametrize("record, said", [({"problem": "0"}, "'0'"), ({}, "'missing'"), ({"problem": -5}, "-5"),
+                                          ({"problem": -1}, "-1"), ({"problem": 3}, "3"), ({"problem": True}, "True")])
+def test_stop_probe_records_must_name_one_of_the_problems(record, said, tiny_model_dir, tmp_path, monkeypatch):
+    records = tmp_path / "r.records.jsonl"
+    good = {"problem": 0, "budget": 4, "n_y": 9, "correct": False, "text": "1 2 3 4 5 6 7 8 9"}
+    records.write_text(json.dumps(good) + "\n" + json.dumps({**{k: v for k, v in good.items() if k != "problem"},
+                                                              **record}) + "\n")
+    monkeypatch.setattr(model_lib, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    with pytest.raises(SystemExit) as info:  # -1 would pair the text with the last problem, silently
+        ev.main(["--model", str(tiny_model_dir), "--no-quantize", "--limit", "3", "--stop-probe", str(records),
+                 "--budgets", "2", "--out", str(tmp_path / "p.json")])
+    assert str(info.value) == (f"error: {records}: response 2 has problem {said}, not an index of the 3 problems of "
+                               f"--data builtin --limit 3: give the records of an evaluation of the same problems")
+
+
+@pytest.mark.parametrize("line, said", [({"step": "3", "reward_mean": 0.5}, "step '3'"),
+                                        ({"reward_mean": 0.5}, "step None"),
+                                        ({"step": 0, "reward_mean": "high"}, "reward_mean 'high'")])
+def test_curves_of_a_damaged_metrics_log_are_one_line(line, said, tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.jsonl").write_text(json.dumps({"step": 0, "reward_mean": 0.1}) + "\n"
+                                                    + json.dumps(line) + "\n")
+    with pytest.raises(SystemExit) as info:
+        ev.main(["--curves", str(tmp_path / "run")])
+    assert str(info.value) == (f"error: {tmp_path / 'run' / 'metrics.jsonl'} is damaged: its line 2 has {said}, not a "
+                               f"number; restore it from the run, or remove that line")
+
+
+def test_the_config_of_the_run_an_adapter_came_from_must_be_settings(tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match=r"config.json is not a JSON object of settings: restore the run"):
+        ev.train_config(str(tmp_path / "run"))

@@ -1,5 +1,6 @@
 import importlib.util
 import json
+import re
 
 import pytest
 import torch
@@ -350,3 +351,100 @@ def test_threads_follow_omp_num_threads_or_the_free_cores(monkeypatch):
         assert model_lib.set_threads() == 1  # never none
     finally:
         torch.set_num_threads(before)
+
+
+# -----------------------------------------------------------------------------
+# exports never delete what is there; files read back are checked and never unpickled
+
+
+def test_export_adapter_never_deletes_what_is_in_its_directory(tiny_model_dir, tmp_path):
+    import os
+
+    model, _ = load_model(str(tiny_model_dir), quantize=False)
+    save_adapter(model, tmp_path / "run" / "adapter")
+    source = tmp_path / "run" / "adapter"
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    with pytest.raises(ModelError, match=rf"^{mine} holds other files \(notes.txt\): they would be lost; give a new or "
+                       r"empty directory$"):
+        model_lib.export_adapter(source, mine)
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"] and (mine / "notes.txt").read_text() == "keep me"
+    for inside in (source, source / "sub", tmp_path / "run"):  # into what it reads: refused, nothing touched
+        with pytest.raises(ModelError, match="which is \\(or holds, or lies in\\) it: give a directory of its own"):
+            model_lib.export_adapter(source, inside)
+    assert sorted(p.name for p in source.iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors",
+                                                        model_lib.ADAPTER_BASE_FILE]
+    with pytest.raises(ModelError, match="holds other files \\(notes.txt\\)"):
+        model_lib.export_merged(source, mine)  # refused before the model loads
+    with pytest.raises(ModelError, match="holds other files \\(notes.txt\\)"):
+        save_adapter(model, mine)
+    umask = os.umask(0o022)
+    try:
+        shared = model_lib.export_adapter(source, tmp_path / "shared")
+        assert shared.stat().st_mode & 0o777 == 0o755  # like any directory made here, not its owner's alone
+        model_lib.export_adapter(source, shared)  # an export replaces an export of its own
+    finally:
+        os.umask(umask)
+    assert model_lib.adapter_base(shared) == str(tiny_model_dir)
+
+
+def test_an_empty_or_relative_xdg_cache_home_is_the_home_cache_not_the_working_directory(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = ("import importlib, os, model\nfor value in ('', 'relative'):\n    os.environ['XDG_CACHE_HOME'] = value\n"
+              "    print(importlib.reload(model).DEFAULT_CACHE)")
+    caches = subprocess.run([sys.executable, "-c", script], env={**os.environ, "HOME": str(tmp_path)}, text=True,
+                            cwd=Path(model_lib.__file__).parent, capture_output=True, check=True).stdout.split()
+    assert caches == [str(tmp_path / ".cache" / "lcpo" / "SmolLM2-135M-Instruct")] * 2
+
+
+class Payload:
+    """What a pickled pytorch_model.bin may hold: unpickling it writes a file (it could run anything)."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return exec, (f"open({self.path!r}, 'w').write('ran')",)
+
+
+def test_a_model_whose_weights_are_a_pickle_is_refused_and_never_unpickled(tiny_model_dir, tmp_path):
+    import pickle
+    import shutil
+
+    pickled = tmp_path / "pickled"
+    shutil.copytree(tiny_model_dir, pickled)
+    (pickled / "model.safetensors").unlink()
+    (pickled / "pytorch_model.bin").write_bytes(pickle.dumps({"x": Payload(tmp_path / "ran")}))
+    with pytest.raises(ModelError, match=rf"^{pickled} has no model weights \(\*.safetensors\) \(pytorch_model.bin is "
+                       r"a pickle, which is never loaded: it could run code\); convert it to safetensors"):
+        load_model(str(pickled), quantize=False)
+    assert not (tmp_path / "ran").exists()
+
+
+def test_a_chat_template_that_tries_to_leave_the_sandbox_is_one_line(tiny_model_dir, tmp_path):
+    import shutil
+
+    escaping = tmp_path / "escaping"
+    shutil.copytree(tiny_model_dir, escaping)
+    make_char_tokenizer(chat_template="{{ ''.__class__.__mro__[1].__subclasses__() }}").save_pretrained(escaping)
+    with pytest.raises(ModelError, match=rf"^the chat template of {escaping} cannot be used \(SecurityError: .*\): fix "
+                       r"its chat_template"):
+        model_lib.load_tokenizer(str(escaping))
+
+
+@pytest.mark.parametrize("base", [None, 123, "", "  "])
+def test_an_adapter_that_does_not_name_its_base_is_refused(tiny_model_dir, tmp_path, base):
+    model, _ = load_model(str(tiny_model_dir), quantize=False)
+    save_adapter(model, tmp_path / "adapter")
+    (tmp_path / "adapter" / model_lib.ADAPTER_BASE_FILE).write_text(json.dumps({"base": base}))
+    message = rf"^adapter {tmp_path / 'adapter'} does not say which base model it was trained on \(lcpo_base.json, " \
+              rf"its base is {re.escape(repr(base))}\)"
+    with pytest.raises(ModelError, match=message):
+        model_lib.adapter_base(tmp_path / "adapter")
+    with pytest.raises(ModelError, match=message):  # not the embedded model in its place
+        load_model(adapter=str(tmp_path / "adapter"), quantize=False)

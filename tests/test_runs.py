@@ -3,6 +3,7 @@
 import dataclasses
 import errno
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -122,3 +123,156 @@ def test_a_full_disk_mid_run_is_one_line_and_keeps_the_last_checkpoint(learnable
                        r"last checkpoint is kept; fix it, then the same command continues$"):
         train.main(argv)
     assert runs.latest_checkpoint(tmp_path / "r")[0].name == "step-000002"
+
+
+# -----------------------------------------------------------------------------
+# files a run reads back: never unpickled, each checked; names and places that stay where they are asked
+
+
+class Payload:
+    """What a state.pt from someone else may hold: unpickling it writes a file (it could run anything)."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return exec, (f"open({self.path!r}, 'w').write('ran')",)
+
+
+@pytest.mark.parametrize("how", ["a bare pickle", "a torch.save zip with one object more"])
+def test_a_checkpoint_that_would_run_code_is_refused_and_never_runs_it(learnable_model_dir, tmp_path, monkeypatch, how):
+    import pickle
+
+    import torch
+
+    cfg = tiny_config(learnable_model_dir, steps=1, prompts_per_step=2, group_size=2, max_new_tokens=8)
+    run = train.train(cfg, tmp_path / "run")
+    state_file, marker = run / "checkpoints" / "step-000001" / "state.pt", tmp_path / "ran"
+    if how == "a bare pickle":
+        state_file.write_bytes(pickle.dumps({"step": 1, "x": Payload(marker)}))
+    else:  # everything a resume needs is there, and trains on normally if the extra object is unpickled
+        torch.save({**torch.load(state_file, weights_only=True), "extra": Payload(marker)}, state_file)
+    monkeypatch.setattr(model_lib, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    try:
+        with pytest.raises(SystemExit) as info:
+            train.main(["--resume", str(run), "--steps", "2"])
+    finally:
+        assert not marker.exists()  # the payload never ran, whatever happened after
+    assert re.match(rf"^error: {state_file} holds more than tensors and numbers \(.+\): train.py never writes that, "
+                    rf"so it is not loaded; delete {state_file.parent} to resume from the checkpoint before it$",
+                    str(info.value)), str(info.value)
+
+
+def test_a_checkpoint_without_its_rng_state_is_damaged_and_said_before_the_model_loads(learnable_model_dir, tmp_path,
+                                                                                         monkeypatch, capsys):
+    import torch
+
+    cfg = tiny_config(learnable_model_dir, steps=1, prompts_per_step=2, group_size=2, max_new_tokens=8)
+    run = train.train(cfg, tmp_path / "run")
+    state_file = run / "checkpoints" / "step-000001" / "state.pt"
+    state = torch.load(state_file, weights_only=True)
+    del state["torch_rng"]
+    torch.save(state, state_file)
+    monkeypatch.setattr(model_lib, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    with pytest.raises(SystemExit, match=rf"^error: no checkpoint of {run} can be read: delete"):
+        train.main(["--resume", str(run), "--steps", "2"])
+    assert "state.pt has no valid torch_rng" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name, problem", [("../../escaped", "it holds a path separator"),
+                                           ("{tmp}/absolute", "it holds a path separator"),
+                                           ("..", "it starts with a dot"), ("", "it is empty"),
+                                           ("a\tb", "it holds a control character")])
+def test_a_run_name_is_a_name_never_a_path(name, problem, tmp_path, monkeypatch):
+    monkeypatch.setattr(model_lib, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    out_dir = tmp_path / "a" / "runs"
+    name = name.format(tmp=tmp_path)
+    with pytest.raises(SystemExit) as info:
+        train.main(["--out-dir", str(out_dir), "--run-name", name])
+    assert str(info.value) == (f"error: --run-name {name!r} is not a name ({problem}): give a plain name such as "
+                               f"'alpha-0.001'; --out-dir says where runs go")
+    assert list(tmp_path.rglob("*")) == []  # nothing written, inside --out-dir or out of it
+
+
+def test_out_dir_under_home_is_under_home_not_a_directory_named_tilde(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    cfg, run_dir, resume = train.parse_args(["--out-dir", "~/runs"])
+    assert run_dir == tmp_path / "home" / "runs" / "default" and cfg.out_dir == str(tmp_path / "home" / "runs")
+    assert not (tmp_path / "~").exists()
+
+
+def test_a_dangling_link_as_out_dir_is_refused_before_any_work(tmp_path, monkeypatch):
+    monkeypatch.setattr(model_lib, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    (tmp_path / "runs").symlink_to(tmp_path / "gone")
+    with pytest.raises(SystemExit, match=rf"^error: --out-dir: cannot write to {tmp_path / 'runs'} \(a link to "
+                       rf"{tmp_path / 'gone'}, which does not exist\): choose a writable place$"):
+        train.main(["--out-dir", str(tmp_path / "runs")])
+
+
+def test_a_write_that_fails_before_any_checkpoint_does_not_claim_one_is_kept(learnable_model_dir, tmp_path,
+                                                                              monkeypatch):
+    def full(path, record):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(runs, "append_jsonl", full)
+    with pytest.raises(SystemExit, match=r"^error: cannot write .*metrics.jsonl \(No space left on device\): no "
+                       r"checkpoint was saved yet; fix it, then the same command continues$"):
+        train.main(["--model", str(learnable_model_dir), "--no-quantize", "--out-dir", str(tmp_path), "--run-name", "r",
+                    "--steps", "1", "--prompts-per-step", "2", "--group-size", "2", "--max-new-tokens", "8"])
+
+
+def test_a_kill_while_the_model_loads_leaves_nothing_in_the_way_of_the_corrected_command(learnable_model_dir, tmp_path):
+    import signal
+
+    argv = ["--model", str(learnable_model_dir), "--no-quantize", "--out-dir", str(tmp_path), "--run-name", "mine",
+            "--steps", "1"]
+    script = ("import sys, time, model, train\n"
+              "def slow(*args, **kwargs):\n    print('loading', flush=True)\n    time.sleep(60)\n"
+              "model.load_model = slow\ntrain.main(sys.argv[1:])")
+    starting = subprocess.Popen([sys.executable, "-c", script, *argv, "--group-size", "3"], stdout=subprocess.PIPE,
+                                text=True, cwd=Path(runs.__file__).parent)
+    try:
+        assert any(line.strip() == "loading" for line in starting.stdout)
+        assert (tmp_path / "mine" / "config.json").exists()
+        starting.send_signal(signal.SIGTERM)
+        starting.wait(timeout=30)
+    finally:
+        starting.kill()
+        starting.wait()
+    assert not (tmp_path / "mine").exists()
+    cfg, run_dir, resume = train.parse_args(argv + ["--group-size", "4"])  # not "holds a run with other settings"
+    assert run_dir == tmp_path / "mine" and not resume and cfg.group_size == 4
+
+
+def test_a_start_killed_outright_is_not_taken_for_a_run(tmp_path):
+    cfg, run_dir, _ = train.parse_args(["--out-dir", str(tmp_path), "--run-name", "mine", "--group-size", "3"])
+    run_dir.mkdir()  # what a kill -9 while the model loads leaves: the first files, no step
+    (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg)))
+    (run_dir / "metrics.jsonl").write_text("")
+    cfg, again, resume = train.parse_args(["--out-dir", str(tmp_path), "--run-name", "mine", "--group-size", "4"])
+    assert again == run_dir and not resume and cfg.group_size == 4
+
+
+def test_a_log_line_whose_step_is_not_a_number_is_dropped_on_resume(learnable_model_dir, tmp_path):
+    cfg = tiny_config(learnable_model_dir, steps=1, prompts_per_step=2, group_size=2, max_new_tokens=8)
+    run = train.train(cfg, tmp_path / "run")
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": "1", "reward_mean": 0}\n')
+    train.train(dataclasses.replace(cfg, steps=2), run, resume=True)
+    assert [m["step"] for m in read_metrics(run)] == [0, 1]
+
+
+def test_an_optimizer_state_that_does_not_fit_its_adapter_is_one_line(learnable_model_dir, tmp_path):
+    import torch
+
+    cfg = tiny_config(learnable_model_dir, steps=1, prompts_per_step=2, group_size=2, max_new_tokens=8)
+    run = train.train(cfg, tmp_path / "run")
+    state_file = run / "checkpoints" / "step-000001" / "state.pt"
+    state = torch.load(state_file, weights_only=True)
+    state["optimizer"]["param_groups"][0]["params"] = [0]  # one weight where the adapter has many
+    torch.save(state, state_file)
+    with pytest.raises(SystemExit) as info:
+        train.main(["--resume", str(run), "--steps", "2"])
+    assert re.match(rf"^error: the optimizer or RNG state of {state_file.parent} does not fit its adapter \(ValueError: "
+                    r".+\): delete that checkpoint to resume from the one before it$", str(info.value)), str(info.value)

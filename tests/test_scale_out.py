@@ -161,3 +161,20 @@ def test_export_errors_and_cli(tmp_path, problems, capsys):
     scale_out.main(["verl", "--split", "test", "--out", str(tmp_path / "v.parquet"), "--n-min", "100",
                     "--n-max", "4000", "--mode", "max"])
     assert "wrote 200 max prompts (N 100-4000) for verl" in capsys.readouterr().out
+
+
+def test_an_export_never_writes_over_a_file_unasked(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(SystemExit) as e:
+        scale_out.main(["trl", "--split", "test", "--out", str(tmp_path / "notes.txt")])
+    assert str(e.value) == (f"error: --out writes a .parquet file: give a name ending in .parquet, not "
+                            f"'{tmp_path}/notes.txt'")
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+    (tmp_path / "trl.parquet").write_text("mine")
+    with pytest.raises(SystemExit) as e:
+        scale_out.main(["trl", "--split", "test", "--out", str(tmp_path / "trl.parquet")])
+    assert str(e.value) == (f"error: {tmp_path}/trl.parquet exists: pass --replace to write over it, or give "
+                            f"another --out")
+    assert (tmp_path / "trl.parquet").read_text() == "mine"
+    scale_out.main(["trl", "--split", "test", "--out", str(tmp_path / "trl.parquet"), "--replace"])
+    assert "wrote 200 exact prompts" in capsys.readouterr().out

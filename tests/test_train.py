@@ -318,6 +318,7 @@ def _write_run(run_dir, **settings):
     plain = dataclasses.asdict(train.parse_args([])[0])  # what `python train.py` saves
     config = {**plain, "run_name": run_dir.name, "out_dir": str(run_dir.parent), **settings}
     (run_dir / "config.json").write_text(json.dumps(config))
+    (run_dir / "metrics.jsonl").write_text('{"step": 0}\n')  # it has done a step: a run, not a start that died
 
 
 def test_the_same_command_continues_its_run_and_another_gets_its_own(tmp_path):
@@ -336,11 +337,17 @@ def test_the_same_command_continues_its_run_and_another_gets_its_own(tmp_path):
     (["--resume", "{tmp}/taken", "--lr", "1", "--group-size", "16"], "drop --group-size, --lr"),
     (["--resume", "{tmp}/bad-json"], "config.json cannot be read"),
     (["--resume", "{tmp}/unknown-key"], "has settings this train.py does not know (top_k)"),
+    (["--resume", "{tmp}/text-number"], "config.json is damaged: its group_size is '2', not int; correct it (the "
+                                        "default is 4), or start a new run"),
+    (["--resume", "{tmp}/null-lr"], "config.json is damaged: its lr is None, not float"),
+    (["--run-name", "null-lr"], "config.json is damaged: its lr is None, not float"),
 ])
 def test_a_run_is_never_continued_with_other_settings(argv, message, monkeypatch, tmp_path):
     monkeypatch.setattr(model_lib, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
     _write_run(tmp_path / "taken")
     _write_run(tmp_path / "unknown-key", top_k=50)
+    _write_run(tmp_path / "text-number", group_size="2")
+    _write_run(tmp_path / "null-lr", lr=None)
     (tmp_path / "bad-json").mkdir()
     (tmp_path / "bad-json" / "config.json").write_text('{"steps": 10,')
     (tmp_path / "junk").mkdir()
