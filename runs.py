@@ -53,13 +53,8 @@ def check_config(cfg) -> None:
         problems.append(f"--alpha must be >= 0, got {cfg.alpha}")
     if not 0 <= cfg.delta <= 1:
         problems.append(f"--delta must be in [0, 1], got {cfg.delta}")
-    if cfg.temperature <= 0:
-        problems.append(f"--temperature must be > 0 to train, got {cfg.temperature}: at 0 the G responses to a "
-                        f"prompt are the same and their advantages all 0, so nothing is learnt")
     if not 0 <= cfg.seed < 2**32:
         problems.append(f"--seed must be in [0, 2**32), got {cfg.seed}")
-    if cfg.group_size < 2:
-        problems.append(f"--group-size must be >= 2 (advantages compare responses to the same prompt), got {cfg.group_size}")
     if cfg.targets_per_problem >= 1 and cfg.prompts_per_step % cfg.targets_per_problem:
         problems.append(f"--targets-per-problem must divide --prompts-per-step ({cfg.prompts_per_step}), "
                         f"got {cfg.targets_per_problem}")
@@ -69,7 +64,7 @@ def check_config(cfg) -> None:
                  "save_every", "keep_checkpoints", "sample_every", "max_bad_steps", "lora_rank", "targets_per_problem"):
         if getattr(cfg, name) < 1:
             problems.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
-    for name in ("beta", "clip", "lr", "grad_clip", "length_steps"):
+    for name in ("beta", "clip", "length_steps"):
         if getattr(cfg, name) < 0:
             problems.append(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
     if cfg.init_adapter is not None:
@@ -83,8 +78,37 @@ def check_config(cfg) -> None:
         data.check_target_range(cfg.n_min, cfg.n_max)
     except ValueError as e:
         problems.append(str(e))
+    problems += trains_nothing(cfg)
     if problems:
         raise ValueError("; ".join(problems))
+
+
+MIN_TEMPERATURE = 0.01  # below it sampling is greedy in effect, and logits / T overflow at 1e-38
+
+
+def trains_nothing(cfg) -> list[str]:
+    """The settings under which a run would go through its steps and learn nothing, each with what to change.
+
+    One rule: a step learns only from responses to a prompt whose rewards differ (their advantages), through
+    a gradient that reaches the adapter's weights. Too few or identical responses, responses all cut by the
+    cap, or a gradient scaled to nothing break it. At run time the same rule is kept by train_loop: a step
+    whose gradient is zero is not an update, and a run of such steps stops."""
+    why = []
+    if cfg.group_size < 2:
+        why.append(f"--group-size must be >= 2 (advantages compare responses to the same prompt), got {cfg.group_size}")
+    if cfg.temperature < MIN_TEMPERATURE:
+        why.append(f"--temperature must be >= {MIN_TEMPERATURE} to train, got {cfg.temperature}: below it the G "
+                   f"responses to a prompt are the same and their advantages all 0, so nothing is learnt")
+    if cfg.max_new_tokens < cfg.n_max:
+        why.append(f"--max-new-tokens ({cfg.max_new_tokens}) is below the largest target --n-max ({cfg.n_max}): "
+                   f"responses are cut before they can meet the longer targets (below --n-min every response is "
+                   f"cut and none differs from its group): raise --max-new-tokens or lower --n-max")
+    for name, meaning in (("lr", "the size of each update"), ("grad_clip", "the largest gradient norm, "
+                          "0 scales every gradient to nothing: a large value clips nothing"),
+                          ("lora_alpha", "the adapter's output is scaled by alpha / rank: 0 has no gradient")):
+        if getattr(cfg, name) <= 0:
+            why.append(f"--{name.replace('_', '-')} must be > 0 ({meaning}), got {getattr(cfg, name)}")
+    return why
 
 
 def check_writable(path: Path, flag: str) -> None:

@@ -183,7 +183,7 @@ def length_step(cfg, step: int, model, tokenizer, optimizer, params, problems, t
         t_opt = time.perf_counter()
         grad_norm = model_lib.optimizer_step(optimizer, params, cfg.grad_clip)
         optimizer_s += time.perf_counter() - t_opt
-        if grad_norm is None:  # a non-finite loss or gradient: no update, the weights kept
+        if not grad_norm:  # a non-finite (None) or zero gradient: no update, the weights kept
             updated = False
             break
     train_s = time.perf_counter() - t1

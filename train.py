@@ -83,7 +83,7 @@ class Config:
     save_every: int = 10  # steps between checkpoints
     keep_checkpoints: int = 3  # the newest ones kept
     sample_every: int = 5  # steps between saved example responses
-    max_bad_steps: int = 5  # non-finite losses in a row before the run stops
+    max_bad_steps: int = 5  # steps in a row that update nothing (a non-finite loss, a zero gradient) before a stop
 
 
 _PAPER = dict(model="agentica-org/DeepScaleR-1.5B-Preview", data="deepscaler", n_min=100, n_max=4000, group_size=16,
@@ -222,7 +222,7 @@ def train_step(cfg: Config, step: int, model, tokenizer, optimizer, params, prob
         t_opt = time.perf_counter()
         grad_norm = model_lib.optimizer_step(optimizer, params, cfg.grad_clip)
         optimizer_s += time.perf_counter() - t_opt
-        if grad_norm is None:  # a non-finite loss or gradient: no update, the weights kept
+        if not grad_norm:  # a non-finite (None) or zero gradient: no update, the weights kept
             updated = False
             break
     train_s = time.perf_counter() - t1
@@ -302,7 +302,8 @@ def train_loop(cfg: Config, run_dir: Path, state: dict | None, problems: list, o
                 if step % cfg.sample_every == 0:
                     runs.append_jsonl(run_dir / "samples.jsonl", {"step": step, "examples": examples})
                 bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", acc=f"{metrics['accuracy']:.2f}",
-                                len_err=f"{metrics['length_error']:.2f}")
+                                len_err=f"{metrics['length_error']:.2f}", **({} if metrics["updated"] else
+                                                                              {"update": "none"}))
                 if on_step is not None:
                     on_step(step, metrics)
                 if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps or stop.asked:
@@ -311,6 +312,11 @@ def train_loop(cfg: Config, run_dir: Path, state: dict | None, problems: list, o
                 if stop.asked:
                     bar.write(f"stopped and saved at step {step + 1}; the same command continues the run")
                     break
+                if bad_steps >= cfg.max_bad_steps and metrics["grad_norm"] == 0:
+                    raise RuntimeError(f"{bad_steps} steps in a row learnt nothing (in every group the rewards tied, "
+                                       f"so the gradient was zero): let the responses differ, with a larger "
+                                       f"--group-size, --temperature or --max-new-tokens, or problems the model can "
+                                       f"sometimes answer")
                 if bad_steps >= cfg.max_bad_steps:
                     raise RuntimeError(f"{bad_steps} steps in a row had a non-finite loss or reward: check the data, "
                                        f"or start a new run with a lower --lr and --init-adapter {run_dir} (its last "
