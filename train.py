@@ -271,6 +271,9 @@ def train_loop(cfg: Config, run_dir: Path, state: dict | None, problems: list, o
         lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha, gradient_checkpointing=cfg.gradient_checkpointing)
     thinks = "</think>" in tokenizer.get_vocab()  # R1-style models: an answer only counts after </think>
     trained_on = runs.problems_id(problems)  # saved with each checkpoint: a resume must see the same problems
+    context = getattr(model.config, "max_position_embeddings", None)
+    if context is not None:  # a problem too long for the model is skipped now, not found when it is drawn
+        problems = data.within_context(problems, tokenizer, context - cfg.max_new_tokens, cfg.n_max, cfg.data)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     if state is not None:

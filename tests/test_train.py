@@ -273,6 +273,14 @@ def test_steps_that_learn_nothing_say_so_then_stop_the_run(learnable_model_dir, 
     assert [(m["updated"], m["passed_rows"], m["grad_norm"]) for m in metrics] == [(False, 0, 0.0)] * 3
 
 
+def test_a_problem_too_long_for_the_context_is_skipped_before_the_first_step(learnable_model_dir, tmp_path, capsys):
+    rows = [{"problem": "What is 1 + 1?", "answer": "2"}, {"problem": "9" * 600 + "?", "answer": "1"}]  # context 512
+    (tmp_path / "set.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run = train.train(tiny_config(learnable_model_dir, steps=2, data=str(tmp_path / "set.jsonl")), tmp_path / "run")
+    assert [m["step"] for m in read_metrics(run)] == [0, 1]
+    assert "skipped 1 of 2 problems" in capsys.readouterr().err
+
+
 def test_a_zero_gradient_moves_no_weight():
     weight = torch.nn.Parameter(torch.ones(3))
     optimizer = torch.optim.AdamW([weight], lr=0.1, weight_decay=0.0)
