@@ -161,3 +161,20 @@ def test_export_errors_and_cli(tmp_path, problems, capsys):
     scale_out.main(["verl", "--split", "test", "--out", str(tmp_path / "v.parquet"), "--n-min", "100",
                     "--n-max", "4000", "--mode", "max"])
     assert "wrote 200 max prompts (N 100-4000) for verl" in capsys.readouterr().out
+
+
+def test_trl_reward_on_missing_or_mismatched_input():
+    func = scale_out.trl_reward()
+    columns = dict(answer=["2", "2", "2"], n_gold=[4, float("nan"), None], mode=["exact"] * 3)
+    got = func(completions=[None, r"\boxed{2}", []], completion_ids=[None, [1] * 9, []], **columns)
+    assert got == [0.0, 1.0, 0.0]  # no completion: 0; a missing target (NaN as a table stores it): correctness alone
+    with pytest.raises(ValueError, match=r"^trl_reward: the columns must be lists of one length.*answer 2"):
+        func(completions=["a", "b", "c"], completion_ids=[[1]] * 3, **dict(columns, answer=["2", "2"]))
+    with pytest.raises(ValueError, match=r"^trl_reward: completion 0 has no completion_ids"):
+        func(completions=["a"], completion_ids=[None], answer=["2"], n_gold=[4], mode=["exact"])
+    with pytest.raises(ValueError, match=r"^trl_reward: the columns must be lists.*completion_ids None"):
+        func(completions=["a"], completion_ids=None, answer=["2"], n_gold=[4], mode=["exact"])
+
+
+def test_compute_score_of_no_response_is_zero():
+    assert scale_out.compute_score("lcpo", None, "2", {"n_gold": 4, "mode": "exact"}) == 0.0
