@@ -158,6 +158,10 @@ def parse_args(argv, config_class, presets: dict, description: str, first_stage:
     args = parser.parse_args(argv)
     fields = dataclasses.fields(config_class)
     given = {f.name: getattr(args, f.name) for f in fields if getattr(args, f.name) is not None}
+    if given.get("model") == "embedded":  # the default model by its name: the same as leaving --model out
+        given["model"] = None
+        if not presets.get(args.preset, {}).get("model"):
+            del given["model"]
 
     if args.resume is not None:
         run_dir = Path(args.resume)
@@ -170,6 +174,7 @@ def parse_args(argv, config_class, presets: dict, description: str, first_stage:
         cfg = config_class(**{**saved, **given})
         check_config(cfg)
         check_writable(run_dir, "--resume")
+        check_steps_left(cfg, run_dir)
         return cfg, run_dir, True
     if args.preset not in presets:
         raise ValueError(f"unknown preset {args.preset!r}: use one of {', '.join(presets)}")
@@ -193,7 +198,18 @@ def parse_args(argv, config_class, presets: dict, description: str, first_stage:
     if changed:
         raise ValueError(f"{run_dir} holds a run with other settings ({', '.join(f'{k} {saved[k]!r}' for k in changed)})"
                          f": pass another --run-name for a new run, or --resume {run_dir} to continue that one")
+    check_steps_left(cfg, run_dir)
     return cfg, run_dir, True  # the same command again: continue the run
+
+
+def check_steps_left(cfg, run_dir: Path) -> None:
+    """Refuse to continue a run with fewer --steps than its newest checkpoint has done: that would rewrite its
+    config to a length it has passed, for nothing."""
+    saved = sorted((run_dir / "checkpoints").glob("step-*"))
+    done = int(saved[-1].name.removeprefix("step-")) if saved and saved[-1].name[5:].isdigit() else 0
+    if cfg.steps < done:
+        raise ValueError(f"{run_dir} has done {done} steps: --steps {cfg.steps} would not continue it; pass --steps "
+                         f"above {done} to train it further")
 
 
 def run_name(preset: str, given: dict) -> str:
@@ -209,7 +225,8 @@ def run_name(preset: str, given: dict) -> str:
             if isinstance(value, bool):
                 parts.append(key.replace("_", "-") if value else "no-" + key.replace("_", "-"))
             else:
-                parts += [key.replace("_", "-"), Path(str(value)).name or str(value)]
+                shown = "embedded" if value is None else Path(str(value)).name or str(value)  # None: --model embedded
+                parts += [key.replace("_", "-"), shown]
     name = re.sub(r"[^A-Za-z0-9._-]+", "_", "-".join(parts))
     return name if len(name) <= 100 else f"{name[:80]}-{zlib.crc32(name.encode()):08x}"
 

@@ -20,8 +20,12 @@ stage's), `rollout_metrics` and `examples` (what a step's rollouts did). S1 budg
 
 import argparse
 import math
+import signal
 import sys
 from dataclasses import dataclass
+
+if __name__ == "__main__":  # Ctrl-C while the libraries below load: quit quietly, as at any time
+    signal.signal(signal.SIGINT, lambda *_: sys.exit(130))
 
 import torch
 import torch.nn.functional as F
@@ -494,6 +498,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     try:
+        if args.prompt is not None and not args.prompt.strip():
+            raise ValueError("--prompt is empty: give the problem to answer, or leave it out for a built-in one")
         if args.budget < 0:
             raise ValueError(f"--budget must be >= 0, got {args.budget}")
         if args.s1 and args.budget == 0:

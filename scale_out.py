@@ -22,9 +22,13 @@ tokenizer named at export; the end-of-sequence token that train.py also counts i
 import argparse
 import math
 import random
+import signal
 import sys
 from functools import lru_cache
 from pathlib import Path
+
+if __name__ == "__main__":  # Ctrl-C while the libraries below load: quit quietly, as at any time
+    signal.signal(signal.SIGINT, lambda *_: sys.exit(130))
 
 import data
 import reward

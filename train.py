@@ -18,10 +18,14 @@ Run directories, resuming and checkpoints: runs.py.
 import dataclasses
 import json
 import random
+import signal
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+if __name__ == "__main__":  # Ctrl-C while the libraries below load: quit quietly (main takes Ctrl-C over)
+    signal.signal(signal.SIGINT, lambda *_: sys.exit(130))
 
 import torch
 
@@ -336,6 +340,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, Path, bool]:
 
 
 def main(argv: list[str] | None = None) -> None:
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C from here on: the handling below
     try:
         cfg, run_dir, resume = parse_args(argv)
     except ValueError as e:

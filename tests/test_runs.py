@@ -123,3 +123,39 @@ def test_a_full_disk_mid_run_is_one_line_and_keeps_the_last_checkpoint(learnable
                        r"last checkpoint is kept; fix it, then the same command continues$"):
         train.main(argv)
     assert runs.latest_checkpoint(tmp_path / "r")[0].name == "step-000002"
+
+
+# -----------------------------------------------------------------------------
+# Ctrl-C while the libraries load, a finished run, the embedded model by its name
+
+
+@pytest.mark.parametrize("script", ["train.py", "eval.py", "sample.py", "bench.py", "scale_out.py"])
+def test_ctrl_c_while_the_libraries_load_quits_quietly(script):
+    import signal
+    import time
+
+    process = subprocess.Popen([sys.executable, script, "--help"], cwd=Path(runs.__file__).parent,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.3)  # past Python's start, inside the imports (torch, sympy: a second or more)
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 130 and "Traceback" not in err and "usage" not in out, err[-300:]
+
+
+def test_a_finished_run_is_not_continued_with_fewer_steps(learnable_model_dir, tmp_path, monkeypatch):
+    run = train.train(tiny_config(learnable_model_dir, steps=2, save_every=1), tmp_path / "run")
+    before = (run / "config.json").read_text()
+    monkeypatch.setattr(model_lib, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    with pytest.raises(SystemExit) as info:
+        train.main(["--resume", str(run), "--steps", "1"])
+    assert str(info.value) == (f"error: {run} has done 2 steps: --steps 1 would not continue it; pass --steps above 2 "
+                               f"to train it further")
+    assert (run / "config.json").read_text() == before
+
+
+def test_the_embedded_model_by_its_name_is_the_default_model():
+    cfg, run_dir, _ = train.parse_args(["--model", "embedded"])
+    assert cfg.model is None and cfg.init_adapter == str(train.STOP_ADAPTER) and run_dir.name == "default"
+    cfg, run_dir, _ = train.parse_args(["--preset", "l1-exact", "--model", "embedded"])
+    assert cfg.model is None and cfg.init_adapter == str(train.STOP_ADAPTER)
+    assert run_dir.name == "l1-exact-model-embedded"

@@ -409,3 +409,13 @@ def test_the_shipped_l1_exact_adapter_turns_the_dial():
     # the same cap for both, so that the cap is not what differs; the untrained model runs past 64 at N = 32
     assert lengths[32] < 64 and lengths[128] > lengths[32] + 32, lengths  # sampled at T = 0.6: 26.1 and 103.7
 
+
+
+@pytest.mark.parametrize("prompt", ["", "  \n"])
+def test_cli_refuses_an_empty_prompt_before_loading(prompt, monkeypatch):
+    import model as model_lib
+
+    monkeypatch.setattr(model_lib, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    with pytest.raises(SystemExit) as info:
+        sample.main(["--prompt", prompt])
+    assert str(info.value).startswith("error: --prompt is empty") and "\n" not in str(info.value)
