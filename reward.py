@@ -37,7 +37,7 @@ ALPHA_MAX = 0.001  # LCPO-Max: slope of the budget term (original code: alpha=1/
 DELTA_MAX = 0.5  # LCPO-Max: the budget term's value at n_y = n_gold
 JUDGE_TIMEOUT_S = 2.0  # per-answer limit on parsing and comparing it, in any thread: past it, incorrect
 MAX_ANSWER_CHARS = 1000  # a longer "final answer" is degenerate output: incorrect, never parsed
-MAX_DIGITS = 10_000  # an answer whose exact value needs a longer number (9^{9^{9^9}}, (10^9)!) is incorrect, not computed
+MAX_DIGITS = 10_000  # an answer whose exact value needs longer numbers (9^{9^{9^9}}, (10^9)!): incorrect, not computed
 THINK_END = "</think>"
 logging.getLogger("math_verify").setLevel(logging.ERROR)  # its timeouts are judged incorrect here, not printed
 
@@ -152,7 +152,8 @@ def time_limit(seconds: float):
     limit is a SIGALRM, which only the main thread may set). Like a signal it lands between two Python steps:
     one long C call (a huge integer power) is not cut short, which is why too_large keeps those from starting."""
     thread = ctypes.c_ulong(threading.get_ident())
-    timer = threading.Timer(seconds, ctypes.pythonapi.PyThreadState_SetAsyncExc, (thread, ctypes.py_object(JudgeTimeout)))
+    timer = threading.Timer(seconds, ctypes.pythonapi.PyThreadState_SetAsyncExc,
+                            args=(thread, ctypes.py_object(JudgeTimeout)))
     timer.start()
     try:
         yield

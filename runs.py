@@ -30,6 +30,7 @@ import torch
 
 import data
 import model as model_lib
+import sample
 
 RESUMABLE = ("steps", "save_every", "keep_checkpoints", "sample_every", "max_bad_steps", "micro_batch_tokens",
              "rollout_batch", "rollout_copy", "gradient_checkpointing", "out_dir", "run_name")  # a resumed run may change
@@ -83,9 +84,6 @@ def check_config(cfg) -> None:
         raise ValueError("; ".join(problems))
 
 
-MIN_TEMPERATURE = 0.01  # below it sampling is greedy in effect, and logits / T overflow at 1e-38
-
-
 def trains_nothing(cfg) -> list[str]:
     """The settings under which a run would go through its steps and learn nothing, each with what to change.
 
@@ -96,9 +94,9 @@ def trains_nothing(cfg) -> list[str]:
     why = []
     if cfg.group_size < 2:
         why.append(f"--group-size must be >= 2 (advantages compare responses to the same prompt), got {cfg.group_size}")
-    if cfg.temperature < MIN_TEMPERATURE:
-        why.append(f"--temperature must be >= {MIN_TEMPERATURE} to train, got {cfg.temperature}: below it the G "
-                   f"responses to a prompt are the same and their advantages all 0, so nothing is learnt")
+    if cfg.temperature < sample.MIN_TEMPERATURE:
+        why.append(f"--temperature must be >= {sample.MIN_TEMPERATURE} to train, got {cfg.temperature}: below it the "
+                   f"G responses to a prompt are the same and their advantages all 0, so nothing is learnt")
     if cfg.max_new_tokens < cfg.n_max:
         why.append(f"--max-new-tokens ({cfg.max_new_tokens}) is below the largest target --n-max ({cfg.n_max}): "
                    f"responses are cut before they can meet the longer targets (below --n-min every response is "

@@ -109,8 +109,8 @@ def test_an_unwritable_out_dir_is_refused_before_the_model_loads(tmp_path, monke
 
 def test_a_full_disk_mid_run_is_one_line_and_keeps_the_last_checkpoint(learnable_model_dir, tmp_path, monkeypatch):
     argv = ["--model", str(learnable_model_dir), "--no-quantize", "--out-dir", str(tmp_path), "--run-name", "r",
-            "--steps", "3", "--save-every", "1", "--prompts-per-step", "2", "--group-size", "2", "--max-new-tokens", "8",
-            "--n-min", "4", "--n-max", "8"]
+            "--steps", "3", "--save-every", "1", "--prompts-per-step", "2", "--group-size", "2",
+            "--max-new-tokens", "8", "--n-min", "4", "--n-max", "8"]
     real_append = runs.append_jsonl
 
     def full(path, record):

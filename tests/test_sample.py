@@ -381,6 +381,7 @@ def test_cli_refuses_a_damaged_adapter(tiny_model_dir, tmp_path):
     (["--budget", "-3"], "error: --budget must be >= 0"),
     (["--temperature", "-1"], "error: temperature must be a finite number >= 0"),
     (["--temperature", "nan"], "error: temperature must be a finite number >= 0"),
+    (["--temperature", "1e-40"], "error: temperature must be 0 (greedy) or at least 0.01, got 1e-40"),
     (["--top-p", "2"], "error: top_p must be in (0, 1]"),
     (["--max-new-tokens", "0"], "error: max_new_tokens must be positive"),
     (["--model", "/no/such/dir"], "error: model directory /no/such/dir does not exist"),

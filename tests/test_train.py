@@ -325,8 +325,8 @@ def test_init_adapter_starts_from_its_weights(learnable_model_dir, tmp_path):
     (["--delta", "inf"], "--delta must be a finite number"),
     (["--resume", "nowhere"], "nowhere is not a run directory"),
     (["--init-adapter", "nowhere"], "--init-adapter: nowhere is not a saved adapter"),
-    (["--temperature", "0"], "--temperature must be >= 0.01 to train, got 0.0: below it the G responses to a prompt "
-                             "are the same"),
+    (["--temperature", "0"], "--temperature must be >= 0.01 to train, got 0.0: below it the G responses to a "
+                             "prompt are the same"),
     # settings that would run and train nothing (runs.trains_nothing)
     (["--temperature", "1e-40"], "--temperature must be >= 0.01 to train, got 1e-40"),
     (["--max-new-tokens", "16"], "--max-new-tokens (16) is below the largest target --n-max (128)"),
