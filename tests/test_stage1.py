@@ -16,7 +16,8 @@ from tests.conftest import make_char_tokenizer, make_tiny_llama, read_metrics, t
 def test_length_steps_end_each_response_at_the_n_its_prompt_asks(learnable_model_dir, tmp_path, monkeypatch):
     asked, learnt = [], []
     build_prompt, stop_loss = data.build_prompt, stage1.stop_loss
-    monkeypatch.setattr(data, "build_prompt", lambda problem, n, *a: asked.append((n, a[0])) or build_prompt(problem, n, *a))
+    monkeypatch.setattr(data, "build_prompt",  # the prompts of problems (data.within_context measures an empty one's)
+                        lambda problem, n, *a: (problem and asked.append((n, a[0]))) or build_prompt(problem, n, *a))
 
     def recording(model, ids, mask, n, eos_id, within=None):
         rows = [r[m.bool()].tolist() for r, m in zip(ids, mask)]
