@@ -168,7 +168,7 @@ def length_step(cfg, step: int, model, tokenizer, optimizer, params, problems, t
     tensors = [sample.pack([cut_rows[j] for j in idx], [learnt[j] for j in idx], tokenizer.pad_token_id, device)
                for idx in micro]
     sums = dict(loss=0.0, kl=0.0, stop_nll=0.0)
-    updated, grad_norm, optimizer_s = bool(torch.isfinite(rewards).all() and cut_rows), None, 0.0
+    updated, grad_norm, optimizer_s = bool(torch.isfinite(rewards).all()), None, 0.0  # no rows: a zero gradient
     for _ in range(cfg.epochs if updated else 0):  # the mean over rows of the length NLL + KL
         optimizer.zero_grad(set_to_none=True)
         for idx, (ids, mask, resp_mask, _) in zip(micro, tensors):
