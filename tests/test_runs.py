@@ -132,11 +132,12 @@ def test_a_full_disk_mid_run_is_one_line_and_keeps_the_last_checkpoint(learnable
 @pytest.mark.parametrize("script", ["train.py", "eval.py", "sample.py", "bench.py", "scale_out.py"])
 def test_ctrl_c_while_the_libraries_load_quits_quietly(script):
     import signal
-    import time
 
-    process = subprocess.Popen([sys.executable, script, "--help"], cwd=Path(runs.__file__).parent,
+    process = subprocess.Popen([sys.executable, "-X", "importtime", script, "--help"], cwd=Path(runs.__file__).parent,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(0.3)  # past Python's start, inside the imports (torch, sympy: a second or more)
+    for line in process.stderr:  # a line per module imported: wait until torch or sympy has begun to load
+        if "torch" in line or "sympy" in line:
+            break
     process.send_signal(signal.SIGINT)
     out, err = process.communicate(timeout=60)
     assert process.returncode == 130 and "Traceback" not in err and "usage" not in out, err[-300:]
