@@ -243,8 +243,8 @@ def is_correct(response: str, gold: str, thinks: bool = False, boxed_only: bool 
 
     Judged with math-verify, so 1/2 = \frac12 = 0.5, x=3 matches 3, 1,000 matches 1000, １２ matches 12,
     \text{(B)} matches B, and a list 1, 2 matches \{1, 2\} and (1, 2). A set in braces never matches a
-    pair or an interval in brackets ((1, 2) or [1, 2] against \{1, 2\}: order and the brackets are part
-    of the answer), although math-verify alone would take them as equal. A response without an answer,
+    pair or an interval in brackets, (1, 2) or [1, 2] against \{1, 2\}: order and the brackets are part
+    of the answer (math-verify alone takes (1, 2) for \{1, 2\}). A response without an answer,
     an answer whose value is too large to compute (too_large), or one that takes longer than
     JUDGE_TIMEOUT_S to parse and compare, is incorrect. `thinks` and `boxed_only`: see
     final_answer_text and extract_answer.
