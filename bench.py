@@ -19,10 +19,14 @@ import dataclasses
 import json
 import platform
 import random
+import signal
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+if __name__ == "__main__":  # Ctrl-C while the libraries below load: quit quietly, as at any time
+    signal.signal(signal.SIGINT, lambda *_: sys.exit(130))
 
 import torch
 

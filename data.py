@@ -22,6 +22,7 @@ import argparse
 import json
 import math
 import random
+import re
 import sys
 import zlib
 from dataclasses import dataclass
@@ -33,6 +34,8 @@ CHOICE_INSTRUCTION = "Let's think step by step and output the final answer (eg, 
 LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 BUILTIN_SIZE = {"train": 5000, "test": 200}  # problems in each split of the built-in set
 N_MIN, N_MAX = 32, 128  # the default range of target lengths on the embedded model (train.py's, data.py's)
+MAX_PROBLEM_CHARS = 1_000_000  # a longer problem fits no model's context: skipped at load, before it is tokenized
+_LENGTH_SENTENCE = re.compile(r"think for (?:maximum )?\d+ tokens", re.I)  # the sentence LCPO adds to each prompt
 
 
 class DataError(ValueError):
@@ -381,11 +384,17 @@ def _load_table(source: str, split: str, config):
     import datasets
 
     path = Path(source).expanduser()
+    if re.match(r"[a-z][a-z0-9+.-]*://", source, re.I):
+        raise DataError(f"--data {source} is a URL: --data takes a local .json, .jsonl or .parquet file, a hub id or "
+                        f"a known set; download the file and pass its path")
     is_local = path.suffix in LOCAL_FORMATS or path.exists() or source.startswith((".", "/", "~"))
     try:
         if is_local:
             if path.is_dir():
                 raise DataError(f"{source} is a directory: give a .json, .jsonl or .parquet file in it")
+            if path.exists() and not path.is_file():
+                raise DataError(f"dataset {source} is not a regular file (a pipe or a device): write the rows to a "
+                                f".json, .jsonl or .parquet file and pass its path")
             if not path.is_file():
                 raise DataError(f"dataset file {source} does not exist")
             if path.suffix not in LOCAL_FORMATS:
@@ -469,6 +478,9 @@ def load_problems(
     for flag, column in (("--problem-column", problem_column), ("--answer-column", answer_column)):
         if not spec and not (isinstance(column, str) and column.strip()):
             raise DataError(f"{flag} must name a column of {source}, not {column!r}")
+    if not spec and problem_column == answer_column:
+        raise DataError(f"--problem-column and --answer-column both name {problem_column!r}: a problem and its answer "
+                        f"are two columns of {source}")
     table, columns, note = _load_table(spec.get("path", source), split or spec.get("split", "train"),
                                        spec.get("config", config))
     problem_column = spec.get("problem", problem_column)
@@ -488,11 +500,15 @@ def load_problems(
         raise DataError(f"dataset {source} has no rows")
 
     shuffle_rng = random.Random(seed)
-    problems, skipped = [], {}  # why a row was skipped -> how many
-    for row in table:
+    problems, skipped = [], {}  # why a row was skipped -> [how many, the first one's row number]
+    for number, row in enumerate(table, 1):
         question, why = row.get(problem_column), None
         if question is not None and not isinstance(question, str):
             why = f"a problem that is not text ({type(question).__name__})"
+        elif isinstance(question, str) and len(question) > MAX_PROBLEM_CHARS:
+            why, question = f"a problem of over {MAX_PROBLEM_CHARS:,} characters", None
+        elif isinstance(question, str) and _LENGTH_SENTENCE.search(question):
+            why = "a problem that already asks for a length (Think for N tokens.), which LCPO's prompt adds"
         question = question.strip() if isinstance(question, str) else ""
         if isinstance(choices, tuple):  # correct option first: shuffle it into a random letter
             options = [str(row[c] or "").strip() for c in choices]
@@ -504,21 +520,44 @@ def load_problems(
             gold, why = _gold_text(row.get(answer_column), multiple_choice) if why is None else ("", why)
             if choices and question:
                 question = format_choices(question, row[choices])
-        if not question or not gold:
+        if why or not question or not gold:
             why = why or "an empty problem or answer"
-            skipped[why] = skipped.get(why, 0) + 1
+            skipped.setdefault(why, [0, number])[0] += 1
             continue
         problems.append(Problem(question, gold, multiple_choice))
         if limit is not None and len(problems) >= limit:
             break
     if note:
         print(f"data: skipped {note} in {source}", file=sys.stderr)
+    reasons = ", ".join(f"{n} with {why} (first: row {first})" for why, (n, first) in skipped.items())
     if skipped:
-        reasons = ", ".join(f"{n} with {why}" for why, n in skipped.items())
-        print(f"data: skipped {sum(skipped.values())} of {len(table)} rows of {source}: {reasons}", file=sys.stderr)
+        print(f"data: skipped {sum(n for n, _ in skipped.values())} of {len(table)} rows of {source}: {reasons}",
+              file=sys.stderr)
     if not problems:
-        raise DataError(f"dataset {source} has no usable rows (every problem or answer is empty or unusable)")
+        raise DataError(f"dataset {source} has no usable rows ({reasons})")
     return problems
+
+
+def within_context(problems: list[Problem], tokenizer, max_prompt_tokens: int, n_gold: int,
+                   source: str) -> list[Problem]:
+    """The problems whose longest LCPO prompt (Max, asking for n_gold) has at most max_prompt_tokens tokens (the
+    model's context less the response cap); the others are skipped and counted, as load_problems skips bad rows.
+
+    A problem adds at most about a token per byte to the prompt of an empty one, so only long problems are
+    tokenized."""
+    empty = max(len(lcpo_prompt(tokenizer, Problem("", "", mc), n_gold, "max")) for mc in (False, True))
+    fits = [len(p.problem.encode()) + empty + 2 <= max_prompt_tokens
+            or len(lcpo_prompt(tokenizer, p, n_gold, "max")) <= max_prompt_tokens for p in problems]
+    kept = [p for p, ok in zip(problems, fits) if ok]
+    if len(kept) < len(problems):
+        first = problems[fits.index(False)].problem
+        print(f"data: skipped {len(problems) - len(kept)} of {len(problems)} problems of {source} whose prompt is "
+              f"longer than the {max_prompt_tokens} tokens the model's context leaves beside the response cap "
+              f"(first: {first[:60]!r})", file=sys.stderr)
+    if not kept:
+        raise DataError(f"no problem of {source} fits in the model's context beside the response cap: lower "
+                        f"--max-new-tokens, or use a model with a longer context")
+    return kept
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -28,9 +28,13 @@ import argparse
 import json
 import math
 import re
+import signal
 import sys
 from collections import Counter
 from pathlib import Path
+
+if __name__ == "__main__":  # Ctrl-C while the libraries below load: quit quietly (main takes Ctrl-C over)
+    signal.signal(signal.SIGINT, lambda *_: sys.exit(130))
 
 import torch
 
@@ -154,7 +158,8 @@ def evaluate(args, out: Path) -> dict:
     budgets = [NO_BUDGET] if args.mode == "none" else args.budgets
     kept = [r for r in kept if r.get("budget") in done]
     records_path.parent.mkdir(parents=True, exist_ok=True)
-    records_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    if records_path.exists():  # written only once a budget has responses: a failed start leaves no file
+        records_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
     if all(b in done for b in budgets):
         print(f"{out}: every budget is already done")
         return result
@@ -453,6 +458,7 @@ def parse_args(argv):
         raise ValueError("--plot goes with --compare or --curves")
     if any(b <= 0 for b in args.budgets):
         raise ValueError(f"budgets must be positive token counts, got {args.budgets}")
+    args.budgets = list(dict.fromkeys(args.budgets))  # a budget given twice is evaluated once
     for name in ("samples", "batch", "answer_tokens"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -479,6 +485,7 @@ def parse_args(argv):
 
 
 def main(argv: list[str] | None = None) -> None:
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C from here on: the handling below
     try:
         args = parse_args(argv)
         if args.compare or args.curves:

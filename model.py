@@ -406,18 +406,17 @@ def rollout_copy(model, previous=None):
 
 def optimizer_step(optimizer, params: list, grad_clip: float) -> float | None:
     """One update of the LoRA weights from their accumulated gradient, clipped to norm grad_clip: the
-    gradient's norm, or None (no update, the gradient cleared) when it is not finite.
-
-    A weight without a gradient gets zeros (a pass with no rows still steps, as a pass of zero
-    advantages would: Adam's momentum moves on).
+    gradient's norm, or None (no update, the gradient cleared) when it is not finite, or 0.0 (no update)
+    when it is zero: a pass with no rows, or only rows of zero advantage, has nothing to learn from, and
+    Adam's momentum alone would move the weights on no evidence.
     """
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
     grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip).item()
-    if not math.isfinite(grad_norm):
+    if not math.isfinite(grad_norm) or grad_norm == 0:
         optimizer.zero_grad(set_to_none=True)
-        return None
+        return None if grad_norm else 0.0
     optimizer.step()
     if not all(torch.isfinite(p).all() for p in params):  # nothing after this could be saved or trusted
         raise RuntimeError("the update made the adapter's weights non-finite: start a new run with a lower --lr, "

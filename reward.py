@@ -15,22 +15,29 @@ so the same functions can be called from train.py, eval.py, verl or TRL.
 
 Model output is untrusted text: it only ever reaches math-verify's LaTeX parser (a grammar, not
 Python; the only pieces it hands on to sympy are the number literals it recognised), never
-eval/exec, and every judgement has a time limit.
+eval/exec; an answer whose exact value is too large to compute is never computed, and every
+judgement has a time limit that holds in whatever thread judges it (TRL and verl call rewards
+from worker threads).
 """
 
+import contextlib
+import ctypes
 import logging
+import math
 import re
 import threading
 import unicodedata
 from functools import lru_cache
 
+import sympy
 from math_verify import LatexExtractionConfig, parse, verify
 
 ALPHA_EXACT = 0.0003  # LCPO-Exact: reward lost per token of |n_gold - n_y| (paper)
 ALPHA_MAX = 0.001  # LCPO-Max: slope of the budget term (original code: alpha=1/500 on a [-1, 1] scale)
 DELTA_MAX = 0.5  # LCPO-Max: the budget term's value at n_y = n_gold
-JUDGE_TIMEOUT_S = 2  # per-answer limit on math-verify's parse and verify (SIGALRM: whole seconds, main thread)
+JUDGE_TIMEOUT_S = 2.0  # per-answer limit on parsing and comparing it, in any thread: past it, incorrect
 MAX_ANSWER_CHARS = 1000  # a longer "final answer" is degenerate output: incorrect, never parsed
+MAX_DIGITS = 10_000  # an answer whose exact value needs longer numbers (9^{9^{9^9}}, (10^9)!): incorrect, not computed
 THINK_END = "</think>"
 logging.getLogger("math_verify").setLevel(logging.ERROR)  # its timeouts are judged incorrect here, not printed
 
@@ -135,14 +142,55 @@ def final_answer_text(response: str, thinks: bool = False) -> str:
 _LATEX_ONLY = [LatexExtractionConfig(boxed_match_priority=0)]  # never ExprExtractionConfig: it calls parse_expr
 
 
-def _time_limit() -> int | None:
-    # math-verify's limit is a SIGALRM, which only the main thread may set: elsewhere (an engine's
-    # worker thread) answers are judged without it; MAX_ANSWER_CHARS still bounds what is parsed
-    return JUDGE_TIMEOUT_S if threading.current_thread() is threading.main_thread() else None
+class JudgeTimeout(BaseException):
+    """A judgement ran out of time (a BaseException, so that math-verify's own `except Exception` lets it through)."""
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float):
+    """Raise JudgeTimeout in the calling thread once `seconds` have passed, in any thread (math-verify's own
+    limit is a SIGALRM, which only the main thread may set). Like a signal it lands between two Python steps:
+    one long C call (a huge integer power) is not cut short, which is why too_large keeps those from starting."""
+    thread = ctypes.c_ulong(threading.get_ident())
+    timer = threading.Timer(seconds, ctypes.pythonapi.PyThreadState_SetAsyncExc,
+                            args=(thread, ctypes.py_object(JudgeTimeout)))
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+        timer.join()
+        ctypes.pythonapi.PyThreadState_SetAsyncExc(thread, None)  # one sent as the block ended is dropped
+
+
+def _digits(e) -> float:
+    # an upper bound on the digits of the numbers sympy makes computing e exactly: a power of an exponent of
+    # d digits (below 10^d) multiplies its base's digits by it, a function of a number (n!, binom, gamma) may
+    # grow like n^n; anything else (sums, products, sets) has at most the digits of its parts together
+    if isinstance(e, sympy.Rational):
+        return max(e.p.bit_length(), e.q.bit_length()) * math.log10(2) + 1
+    if not isinstance(e, sympy.Basic) or not e.args:
+        return 0
+    parts = [_digits(a) for a in e.args]
+    if isinstance(e, sympy.Pow) and e.exp.is_number:
+        exponent = abs(int(e.exp)) if e.exp.is_Integer else 10 ** min(parts[1], 20)
+        return max(*parts, parts[0] * exponent)
+    if isinstance(e, sympy.Function) and e.is_number:
+        return max(parts) * 10 ** min(max(parts), 20)
+    return sum(parts)
+
+
+def too_large(parsed: list) -> bool:
+    """Would judging this parsed answer compute a number of more than MAX_DIGITS digits?
+
+        >>> too_large(_parse_latex("2^{10}")), too_large(_parse_latex("9^{9^{9^{9}}}"))
+        (False, True)
+    """
+    return any(_digits(e) > MAX_DIGITS for e in parsed)
 
 
 def _parse_latex(answer: str) -> list:
-    return parse(f"${answer}$", extraction_config=_LATEX_ONLY, parsing_timeout=_time_limit())
+    return parse(f"${answer}$", extraction_config=_LATEX_ONLY, parsing_timeout=None)  # the limit: time_limit
 
 
 @lru_cache(maxsize=4096)
@@ -194,8 +242,11 @@ def is_correct(response: str, gold: str, thinks: bool = False, boxed_only: bool 
     r"""Is the final answer of the response equivalent to the gold answer?
 
     Judged with math-verify, so 1/2 = \frac12 = 0.5, x=3 matches 3, 1,000 matches 1000, １２ matches 12,
-    \text{(B)} matches B. A response without an answer, or a pathological answer that takes longer
-    than JUDGE_TIMEOUT_S to parse or compare, is incorrect. `thinks` and `boxed_only`: see
+    \text{(B)} matches B, and a list 1, 2 matches \{1, 2\} and (1, 2). A set in braces never matches a
+    pair or an interval in brackets, (1, 2) or [1, 2] against \{1, 2\}: order and the brackets are part
+    of the answer (math-verify alone takes (1, 2) for \{1, 2\}). A response without an answer,
+    an answer whose value is too large to compute (too_large), or one that takes longer than
+    JUDGE_TIMEOUT_S to parse and compare, is incorrect. `thinks` and `boxed_only`: see
     final_answer_text and extract_answer.
     """
     answer = extract_answer(response, thinks, boxed_only)
@@ -204,7 +255,23 @@ def is_correct(response: str, gold: str, thinks: bool = False, boxed_only: bool 
     answer, gold = ascii_digits(answer), ascii_digits(str(gold))
     if _same_text(answer, gold):
         return True
-    return bool(verify(_parse_gold(gold), _parse_latex(answer), timeout_seconds=_time_limit()))
+    if {_brackets(answer), _brackets(extract_boxed(gold) or gold)} == {"set", "ordered"}:
+        return False
+    try:
+        with time_limit(JUDGE_TIMEOUT_S):
+            expected, given = _parse_gold(gold), _parse_latex(answer)
+            return not too_large(expected + given) and bool(verify(expected, given, timeout_seconds=None))
+    except JudgeTimeout:
+        return False
+
+
+_SET = re.compile(r"\s*(?:\\left)?\\\{.*\\\}\s*$", re.S)
+_ORDERED = re.compile(r"\s*(?:\\left)?[(\[].*[)\]]\s*$", re.S)
+
+
+def _brackets(answer: str) -> str | None:
+    # "set" for \{...\}, "ordered" for a pair, tuple or interval in (...) or [...]
+    return "set" if _SET.match(answer) else "ordered" if _ORDERED.match(answer) else None
 
 
 _CHOICE = re.compile(r"^\s*\(?\s*([A-J])\s*\)?(?:[\s.:)]|$)")

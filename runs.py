@@ -32,6 +32,7 @@ import torch
 
 import data
 import model as model_lib
+import sample
 
 RESUMABLE = ("steps", "save_every", "keep_checkpoints", "sample_every", "max_bad_steps", "micro_batch_tokens",
              "rollout_batch", "rollout_copy", "gradient_checkpointing", "out_dir", "run_name")  # a resumed run may change
@@ -55,13 +56,8 @@ def check_config(cfg) -> None:
         problems.append(f"--alpha must be >= 0, got {cfg.alpha}")
     if not 0 <= cfg.delta <= 1:
         problems.append(f"--delta must be in [0, 1], got {cfg.delta}")
-    if cfg.temperature <= 0:
-        problems.append(f"--temperature must be > 0 to train, got {cfg.temperature}: at 0 the G responses to a "
-                        f"prompt are the same and their advantages all 0, so nothing is learnt")
     if not 0 <= cfg.seed < 2**32:
         problems.append(f"--seed must be in [0, 2**32), got {cfg.seed}")
-    if cfg.group_size < 2:
-        problems.append(f"--group-size must be >= 2 (advantages compare responses to the same prompt), got {cfg.group_size}")
     if cfg.targets_per_problem >= 1 and cfg.prompts_per_step % cfg.targets_per_problem:
         problems.append(f"--targets-per-problem must divide --prompts-per-step ({cfg.prompts_per_step}), "
                         f"got {cfg.targets_per_problem}")
@@ -71,7 +67,7 @@ def check_config(cfg) -> None:
                  "save_every", "keep_checkpoints", "sample_every", "max_bad_steps", "lora_rank", "targets_per_problem"):
         if getattr(cfg, name) < 1:
             problems.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
-    for name in ("beta", "clip", "lr", "grad_clip", "length_steps"):
+    for name in ("beta", "clip", "length_steps"):
         if getattr(cfg, name) < 0:
             problems.append(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
     if cfg.init_adapter is not None:
@@ -85,8 +81,34 @@ def check_config(cfg) -> None:
         data.check_target_range(cfg.n_min, cfg.n_max)
     except ValueError as e:
         problems.append(str(e))
+    problems += trains_nothing(cfg)
     if problems:
         raise ValueError("; ".join(problems))
+
+
+def trains_nothing(cfg) -> list[str]:
+    """The settings under which a run would go through its steps and learn nothing, each with what to change.
+
+    One rule: a step learns only from responses to a prompt whose rewards differ (their advantages), through
+    a gradient that reaches the adapter's weights. Too few or identical responses, responses all cut by the
+    cap, or a gradient scaled to nothing break it. At run time the same rule is kept by train_loop: a step
+    whose gradient is zero is not an update, and a run of such steps stops."""
+    why = []
+    if cfg.group_size < 2:
+        why.append(f"--group-size must be >= 2 (advantages compare responses to the same prompt), got {cfg.group_size}")
+    if cfg.temperature < sample.MIN_TEMPERATURE:
+        why.append(f"--temperature must be >= {sample.MIN_TEMPERATURE} to train, got {cfg.temperature}: below it the "
+                   f"G responses to a prompt are the same and their advantages all 0, so nothing is learnt")
+    if cfg.max_new_tokens < cfg.n_max:
+        why.append(f"--max-new-tokens ({cfg.max_new_tokens}) is below the largest target --n-max ({cfg.n_max}): "
+                   f"responses are cut before they can meet the longer targets (below --n-min every response is "
+                   f"cut and none differs from its group): raise --max-new-tokens or lower --n-max")
+    for name, meaning in (("lr", "the size of each update"), ("grad_clip", "the largest gradient norm, "
+                          "0 scales every gradient to nothing: a large value clips nothing"),
+                          ("lora_alpha", "the adapter's output is scaled by alpha / rank: 0 has no gradient")):
+        if getattr(cfg, name) <= 0:
+            why.append(f"--{name.replace('_', '-')} must be > 0 ({meaning}), got {getattr(cfg, name)}")
+    return why
 
 
 def check_writable(path: Path, flag: str) -> None:
@@ -169,6 +191,10 @@ def parse_args(argv, config_class, presets: dict, description: str, first_stage:
     args = parser.parse_args(argv)
     fields = dataclasses.fields(config_class)
     given = {f.name: getattr(args, f.name) for f in fields if getattr(args, f.name) is not None}
+    if given.get("model") == "embedded":  # the default model by its name: the same as leaving --model out
+        given["model"] = None
+        if not presets.get(args.preset, {}).get("model"):
+            del given["model"]
 
     if args.resume is not None:
         run_dir = Path(args.resume).expanduser()
@@ -181,6 +207,7 @@ def parse_args(argv, config_class, presets: dict, description: str, first_stage:
         cfg = config_class(**{**saved, **given})
         check_config(cfg)
         check_writable(run_dir, "--resume")
+        check_steps_left(cfg, run_dir)
         return cfg, run_dir, True
     if args.preset not in presets:
         raise ValueError(f"unknown preset {args.preset!r}: use one of {', '.join(presets)}")
@@ -207,7 +234,18 @@ def parse_args(argv, config_class, presets: dict, description: str, first_stage:
     if changed:
         raise ValueError(f"{run_dir} holds a run with other settings ({', '.join(f'{k} {saved[k]!r}' for k in changed)})"
                          f": pass another --run-name for a new run, or --resume {run_dir} to continue that one")
+    check_steps_left(cfg, run_dir)
     return cfg, run_dir, True  # the same command again: continue the run
+
+
+def check_steps_left(cfg, run_dir: Path) -> None:
+    """Refuse to continue a run with fewer --steps than its newest checkpoint has done: that would rewrite its
+    config to a length it has passed, for nothing."""
+    saved = sorted((run_dir / "checkpoints").glob("step-*"))
+    done = int(saved[-1].name.removeprefix("step-")) if saved and saved[-1].name[5:].isdigit() else 0
+    if cfg.steps < done:
+        raise ValueError(f"{run_dir} has done {done} steps: --steps {cfg.steps} would not continue it; pass --steps "
+                         f"above {done} to train it further")
 
 
 def run_name(preset: str, given: dict) -> str:
@@ -223,7 +261,8 @@ def run_name(preset: str, given: dict) -> str:
             if isinstance(value, bool):
                 parts.append(key.replace("_", "-") if value else "no-" + key.replace("_", "-"))
             else:
-                parts += [key.replace("_", "-"), Path(str(value)).name or str(value)]
+                shown = "embedded" if value is None else Path(str(value)).name or str(value)  # None: --model embedded
+                parts += [key.replace("_", "-"), shown]
     name = re.sub(r"[^A-Za-z0-9._-]+", "_", "-".join(parts))
     return name if len(name) <= 100 else f"{name[:80]}-{zlib.crc32(name.encode()):08x}"
 

@@ -20,8 +20,12 @@ stage's), `rollout_metrics` and `examples` (what a step's rollouts did). S1 budg
 
 import argparse
 import math
+import signal
 import sys
 from dataclasses import dataclass
+
+if __name__ == "__main__":  # Ctrl-C while the libraries below load: quit quietly, as at any time
+    signal.signal(signal.SIGINT, lambda *_: sys.exit(130))
 
 import torch
 import torch.nn.functional as F
@@ -49,11 +53,17 @@ class Rollout:
         return len(self.tokens)
 
 
+MIN_TEMPERATURE = 0.01  # below it, 0 (greedy) aside, sampling is greedy in effect; at 1e-38 logits / T overflow
+
+
 def check_sampling_args(max_new_tokens, temperature: float, top_p: float) -> None:
     if min(max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens]) <= 0:
         raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}")
     if not math.isfinite(temperature) or temperature < 0:
         raise ValueError(f"temperature must be a finite number >= 0 (0 is greedy), got {temperature}")
+    if 0 < temperature < MIN_TEMPERATURE:
+        raise ValueError(f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE}, got {temperature}: below it "
+                         f"the logits / T overflow")
     if not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
 
@@ -494,6 +504,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     try:
+        if args.prompt is not None and not args.prompt.strip():
+            raise ValueError("--prompt is empty: give the problem to answer, or leave it out for a built-in one")
         if args.budget < 0:
             raise ValueError(f"--budget must be >= 0, got {args.budget}")
         if args.s1 and args.budget == 0:

@@ -20,20 +20,29 @@ tokenizer named at export; the end-of-sequence token that train.py also counts i
 """
 
 import argparse
+import math
 import random
+import signal
 import sys
 from functools import lru_cache
 from pathlib import Path
+
+if __name__ == "__main__":  # Ctrl-C while the libraries below load: quit quietly, as at any time
+    signal.signal(signal.SIGINT, lambda *_: sys.exit(130))
 
 import data
 import reward
 
 
-def _reward(text: str, n_y: int, answer, n_gold, mode: str, multiple_choice: bool, alpha, delta, thinks: bool,
-            boxed_only: bool) -> float:
-    """train.py's judge and reward for one response (its step 3)."""
+def _reward(text: str | None, n_y: int, answer, n_gold, mode: str, multiple_choice: bool, alpha, delta,
+            thinks: bool, boxed_only: bool) -> float:
+    """train.py's judge and reward for one response (its step 3). No response (None) earns 0; a missing n_gold
+    (None, or NaN as a table stores a missing number) means no target: the reward is correctness alone."""
+    if text is None:
+        return 0.0
     ok = reward.judge(text, answer, multiple_choice, thinks, boxed_only)
-    return reward.lcpo_reward(ok, n_y, None if n_gold is None else int(n_gold), mode or "exact", alpha, delta)
+    missing = n_gold is None or (isinstance(n_gold, float) and math.isnan(n_gold))
+    return reward.lcpo_reward(ok, n_y, None if missing else int(n_gold), mode or "exact", alpha, delta)
 
 
 def trl_reward(tokenizer=None, alpha: float | None = None, delta: float = reward.DELTA_MAX, boxed_only: bool = True):
@@ -41,15 +50,26 @@ def trl_reward(tokenizer=None, alpha: float | None = None, delta: float = reward
 
     tokenizer: the model's; if it has </think>, only the text after it is judged (as train.py).
     alpha None: each mode's own default, as train.py. boxed_only=False adds the last-number fallback.
+    A missing completion (None, or a chat of no messages) earns 0; columns of different lengths, or a
+    completion without its token ids, are a caller's mistake: ValueError.
     """
     thinks = tokenizer is not None and "</think>" in tokenizer.get_vocab()
 
     def lcpo_reward(completions, completion_ids, answer, n_gold, mode, multiple_choice=None, **kwargs) -> list[float]:
+        columns = dict(completions=completions, completion_ids=completion_ids, answer=answer, n_gold=n_gold, mode=mode,
+                       **({} if multiple_choice is None else {"multiple_choice": multiple_choice}))
+        lengths = {name: len(column) if hasattr(column, "__len__") else None for name, column in columns.items()}
+        if len(set(lengths.values())) != 1 or None in lengths.values():
+            raise ValueError(f"trl_reward: the columns must be lists of one length, one item per completion, got "
+                             f"{', '.join(f'{k} {v}' for k, v in lengths.items())}")
         rewards = []
         for i, (completion, ids) in enumerate(zip(completions, completion_ids)):
-            text = completion if isinstance(completion, str) else completion[-1]["content"]  # plain or chat
+            text = completion if isinstance(completion, str) else completion[-1]["content"] if completion else None
+            if text is not None and ids is None:
+                raise ValueError(f"trl_reward: completion {i} has no completion_ids: n_y is counted from them")
             mc = bool(multiple_choice[i]) if multiple_choice is not None else False
-            rewards.append(_reward(text, len(ids), answer[i], n_gold[i], mode[i], mc, alpha, delta, thinks, boxed_only))
+            rewards.append(_reward(text, len(ids or []), answer[i], n_gold[i], mode[i], mc, alpha, delta, thinks,
+                                   boxed_only))
         return rewards
 
     return lcpo_reward
@@ -69,6 +89,8 @@ def compute_score(data_source, solution_str: str, ground_truth, extra_info: dict
     that counts n_y (and tells whether the model thinks in <think> tags) and boxed_only; verl's
     reward_kwargs may add alpha or delta.
     """
+    if solution_str is None:  # no response: as trl_reward, 0
+        return 0.0
     info = {**(extra_info or {}), **kwargs}
     tokenizer = _tokenizer(info.get("tokenizer", "embedded"))
     n_y = len(tokenizer(solution_str, add_special_tokens=False)["input_ids"])

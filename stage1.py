@@ -168,7 +168,7 @@ def length_step(cfg, step: int, model, tokenizer, optimizer, params, problems, t
     tensors = [sample.pack([cut_rows[j] for j in idx], [learnt[j] for j in idx], tokenizer.pad_token_id, device)
                for idx in micro]
     sums = dict(loss=0.0, kl=0.0, stop_nll=0.0)
-    updated, grad_norm, optimizer_s = bool(torch.isfinite(rewards).all() and cut_rows), None, 0.0
+    updated, grad_norm, optimizer_s = bool(torch.isfinite(rewards).all()), None, 0.0  # no rows: a zero gradient
     for _ in range(cfg.epochs if updated else 0):  # the mean over rows of the length NLL + KL
         optimizer.zero_grad(set_to_none=True)
         for idx, (ids, mask, resp_mask, _) in zip(micro, tensors):
@@ -183,7 +183,7 @@ def length_step(cfg, step: int, model, tokenizer, optimizer, params, problems, t
         t_opt = time.perf_counter()
         grad_norm = model_lib.optimizer_step(optimizer, params, cfg.grad_clip)
         optimizer_s += time.perf_counter() - t_opt
-        if grad_norm is None:  # a non-finite loss or gradient: no update, the weights kept
+        if not grad_norm:  # a non-finite (None) or zero gradient: no update, the weights kept
             updated = False
             break
     train_s = time.perf_counter() - t1

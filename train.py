@@ -18,10 +18,14 @@ Run directories, resuming and checkpoints: runs.py.
 import dataclasses
 import json
 import random
+import signal
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+if __name__ == "__main__":  # Ctrl-C while the libraries below load: quit quietly (main takes Ctrl-C over)
+    signal.signal(signal.SIGINT, lambda *_: sys.exit(130))
 
 import torch
 
@@ -83,7 +87,7 @@ class Config:
     save_every: int = 10  # steps between checkpoints
     keep_checkpoints: int = 3  # the newest ones kept
     sample_every: int = 5  # steps between saved example responses
-    max_bad_steps: int = 5  # non-finite losses in a row before the run stops
+    max_bad_steps: int = 5  # steps in a row that update nothing (a non-finite loss, a zero gradient) before a stop
 
 
 _PAPER = dict(model="agentica-org/DeepScaleR-1.5B-Preview", data="deepscaler", n_min=100, n_max=4000, group_size=16,
@@ -222,7 +226,7 @@ def train_step(cfg: Config, step: int, model, tokenizer, optimizer, params, prob
         t_opt = time.perf_counter()
         grad_norm = model_lib.optimizer_step(optimizer, params, cfg.grad_clip)
         optimizer_s += time.perf_counter() - t_opt
-        if grad_norm is None:  # a non-finite loss or gradient: no update, the weights kept
+        if not grad_norm:  # a non-finite (None) or zero gradient: no update, the weights kept
             updated = False
             break
     train_s = time.perf_counter() - t1
@@ -271,6 +275,9 @@ def train_loop(cfg: Config, run_dir: Path, state: dict | None, problems: list, o
         lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha, gradient_checkpointing=cfg.gradient_checkpointing)
     thinks = "</think>" in tokenizer.get_vocab()  # R1-style models: an answer only counts after </think>
     trained_on = runs.problems_id(problems)  # saved with each checkpoint: a resume must see the same problems
+    context = getattr(model.config, "max_position_embeddings", None)
+    if context is not None:  # a problem too long for the model is skipped now, not found when it is drawn
+        problems = data.within_context(problems, tokenizer, context - cfg.max_new_tokens, cfg.n_max, cfg.data)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     if state is not None:
@@ -307,7 +314,8 @@ def train_loop(cfg: Config, run_dir: Path, state: dict | None, problems: list, o
                 if step % cfg.sample_every == 0:
                     runs.append_jsonl(run_dir / "samples.jsonl", {"step": step, "examples": examples})
                 bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", acc=f"{metrics['accuracy']:.2f}",
-                                len_err=f"{metrics['length_error']:.2f}")
+                                len_err=f"{metrics['length_error']:.2f}", **({} if metrics["updated"] else
+                                                                              {"update": "none"}))
                 if on_step is not None:
                     on_step(step, metrics)
                 if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps or stop.asked:
@@ -316,6 +324,11 @@ def train_loop(cfg: Config, run_dir: Path, state: dict | None, problems: list, o
                 if stop.asked:
                     bar.write(f"stopped and saved at step {step + 1}; the same command continues the run")
                     break
+                if bad_steps >= cfg.max_bad_steps and metrics["grad_norm"] == 0:
+                    raise RuntimeError(f"{bad_steps} steps in a row learnt nothing (in every group the rewards tied, "
+                                       f"so the gradient was zero): let the responses differ, with a larger "
+                                       f"--group-size, --temperature or --max-new-tokens, or problems the model can "
+                                       f"sometimes answer")
                 if bad_steps >= cfg.max_bad_steps:
                     raise RuntimeError(f"{bad_steps} steps in a row had a non-finite loss or reward: check the data, "
                                        f"or start a new run with a lower --lr and --init-adapter {run_dir} (its last "
@@ -332,6 +345,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, Path, bool]:
 
 
 def main(argv: list[str] | None = None) -> None:
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C from here on: the handling below
     try:
         cfg, run_dir, resume = parse_args(argv)
     except ValueError as e:

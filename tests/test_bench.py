@@ -79,7 +79,7 @@ def test_train_forces_the_lengths_of_a_random_model(tmp_path, char_tokenizer, ca
                  num_key_value_heads=2, vocab_size=len(char_tokenizer))
     path = bench.random_qwen(tmp_path / "q", char_tokenizer, small)
     bench.main(["train", "--model", path, "--preset", "l1-exact", "--no-quantize", "--prompts", "2", "--group-size",
-                "4", "--n-min", "3", "--n-max", "20", "--max-new-tokens", "12", "--force-lengths", "--out", str(tmp_path)])
+                "4", "--n-min", "3", "--n-max", "12", "--max-new-tokens", "12", "--force-lengths", "--out", str(tmp_path)])
     result = json.loads((tmp_path / "train-cpu.json").read_text())
     assert result["forced_lengths"] and result["config"]["lora_rank"] == 64 and result["config"]["group_size"] == 4
     rng = random.Random(0)
@@ -97,7 +97,7 @@ def test_memory_cap_is_a_share_of_the_device():
 def test_trl_times_a_step_of_each_at_the_same_settings(tiny_model_dir, tmp_path, capsys):
     pytest.importorskip("trl", reason="TRL is an optional extra: `make extras` installs it")
     result = run(tiny_model_dir, tmp_path, "trl", "--prompts", "2", "--group-size", "2", "--n-min", "4", "--n-max",
-                 "8", "--max-new-tokens", "6", "--repeats", "1")
+                 "6", "--max-new-tokens", "6", "--repeats", "1")
     assert set(result["runs"]) == {"ours", "TRL GRPOTrainer"}
     for (r,) in result["runs"].values():
         assert r["step_s"] > 0 and 0 < r["mean_length"] <= 6 and r["tokens"] == pytest.approx(4 * r["mean_length"])

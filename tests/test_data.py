@@ -512,3 +512,49 @@ def test_an_unreachable_hub_fails_at_once(monkeypatch):
     with pytest.raises(DataError, match="the hub cannot be reached and the set is not in the local cache"):
         load_problems("nobody/no-such-set")
     assert time.perf_counter() - start < 10
+
+
+# -----------------------------------------------------------------------------
+# rows that cannot be trained on, and sources that are not files
+
+
+def test_problems_that_already_ask_for_a_length_are_skipped_and_counted(tmp_path, capsys):
+    rows = [{"problem": "1+1?", "answer": "2"}, {"problem": "2+2? Think for 5 tokens.", "answer": "4"},
+            {"problem": "3+3? think for maximum 50 tokens", "answer": "6"}]
+    assert load_problems(str(_write(tmp_path / "set.jsonl", rows))) == [Problem("1+1?", "2")]
+    err = capsys.readouterr().err
+    assert "skipped 2 of 3 rows" in err and "2 with a problem that already asks for a length" in err
+    assert "(first: row 2)" in err and err.count("\n") == 1
+
+
+def test_the_same_column_as_problem_and_answer_is_refused(tmp_path):
+    path = _write(tmp_path / "set.jsonl", [{"problem": "1+1?", "answer": "2"}])
+    with pytest.raises(DataError, match="--problem-column and --answer-column both name 'answer'"):
+        load_problems(str(path), problem_column="answer", answer_column="answer")
+
+
+def test_a_huge_problem_is_skipped_at_load_naming_its_row(tmp_path, capsys):
+    rows = [{"problem": "1+1?", "answer": "2"}, {"problem": "x" * (data.MAX_PROBLEM_CHARS + 1), "answer": "1"}]
+    assert load_problems(str(_write(tmp_path / "set.jsonl", rows))) == [Problem("1+1?", "2")]
+    assert "1 with a problem of over 1,000,000 characters (first: row 2)" in capsys.readouterr().err
+
+
+def test_urls_and_pipes_say_what_data_can_be(tmp_path):
+    import os
+
+    with pytest.raises(DataError, match="is a URL: --data takes a local .json, .jsonl or .parquet file, a hub id"):
+        load_problems("http://example.com/set.jsonl")
+    os.mkfifo(tmp_path / "pipe.jsonl")
+    with pytest.raises(DataError, match="is not a regular file \\(a pipe or a device\\)"):
+        load_problems(str(tmp_path / "pipe.jsonl"))
+
+
+def test_problems_too_long_for_the_context_are_skipped_and_counted(char_tokenizer, capsys):
+    short, long = Problem("1+1?", "2"), Problem("9" * 300 + "?", "1")
+    empty = len(lcpo_prompt(char_tokenizer, Problem("", ""), 64, "max"))
+    assert data.within_context([short, long, short], char_tokenizer, empty + 100, 64, "set") == [short, short]
+    err = capsys.readouterr().err
+    assert "skipped 1 of 3 problems of set whose prompt is longer than the" in err and "'999" in err
+    assert data.within_context([short, long], char_tokenizer, empty + 301, 64, "set") == [short, long]  # it just fits
+    with pytest.raises(DataError, match="no problem of set fits"):
+        data.within_context([long], char_tokenizer, 10, 64, "set")

@@ -401,3 +401,26 @@ def test_the_config_of_the_run_an_adapter_came_from_must_be_settings(tmp_path):
     (tmp_path / "run" / "config.json").write_text("[1, 2]")
     with pytest.raises(ValueError, match=r"config.json is not a JSON object of settings: restore the run"):
         ev.train_config(str(tmp_path / "run"))
+
+
+def test_a_budget_given_twice_is_evaluated_once_and_a_rerun_redoes_nothing(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "e.json"
+    argv = ["--model", str(tiny_model_dir), "--no-quantize", "--limit", "2", "--samples", "2", "--budgets", "4", "4",
+            "--out", str(out)]
+    ev.main(argv)
+    assert [b["budget"] for b in json.loads(out.read_text())["budgets"]] == [4]
+    assert len(out.with_suffix(".records.jsonl").read_text().splitlines()) == 2 * 2
+    capsys.readouterr()
+    ev.main(argv)
+    assert "every budget is already done" in capsys.readouterr().out
+
+
+def test_a_failed_evaluation_leaves_no_records_file(tiny_model_dir, tmp_path, monkeypatch):
+    def fails(*args, **kwargs):
+        raise model_lib.ModelError("cannot load it")
+
+    monkeypatch.setattr(model_lib, "load_model", fails)
+    out = tmp_path / "e.json"
+    with pytest.raises(SystemExit, match="cannot load it"):
+        ev.main(args_for(tiny_model_dir, out))
+    assert not out.exists() and not out.with_suffix(".records.jsonl").exists()

@@ -247,6 +247,72 @@ def test_pathological_answer_is_cut_off_by_the_time_limit():
     assert time.monotonic() - start < 4 * reward.JUDGE_TIMEOUT_S + 10
 
 
+EXPLODING = [r"9^{9^{9^{9}}}", r"2^{10^{8}}", r"(10^{9})!", r"\binom{10^{9}}{10^{8}}", r"\Gamma(10^{8})"]
+
+
+def test_the_judge_finishes_in_time_in_a_worker_thread():
+    # TRL and verl judge in worker threads; an answer whose value explodes once held the GIL there for ever, so the
+    # deadline is kept by a child process (a thread that holds the GIL cannot be waited for)
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import threading, reward\n"
+            f"answers = {EXPLODING + ['1']!r}\n"
+            "out = []\n"
+            "worker = threading.Thread(target=lambda: out.extend(reward.is_correct('\\\\boxed{%s}' % a, '1') "
+            "for a in answers))\n"
+            "worker.start(); worker.join()\n"
+            "print(out)")
+    start = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", code], cwd=Path(reward.__file__).parent, capture_output=True,
+                          text=True, timeout=60)
+    assert done.stdout.strip() == str([False] * len(EXPLODING) + [True]), done.stderr[-500:]
+    assert time.monotonic() - start < 30  # mostly the imports: each answer is refused before it is computed
+
+
+@pytest.mark.parametrize("answer", EXPLODING)
+def test_answers_too_large_to_compute_are_incorrect_at_once(answer):
+    start = time.monotonic()
+    assert not is_correct(rf"\boxed{{{answer}}}", "1")
+    assert not is_correct(r"\boxed{1}", answer)  # nor computed as a gold answer
+    assert time.monotonic() - start < reward.JUDGE_TIMEOUT_S
+    assert is_correct(r"\boxed{2^{100}}", str(2**100)) and is_correct(r"\boxed{20!}", str(2432902008176640000))
+
+
+def test_the_time_limit_lands_in_the_thread_that_judges():
+    import threading
+
+    out = []
+
+    def spin():
+        try:
+            with reward.time_limit(0.2):
+                while True:  # a slow pure-Python computation, as sympy's can be
+                    pass
+        except reward.JudgeTimeout:
+            out.append("stopped")
+        with reward.time_limit(0.05):
+            pass  # finished in time: nothing arrives later
+        time.sleep(0.2)
+        out.append("no late timeout")
+
+    worker = threading.Thread(target=spin, daemon=True)
+    worker.start()
+    worker.join(timeout=10)
+    assert out == ["stopped", "no late timeout"]
+
+
+@pytest.mark.parametrize("response, gold, correct", [
+    (r"\boxed{(1,2)}", r"\{1,2\}", False), (r"\boxed{\{1,2\}}", "(1,2)", False),  # a pair or interval is no set
+    (r"\boxed{[1,2]}", r"\{1,2\}", False), (r"\boxed{\left\{1,2\right\}}", "[1, 2]", False),
+    (r"\boxed{\{2,1\}}", r"\{1,2\}", True), (r"\boxed{1, 2}", r"\{1,2\}", True),  # a set, in any order
+    (r"\boxed{(1,2)}", "(1, 2)", True), (r"\boxed{1,2}", "(1,2)", True),  # a bare list matches either
+])
+def test_a_set_never_matches_a_pair_or_an_interval(response, gold, correct):
+    assert is_correct(response, gold) is correct
+
+
 def test_huge_answers_are_incorrect_without_parsing():
     assert not is_correct(r"\boxed{" + "1+" * 100_000 + "1}", "200001")
     assert not is_correct("9" * 2_000_000, "9")
@@ -326,7 +392,7 @@ def test_boxed_only_is_the_default():
     assert not is_correct("the answer is 7. Check: 7 - 4 = 3", "7", boxed_only=False)  # last number decides
 
 
-def test_judging_off_the_main_thread_works_without_the_alarm(monkeypatch, caplog):
+def test_judging_off_the_main_thread_works_and_says_nothing(monkeypatch, caplog):
     # engines (verl's reward workers) may judge in a worker thread, where SIGALRM cannot be set
     import threading
 
@@ -341,7 +407,7 @@ def test_judging_off_the_main_thread_works_without_the_alarm(monkeypatch, caplog
     worker.start()
     worker.join()
     assert out == [(True, False)]
-    # a judge says nothing (an answer past its time limit is incorrect); math-verify warned that it had no alarm
+    # a judge says nothing (an answer past its time limit is incorrect); math-verify would warn that it has no alarm
     assert not [r.getMessage() for r in caplog.records if r.name.startswith("math_verify")]
 
 

@@ -62,7 +62,7 @@ def test_a_run_is_trained_by_one_process_at_a_time_and_a_crash_frees_it(learnabl
 def test_a_start_that_fails_leaves_nothing_in_the_way_of_the_corrected_command(learnable_model_dir, tmp_path,
                                                                                 monkeypatch):
     argv = ["--model", str(learnable_model_dir), "--no-quantize", "--out-dir", str(tmp_path), "--run-name", "mine",
-            "--steps", "1", "--prompts-per-step", "2", "--max-new-tokens", "8"]
+            "--steps", "1", "--prompts-per-step", "2", "--max-new-tokens", "8", "--n-min", "4", "--n-max", "8"]
     real_load = model_lib.load_model
 
     def fails(*args, **kwargs):
@@ -110,7 +110,8 @@ def test_an_unwritable_out_dir_is_refused_before_the_model_loads(tmp_path, monke
 
 def test_a_full_disk_mid_run_is_one_line_and_keeps_the_last_checkpoint(learnable_model_dir, tmp_path, monkeypatch):
     argv = ["--model", str(learnable_model_dir), "--no-quantize", "--out-dir", str(tmp_path), "--run-name", "r",
-            "--steps", "3", "--save-every", "1", "--prompts-per-step", "2", "--group-size", "2", "--max-new-tokens", "8"]
+            "--steps", "3", "--save-every", "1", "--prompts-per-step", "2", "--group-size", "2",
+            "--max-new-tokens", "8", "--n-min", "4", "--n-max", "8"]
     real_append = runs.append_jsonl
 
     def full(path, record):
@@ -276,3 +277,39 @@ def test_an_optimizer_state_that_does_not_fit_its_adapter_is_one_line(learnable_
         train.main(["--resume", str(run), "--steps", "2"])
     assert re.match(rf"^error: the optimizer or RNG state of {state_file.parent} does not fit its adapter \(ValueError: "
                     r".+\): delete that checkpoint to resume from the one before it$", str(info.value)), str(info.value)
+
+
+# Ctrl-C while the libraries load, a finished run, the embedded model by its name
+
+
+@pytest.mark.parametrize("script", ["train.py", "eval.py", "sample.py", "bench.py", "scale_out.py"])
+def test_ctrl_c_while_the_libraries_load_quits_quietly(script):
+    import signal
+
+    process = subprocess.Popen([sys.executable, "-X", "importtime", script, "--help"], cwd=Path(runs.__file__).parent,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in process.stderr:  # a line per module imported: wait until torch or sympy has begun to load
+        if "torch" in line or "sympy" in line:
+            break
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 130 and "Traceback" not in err and "usage" not in out, err[-300:]
+
+
+def test_a_finished_run_is_not_continued_with_fewer_steps(learnable_model_dir, tmp_path, monkeypatch):
+    run = train.train(tiny_config(learnable_model_dir, steps=2, save_every=1), tmp_path / "run")
+    before = (run / "config.json").read_text()
+    monkeypatch.setattr(model_lib, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    with pytest.raises(SystemExit) as info:
+        train.main(["--resume", str(run), "--steps", "1"])
+    assert str(info.value) == (f"error: {run} has done 2 steps: --steps 1 would not continue it; pass --steps above 2 "
+                               f"to train it further")
+    assert (run / "config.json").read_text() == before
+
+
+def test_the_embedded_model_by_its_name_is_the_default_model():
+    cfg, run_dir, _ = train.parse_args(["--model", "embedded"])
+    assert cfg.model is None and cfg.init_adapter == str(train.STOP_ADAPTER) and run_dir.name == "default"
+    cfg, run_dir, _ = train.parse_args(["--preset", "l1-exact", "--model", "embedded"])
+    assert cfg.model is None and cfg.init_adapter == str(train.STOP_ADAPTER)
+    assert run_dir.name == "l1-exact-model-embedded"

@@ -381,6 +381,7 @@ def test_cli_refuses_a_damaged_adapter(tiny_model_dir, tmp_path):
     (["--budget", "-3"], "error: --budget must be >= 0"),
     (["--temperature", "-1"], "error: temperature must be a finite number >= 0"),
     (["--temperature", "nan"], "error: temperature must be a finite number >= 0"),
+    (["--temperature", "1e-40"], "error: temperature must be 0 (greedy) or at least 0.01, got 1e-40"),
     (["--top-p", "2"], "error: top_p must be in (0, 1]"),
     (["--max-new-tokens", "0"], "error: max_new_tokens must be positive"),
     (["--model", "/no/such/dir"], "error: model directory /no/such/dir does not exist"),
@@ -409,3 +410,13 @@ def test_the_shipped_l1_exact_adapter_turns_the_dial():
     # the same cap for both, so that the cap is not what differs; the untrained model runs past 64 at N = 32
     assert lengths[32] < 64 and lengths[128] > lengths[32] + 32, lengths  # sampled at T = 0.6: 26.1 and 103.7
 
+
+
+@pytest.mark.parametrize("prompt", ["", "  \n"])
+def test_cli_refuses_an_empty_prompt_before_loading(prompt, monkeypatch):
+    import model as model_lib
+
+    monkeypatch.setattr(model_lib, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    with pytest.raises(SystemExit) as info:
+        sample.main(["--prompt", prompt])
+    assert str(info.value).startswith("error: --prompt is empty") and "\n" not in str(info.value)

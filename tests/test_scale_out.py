@@ -178,3 +178,20 @@ def test_an_export_never_writes_over_a_file_unasked(tmp_path, capsys):
     assert (tmp_path / "trl.parquet").read_text() == "mine"
     scale_out.main(["trl", "--split", "test", "--out", str(tmp_path / "trl.parquet"), "--replace"])
     assert "wrote 200 exact prompts" in capsys.readouterr().out
+
+
+def test_trl_reward_on_missing_or_mismatched_input():
+    func = scale_out.trl_reward()
+    columns = dict(answer=["2", "2", "2"], n_gold=[4, float("nan"), None], mode=["exact"] * 3)
+    got = func(completions=[None, r"\boxed{2}", []], completion_ids=[None, [1] * 9, []], **columns)
+    assert got == [0.0, 1.0, 0.0]  # no completion: 0; a missing target (NaN as a table stores it): correctness alone
+    with pytest.raises(ValueError, match=r"^trl_reward: the columns must be lists of one length.*answer 2"):
+        func(completions=["a", "b", "c"], completion_ids=[[1]] * 3, **dict(columns, answer=["2", "2"]))
+    with pytest.raises(ValueError, match=r"^trl_reward: completion 0 has no completion_ids"):
+        func(completions=["a"], completion_ids=[None], answer=["2"], n_gold=[4], mode=["exact"])
+    with pytest.raises(ValueError, match=r"^trl_reward: the columns must be lists.*completion_ids None"):
+        func(completions=["a"], completion_ids=None, answer=["2"], n_gold=[4], mode=["exact"])
+
+
+def test_compute_score_of_no_response_is_zero():
+    assert scale_out.compute_score("lcpo", None, "2", {"n_gold": 4, "mode": "exact"}) == 0.0

@@ -16,7 +16,8 @@ from tests.conftest import make_char_tokenizer, make_tiny_llama, read_metrics, t
 def test_length_steps_end_each_response_at_the_n_its_prompt_asks(learnable_model_dir, tmp_path, monkeypatch):
     asked, learnt = [], []
     build_prompt, stop_loss = data.build_prompt, stage1.stop_loss
-    monkeypatch.setattr(data, "build_prompt", lambda problem, n, *a: asked.append((n, a[0])) or build_prompt(problem, n, *a))
+    monkeypatch.setattr(data, "build_prompt",  # the prompts of problems (data.within_context measures an empty one's)
+                        lambda problem, n, *a: (problem and asked.append((n, a[0]))) or build_prompt(problem, n, *a))
 
     def recording(model, ids, mask, n, eos_id, within=None):
         rows = [r[m.bool()].tolist() for r, m in zip(ids, mask)]
@@ -185,3 +186,13 @@ def test_probe_scores_reward_the_stop_where_n_says_and_not_a_length_bias():
     s = stage1.probe_scores(shorter_when_asked_less)  # the stop rises for small N at every cut: right at one cut of three
     assert s["accuracy"] == pytest.approx(1 / 3) and s["margin"] == pytest.approx(0.0)
     assert s["matrix"] == shorter_when_asked_less[0].tolist()
+
+
+def test_length_steps_with_no_row_to_learn_say_so_then_stop_the_run(learnable_model_dir, tmp_path):
+    # every response is shorter than the smallest target (the cap is below it): no text can be ended at any N
+    cfg = tiny_config(learnable_model_dir, n_min=30, n_max=30, max_new_tokens=24, length_steps=5, steps=5,
+                      max_bad_steps=2)
+    with pytest.raises(RuntimeError, match="^2 steps in a row learnt nothing"):
+        train.train(cfg, tmp_path / "run")
+    metrics = read_metrics(tmp_path / "run")
+    assert [(m["updated"], m["length_rows"], m["grad_norm"]) for m in metrics] == [(False, 0, 0.0)] * 2

@@ -263,6 +263,35 @@ def test_non_finite_rewards_skip_the_update_then_stop_the_run(learnable_model_di
     assert [m["updated"] for m in metrics] == [False, False, False]
 
 
+def test_steps_that_learn_nothing_say_so_then_stop_the_run(learnable_model_dir, tmp_path, monkeypatch):
+    # every group's rewards tie: no row is passed, the gradient is zero, and neither the weights nor Adam's state move
+    monkeypatch.setattr(reward, "lcpo_reward", lambda *args, **kwargs: 0.5)
+    cfg = tiny_config(learnable_model_dir, steps=10, max_bad_steps=3, beta=0.0)
+    with pytest.raises(RuntimeError, match="^3 steps in a row learnt nothing .*: let the responses differ"):
+        train.train(cfg, tmp_path / "run")
+    metrics = read_metrics(tmp_path / "run")
+    assert [(m["updated"], m["passed_rows"], m["grad_norm"]) for m in metrics] == [(False, 0, 0.0)] * 3
+
+
+def test_a_problem_too_long_for_the_context_is_skipped_before_the_first_step(learnable_model_dir, tmp_path, capsys):
+    rows = [{"problem": "What is 1 + 1?", "answer": "2"}, {"problem": "9" * 600 + "?", "answer": "1"}]  # context 512
+    (tmp_path / "set.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run = train.train(tiny_config(learnable_model_dir, steps=2, data=str(tmp_path / "set.jsonl")), tmp_path / "run")
+    assert [m["step"] for m in read_metrics(run)] == [0, 1]
+    assert "skipped 1 of 2 problems" in capsys.readouterr().err
+
+
+def test_a_zero_gradient_moves_no_weight():
+    weight = torch.nn.Parameter(torch.ones(3))
+    optimizer = torch.optim.AdamW([weight], lr=0.1, weight_decay=0.0)
+    weight.grad = torch.ones(3)
+    assert model_lib.optimizer_step(optimizer, [weight], 1.0) > 0  # a real step: Adam now has momentum
+    before = weight.detach().clone()
+    weight.grad = torch.zeros(3)
+    assert model_lib.optimizer_step(optimizer, [weight], 1.0) == 0.0
+    assert torch.equal(weight.detach(), before)
+
+
 def test_init_adapter_starts_from_its_weights(learnable_model_dir, tmp_path):
     first = train.train(tiny_config(learnable_model_dir, steps=2), tmp_path / "exact")
     # lr 0: the new run's adapter stays what it started from, which must be the first run's, not a fresh one
@@ -296,7 +325,16 @@ def test_init_adapter_starts_from_its_weights(learnable_model_dir, tmp_path):
     (["--delta", "inf"], "--delta must be a finite number"),
     (["--resume", "nowhere"], "nowhere is not a run directory"),
     (["--init-adapter", "nowhere"], "--init-adapter: nowhere is not a saved adapter"),
-    (["--temperature", "0"], "--temperature must be > 0 to train, got 0.0: at 0 the G responses to a prompt are the same"),
+    (["--temperature", "0"], "--temperature must be >= 0.01 to train, got 0.0: below it the G responses to a "
+                             "prompt are the same"),
+    # settings that would run and train nothing (runs.trains_nothing)
+    (["--temperature", "1e-40"], "--temperature must be >= 0.01 to train, got 1e-40"),
+    (["--max-new-tokens", "16"], "--max-new-tokens (16) is below the largest target --n-max (128)"),
+    (["--n-max", "4000"], "--max-new-tokens (192) is below the largest target --n-max (4000)"),
+    (["--grad-clip", "0"], "--grad-clip must be > 0 (the largest gradient norm"),
+    (["--lora-alpha", "0", "--init-adapter", "none"], "--lora-alpha must be > 0"),
+    (["--lr", "0"], "--lr must be > 0"),
+    (["--lr", "-1"], "--lr must be > 0"),
     (["--seed", "-1"], "--seed must be in [0, 2**32), got -1"),
     (["--seed", str(2**32)], "--seed must be in [0, 2**32), got 4294967296"),
     (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1, got 0"),
@@ -385,7 +423,8 @@ def test_the_default_run_starts_from_the_first_stage_and_another_model_from_a_fr
 
 def test_default_run_smoke(tmp_path, capsys):
     # the real default, embedded model and built-in problems, shrunk to two quick steps
-    train.main(["--steps", "2", "--group-size", "2", "--prompts-per-step", "2", "--max-new-tokens", "8",
+    train.main(["--steps", "2", "--group-size", "2", "--prompts-per-step", "2", "--max-new-tokens", "8", "--n-min", "4",
+                "--n-max", "8",
                 "--out-dir", str(tmp_path), "--run-name", "smoke", "--sample-every", "1"])
     run = tmp_path / "smoke"
     saved = json.loads((run / "config.json").read_text())
