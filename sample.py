@@ -13,9 +13,10 @@ from (logits / temperature, after top-p), and why it stopped: these are GRPO's "
 equal to what `sequence_logprobs` computes by a fresh forward pass over prompt + response.
 
 Around the loop, what every training step does with rollouts: `generate_in_batches` (a step's rows,
-similar targets batched together), `share_prompts`, `pack_shared` and `shared_logprobs` (the loss pass,
-each group's prompt computed once; `micro_batches` and `pack` for rows that stand alone, as the first
-stage's), `rollout_metrics` and `examples` (what a step's rollouts did). S1 budget forcing is `budget_forcing`.
+similar targets batched together), `share_prompts`, `packed` and `shared_logprobs` (the loss pass,
+each group's prompt computed once, one micro-batch built at a time; `micro_batches` and `pack` for rows that
+stand alone, as the first stage's), `rollout_metrics` and `examples` (what a step's rollouts did). S1 budget
+forcing is `budget_forcing`.
 """
 
 import argparse
@@ -422,6 +423,14 @@ def pack_shared(units: list[list[int]], prompts: list[list[int]], rollouts: list
                   targets=right([r.tokens for r in responses], 0))
     old = right([[0.0 if math.isnan(lp) else lp for lp in r.logprobs] for r in responses], 0.0)
     return inputs, right([[1.0] * r.n_y for r in responses], 0.0), old
+
+
+def packed(micro: list[list[list[int]]], prompts: list[list[int]], rollouts: list[Rollout], pad_id: int, device,
+           dtype=torch.float32):
+    """(units, pack_shared's tensors) for each micro-batch of share_prompts, each built when it is reached: one
+    micro-batch's mask [u, 1, T, T] is alive at a time, so the loss pass's memory does not grow with the rows."""
+    for units in micro:
+        yield units, pack_shared(units, prompts, rollouts, pad_id, device, dtype)
 
 
 def shared_logprobs(model, inputs: dict, temperature: float = 1.0) -> torch.Tensor:
