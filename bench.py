@@ -195,16 +195,19 @@ def memory_fraction(cap_gb: float, total_bytes: int) -> float:
     return cap_gb * 2**30 / total_bytes
 
 
-def bench_train(args, model_name, device, preset: str) -> dict:
-    overrides = dict(model=model_name, steps=2, quantize=not args.no_quantize)
+def preset_config(args, preset: str, **overrides) -> train.Config:
+    """train.py's Config of `preset`, with the sizes and knobs given to bench.py over it, then `overrides`."""
+    knobs = ("group_size", "n_min", "n_max", "max_new_tokens", "rollout_batch", "micro_batch_tokens")
+    flags = {k: getattr(args, k) for k in knobs if getattr(args, k, None) is not None}
     if args.prompts is not None:
-        overrides["prompts_per_step"] = args.prompts
-    for knob in ("group_size", "n_min", "n_max", "max_new_tokens", "rollout_batch", "micro_batch_tokens"):
-        if getattr(args, knob, None) is not None:
-            overrides[knob] = getattr(args, knob)
+        flags["prompts_per_step"] = args.prompts
     if args.no_rollout_copy:
-        overrides["rollout_copy"] = False
-    cfg = train.Config(**{**train.PRESETS[preset], **overrides, "data": "builtin"})
+        flags["rollout_copy"] = False
+    return train.Config(**{**train.PRESETS[preset], **flags, **overrides})
+
+
+def bench_train(args, model_name, device, preset: str) -> dict:
+    cfg = preset_config(args, preset, model=model_name, steps=2, quantize=not args.no_quantize, data="builtin")
     runs.check_config(cfg)
     steps = []
     real_generate = sample.generate
@@ -262,13 +265,15 @@ def memory_account(config: dict, cfg: train.Config, prompt_tokens: int = PROMPT_
     terms = {
         "4-bit base": ("kept", linear * (1 / 2 + 1 / 64) + other * b,
                        "linear weights x (1/2 + 1/64) B (NF4 + absmax) + (embeddings, lm_head, norms, biases) x b"),
-        "dense rollout copy": ("kept", (linear + other) * b * cfg.rollout_copy, "every weight x b (--no-rollout-copy: 0)"),
+        "dense rollout copy": ("kept", (linear + other) * b * cfg.rollout_copy,
+                               "every weight x b (--no-rollout-copy: 0)"),
         "LoRA + AdamW + gradients": ("kept", 16 * lora, "r x sum(in + out) of every linear x (4 + 8 + 4) B, fp32"),
         "KV cache of a rollout batch": ("rollout", rows * T * L * 2 * kv * b,
                                         "rollout_batch x (prompt + max_new_tokens) x layers x 2 x kv width x b"),
-        "sampling": ("rollout", 5 * rows * V * 4, "5 x rollout_batch x vocab x 4 B (logits, / T, log-softmax, exp, cdf)"),
+        "sampling": ("rollout", 5 * rows * V * 4,
+                     "5 x rollout_batch x vocab x 4 B (logits, / T, log-softmax, exp, cdf)"),
         "checkpointed hidden states": ("loss", (L + 2) * M * H * b,
-                                       "(layers + 2) x M x hidden x b: each layer's input, the output, the gathered rows"),
+                                       "(layers + 2) x M x hidden x b: each layer's input, the output, the rows'"),
         "attention mask": ("loss", M * M * b, "M x M x b (u x T^2 <= M^2, T <= M)"),
         "one layer's recompute": ("layer", M * (7 * H + 4 * I) * b, "M x (7 hidden + 4 intermediate) x b"),
         "log-prob chunk": ("chunk", C * V * (8 + 4 - b), "C x vocab x (2 x 4 + 4 - b) B: fp32 log-probs and gradient"),
@@ -296,7 +301,8 @@ def char_tokenizer():
     from transformers import PreTrainedTokenizerFast
 
     specials = ["<pad>", "<eos>", "<unk>"]
-    raw = Tokenizer(models.WordLevel({t: i for i, t in enumerate(specials + list(string.printable))}, unk_token="<unk>"))
+    vocab = {t: i for i, t in enumerate(specials + list(string.printable))}
+    raw = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     raw.pre_tokenizer, raw.decoder = pre_tokenizers.Split("", "isolated"), decoders.Fuse()
     raw.add_special_tokens(specials)
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=raw, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
@@ -355,10 +361,11 @@ def account_check(overrides: dict, tmp: Path) -> dict:
         phase = "rollout" if e.time_range.start < done else "loss"
         phase_peak[phase] = max(phase_peak[phase], allocated)
     account = memory_account(dict(QWEN_1_5B, **overrides), cfg, prompt, device="cpu")
-    measured = dict(kept, rollout=phase_peak["rollout"], loss=phase_peak["loss"],
-                    rollout_peak=sum(kept.values()) + phase_peak["rollout"], loss_peak=sum(kept.values()) + phase_peak["loss"])
+    measured = dict(kept, rollout=phase_peak["rollout"], loss=phase_peak["loss"])
+    measured |= {f"{phase}_peak": sum(kept.values()) + phase_peak[phase] for phase in ("rollout", "loss")}
     measured["peak"] = max(measured["rollout_peak"], measured["loss_peak"])
-    predicted = {k: account["terms"][k][1] for k in kept} | {k: account[k] for k in ("rollout_peak", "loss_peak", "peak")}
+    predicted = {k: account["terms"][k][1] for k in kept}
+    predicted |= {k: account[k] for k in ("rollout_peak", "loss_peak", "peak")}
     predicted |= {phase: predicted[f"{phase}_peak"] - sum(predicted[k] for k in kept) for phase in ("rollout", "loss")}
     return dict(size={k: overrides[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size")},
                 micro_batch_tokens=cfg.micro_batch_tokens, predicted_mib={k: v / 2**20 for k, v in predicted.items()},
@@ -384,9 +391,7 @@ def bench_account(args, preset: str) -> dict:
     """The memory account of a step: the term table of `preset` for the model config (--config, default
     QWEN_1_5B), the predicted peak of every paper preset at 1.5B and 7B, what each knob saves, and the CPU checks."""
     config = read_config(args.config) if args.config else QWEN_1_5B
-    knobs = {k: getattr(args, k) for k in ("rollout_batch", "micro_batch_tokens", "max_new_tokens")
-             if getattr(args, k) is not None} | ({"rollout_copy": False} if args.no_rollout_copy else {})
-    settings = lambda name, **more: train.Config(**{**train.PRESETS[name], **knobs, **more})
+    settings = lambda name, **more: preset_config(args, name, **more)
     gib = lambda x: x / 2**30
     account = memory_account(config, settings(preset))
     cap = args.memory_cap_gb
@@ -397,16 +402,18 @@ def bench_account(args, preset: str) -> dict:
         print(f"| {name} | {phase} | {gib(size):.2f} | {formula} |")
     print(f"| **predicted peak** | | **{gib(account['peak']):.2f}** | kept + max(rollout, loss + max(layer, chunk)) "
           f"+ slack |\n{'fits' if gib(account['peak']) <= cap else 'does NOT fit'} in {cap:g} GiB")
+    changes = {"--no-rollout-copy": dict(rollout_copy=False), "--rollout-batch 32": dict(rollout_batch=32),
+               "--micro-batch-tokens 8192": dict(micro_batch_tokens=8192)}
     savings = {flag: gib(account["peak"] - memory_account(config, settings(preset, **change))["peak"])
-               for flag, change in (("--no-rollout-copy", dict(rollout_copy=False)), ("--rollout-batch 32",
-                                    dict(rollout_batch=32)), ("--micro-batch-tokens 8192", dict(micro_batch_tokens=8192)))}
+               for flag, change in changes.items()}
     print("what each knob saves: " + ", ".join(f"{flag} {saved:.2f} GiB" for flag, saved in savings.items()))
     predictions = {}
     for model, cfg_model in ((args.config or "1.5B", config), ("7B", QWEN_7B)):
         for name in ("l1-exact", "l1-max"):
             a = memory_account(cfg_model, settings(name))
-            predictions[f"{model} {name}"] = dict(predicted_peak_gib=gib(a["peak"]), terms={
-                term: dict(phase=phase, gib=gib(size), formula=formula) for term, (phase, size, formula) in a["terms"].items()})
+            terms = {term: dict(phase=phase, gib=gib(size), formula=formula)
+                     for term, (phase, size, formula) in a["terms"].items()}
+            predictions[f"{model} {name}"] = dict(predicted_peak_gib=gib(a["peak"]), terms=terms)
     small = settings("l1-exact", rollout_copy=False, rollout_batch=16)
     predictions["7B l1-exact --no-rollout-copy --rollout-batch 16"] = dict(
         predicted_peak_gib=gib(memory_account(QWEN_7B, small)["peak"]))
@@ -423,7 +430,8 @@ def bench_account(args, preset: str) -> dict:
             for term, ratio in check["ratio"].items():
                 print(f"| {'/'.join(map(str, check['size'].values()))} | {term} | {check['predicted_mib'][term]:.1f} | "
                       f"{check['measured_mib'][term]:.1f} | {ratio:.3f} |")
-    return dict(preset=preset, config=args.config or "bench.QWEN_1_5B", prompt_tokens=PROMPT_TOKENS, knobs=knobs,
+    return dict(preset=preset, config=args.config or "bench.QWEN_1_5B", prompt_tokens=PROMPT_TOKENS,
+                settings=dataclasses.asdict(settings(preset)),
                 fits=gib(account["peak"]) <= cap, memory_cap_gb=cap, knob_savings_gib=savings, presets=predictions,
                 cpu_checks=checks)
 
@@ -622,6 +630,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     device = torch.device(model_lib.default_device())
     gpu = device.type == "cuda"
+    account = args.what == "memory" and args.account  # a prediction: no GPU, no model
+    if (args.account or args.config) and not account:
+        sys.exit("error: --account and --config are for bench.py memory")
     if args.what == "memory" and not gpu and not args.account:
         sys.exit("error: bench.py memory measures GPU memory and needs a CUDA device (on a CPU: bench.py memory "
                  "--account predicts it)")
@@ -632,7 +643,6 @@ def main(argv: list[str] | None = None) -> None:
     preset = args.preset or ("l1-exact" if gpu or account else "default")
     if preset not in train.PRESETS:
         sys.exit(f"error: unknown preset {preset!r}: use one of {', '.join(train.PRESETS)}")
-    account = args.what == "memory" and args.account  # a prediction: no GPU, no model
     if args.what == "memory" and not account:
         try:
             torch.cuda.set_per_process_memory_fraction(
@@ -646,10 +656,10 @@ def main(argv: list[str] | None = None) -> None:
         else dict(prompts=8, group_size=4, n_min=16, n_max=160, max_new_tokens=256, temperature=1.0)
     if args.what == "trl":  # small enough to repeat on a CPU
         defaults = dict(prompts=2, group_size=8, n_min=32, n_max=128, max_new_tokens=160, temperature=0.6)
-    elif args.what == "memory":  # one full rollout batch; training peaks at one micro-batch, whatever the rows
+    elif args.what == "memory" and not account:  # one full rollout batch; training peaks at one micro-batch
         settings = {**vars(train.Config()), **train.PRESETS[preset]}
         defaults = dict(prompts=max(1, settings["rollout_batch"] // settings["group_size"]))
-    elif args.what == "train":  # the preset's settings
+    elif args.what == "train" or account:  # the preset's settings
         defaults = {}
     for k, v in defaults.items():
         if getattr(args, k) is None:
@@ -672,16 +682,26 @@ def main(argv: list[str] | None = None) -> None:
                     result = dict(fits=True, **bench_train(args, model_name, device, preset))
                 except torch.cuda.OutOfMemoryError as e:  # the answer, not a failure of the benchmark
                     result = dict(fits=False, error=str(e).splitlines()[0])
-                print(f"{'fits' if result['fits'] else 'does NOT fit'} in {args.memory_cap_gb:g} GiB")
                 # the cap limits what the allocator reserves; a card also holds the CUDA context
-                result.update(memory_cap_gb=args.memory_cap_gb, peak_reserved_mb=torch.cuda.max_memory_reserved(device) / 2**20)
+                result.update(memory_cap_gb=args.memory_cap_gb,
+                              peak_reserved_mb=torch.cuda.max_memory_reserved(device) / 2**20,
+                              peak_allocated_mb=torch.cuda.max_memory_allocated(device) / 2**20)
+                if paper:  # the account's bound for the same settings, beside what was measured
+                    result["predicted_peak_mb"] = memory_account(QWEN_1_5B, preset_config(args, preset))["peak"] / 2**20
+                print(f"{'fits' if result['fits'] else 'does NOT fit'} in {args.memory_cap_gb:g} GiB: peak reserved "
+                      f"{result['peak_reserved_mb']:.0f} MiB, allocated {result['peak_allocated_mb']:.0f} MiB, the "
+                      f"account's bound {result.get('predicted_peak_mb', float('nan')):.0f} MiB")
             else:
                 result = bench_train(args, model_name, device, preset)
         except (ValueError, model_lib.ModelError) as e:
             sys.exit(f"error: {e}")
-    result.update(what="memory --account" if account else args.what, command="python bench.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-                  model="a small random Llama (bench_loss)" if args.what == "loss" else args.config if account else args.model or (
-                      "random Qwen2 1.5B configuration" if paper else "embedded SmolLM2-135M-Instruct"),
+    if account:
+        model = args.config or "bench.QWEN_1_5B"
+    else:
+        model = "a small random Llama (bench_loss)" if args.what == "loss" else args.model or (
+            "random Qwen2 1.5B configuration" if paper else "embedded SmolLM2-135M-Instruct")
+    result.update(what=args.what + " --account" * account,
+                  command="python bench.py " + " ".join(argv if argv is not None else sys.argv[1:]), model=model,
                   device=torch.cuda.get_device_name(device) if gpu else f"CPU, {torch.get_num_threads()} threads, "
                   f"{platform.processor() or platform.machine()}", date=time.strftime("%Y-%m-%d"),
                   torch=torch.__version__)

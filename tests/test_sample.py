@@ -409,3 +409,19 @@ def test_the_shipped_l1_exact_adapter_turns_the_dial():
     # the same cap for both, so that the cap is not what differs; the untrained model runs past 64 at N = 32
     assert lengths[32] < 64 and lengths[128] > lengths[32] + 32, lengths  # sampled at T = 0.6: 26.1 and 103.7
 
+
+
+def test_a_log_prob_chunk_holds_about_chunk_tokens_of_logits_however_many_rows(char_tokenizer):
+    # many short rows (a micro-batch of short responses) must not hold rows x positions x vocab logits at once
+    model = make_tiny_llama(char_tokenizer)
+    seen = []
+    model.get_output_embeddings().register_forward_hook(lambda module, args, out: seen.append(out.shape[:2]))
+    hidden = torch.randn(40, 30, model.config.hidden_size)
+    targets = torch.randint(0, len(char_tokenizer), (40, 30))
+    plain = sample.token_logprobs(model, hidden, targets, chunk=10 ** 6)
+    seen.clear()
+    chunked = sample.token_logprobs(model, hidden, targets, chunk=128)  # 3 positions of 40 rows a chunk
+    assert all(rows * positions <= 128 for rows, positions in seen) and len(seen) == 10
+    torch.testing.assert_close(chunked, plain)
+    sample.token_logprobs(model, hidden[:, :5], targets[:, :5], chunk=8)  # fewer tokens than rows: a position each
+    assert seen[-1] == (40, 1)
