@@ -273,7 +273,7 @@ def memory_account(config: dict, cfg: train.Config, prompt_tokens: int = PROMPT_
         "sampling": ("rollout", 5 * rows * V * 4,
                      "5 x rollout_batch x vocab x 4 B (logits, / T, log-softmax, exp, cdf)"),
         "checkpointed hidden states": ("loss", (L + 2) * M * H * b,
-                                       "(layers + 2) x M x hidden x b: each layer's input, the output, the rows'"),
+                                       "(layers + 2) x M x hidden x b: layer inputs, output, gathered rows"),
         "attention mask": ("loss", M * M * b, "M x M x b (u x T^2 <= M^2, T <= M)"),
         "one layer's recompute": ("layer", M * (7 * H + 4 * I) * b, "M x (7 hidden + 4 intermediate) x b"),
         "log-prob chunk": ("chunk", C * V * (8 + 4 - b), "C x vocab x (2 x 4 + 4 - b) B: fp32 log-probs and gradient"),
@@ -281,7 +281,7 @@ def memory_account(config: dict, cfg: train.Config, prompt_tokens: int = PROMPT_
     rest = {phase: sum(x for p, x, _ in terms.values() if p == phase) for phase in ("kept", "rollout", "loss")}
     rest["loss"] += max(terms["one layer's recompute"][1], terms["log-prob chunk"][1])
     before_slack = rest["kept"] + max(rest["rollout"], rest["loss"])
-    terms["allocator slack"] = ("kept", ALLOCATOR_SLACK * before_slack * (device == "cuda"),
+    terms["allocator slack"] = ("slack", ALLOCATOR_SLACK * before_slack * (device == "cuda"),
                                 f"{ALLOCATOR_SLACK:.0%} of the rest (cuda)")
     return dict(terms=terms, rollout_peak=rest["kept"] + rest["rollout"], loss_peak=rest["kept"] + rest["loss"],
                 peak=before_slack + terms["allocator slack"][1], M=M, C=C)
