@@ -4,6 +4,7 @@ Speed and memory of the LCPO loop, measured against the alternative in the same 
     python bench.py rollout                    # our rollouts vs model.generate() on the LCPO workload
     python bench.py train                      # one GRPO step: rollout / reference / policy / optimizer
     python bench.py memory --preset l1-exact   # does a full step of the 1.5B model at paper lengths fit in 24 GB?
+    python bench.py memory --account           # the same, predicted term by term (any machine), checked on the CPU
     python bench.py trl                        # one GRPO step: ours against TRL's GRPOTrainer, same settings
     python bench.py loss                       # the loss pass: each prompt once for its G responses, or once per row
 
@@ -40,6 +41,8 @@ import train
 QWEN_1_5B = dict(architectures=["Qwen2ForCausalLM"], hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
                  num_attention_heads=12, num_key_value_heads=2, vocab_size=151936, max_position_embeddings=131072,
                  rope_theta=10000.0, rms_norm_eps=1e-6, tie_word_embeddings=False, hidden_act="silu")
+QWEN_7B = dict(QWEN_1_5B, hidden_size=3584, intermediate_size=18944, num_attention_heads=28, num_key_value_heads=4,
+               vocab_size=152064)  # DeepSeek-R1-Distill-Qwen-7B's, for the memory account's scale
 
 
 def random_qwen(directory: Path, tokenizer, overrides: dict | None = None) -> str:
@@ -196,14 +199,19 @@ def memory_fraction(cap_gb: float, total_bytes: int) -> float:
     return cap_gb * 2**30 / total_bytes
 
 
-def bench_train(args, model_name, device, preset: str) -> dict:
-    overrides = dict(model=model_name, steps=2, quantize=not args.no_quantize)
+def preset_config(args, preset: str, **overrides) -> train.Config:
+    """train.py's Config of `preset`, with the sizes and knobs given to bench.py over it, then `overrides`."""
+    knobs = ("group_size", "n_min", "n_max", "max_new_tokens", "rollout_batch", "micro_batch_tokens")
+    flags = {k: getattr(args, k) for k in knobs if getattr(args, k, None) is not None}
     if args.prompts is not None:
-        overrides["prompts_per_step"] = args.prompts
-    for knob in ("group_size", "n_min", "n_max", "max_new_tokens", "rollout_batch", "micro_batch_tokens"):
-        if getattr(args, knob, None) is not None:
-            overrides[knob] = getattr(args, knob)
-    cfg = train.Config(**{**train.PRESETS[preset], **overrides, "data": "builtin"})
+        flags["prompts_per_step"] = args.prompts
+    if args.no_rollout_copy:
+        flags["rollout_copy"] = False
+    return train.Config(**{**train.PRESETS[preset], **flags, **overrides})
+
+
+def bench_train(args, model_name, device, preset: str) -> dict:
+    cfg = preset_config(args, preset, model=model_name, steps=2, quantize=not args.no_quantize, data="builtin")
     runs.check_config(cfg)
     steps = []
     real_generate = sample.generate
@@ -222,6 +230,217 @@ def bench_train(args, model_name, device, preset: str) -> dict:
     print(f"  rollout {m['rollout_tokens_per_s']:.1f} tokens/s, training {m['train_tokens_per_s']:.1f} tokens/s, "
           f"peak memory {m['peak_memory_mb']:.0f} MB")
     return dict(config={k: v for k, v in vars(cfg).items()}, step=m, forced_lengths=args.force_lengths)
+
+
+# -----------------------------------------------------------------------------
+# the memory account: a step's peak, term by term, checked against measured peaks on the CPU
+
+PROMPT_TOKENS = 512  # the padded prompt of a rollout batch, for the presets' account (DeepScaleR's are ~100-300)
+ALLOCATOR_SLACK = 0.10  # CUDA's caching allocator: rounding and fragmentation, as a share of the rest (a guess)
+ACCOUNT_CHECKS = [  # random Qwen2 configs the CPU check trains a real step of: a layer's recompute or the logits peak
+    dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+         vocab_size=512),
+    dict(hidden_size=128, intermediate_size=352, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+         vocab_size=4096),
+    dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+         vocab_size=1024),
+]
+
+
+def memory_account(config: dict, cfg: train.Config, prompt_tokens: int = PROMPT_TOKENS, device: str = "cuda") -> dict:
+    """A training step's memory, term by term: {term: (phase, bytes, formula)}. Phases: `kept` all step long;
+    `rollout` while generating (the KV cache is freed before the loss pass); `loss` one micro-batch's forward
+    and backward, of which `layer` (a layer's recompute in backward) and `chunk` (a log-prob chunk's) never
+    coexist. The largest micro-batch is one unit M = max(micro_batch_tokens, prompt + max_new_tokens) wide.
+    On "cuda" bf16 compute and CUDA's allocator; on "cpu" fp32 and no slack (what the CPU checks measure).
+    """
+    H, I, L, V = (config[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size"))
+    head = config.get("head_dim") or H // config["num_attention_heads"]
+    q, kv = config["num_attention_heads"] * head, config["num_key_value_heads"] * head  # widths of q and of k, v
+    b, r = (2 if device == "cuda" else 4), cfg.lora_rank  # bytes of the compute dtype; LoRA rank
+    linear = L * (H * q + 2 * H * kv + q * H + 3 * H * I)  # q, k, v, o, gate, up, down: the 4-bit weights
+    bias = "Qwen2ForCausalLM" in config.get("architectures", []) or config.get("attention_bias", False)
+    other = V * H * (1 if config.get("tie_word_embeddings") else 2) + (2 * L + 1) * H + bias * L * (q + 2 * kv)
+    lora = r * L * ((H + q) + 2 * (H + kv) + (q + H) + 2 * (H + I) + (I + H))  # r x (in + out), every linear
+    rows = min(cfg.rollout_batch, cfg.prompts_per_step * cfg.group_size)
+    T = prompt_tokens + cfg.max_new_tokens  # a rollout's cache columns
+    M = max(cfg.micro_batch_tokens, T)  # padded tokens of the largest micro-batch, and its widest unit
+    C = min(sample.LOGPROB_TOKENS, M)  # tokens per log-prob chunk
+    terms = {
+        "4-bit base": ("kept", linear * (1 / 2 + 1 / 64) + other * b,
+                       "linear weights x (1/2 + 1/64) B (NF4 + absmax) + (embeddings, lm_head, norms, biases) x b"),
+        "dense rollout copy": ("kept", (linear + other) * b * cfg.rollout_copy,
+                               "every weight x b (--no-rollout-copy: 0)"),
+        "LoRA + AdamW + gradients": ("kept", 16 * lora, "r x sum(in + out) of every linear x (4 + 8 + 4) B, fp32"),
+        "KV cache of a rollout batch": ("rollout", rows * T * L * 2 * kv * b,
+                                        "rollout_batch x (prompt + max_new_tokens) x layers x 2 x kv width x b"),
+        "sampling": ("rollout", 5 * rows * V * 4,
+                     "5 x rollout_batch x vocab x 4 B (logits, / T, log-softmax, exp, cdf)"),
+        "checkpointed hidden states": ("loss", (L + 2) * M * H * b,
+                                       "(layers + 2) x M x hidden x b: layer inputs, output, gathered rows"),
+        "attention mask": ("loss", M * M * b, "M x M x b (u x T^2 <= M^2, T <= M)"),
+        "one layer's recompute": ("layer", M * (7 * H + 4 * I) * b, "M x (7 hidden + 4 intermediate) x b"),
+        "log-prob chunk": ("chunk", C * V * (8 + 4 - b), "C x vocab x (2 x 4 + 4 - b) B: fp32 log-probs and gradient"),
+    }
+    rest = {phase: sum(x for p, x, _ in terms.values() if p == phase) for phase in ("kept", "rollout", "loss")}
+    rest["loss"] += max(terms["one layer's recompute"][1], terms["log-prob chunk"][1])
+    before_slack = rest["kept"] + max(rest["rollout"], rest["loss"])
+    terms["allocator slack"] = ("slack", ALLOCATOR_SLACK * before_slack * (device == "cuda"),
+                                f"{ALLOCATOR_SLACK:.0%} of the rest (cuda)")
+    return dict(terms=terms, rollout_peak=rest["kept"] + rest["rollout"], loss_peak=rest["kept"] + rest["loss"],
+                peak=before_slack + terms["allocator slack"][1], M=M, C=C)
+
+
+def tensor_bytes(tensors) -> int:
+    """Bytes of the storages under `tensors`, each counted once."""
+    return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}.values())
+
+
+def char_tokenizer():
+    """One id per printable character, and a chat template: the CPU checks' prompts, for models of any vocabulary
+    (ids past the tokenizer's decode to nothing)."""
+    import string
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<eos>", "<unk>"]
+    vocab = {t: i for i, t in enumerate(specials + list(string.printable))}
+    raw = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    raw.pre_tokenizer, raw.decoder = pre_tokenizers.Split("", "isolated"), decoders.Fuse()
+    raw.add_special_tokens(specials)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=raw, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    return tokenizer
+
+
+def account_check(overrides: dict, tmp: Path) -> dict:
+    """A real train_step on the CPU (the second: AdamW's states exist), of a random Qwen2 of QWEN_1_5B's shape with
+    `overrides`, the l1-exact preset's settings, 4-bit base, one prompt x G = 32 responses of 32 tokens, all in one
+    rollout batch and one micro-batch as wide as the account's bound; each kept term measured as the bytes of its
+    tensors, each phase as those plus torch.profiler's peak of the bytes allocated in it. Beside the account."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    path = random_qwen(tmp / "check", char_tokenizer(), overrides)
+    model, tokenizer = model_lib.load_model(path, quantize=True, lora_rank=16, gradient_checkpointing=True)
+    problems = data.builtin_problems("train", 1)
+    prompt = len(data.lcpo_prompt(tokenizer, problems[0], 32, "exact"))
+    cfg = train.Config(**{**train.PRESETS["l1-exact"], "model": path, "prompts_per_step": 1, "group_size": 32,
+                          "n_min": 32, "n_max": 32, "max_new_tokens": 32, "rollout_batch": 32, "lora_rank": 16,
+                          "micro_batch_tokens": prompt + 32 * 32})  # one unit: the prompt and its 32 responses
+    params = [p for p in model.parameters() if p.requires_grad]
+    with torch.no_grad():  # an adapter off zero: the KL term has a gradient, so AdamW steps and makes its states
+        for p in params:
+            p.normal_(std=1e-3)
+    optimizer, copy = torch.optim.AdamW(params, lr=cfg.lr), model_lib.rollout_copy(model)
+    real_generate, real_batches = sample.generate, sample.generate_in_batches
+
+    def full_length(model, prompts, max_new_tokens, pad_id, stop_ids, *args, **kwargs):  # the GPU's static cache
+        return real_generate(model, prompts, max_new_tokens, pad_id, [], *args, **{**kwargs, "static_cache": True})
+
+    def timed_rollout(*args, **kwargs):  # marks its end with an empty range (a range holding work takes its frees)
+        rollouts = real_batches(*args, **kwargs)
+        with record_function("rollout done"):
+            return rollouts
+
+    sample.generate, sample.generate_in_batches = full_length, timed_rollout
+    try:
+        step = lambda s: train.train_step(cfg, s, model, tokenizer, optimizer, params, problems, False,
+                                          torch.device("cpu"), copy)
+        step(0)
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            step(1)
+    finally:
+        sample.generate, sample.generate_in_batches = real_generate, real_batches
+    frozen = [p for p in model.parameters() if not p.requires_grad] + list(model.buffers())
+    quant = [s for p in frozen if getattr(p, "quant_state", None) is not None for s in
+             (p.quant_state.absmax, p.quant_state.code, *((p.quant_state.state2.absmax, p.quant_state.state2.code)
+                                                          if p.quant_state.nested else ()))]
+    kept = {"4-bit base": tensor_bytes(frozen + quant),
+            "dense rollout copy": tensor_bytes(list(copy.parameters()) + list(copy.buffers())),
+            "LoRA + AdamW + gradients": tensor_bytes(params + [p.grad for p in params] + [
+                t for s in optimizer.state.values() for t in s.values() if t.dim() > 0])}
+    events = sorted(prof.events(), key=lambda e: e.time_range.start)
+    (done,) = [e.time_range.start for e in events if e.name == "rollout done"]
+    allocated, phase_peak = 0, {"rollout": 0, "loss": 0}
+    for e in events:  # the bytes allocated since the step began, at each event
+        allocated += e.self_cpu_memory_usage
+        phase = "rollout" if e.time_range.start < done else "loss"
+        phase_peak[phase] = max(phase_peak[phase], allocated)
+    account = memory_account(dict(QWEN_1_5B, **overrides), cfg, prompt, device="cpu")
+    measured = dict(kept, rollout=phase_peak["rollout"], loss=phase_peak["loss"])
+    measured |= {f"{phase}_peak": sum(kept.values()) + phase_peak[phase] for phase in ("rollout", "loss")}
+    measured["peak"] = max(measured["rollout_peak"], measured["loss_peak"])
+    predicted = {k: account["terms"][k][1] for k in kept}
+    predicted |= {k: account[k] for k in ("rollout_peak", "loss_peak", "peak")}
+    predicted |= {phase: predicted[f"{phase}_peak"] - sum(predicted[k] for k in kept) for phase in ("rollout", "loss")}
+    return dict(size={k: overrides[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size")},
+                micro_batch_tokens=cfg.micro_batch_tokens, predicted_mib={k: v / 2**20 for k, v in predicted.items()},
+                measured_mib={k: v / 2**20 for k, v in measured.items()},
+                ratio={k: predicted[k] / measured[k] for k in measured})
+
+
+def read_config(path: str) -> dict:
+    """A model's config.json, with the fields the account needs; ValueError in one line if it cannot be read."""
+    try:
+        config = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read the model config {path} ({e.__class__.__name__}: {str(e)[:80]}): pass a model's "
+                         f"config.json") from None
+    needed = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+    missing = [k for k in needed if not isinstance(config, dict) or not isinstance(config.get(k), int)]
+    if missing:
+        raise ValueError(f"the model config {path} has no {', '.join(missing)}: pass a decoder model's config.json")
+    return {"num_key_value_heads": config["num_attention_heads"], **config}
+
+
+def bench_account(args, preset: str) -> dict:
+    """The memory account of a step: the term table of `preset` for the model config (--config, default
+    QWEN_1_5B), the predicted peak of every paper preset at 1.5B and 7B, what each knob saves, and the CPU checks."""
+    config = read_config(args.config) if args.config else QWEN_1_5B
+    settings = lambda name, **more: preset_config(args, name, **more)
+    gib = lambda x: x / 2**30
+    account = memory_account(config, settings(preset))
+    cap = args.memory_cap_gb
+    print(f"one {preset} step of {args.config or 'DeepScaleR-1.5B (bench.QWEN_1_5B)'} on a GPU: bf16, "
+          f"a {PROMPT_TOKENS}-token prompt, micro-batches of M = {account['M']} tokens, log-prob chunks of "
+          f"{account['C']}\n\n| term | phase | GiB | formula |\n|---|---|---:|---|")
+    for name, (phase, size, formula) in account["terms"].items():
+        print(f"| {name} | {phase} | {gib(size):.2f} | {formula} |")
+    print(f"| **predicted peak** | | **{gib(account['peak']):.2f}** | kept + max(rollout, loss + max(layer, chunk)) "
+          f"+ slack |\n{'fits' if gib(account['peak']) <= cap else 'does NOT fit'} in {cap:g} GiB")
+    changes = {"--no-rollout-copy": dict(rollout_copy=False), "--rollout-batch 32": dict(rollout_batch=32),
+               "--micro-batch-tokens 8192": dict(micro_batch_tokens=8192)}
+    savings = {flag: gib(account["peak"] - memory_account(config, settings(preset, **change))["peak"])
+               for flag, change in changes.items()}
+    print("what each knob saves: " + ", ".join(f"{flag} {saved:.2f} GiB" for flag, saved in savings.items()))
+    predictions = {}
+    for model, cfg_model in ((args.config or "1.5B", config), ("7B", QWEN_7B)):
+        for name in ("l1-exact", "l1-max"):
+            a = memory_account(cfg_model, settings(name))
+            terms = {term: dict(phase=phase, gib=gib(size), formula=formula)
+                     for term, (phase, size, formula) in a["terms"].items()}
+            predictions[f"{model} {name}"] = dict(predicted_peak_gib=gib(a["peak"]), terms=terms)
+    small = settings("l1-exact", rollout_copy=False, rollout_batch=16)
+    predictions["7B l1-exact --no-rollout-copy --rollout-batch 16"] = dict(
+        predicted_peak_gib=gib(memory_account(QWEN_7B, small)["peak"]))
+    print("\n| model, preset | predicted peak GiB |\n|---|---:|")
+    for name, p in predictions.items():
+        print(f"| {name} | {p['predicted_peak_gib']:.2f} |")
+    print("\nthe account against a real step on this CPU (fp32, random Qwen2 weights, profiler; MiB):\n"
+          "| hidden / intermediate / layers / vocab | term | predicted | measured | ratio |\n|---|---|---:|---:|---:|")
+    checks = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for overrides in ACCOUNT_CHECKS:
+            check = account_check(overrides, Path(tmp))
+            checks.append(check)
+            for term, ratio in check["ratio"].items():
+                print(f"| {'/'.join(map(str, check['size'].values()))} | {term} | {check['predicted_mib'][term]:.1f} | "
+                      f"{check['measured_mib'][term]:.1f} | {ratio:.3f} |")
+    return dict(preset=preset, config=args.config or "bench.QWEN_1_5B", prompt_tokens=PROMPT_TOKENS,
+                settings=dataclasses.asdict(settings(preset)),
+                fits=gib(account["peak"]) <= cap, memory_cap_gb=cap, knob_savings_gib=savings, presets=predictions,
+                cpu_checks=checks)
 
 
 LOSS_SHAPES = [(90, 4, 100), (256, 4, 100), (256, 16, 100), (1024, 16, 100), (1024, 16, 400)]  # (prompt, G, response)
@@ -409,45 +628,55 @@ def main(argv: list[str] | None = None) -> None:
                         help="train/memory: stop each response after a length drawn from n_min..max_new_tokens "
                         "(default: with the random model, whose responses never stop)")
     parser.add_argument("--memory-cap-gb", type=float, default=24.0, help="memory: the card to fit, GiB")
+    parser.add_argument("--no-rollout-copy", action="store_true", help="train/memory: generate with the 4-bit model")
+    parser.add_argument("--account", action="store_true", help="memory: predict the peak term by term (no GPU "
+                        "needed) for --preset, the paper presets at 1.5B and 7B, and check it on this CPU")
+    parser.add_argument("--config", default=None, help="memory --account: a model's config.json (default: "
+                        "DeepScaleR-1.5B's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="bench-results", help="directory for the JSON results")
     parser.add_argument("--replace", action="store_true", help="write over an existing result (default: keep it)")
     args = parser.parse_args(argv)
     device = torch.device(model_lib.default_device())
     gpu = device.type == "cuda"
-    if args.what == "memory" and not gpu:
-        sys.exit("error: bench.py memory measures GPU memory and needs a CUDA device (on a CPU: bench.py train)")
+    account = args.what == "memory" and args.account  # a prediction: no GPU, no model
+    if (args.account or args.config) and not account:
+        sys.exit("error: --account and --config are for bench.py memory")
+    if args.what == "memory" and not gpu and not args.account:
+        sys.exit("error: bench.py memory measures GPU memory and needs a CUDA device (on a CPU: bench.py memory "
+                 "--account predicts it)")
     unknown = [v for v in args.variants if v not in VARIANTS]
     if unknown or any(getattr(args, k) is not None and getattr(args, k) < 1 for k in
                       ("prompts", "group_size", "n_min", "n_max", "max_new_tokens", "rollout_batch")) or args.repeats < 1:
         sys.exit(f"error: unknown variant {unknown[0]!r}" if unknown else "error: sizes and --repeats must be >= 1")
-    preset = args.preset or ("l1-exact" if gpu else "default")
+    preset = args.preset or ("l1-exact" if gpu or account else "default")
     if preset not in train.PRESETS:
         sys.exit(f"error: unknown preset {preset!r}: use one of {', '.join(train.PRESETS)}")
-    if args.what == "memory":
+    if args.what == "memory" and not account:
         try:
             torch.cuda.set_per_process_memory_fraction(
                 memory_fraction(args.memory_cap_gb, torch.cuda.get_device_properties(device).total_memory), device)
         except ValueError as e:
             sys.exit(f"error: {e}")
-    paper = gpu and args.model is None and args.what not in ("trl", "loss")
+    paper = gpu and args.model is None and args.what not in ("trl", "loss") and not account
     if args.force_lengths is None:
         args.force_lengths = paper
     defaults = dict(prompts=4, group_size=16, n_min=100, n_max=4000, max_new_tokens=4096, temperature=1.0) if paper \
         else dict(prompts=8, group_size=4, n_min=16, n_max=160, max_new_tokens=256, temperature=1.0)
     if args.what == "trl":  # small enough to repeat on a CPU
         defaults = dict(prompts=2, group_size=8, n_min=32, n_max=128, max_new_tokens=160, temperature=0.6)
-    elif args.what == "memory":  # one full rollout batch; training peaks at one micro-batch, whatever the rows
+    elif args.what == "memory" and not account:  # one full rollout batch; training peaks at one micro-batch
         settings = {**vars(train.Config()), **train.PRESETS[preset]}
         defaults = dict(prompts=max(1, settings["rollout_batch"] // settings["group_size"]))
-    elif args.what == "train":  # the preset's settings
+    elif args.what == "train" or account:  # the preset's settings
         defaults = {}
     for k, v in defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
 
     try:  # the place to write is checked before it runs: a benchmark can take an hour
-        out = runs.output_file(str(Path(args.out) / f"{args.what}-{'gpu' if gpu else 'cpu'}.json"), "--out", ".json")
+        name = "memory-account.json" if account else f"{args.what}-{'gpu' if gpu else 'cpu'}.json"
+        out = runs.output_file(str(Path(args.out) / name), "--out", ".json")
         runs.keep_existing(out, "--out", args.replace)
     except ValueError as e:
         sys.exit(f"error: {e}")
@@ -455,7 +684,9 @@ def main(argv: list[str] | None = None) -> None:
         try:
             model_name = random_qwen(Path(tmp) / "qwen-1.5b-random",
                                      model_lib.load_tokenizer(model_lib.embedded_model_dir())) if paper else args.model
-            if args.what == "loss":
+            if account:
+                result = bench_account(args, preset)
+            elif args.what == "loss":
                 result = bench_loss(args, device)
             elif args.what == "rollout":
                 result = bench_rollout(args, model_name, device)
@@ -466,16 +697,26 @@ def main(argv: list[str] | None = None) -> None:
                     result = dict(fits=True, **bench_train(args, model_name, device, preset))
                 except torch.cuda.OutOfMemoryError as e:  # the answer, not a failure of the benchmark
                     result = dict(fits=False, error=str(e).splitlines()[0])
-                print(f"{'fits' if result['fits'] else 'does NOT fit'} in {args.memory_cap_gb:g} GiB")
                 # the cap limits what the allocator reserves; a card also holds the CUDA context
-                result.update(memory_cap_gb=args.memory_cap_gb, peak_reserved_mb=torch.cuda.max_memory_reserved(device) / 2**20)
+                result.update(memory_cap_gb=args.memory_cap_gb,
+                              peak_reserved_mb=torch.cuda.max_memory_reserved(device) / 2**20,
+                              peak_allocated_mb=torch.cuda.max_memory_allocated(device) / 2**20)
+                if paper:  # the account's bound for the same settings, beside what was measured
+                    result["predicted_peak_mb"] = memory_account(QWEN_1_5B, preset_config(args, preset))["peak"] / 2**20
+                print(f"{'fits' if result['fits'] else 'does NOT fit'} in {args.memory_cap_gb:g} GiB: peak reserved "
+                      f"{result['peak_reserved_mb']:.0f} MiB, allocated {result['peak_allocated_mb']:.0f} MiB, the "
+                      f"account's bound {result.get('predicted_peak_mb', float('nan')):.0f} MiB")
             else:
                 result = bench_train(args, model_name, device, preset)
         except (ValueError, model_lib.ModelError) as e:
             sys.exit(f"error: {e}")
-    result.update(what=args.what, command="python bench.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-                  model="a small random Llama (bench_loss)" if args.what == "loss" else args.model or (
-                      "random Qwen2 1.5B configuration" if paper else "embedded SmolLM2-135M-Instruct"),
+    if account:
+        model = args.config or "bench.QWEN_1_5B"
+    else:
+        model = "a small random Llama (bench_loss)" if args.what == "loss" else args.model or (
+            "random Qwen2 1.5B configuration" if paper else "embedded SmolLM2-135M-Instruct")
+    result.update(what=args.what + " --account" * account,
+                  command="python bench.py " + " ".join(argv if argv is not None else sys.argv[1:]), model=model,
                   device=torch.cuda.get_device_name(device) if gpu else f"CPU, {torch.get_num_threads()} threads, "
                   f"{platform.processor() or platform.machine()}", date=time.strftime("%Y-%m-%d"),
                   torch=torch.__version__)

@@ -13,9 +13,10 @@ from (logits / temperature, after top-p), and why it stopped: these are GRPO's "
 equal to what `sequence_logprobs` computes by a fresh forward pass over prompt + response.
 
 Around the loop, what every training step does with rollouts: `generate_in_batches` (a step's rows,
-similar targets batched together), `share_prompts`, `pack_shared` and `shared_logprobs` (the loss pass,
-each group's prompt computed once; `micro_batches` and `pack` for rows that stand alone, as the first
-stage's), `rollout_metrics` and `examples` (what a step's rollouts did). S1 budget forcing is `budget_forcing`.
+similar targets batched together), `share_prompts`, `packed` and `shared_logprobs` (the loss pass,
+each group's prompt computed once, one micro-batch built at a time; `micro_batches` and `pack` for rows that
+stand alone, as the first stage's), `rollout_metrics` and `examples` (what a step's rollouts did). S1 budget
+forcing is `budget_forcing`.
 """
 
 import argparse
@@ -38,7 +39,8 @@ from cuda_graphs import StaticDecoder
 
 WAIT = "Wait"  # S1: appended when the model stops before its budget
 ANSWER_CUE = "\n\nThe final answer is"  # S1: appended at the budget, then a short greedy answer
-LOGPROB_CHUNK = 64  # positions per lm_head chunk in sequence_logprobs: bounds the [B, chunk, vocab] logits
+LOGPROB_TOKENS = 1024  # tokens (rows x positions) per lm_head chunk of token_logprobs: bounds the fp32 logits
+LOGPROB_CHUNK = 64  # positions per log-softmax chunk of stage1.stop_loss
 
 
 @dataclass
@@ -296,7 +298,7 @@ def left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, 
 
 
 def sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, temperature: float = 1.0,
-                      chunk: int = LOGPROB_CHUNK) -> torch.Tensor:
+                      chunk: int = LOGPROB_TOKENS) -> torch.Tensor:
     """Log-prob of each token given the ones before it, at the sampling temperature: [B, T-1]."""
     positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
@@ -305,11 +307,13 @@ def sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tens
 
 
 def token_logprobs(model, hidden: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
-                   chunk: int = LOGPROB_CHUNK) -> torch.Tensor:
+                   chunk: int = LOGPROB_TOKENS) -> torch.Tensor:
     """log p(targets[b, t]) from the hidden states that predict them, hidden[b, t], at the temperature: [B, L].
 
-    Never holds the fp32 logits of the whole batch: the lm_head and log-softmax run `chunk`
-    positions at a time, and under autograd each chunk is recomputed in backward instead of stored.
+    Never holds the fp32 logits of the whole batch: the lm_head and log-softmax run on about `chunk` tokens
+    at a time (as many positions of every row; at least one), and under autograd each chunk is recomputed in
+    backward instead of stored. A chunk counts tokens, not positions: a micro-batch of many short rows would
+    otherwise hold rows x positions x vocab logits.
     """
     lm_head, scale = model.get_output_embeddings(), temperature or 1.0
 
@@ -317,9 +321,9 @@ def token_logprobs(model, hidden: torch.Tensor, targets: torch.Tensor, temperatu
         logits = lm_head(h).float() / scale  # [B, chunk, V]
         return logits.log_softmax(-1).gather(-1, t[..., None]).squeeze(-1)
 
-    out = []
-    for start in range(0, targets.shape[1], chunk):
-        h, t = hidden[:, start:start + chunk], targets[:, start:start + chunk]
+    out, positions = [], max(1, chunk // hidden.shape[0])
+    for start in range(0, targets.shape[1], positions):
+        h, t = hidden[:, start:start + positions], targets[:, start:start + positions]
         out.append(checkpoint(chunk_logprobs, h, t, use_reentrant=False) if torch.is_grad_enabled()
                    else chunk_logprobs(h, t))
     return torch.cat(out, dim=1)
@@ -423,7 +427,7 @@ def pack_shared(units: list[list[int]], prompts: list[list[int]], rollouts: list
     q, k = segment[:, :, None], segment[:, None, :]  # [u, query, key]
     seen = (columns[:, None] >= columns) & (k != -1) & ((k == 0) | (k == q)) | (columns[:, None] == columns)
     mask = torch.zeros((len(units), 1, width, width), dtype=dtype, device=device)
-    mask = mask.masked_fill(~seen[:, None], torch.finfo(dtype).min)
+    mask.masked_fill_(~seen[:, None], torch.finfo(dtype).min)  # in place: one [u, 1, T, T] mask, not two
     responses = [rollouts[j] for rows in units for j in rows]
     R = max(r.n_y for r in responses)
     right = lambda rows, fill: torch.tensor([[fill] * (R - len(r)) + r for r in rows], device=device)
@@ -432,6 +436,14 @@ def pack_shared(units: list[list[int]], prompts: list[list[int]], rollouts: list
                   targets=right([r.tokens for r in responses], 0))
     old = right([[0.0 if math.isnan(lp) else lp for lp in r.logprobs] for r in responses], 0.0)
     return inputs, right([[1.0] * r.n_y for r in responses], 0.0), old
+
+
+def packed(micro: list[list[list[int]]], prompts: list[list[int]], rollouts: list[Rollout], pad_id: int, device,
+           dtype=torch.float32):
+    """(units, pack_shared's tensors) for each micro-batch of share_prompts, each built when it is reached: one
+    micro-batch's mask [u, 1, T, T] is alive at a time, so the loss pass's memory does not grow with the rows."""
+    for units in micro:
+        yield units, pack_shared(units, prompts, rollouts, pad_id, device, dtype)
 
 
 def shared_logprobs(model, inputs: dict, temperature: float = 1.0) -> torch.Tensor:

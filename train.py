@@ -196,22 +196,22 @@ def train_step(cfg: Config, step: int, model, tokenizer, optimizer, params, prob
     passed = [j for j in range(len(rows)) if cfg.beta > 0 or advantages[j] != 0]
     micro = sample.share_prompts(rows, [r.n_y for r in rollouts], cfg.micro_batch_tokens,
                                  sample.linear_per_key(model.config), passed)  # [micro-batch][unit][row]
-    tensors = [sample.pack_shared(units, rows, rollouts, tokenizer.pad_token_id, device,
-                                  model.get_input_embeddings().weight.dtype) for units in micro]
+    packed = lambda: sample.packed(micro, rows, rollouts, tokenizer.pad_token_id, device,  # each built when used
+                                   model.get_input_embeddings().weight.dtype)
     if progress is not None:
         progress.unit = "micro-batch"
         progress.reset(total=len(micro) * cfg.epochs)
     ref = [None] * len(micro)
     if cfg.beta > 0:  # the reference: the same model with its adapter off, once per rollout batch
         with model_lib.reference(model):
-            ref = [sample.shared_logprobs(model, inputs, cfg.temperature) for inputs, _, _ in tensors]
+            ref = [sample.shared_logprobs(model, inputs, cfg.temperature) for _, (inputs, _, _) in packed()]
     model_lib.synchronize(device)  # the reference pass finished, before timing it
     reference_s = time.perf_counter() - t1
     sums = dict(loss=0.0, kl=0.0, clipped=0.0, ratio=0.0)
     updated, grad_norm, optimizer_s = bool(torch.isfinite(rewards).all()), None, 0.0  # non-finite rewards: no passes
     for _ in range(cfg.epochs if updated else 0):
         optimizer.zero_grad(set_to_none=True)
-        for units, (inputs, resp_mask, old), ref_logp in zip(micro, tensors, ref):
+        for (units, (inputs, resp_mask, old)), ref_logp in zip(packed(), ref):
             logp = sample.shared_logprobs(model, inputs, cfg.temperature)  # [b, R], b = the units' rows
             loss_tok, kl, clipped = per_token_loss(logp, old, ref_logp, advantages[sum(units, [])].to(device), cfg.clip,
                                                    cfg.beta)

@@ -1,8 +1,10 @@
+import dataclasses
 import json
 
 import pytest
 
 import bench
+import train
 
 
 def run(tiny_model_dir, tmp_path, *args):
@@ -128,3 +130,64 @@ def test_where_results_go_is_checked_before_the_benchmark_and_a_result_is_kept(t
         bench.main(["rollout", "--out", str(tmp_path)])
     assert str(e.value) == f"error: {result} exists: pass --replace to write over it, or give another --out"
     assert result.read_text() == "cited in the README"
+
+
+# -----------------------------------------------------------------------------
+# the memory account
+
+
+def _peak_gib(preset, **knobs):
+    return bench.memory_account(bench.QWEN_1_5B, train.Config(**{**train.PRESETS[preset], **knobs}))["peak"] / 2**30
+
+
+def test_the_paper_presets_fit_one_24_gb_card_by_the_account():
+    for preset in ("l1-exact", "l1-max"):
+        assert _peak_gib(preset) <= 24
+    assert bench.memory_account(bench.QWEN_7B, train.Config(**train.PRESETS["l1-exact"]))["peak"] / 2**30 > 24
+
+
+def test_each_knob_changes_its_own_terms():
+    cfg = train.Config(**train.PRESETS["l1-exact"])
+    terms = lambda **knobs: bench.memory_account(bench.QWEN_1_5B, dataclasses.replace(cfg, **knobs))["terms"]
+    base = terms()
+    assert terms(rollout_copy=False)["dense rollout copy"][1] == 0 < base["dense rollout copy"][1]
+    assert terms(rollout_batch=32)["KV cache of a rollout batch"][1] == base["KV cache of a rollout batch"][1] / 2
+    half = terms(micro_batch_tokens=8192)  # M = 8192: above prompt + max_new_tokens (512 + 4096)
+    assert half["checkpointed hidden states"][1] == base["checkpointed hidden states"][1] / 2
+    assert half["attention mask"][1] == base["attention mask"][1] / 4
+    assert terms(lora_rank=128)["LoRA + AdamW + gradients"][1] == 2 * base["LoRA + AdamW + gradients"][1]
+    a = bench.memory_account(bench.QWEN_1_5B, cfg)  # the peak: what is kept, then the larger phase, then slack
+    kept = sum(x for phase, x, _ in a["terms"].values() if phase == "kept")
+    assert a["peak"] == pytest.approx(1.1 * max(a["rollout_peak"], a["loss_peak"])) and a["rollout_peak"] > kept
+
+
+def test_the_account_matches_a_real_step_on_the_cpu(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(bench, "ACCOUNT_CHECKS", bench.ACCOUNT_CHECKS[:1])
+    bench.main(["memory", "--account", "--out", str(tmp_path)])
+    result = json.loads((tmp_path / "memory-account.json").read_text())
+    exact = result["presets"]["1.5B l1-exact"]
+    assert exact["predicted_peak_gib"] <= 24 and result["fits"]
+    assert all(t["gib"] >= 0 and t["formula"] for t in exact["terms"].values()) and "7B l1-max" in result["presets"]
+    (check,) = result["cpu_checks"]
+    assert set(check["measured_mib"]) >= {"4-bit base", "rollout_peak", "loss_peak", "peak"}
+    assert all(0.85 <= r <= 1.15 for r in check["ratio"].values()), check["ratio"]
+    out = capsys.readouterr().out
+    assert "**predicted peak**" in out and "--no-rollout-copy" in out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["memory", "--account", "--preset", "huge"], "unknown preset 'huge'"),
+    (["memory", "--account", "--config", "/no/such/config.json"], "cannot read the model config"),
+    (["train", "--account"], "are for bench.py memory"),
+])
+def test_bad_account_input_is_one_line(args, message):
+    with pytest.raises(SystemExit) as e:
+        bench.main(args)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_config_without_the_model_shape_is_one_line(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert", "hidden_size": 8}))
+    with pytest.raises(SystemExit) as e:
+        bench.main(["memory", "--account", "--config", str(tmp_path / "config.json")])
+    assert "has no intermediate_size" in str(e.value) and "\n" not in str(e.value)

@@ -187,7 +187,7 @@ def test_chunked_logprobs_and_their_gradients_match_the_plain_computation(char_t
     plain.sum().backward()
     expected = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
-    chunked = sequence_logprobs(model, ids, mask, 0.7, chunk=5)  # several chunks, a ragged last one
+    chunked = sequence_logprobs(model, ids, mask, 0.7, chunk=5 * len(ids))  # several chunks, a ragged last one
     torch.testing.assert_close(chunked, plain)
     chunked.sum().backward()
     for name, p in model.named_parameters():
@@ -420,3 +420,19 @@ def test_cli_refuses_an_empty_prompt_before_loading(prompt, monkeypatch):
     with pytest.raises(SystemExit) as info:
         sample.main(["--prompt", prompt])
     assert str(info.value).startswith("error: --prompt is empty") and "\n" not in str(info.value)
+
+
+def test_a_log_prob_chunk_holds_about_chunk_tokens_of_logits_however_many_rows(char_tokenizer):
+    # many short rows (a micro-batch of short responses) must not hold rows x positions x vocab logits at once
+    model = make_tiny_llama(char_tokenizer)
+    seen = []
+    model.get_output_embeddings().register_forward_hook(lambda module, args, out: seen.append(out.shape[:2]))
+    hidden = torch.randn(40, 30, model.config.hidden_size)
+    targets = torch.randint(0, len(char_tokenizer), (40, 30))
+    plain = sample.token_logprobs(model, hidden, targets, chunk=10 ** 6)
+    seen.clear()
+    chunked = sample.token_logprobs(model, hidden, targets, chunk=128)  # 3 positions of 40 rows a chunk
+    assert all(rows * positions <= 128 for rows, positions in seen) and len(seen) == 10
+    torch.testing.assert_close(chunked, plain)
+    sample.token_logprobs(model, hidden[:, :5], targets[:, :5], chunk=8)  # fewer tokens than rows: a position each
+    assert seen[-1] == (40, 1)

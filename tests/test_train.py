@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, strategies as st
 import torch
 
+import data
 import model as model_lib
 import reward
 import runs
@@ -148,6 +149,38 @@ def test_rows_of_equal_reward_groups_are_not_passed_and_the_update_is_the_same(l
     # turns a rounding difference in a near-zero gradient into up to ~0.3% of the step (lr 0.01: 3e-5)
     assert all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)
     assert any(a[k].abs().sum() > 0 for k in a if k.endswith("lora_B.weight"))  # the update moved the adapter
+
+
+def _loss_pass_peak(model_dir, prompts: int, monkeypatch) -> float:
+    """Peak bytes allocated during one train_step whose rollouts are given (G = 8 responses of 96 tokens to each
+    prompt), from torch.profiler's memory events: what the loss pass holds at once."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cfg = tiny_config(model_dir, prompts_per_step=prompts, micro_batch_tokens=256, rollout_copy=False)
+    torch.manual_seed(0)
+    model, tokenizer = model_lib.load_model(str(model_dir), quantize=False, gradient_checkpointing=True)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr)
+    tokens = torch.randint(10, len(tokenizer), (96,)).tolist()  # no special token: never an EOS
+    monkeypatch.setattr(sample, "generate_in_batches",
+                        lambda policy, rows, *a: [sample.Rollout(tokens, [-4.0] * 96, "length") for _ in rows])
+    problems = data.builtin_problems("train", prompts)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        metrics, _ = train.train_step(cfg, 0, model, tokenizer, optimizer, params, problems, False,
+                                      torch.device("cpu"), model)
+    assert metrics["updated"] and metrics["passed_rows"] == 8 * prompts
+    allocated = peak = 0
+    for event in sorted(prof.events(), key=lambda e: e.time_range.start):  # allocations and frees, in order
+        allocated += event.self_cpu_memory_usage
+        peak = max(peak, allocated)
+    return peak
+
+
+def test_the_loss_pass_memory_does_not_grow_with_the_micro_batches(tiny_model_dir, monkeypatch):
+    # each micro-batch's inputs (a [u, 1, T, T] mask among them) are built when used and freed after: twice the
+    # rows in twice the micro-batches (the reference pass and the policy pass) peak where half of them do
+    peaks = [_loss_pass_peak(tiny_model_dir, prompts, monkeypatch) for prompts in (4, 8)]
+    assert peaks[1] < 1.1 * peaks[0], [f"{p / 2**20:.1f} MiB" for p in peaks]
 
 
 def test_several_epochs_clip(learnable_model_dir, tmp_path):
