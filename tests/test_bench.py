@@ -180,14 +180,14 @@ def test_the_account_matches_a_real_step_on_the_cpu(tmp_path, monkeypatch, capsy
     (["memory", "--account", "--config", "/no/such/config.json"], "cannot read the model config"),
     (["train", "--account"], "are for bench.py memory"),
 ])
-def test_bad_account_input_is_one_line(args, message):
+def test_bad_account_input_is_one_line(args, message, tmp_path):
     with pytest.raises(SystemExit) as e:
-        bench.main(args)
+        bench.main(args + ["--out", str(tmp_path)])
     assert message in str(e.value) and "\n" not in str(e.value)
 
 
 def test_a_config_without_the_model_shape_is_one_line(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert", "hidden_size": 8}))
     with pytest.raises(SystemExit) as e:
-        bench.main(["memory", "--account", "--config", str(tmp_path / "config.json")])
+        bench.main(["memory", "--account", "--config", str(tmp_path / "config.json"), "--out", str(tmp_path)])
     assert "has no intermediate_size" in str(e.value) and "\n" not in str(e.value)
