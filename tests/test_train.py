@@ -168,7 +168,7 @@ def _loss_pass_peak(model_dir, prompts: int, monkeypatch) -> float:
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         metrics, _ = train.train_step(cfg, 0, model, tokenizer, optimizer, params, problems, False,
                                       torch.device("cpu"), model)
-    assert metrics["updated"] and metrics["passed_rows"] == 8 * prompts
+    assert metrics["passed_rows"] == 8 * prompts  # every row through the loss pass (a fresh adapter: no update)
     allocated = peak = 0
     for event in sorted(prof.events(), key=lambda e: e.time_range.start):  # allocations and frees, in order
         allocated += event.self_cpu_memory_usage
