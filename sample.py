@@ -447,7 +447,8 @@ class BudgetForcing:
 
     Before the budget, a stop token the model samples is replaced by "Wait" (fed one token a step, cut at the
     budget) and the row goes on; at the budget the answer cue is fed; after it the answer is decoded greedily
-    and scored at temperature 1. Forced tokens have log-prob nan and take no random number.
+    and scored at temperature 1. Forced tokens have log-prob nan and take no random number. One per generate
+    call: it keeps each row's place in "Wait".
     """
 
     def __init__(self, budget: int, stops: list[int], wait: list[int], cue: list[int], rows: int, device=None):

@@ -393,6 +393,25 @@ def test_budget_forcing_sampled_batch_follows_the_rounds_to_the_first_wait(stops
         assert a.n_y - len(a.tokens[60:]) == 60 and char_tokenizer.eos_token_id not in a.tokens[:60]
 
 
+def test_budget_forcing_at_fixed_shapes_as_on_a_gpu(stops_often, char_tokenizer, prompts, monkeypatch):
+    """On a CUDA device generate decodes at fixed shapes (StaticDecoder), finished rows kept until a bucket
+    drops: the rule gives the same rollouts there."""
+    import functools
+
+    import cuda_graphs
+
+    monkeypatch.setattr(cuda_graphs, "MIN_BUCKET", 2)
+    rows = _grpo_rows(prompts, G=3)
+    runs = []
+    for static in (False, True):
+        monkeypatch.setattr(sample, "generate", functools.partial(generate, static_cache=static))
+        runs.append(budget_forcing(stops_often, char_tokenizer, rows, 40, 0.3, answer_tokens=8,
+                                   generator=torch.Generator().manual_seed(2)))
+    same_rollouts(*runs)
+    assert {r.finish for r in runs[0]} == {"eos", "length"}  # rows leave the batch at different steps
+    assert max(waits(char_tokenizer, r, 40) for r in runs[0]) >= 1
+
+
 def test_budget_forcing_prefills_once(stops_often, char_tokenizer, prompts):
     """The point of the one pass: after "Wait" it goes on from its cache; the rounds prefilled again."""
     from bench import s1_rounds
