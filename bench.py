@@ -6,7 +6,7 @@ Speed and memory of the LCPO loop, measured against the alternative in the same 
     python bench.py memory --preset l1-exact   # does a full step of the 1.5B model at paper lengths fit in 24 GB?
     python bench.py trl                        # one GRPO step: ours against TRL's GRPOTrainer, same settings
     python bench.py loss                       # the loss pass: each prompt once for its G responses, or once per row
-    python bench.py s1 --old-prompts 16        # S1 budget forcing in one pass against a new prefill at every "Wait"
+    python bench.py s1 --old-prompts 8         # S1 budget forcing in one pass against a new prefill at every "Wait"
 
 On a CPU the embedded default is used with short targets; on a GPU, a randomly initialised model
 with the configuration of DeepSeek-R1-Distill-Qwen-1.5B at the paper's lengths. Random weights
@@ -400,7 +400,8 @@ def s1_rounds(model, tokenizer, prompts: list[list[int]], budget: int, temperatu
     think_end = tokenizer.convert_tokens_to_ids("</think>") if "</think>" in tokenizer.get_vocab() else None
     stops = [tokenizer.eos_token_id] + ([think_end] if think_end is not None else [])
     wait = tokenizer.encode(sample.WAIT, add_special_tokens=False)
-    cue = tokenizer.encode(("\n</think>" if think_end is not None else "") + sample.ANSWER_CUE, add_special_tokens=False)
+    cue = tokenizer.encode(("\n</think>" if think_end is not None else "") + sample.ANSWER_CUE,
+                           add_special_tokens=False)
     thinking = [sample.Rollout([], [], "length") for _ in prompts]
     live = list(range(len(prompts)))
     while live:
