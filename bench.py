@@ -7,6 +7,7 @@ Speed and memory of the LCPO loop, measured against the alternative in the same 
     python bench.py memory --account           # the same, predicted term by term (any machine), checked on the CPU
     python bench.py trl                        # one GRPO step: ours against TRL's GRPOTrainer, same settings
     python bench.py loss                       # the loss pass: each prompt once for its G responses, or once per row
+    python bench.py s1 --old-prompts 8         # S1 budget forcing in one pass against a new prefill at every "Wait"
 
 On a CPU the embedded default is used with short targets; on a GPU, a randomly initialised model
 with the configuration of DeepSeek-R1-Distill-Qwen-1.5B at the paper's lengths. Random weights
@@ -18,6 +19,7 @@ after a length drawn from n_min..max_new_tokens (--force-lengths). Results: benc
 import argparse
 import dataclasses
 import json
+import math
 import platform
 import random
 import signal
@@ -605,9 +607,96 @@ def bench_trl(args, model_name, device) -> dict:
                 ours_vs_trl_per_step=ratio_step)
 
 
+# -----------------------------------------------------------------------------
+# S1: budget forcing in one pass against the rounds it replaced
+
+
+def s1_rounds(model, tokenizer, prompts: list[list[int]], budget: int, temperature: float = 0.0,
+              top_p: float = 1.0, answer_tokens: int = 32, generator=None) -> list[sample.Rollout]:
+    """S1 as sample.budget_forcing was first written, the baseline of bench.py s1: the same rollouts, but every
+    "Wait" round is a new generate call that prefills the prompt and all the thinking so far again.
+
+    Generate up to the budget; while budget remains and the model stopped early (EOS, or
+    </think> for thinking models), drop the stop token, append "Wait" and go on. At the budget,
+    append the answer cue and decode a short answer greedily. The first `budget` tokens of each
+    rollout are its thinking; inserted tokens have log-prob nan.
+    """
+    think_end = tokenizer.convert_tokens_to_ids("</think>") if "</think>" in tokenizer.get_vocab() else None
+    stops = [tokenizer.eos_token_id] + ([think_end] if think_end is not None else [])
+    wait = tokenizer.encode(sample.WAIT, add_special_tokens=False)
+    cue = tokenizer.encode(("\n</think>" if think_end is not None else "") + sample.ANSWER_CUE,
+                           add_special_tokens=False)
+    thinking = [sample.Rollout([], [], "length") for _ in prompts]
+    live = list(range(len(prompts)))
+    while live:
+        outs = sample.generate(model, [prompts[i] + thinking[i].tokens for i in live],
+                               [budget - thinking[i].n_y for i in live], tokenizer.pad_token_id, stops,
+                               temperature, top_p, generator)
+        still = []
+        for i, out in zip(live, outs):
+            kept = out.tokens[:-1] if out.finish == "eos" else out.tokens  # a stop token is not thinking
+            thinking[i].tokens += kept
+            thinking[i].logprobs += out.logprobs[: len(kept)]
+            room = budget - thinking[i].n_y
+            if room > 0:
+                thinking[i].tokens += wait[:room]
+                thinking[i].logprobs += [math.nan] * len(wait[:room])
+                if budget - thinking[i].n_y > 0:
+                    still.append(i)
+        live = still
+    answers = sample.generate(model, [p + t.tokens + cue for p, t in zip(prompts, thinking)], answer_tokens,
+                              tokenizer.pad_token_id, [tokenizer.eos_token_id], temperature=0.0)
+    return [sample.Rollout(t.tokens + cue + a.tokens, t.logprobs + [math.nan] * len(cue) + a.logprobs, a.finish)
+            for t, a in zip(thinking, answers)]
+
+
+def bench_s1(args, model_name, device) -> dict:
+    """S1 at one budget over problems x samples, in eval.py's batches and with its seeding: sample.budget_forcing
+    (one pass) against s1_rounds, on the same rows. The rounds run on the first --old-prompts problems only
+    when they are too slow for all; the one pass then runs on those as well, for the ratio on the same rows."""
+    model, tokenizer = model_lib.load_model(model_name, quantize=not args.no_quantize, trainable=False)
+    model = model_lib.rollout_copy(model)  # as eval.py samples
+    problems = data.builtin_problems("test", args.prompts, args.seed)
+    prompts = [data.lcpo_prompt(tokenizer, p, None) for p in problems]  # S1 has no length sentence
+    rows = [p for p in prompts for _ in range(args.group_size)]
+    old_rows = rows[:min(args.old_prompts or args.prompts, args.prompts) * args.group_size]
+    batch = args.rollout_batch or 64
+    wait = len(tokenizer.encode(sample.WAIT, add_special_tokens=False))
+    waits = lambda outs: sum(math.isnan(lp) for o in outs for lp in o.logprobs[:args.budget]) / wait / len(outs)
+
+    def timed(function, rows):
+        generator = torch.Generator(device=model.device).manual_seed(args.seed)
+        model_lib.synchronize(device)
+        t = time.perf_counter()
+        outs = [o for i in range(0, len(rows), batch) for o in function(
+            model, tokenizer, rows[i:i + batch], args.budget, args.temperature, args.top_p, 32, generator)]
+        model_lib.synchronize(device)
+        seconds = time.perf_counter() - t
+        print(f"  {function.__name__:15s} {len(rows):4d} rows  {seconds:8.1f} s  {waits(outs):.1f} Waits a row")
+        return seconds, outs
+
+    print(f"S1 at N = {args.budget}: {args.prompts} problems x {args.group_size}, T {args.temperature}, "
+          f"{batch} rows per batch; the rounds on {len(old_rows)} rows")
+    with torch.no_grad():
+        sample.budget_forcing(model, tokenizer, rows[:2], 4, args.temperature, args.top_p, 4)  # warm-up
+        new_s, new = timed(sample.budget_forcing, rows)
+        old_s, old = timed(s1_rounds, old_rows)
+        same_s, same = (new_s, new) if len(old_rows) == len(rows) else timed(sample.budget_forcing, old_rows)
+    ratio = old_s / same_s
+    result = dict(budget=args.budget, rows=len(rows), old_rows=len(old_rows), batch=batch, one_pass_s=new_s,
+                  rounds_s=old_s, one_pass_on_old_rows_s=same_s, speedup=ratio,
+                  rounds_all_rows_estimate_s=ratio * new_s,  # the same ratio on every row
+                  same_text=sum(a.tokens == b.tokens for a, b in zip(old, same)),
+                  waits_per_row=waits(new))
+    print(f"\nrounds {old_s:.1f} s, one pass {same_s:.1f} s on the same {len(old_rows)} rows: {ratio:.1f}x; "
+          f"all {len(rows)} rows: one pass {new_s:.1f} s, rounds ~{ratio * new_s:.0f} s; "
+          f"same text {result['same_text']} of {len(old_rows)}")
+    return result
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
-    parser.add_argument("what", choices=["rollout", "train", "memory", "trl", "loss"])
+    parser.add_argument("what", choices=["rollout", "train", "memory", "trl", "loss", "s1"])
     parser.add_argument("--model", default=None, help="hub id or directory; default: the embedded model on a CPU, "
                         "a random 1.5B Qwen2 on a GPU")
     parser.add_argument("--preset", default=None, help="train/memory: a train.py preset (default: default on a CPU, "
@@ -620,7 +709,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rollout-batch", type=int, default=None, help="rows per generation batch (default: all)")
     parser.add_argument("--micro-batch-tokens", type=int, default=None)
     parser.add_argument("--temperature", type=float, default=None, help="default: 1.0 (rollout), 0.6 (trl)")
-    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--top-p", type=float, default=None, help="default: 0.95 (s1, as eval.py), 1.0")
+    parser.add_argument("--budget", type=int, default=128, help="s1: the thinking budget N")
+    parser.add_argument("--old-prompts", type=int, default=None,
+                        help="s1: run the old rounds on the first this many problems only (default: all)")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), help=f"rollout: some of {list(VARIANTS)}")
     parser.add_argument("--no-quantize", action="store_true")
@@ -647,7 +739,8 @@ def main(argv: list[str] | None = None) -> None:
                  "--account predicts it)")
     unknown = [v for v in args.variants if v not in VARIANTS]
     if unknown or any(getattr(args, k) is not None and getattr(args, k) < 1 for k in
-                      ("prompts", "group_size", "n_min", "n_max", "max_new_tokens", "rollout_batch")) or args.repeats < 1:
+                      ("prompts", "group_size", "n_min", "n_max", "max_new_tokens", "rollout_batch", "old_prompts")) \
+            or args.repeats < 1 or args.budget < 1:
         sys.exit(f"error: unknown variant {unknown[0]!r}" if unknown else "error: sizes and --repeats must be >= 1")
     preset = args.preset or ("l1-exact" if gpu or account else "default")
     if preset not in train.PRESETS:
@@ -658,7 +751,7 @@ def main(argv: list[str] | None = None) -> None:
                 memory_fraction(args.memory_cap_gb, torch.cuda.get_device_properties(device).total_memory), device)
         except ValueError as e:
             sys.exit(f"error: {e}")
-    paper = gpu and args.model is None and args.what not in ("trl", "loss") and not account
+    paper = gpu and args.model is None and args.what not in ("trl", "loss", "s1") and not account
     if args.force_lengths is None:
         args.force_lengths = paper
     defaults = dict(prompts=4, group_size=16, n_min=100, n_max=4000, max_new_tokens=4096, temperature=1.0) if paper \
@@ -670,6 +763,9 @@ def main(argv: list[str] | None = None) -> None:
         defaults = dict(prompts=max(1, settings["rollout_batch"] // settings["group_size"]))
     elif args.what == "train" or account:  # the preset's settings
         defaults = {}
+    elif args.what == "s1":  # eval.py's S1 settings
+        defaults = dict(prompts=64, group_size=2, temperature=0.6, top_p=0.95)
+    defaults.setdefault("top_p", 1.0)
     for k, v in defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
@@ -692,6 +788,8 @@ def main(argv: list[str] | None = None) -> None:
                 result = bench_rollout(args, model_name, device)
             elif args.what == "trl":
                 result = bench_trl(args, model_name, device)
+            elif args.what == "s1":
+                result = bench_s1(args, model_name, device)
             elif args.what == "memory":
                 try:
                     result = dict(fits=True, **bench_train(args, model_name, device, preset))

@@ -133,6 +133,7 @@ def generate(
     compact: bool = True,
     static_cache: bool | None = None,
     grow_cache: bool = True,
+    forced: "BudgetForcing | None" = None,
 ) -> list[Rollout]:
     """Sample a response for each prompt (token ids, chat template applied). See the module docstring.
 
@@ -144,6 +145,7 @@ def generate(
     keys and values in place (growing_cache) rather than copying the whole cache; static_cache runs the
     decode step at fixed shapes (`StaticDecoder`), which on a CUDA device replays it from CUDA graphs.
     None: on a CUDA device only (on a CPU it only adds the padding rows of its buckets).
+    forced: S1's rule (BudgetForcing), which sets some of each step's tokens in place of the sampled ones.
     """
     from transformers import DynamicCache, StaticCache
 
@@ -188,16 +190,19 @@ def generate(
     lengths = torch.zeros(batch, dtype=torch.long, device=device)
     for step in range(max(limits)):
         lp = sampling_logprobs(logits, temperature, top_p)  # [rows in the batch, V]
-        if temperature == 0:
+        if temperature == 0 or (forced is not None and not forced.samples(step, live)):  # no random number
             token = lp.argmax(-1)
         else:  # inverse CDF, one uniform per original row: a row's draw does not depend on the others
             u = torch.rand(batch, generator=generator, device=device)[live]
             cdf = lp.exp().cumsum(-1)
             token = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(-1)
             token = token.clamp(max=cdf.shape[-1] - 1)
+        token_lp = lp.gather(-1, token[:, None]).squeeze(-1)
+        if forced is not None:  # S1 budget forcing: some tokens are set, not sampled
+            token, token_lp = forced(step, live, token, token_lp, logits)
         rows = live[active]
         out_tokens[rows, step] = token[active]
-        out_logprobs[rows, step] = lp.gather(-1, token[:, None]).squeeze(-1)[active]
+        out_logprobs[rows, step] = token_lp[active]
         lengths[rows] = step + 1
         finished = active & (torch.isin(token, stop_t) | (step + 1 >= limits_t[live]))
         active = active & ~finished
@@ -458,41 +463,58 @@ def shared_logprobs(model, inputs: dict, temperature: float = 1.0) -> torch.Tens
 # S1 budget forcing, the baseline L1 is compared with
 
 
+class BudgetForcing:
+    """S1 as a rule of generate's loop, which hands it each step's tokens: every row thinks exactly `budget`
+    tokens, then answers.
+
+    Before the budget, a stop token the model samples is replaced by "Wait" (fed one token a step, cut at the
+    budget) and the row goes on; at the budget the answer cue is fed; after it the answer is decoded greedily
+    and scored at temperature 1. Forced tokens have log-prob nan and take no random number. One per generate
+    call: it keeps each row's place in "Wait".
+    """
+
+    def __init__(self, budget: int, stops: list[int], wait: list[int], cue: list[int], rows: int, device=None):
+        self.budget, self.stops = budget, torch.tensor(stops, device=device)
+        self.wait, self.cue = torch.tensor(wait, device=device), torch.tensor(cue, device=device)
+        self.in_wait = torch.full((rows,), -1, device=device)  # per row: which token of "Wait" it feeds next, -1: none
+
+    def samples(self, step: int, live: torch.Tensor) -> bool:
+        """Whether any row of the batch (original indices `live`) draws its token from the model at this step."""
+        return step < self.budget and bool((self.in_wait[live] < 0).any())
+
+    def __call__(self, step: int, live: torch.Tensor, token: torch.Tensor, token_lp: torch.Tensor,
+                 logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch's tokens at this step and their log-probs, from what generate sampled ([rows] each)."""
+        nan = torch.full_like(token_lp, math.nan)
+        if step < self.budget:  # thinking: a stop token starts "Wait" in its place
+            at = self.in_wait[live]
+            at = torch.where((at < 0) & torch.isin(token, self.stops), 0, at)
+            waiting = at >= 0
+            self.in_wait[live] = torch.where(waiting & (at + 1 < len(self.wait)), at + 1, -1)
+            return torch.where(waiting, self.wait[at.clamp(min=0)], token), torch.where(waiting, nan, token_lp)
+        if step < self.budget + len(self.cue):  # the end of thinking
+            return torch.full_like(token, self.cue[step - self.budget].item()), nan
+        lp = sampling_logprobs(logits, 0.0)  # the answer, greedy
+        token = lp.argmax(-1)
+        return token, lp.gather(-1, token[:, None]).squeeze(-1)
+
+
 def budget_forcing(model, tokenizer, prompts: list[list[int]], budget: int, temperature: float = 0.0,
                    top_p: float = 1.0, answer_tokens: int = 32, generator=None) -> list[Rollout]:
     """S1: think for exactly `budget` tokens, then answer.
 
-    Generate up to the budget; while budget remains and the model stopped early (EOS, or
-    </think> for thinking models), drop the stop token, append "Wait" and go on. At the budget,
-    append the answer cue and decode a short answer greedily. The first `budget` tokens of each
+    One pass of generate under BudgetForcing: while budget remains and the model stops (EOS, or </think>
+    for thinking models), "Wait" takes the place of its stop token and generation goes on from the cache. At
+    the budget the answer cue comes, then a short answer decoded greedily. The first `budget` tokens of each
     rollout are its thinking; inserted tokens have log-prob nan.
     """
     think_end = tokenizer.convert_tokens_to_ids("</think>") if "</think>" in tokenizer.get_vocab() else None
     stops = [tokenizer.eos_token_id] + ([think_end] if think_end is not None else [])
     wait = tokenizer.encode(WAIT, add_special_tokens=False)
     cue = tokenizer.encode(("\n</think>" if think_end is not None else "") + ANSWER_CUE, add_special_tokens=False)
-    thinking = [Rollout([], [], "length") for _ in prompts]
-    live = list(range(len(prompts)))
-    while live:
-        outs = generate(model, [prompts[i] + thinking[i].tokens for i in live],
-                        [budget - thinking[i].n_y for i in live], tokenizer.pad_token_id, stops,
-                        temperature, top_p, generator)
-        still = []
-        for i, out in zip(live, outs):
-            kept = out.tokens[:-1] if out.finish == "eos" else out.tokens  # a stop token is not thinking
-            thinking[i].tokens += kept
-            thinking[i].logprobs += out.logprobs[: len(kept)]
-            room = budget - thinking[i].n_y
-            if room > 0:
-                thinking[i].tokens += wait[:room]
-                thinking[i].logprobs += [math.nan] * len(wait[:room])
-                if budget - thinking[i].n_y > 0:
-                    still.append(i)
-        live = still
-    answers = generate(model, [p + t.tokens + cue for p, t in zip(prompts, thinking)], answer_tokens,
-                       tokenizer.pad_token_id, [tokenizer.eos_token_id], temperature=0.0)
-    return [Rollout(t.tokens + cue + a.tokens, t.logprobs + [math.nan] * len(cue) + a.logprobs, a.finish)
-            for t, a in zip(thinking, answers)]
+    forced = BudgetForcing(budget, stops, wait, cue, len(prompts), next(model.parameters()).device)
+    return generate(model, prompts, budget + len(cue) + answer_tokens, tokenizer.pad_token_id,
+                    [tokenizer.eos_token_id], temperature, top_p, generator, forced=forced)
 
 
 # -----------------------------------------------------------------------------

@@ -51,10 +51,20 @@ def test_loss_compares_the_two_passes_on_the_same_rows(tmp_path, monkeypatch, ca
     assert "shared prompt" in capsys.readouterr().out
 
 
+def test_s1_times_the_one_pass_against_the_rounds_on_the_same_rows(tiny_model_dir, tmp_path, capsys):
+    result = run(tiny_model_dir, tmp_path, "s1", "--prompts", "3", "--group-size", "2", "--budget", "12",
+                 "--old-prompts", "2", "--temperature", "0")
+    assert result["rows"] == 6 and result["old_rows"] == 4 and result["budget"] == 12
+    assert result["same_text"] == 4  # greedy: the rounds and the one pass write the same texts
+    assert result["speedup"] == pytest.approx(result["rounds_s"] / result["one_pass_on_old_rows_s"])
+    assert "s1_rounds" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("args, message", [
     (["memory"], "needs a CUDA device"),
     (["rollout", "--repeats", "0"], "must be >= 1"),
     (["rollout", "--variants", "fast"], "unknown variant 'fast'"),
+    (["s1", "--budget", "0"], "must be >= 1"),
     (["train", "--preset", "huge"], "unknown preset 'huge'"),
 ])
 def test_bad_input_is_one_line(args, message, capsys):

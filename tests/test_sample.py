@@ -327,6 +327,105 @@ def test_budget_forcing_cue_without_think_tokens(tiny_llama, prompts):
     assert plain.decode(out.tokens[6:]).startswith(sample.ANSWER_CUE)
 
 
+@pytest.fixture
+def stops_often(tiny_llama, char_tokenizer, request):
+    """The tiny model with its EOS logit raised (by 0.1 for greedy decoding, 3 when sampling: every few tokens
+    it stops), by what it has read: the same model however its forward calls are split, unlike eager_to_stop."""
+    eos = char_tokenizer.eos_token_id
+    raise_by = getattr(request, "param", 0.1)
+    handle = tiny_llama.lm_head.register_forward_hook(lambda module, inputs, logits: logits.index_add(
+        -1, torch.tensor([eos]), torch.full((*logits.shape[:-1], 1), raise_by)))
+    yield tiny_llama
+    handle.remove()
+
+
+def s1_both_ways(model, tokenizer, prompts, budget, temperature=0.0, top_p=1.0, seed=3):
+    """S1 in one pass and as the old rounds (bench.s1_rounds), each with its own generator from one seed."""
+    from bench import s1_rounds
+
+    out = {}
+    for name, s1 in (("pass", budget_forcing), ("rounds", s1_rounds)):
+        generator = torch.Generator().manual_seed(seed)
+        out[name] = s1(model, tokenizer, prompts, budget, temperature, top_p, 6, generator), generator.get_state()
+    return out["pass"], out["rounds"]
+
+
+def waits(tokenizer, rollout, budget):
+    return tokenizer.decode(rollout.tokens[:budget]).count(sample.WAIT)
+
+
+def same_rollouts(ours, old):
+    for a, b in zip(ours, old, strict=True):
+        assert a.tokens == b.tokens and a.finish == b.finish
+        assert [math.isnan(x) for x in a.logprobs] == [math.isnan(x) for x in b.logprobs]  # what was inserted
+        assert a.logprobs == pytest.approx(b.logprobs, abs=1e-4, nan_ok=True)
+
+
+@pytest.mark.parametrize("budget", [1, 7, 40, 90])
+def test_budget_forcing_greedy_is_the_old_rounds_text(stops_often, char_tokenizer, prompts, budget):
+    (ours, _), (old, _) = s1_both_ways(stops_often, char_tokenizer, prompts, budget)
+    same_rollouts(ours, old)
+    if budget == 90:  # the rows went through several "Wait" rounds, each a new prefill in the old code
+        assert min(waits(char_tokenizer, r, budget) for r in old) >= 2
+
+
+@pytest.mark.parametrize("stops_often", [3.0], indirect=True)
+@pytest.mark.parametrize("temperature, top_p", [(1.0, 1.0), (0.7, 0.9)])
+def test_budget_forcing_sampled_row_is_the_old_rounds_text(stops_often, char_tokenizer, prompts, temperature, top_p):
+    """One row draws its random numbers in the same order as the rounds did (none for a forced token), so the
+    same seed gives the same text, and leaves the generator where the rounds left it."""
+    for prompt in prompts:
+        (ours, state), (old, old_state) = s1_both_ways(stops_often, char_tokenizer, [prompt], 60, temperature, top_p)
+        same_rollouts(ours, old)
+        assert torch.equal(state, old_state)
+        assert waits(char_tokenizer, old[0], 60) >= 2
+
+
+@pytest.mark.parametrize("stops_often", [3.0], indirect=True)
+def test_budget_forcing_sampled_batch_follows_the_rounds_to_the_first_wait(stops_often, char_tokenizer, prompts):
+    """In a batch, the rounds drew a row's numbers after its second "Wait" only once every row had ended its
+    first round; one pass cannot wait for that. Up to each row's first "Wait", the texts are the same."""
+    (ours, _), (old, _) = s1_both_ways(stops_often, char_tokenizer, prompts, 60, temperature=1.0)
+    wait = char_tokenizer.encode(sample.WAIT, add_special_tokens=False)
+    for a, b in zip(ours, old):
+        first = [i for i, lp in enumerate(b.logprobs) if math.isnan(lp)][0] + len(wait)
+        assert a.tokens[:first] == b.tokens[:first] and waits(char_tokenizer, b, 60) >= 2
+        assert a.n_y - len(a.tokens[60:]) == 60 and char_tokenizer.eos_token_id not in a.tokens[:60]
+
+
+def test_budget_forcing_at_fixed_shapes_as_on_a_gpu(stops_often, char_tokenizer, prompts, monkeypatch):
+    """On a CUDA device generate decodes at fixed shapes (StaticDecoder), finished rows kept until a bucket
+    drops: the rule gives the same rollouts there."""
+    import functools
+
+    import cuda_graphs
+
+    monkeypatch.setattr(cuda_graphs, "MIN_BUCKET", 2)
+    rows = _grpo_rows(prompts, G=3)
+    runs = []
+    for static in (False, True):
+        monkeypatch.setattr(sample, "generate", functools.partial(generate, static_cache=static))
+        runs.append(budget_forcing(stops_often, char_tokenizer, rows, 40, 0.3, answer_tokens=8,
+                                   generator=torch.Generator().manual_seed(2)))
+    same_rollouts(*runs)
+    assert {r.finish for r in runs[0]} == {"eos", "length"}  # rows leave the batch at different steps
+    assert max(waits(char_tokenizer, r, 40) for r in runs[0]) >= 1
+
+
+def test_budget_forcing_prefills_once(stops_often, char_tokenizer, prompts):
+    """The point of the one pass: after "Wait" it goes on from its cache; the rounds prefilled again."""
+    from bench import s1_rounds
+
+    prefills = []
+    handle = stops_often.register_forward_pre_hook(
+        lambda module, args, kwargs: prefills.append(kwargs["input_ids"].shape[1] > 1), with_kwargs=True)
+    budget_forcing(stops_often, char_tokenizer, prompts, 60)
+    ours, prefills[:] = sum(prefills), []
+    s1_rounds(stops_often, char_tokenizer, prompts, 60)
+    handle.remove()
+    assert ours == 1 and sum(prefills) > 3
+
+
 # -----------------------------------------------------------------------------
 # the command line
 
