@@ -47,6 +47,7 @@ class Problem:
     problem: str  # the question; for multiple choice it already lists the lettered options
     answer: str  # the gold answer; a letter for multiple choice
     multiple_choice: bool = False
+    solutions: tuple[str, ...] = ()  # written-out solutions, finest steps first (builtin:totals); for distillation
 
 
 # -----------------------------------------------------------------------------
@@ -241,8 +242,51 @@ def _count_problem(rng: random.Random) -> tuple[str, int]:
     return f"How many times does '{target}' appear in this list: {', '.join(items)}?", count
 
 
+# `totals`: a sum of 2 to 10 one-digit numbers in one of several phrasings, with its solution written out at four
+# granularities, the finest first: one number added per step, two, three, and the bare answer. Finer steps are
+# longer and more often right: what a length budget trades. TOTALS_NEW's phrasing never appears in `totals`: it is
+# `totals-new`, for evaluation only (does the skill carry over to a sentence never trained on?).
+TOTALS_TERMS = (2, 10)  # how many numbers a problem adds, both ends included
+TOTALS_GRANULARITIES = (1, 2, 3, None)  # numbers added per written step; None: the answer alone
+TOTALS_PHRASINGS = (
+    "What is {plus}?",
+    "Add these numbers: {commas}.",
+    "Find the sum of {listed}.",
+    "{name} has {first} {item}. {name} gets {more}. How many {item} does {name} have now?",
+)
+TOTALS_NEW = "Start with {first}, {then_add}. What is the result?"
+
+
+def written_solution(numbers: list[int], per_step: int | None) -> str:
+    """A sum worked out `per_step` numbers at a time, then the answer boxed; per_step None: the answer alone.
+
+        >>> written_solution([3, 8, 2], 1)
+        '3+8=11. 11+2=13. The answer is \\\\boxed{13}.'
+        >>> written_solution([3, 8, 2, 5], 2), written_solution([3, 8], None)
+        ('3+8+2=13. 13+5=18. The answer is \\\\boxed{18}.', 'The answer is \\\\boxed{11}.')
+    """
+    steps, total, rest = [], numbers[0], numbers[1:]
+    while rest and per_step is not None:
+        chunk, rest = rest[:per_step], rest[per_step:]
+        terms = [total, *chunk]
+        total += sum(chunk)
+        steps.append(f"{'+'.join(map(str, terms))}={total}.")
+    return " ".join(steps + [f"The answer is \\boxed{{{sum(numbers)}}}."])
+
+
+def _totals(rng: random.Random, phrasings: tuple[str, ...]) -> tuple[str, int, tuple[str, ...]]:
+    numbers = [rng.randint(1, 9) for _ in range(rng.randint(*TOTALS_TERMS))]
+    ns = [str(n) for n in numbers]
+    text = rng.choice(phrasings).format(
+        plus=" + ".join(ns), commas=", ".join(ns), listed=f"{', '.join(ns[:-1])} and {ns[-1]}", first=ns[0],
+        more=", then ".join(f"{n} more" for n in ns[1:]), then_add=", then ".join(f"add {n}" for n in ns[1:]),
+        name=rng.choice(_NAMES), item=rng.choice(_ITEMS))
+    return text, sum(numbers), tuple(written_solution(numbers, g) for g in TOTALS_GRANULARITIES)
+
+
 FAMILIES = {"words": _word_problem, "sums": _sums_problem, "steps": _steps_problem, "digits": _digits_problem,
-            "count": _count_problem}
+            "count": _count_problem, "totals": lambda rng: _totals(rng, TOTALS_PHRASINGS),
+            "totals-new": lambda rng: _totals(rng, (TOTALS_NEW,))}
 
 
 def _builtin_split(text: str) -> str:
@@ -264,10 +308,10 @@ def builtin_problems(split: str, n: int | None = None, seed: int = 0, family: st
     rng = random.Random(seed)
     seen, problems = set(), []
     while len(problems) < n:
-        text, answer = FAMILIES[family](rng)
+        text, answer, *solutions = FAMILIES[family](rng)  # a family with written-out solutions gives them third
         if text not in seen and _builtin_split(text) == split:
             seen.add(text)
-            problems.append(Problem(text, str(answer)))
+            problems.append(Problem(text, str(answer), solutions=solutions[0] if solutions else ()))
     return problems
 
 

@@ -303,12 +303,14 @@ def left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, 
 
 
 def sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, temperature: float = 1.0,
-                      chunk: int = LOGPROB_TOKENS) -> torch.Tensor:
-    """Log-prob of each token given the ones before it, at the sampling temperature: [B, T-1]."""
+                      chunk: int = LOGPROB_TOKENS, last: int | None = None) -> torch.Tensor:
+    """Log-prob of each token given the ones before it, at the sampling temperature: [B, T-1]; with `last`,
+    of the last `last` tokens only, [B, last] (the lm_head runs only there: a response after its prompt)."""
     positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
                                  use_cache=False).last_hidden_state  # [B, T, H]; no KV cache to keep
-    return token_logprobs(model, hidden[:, :-1], input_ids[:, 1:], temperature, chunk)
+    start = 1 if last is None else input_ids.shape[1] - last
+    return token_logprobs(model, hidden[:, start - 1:-1], input_ids[:, start:], temperature, chunk)
 
 
 def token_logprobs(model, hidden: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,

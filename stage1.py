@@ -206,6 +206,60 @@ def length_step(cfg, step: int, model, tokenizer, optimizer, params, problems, t
 
 
 # -----------------------------------------------------------------------------
+# the reasoner: written-out solutions distilled into the model
+
+
+# how often each written-out solution is learnt, finest first (data.TOTALS_GRANULARITIES: one number a step, two,
+# three, the answer alone): mostly fine steps, so that the reasoner left alone is accurate; the coarser ones stay
+# in its repertoire, so that a short budget has something shorter to choose
+SOLUTION_MIX = (0.55, 0.15, 0.15, 0.15)
+
+
+def distill_step(cfg, step: int, model, tokenizer, optimizer, params, problems, device, progress=None):
+    """One step of distillation (--distill-steps), in train.py's place: cross-entropy on a written-out solution
+    and its stop token, after the paper's prompt with N drawn as train_step draws it; the solution does not depend
+    on N (as R1's reasoning, distilled into the paper's starting model, did not). Each problem's solution is one
+    of its granularities, drawn by SOLUTION_MIX. Only the solution's positions go through the lm_head."""
+    rng = random.Random(cfg.seed * 1_000_003 + step)
+    batch, targets = data.draw_batch(problems, cfg.prompts_per_step, cfg.n_min, cfg.n_max, cfg.mode, rng,
+                                     cfg.targets_per_problem)
+    prompts = [data.lcpo_prompt(tokenizer, p, n, m) for p, (n, m) in zip(batch, targets)]
+    solutions = [rng.choices(p.solutions, weights=SOLUTION_MIX[:len(p.solutions)])[0] for p in batch]
+    answers = [tokenizer.encode(s, add_special_tokens=False) + [tokenizer.eos_token_id] for s in solutions]
+    responses = [sample.Rollout(a, [0.0] * len(a), "eos") for a in answers]  # [P]: what the model must say
+    tokens = sum(map(len, answers))
+
+    t0 = time.perf_counter()
+    model.train()
+    micro = sample.micro_batches([len(p) + len(a) for p, a in zip(prompts, answers)], cfg.micro_batch_tokens)
+    if progress is not None:
+        progress.unit = "micro-batch"
+        progress.reset(total=len(micro))
+    optimizer.zero_grad(set_to_none=True)
+    nll = 0.0
+    for idx in micro:
+        ids, mask, resp_mask, _ = sample.pack([prompts[j] for j in idx], [responses[j] for j in idx],
+                                              tokenizer.pad_token_id, device)  # [b, T], [b, T], [b, R]
+        logp = sample.sequence_logprobs(model, ids, mask, last=resp_mask.shape[1])  # [b, R]
+        loss = -(logp * resp_mask).sum() / tokens  # the mean over every solution token of the step
+        loss.backward()
+        nll += loss.item()
+        if progress is not None:
+            progress.update()
+    t_opt = time.perf_counter()
+    grad_norm = model_lib.optimizer_step(optimizer, params, cfg.grad_clip)
+    train_s = time.perf_counter() - t0
+    metrics = dict(step=step, updated=bool(grad_norm), loss=nll, solution_tokens=tokens,
+                   mean_n_y=tokens / len(answers), mean_n_gold=sum(n for n, _ in targets) / len(targets),
+                   passed_rows=len(answers), grad_norm=grad_norm if grad_norm is not None else float("nan"),
+                   train_tokens_per_s=tokens / train_s, peak_memory_mb=model_lib.peak_memory_mb(device),
+                   rollout_s=0.0, reference_s=0.0, policy_s=t_opt - t0, optimizer_s=time.perf_counter() - t_opt)
+    examples = [dict(prompt=tokenizer.decode(prompts[j]), response=solutions[j], n_y=len(answers[j]),
+                     n_gold=targets[j][0]) for j in range(0, len(batch), max(1, cfg.group_size))]
+    return metrics, examples
+
+
+# -----------------------------------------------------------------------------
 # the stop probe: does the model put its stop where N says? (teacher-forced, no sampling)
 
 

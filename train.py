@@ -57,6 +57,7 @@ class Config:
     delta: float = 0.5  # Max reward of a correct answer at exactly n_gold tokens
     n_min: int = N_MIN  # smallest target length n_gold, tokens
     n_max: int = N_MAX  # largest target length n_gold, tokens
+    distill_steps: int = 0  # the first steps distil written-out solutions into the model (stage1.py; builtin:totals has them): the reasoner LCPO starts from
     length_steps: int = 0  # the first steps are the first stage (stage1.py): the untrained model's responses, ended after N of their tokens, learn to stop there
     targets_per_problem: int = 1  # each problem of a step comes with this many targets, one per k-th of the range: their responses differ by N alone
     boxed_only: bool = False  # judge only \boxed{} answers (the paper); off: the last number counts too
@@ -259,6 +260,9 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, on_step=None) -> Pat
     """
     # split None: the set's own (train for the built-in one, e.g. test for math500)
     problems = data.load_problems(cfg.data, None, cfg.problem_column, cfg.answer_column, seed=cfg.seed)
+    if cfg.distill_steps and not all(p.solutions for p in problems):
+        raise ValueError(f"--distill-steps needs problems with written-out solutions, and {cfg.data} has none: use "
+                         f"--data builtin:totals")
     with runs.open_run(run_dir, cfg, resume, problems) as state:  # this process's alone until it returns
         return train_loop(cfg, run_dir, state, problems, on_step)
 
@@ -302,7 +306,10 @@ def train_loop(cfg: Config, run_dir: Path, state: dict | None, problems: list, o
         with runs.StopRequests() as stop:
             for step in bar:
                 work.set_description(f"step {step}", refresh=False)
-                if step < cfg.length_steps:  # the first stage (stage1.py), not the paper's
+                if step < cfg.distill_steps:  # the first stages (stage1.py), not the paper's
+                    metrics, examples = stage1.distill_step(cfg, step, model, tokenizer, optimizer, params, problems,
+                                                            device, work)
+                elif step < cfg.distill_steps + cfg.length_steps:
                     metrics, examples = stage1.length_step(cfg, step, model, tokenizer, optimizer, params, problems,
                                                            thinks, device, work)
                 else:
@@ -313,9 +320,10 @@ def train_loop(cfg: Config, run_dir: Path, state: dict | None, problems: list, o
                 runs.append_jsonl(run_dir / "metrics.jsonl", metrics)
                 if step % cfg.sample_every == 0:
                     runs.append_jsonl(run_dir / "samples.jsonl", {"step": step, "examples": examples})
-                bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", acc=f"{metrics['accuracy']:.2f}",
-                                len_err=f"{metrics['length_error']:.2f}", **({} if metrics["updated"] else
-                                                                              {"update": "none"}))
+                shown = dict(reward=f"{metrics['reward_mean']:.3f}", acc=f"{metrics['accuracy']:.2f}",
+                             len_err=f"{metrics['length_error']:.2f}") if "reward_mean" in metrics else \
+                    dict(nll=f"{metrics['loss']:.3f}")  # a distillation step: no rollouts, the solutions' loss
+                bar.set_postfix(**shown, **({} if metrics["updated"] else {"update": "none"}))
                 if on_step is not None:
                     on_step(step, metrics)
                 if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps or stop.asked:

@@ -192,7 +192,7 @@ def test_builtin_refuses_unknown_split():
 def _solve_family(family: str, text: str) -> int:
     """Recompute a family's answer from its text alone (words: _solve above)."""
     numbers = [int(n) for n in re.findall(r"\d+", text)]
-    if family in ("sums", "digits"):
+    if family in ("sums", "digits", "totals", "totals-new"):
         return sum(numbers)
     if family == "count":
         target, items = re.fullmatch(r"How many times does '(\w+)' appear in this list: (.*)\?", text).groups()
@@ -210,7 +210,8 @@ def _solve_family(family: str, text: str) -> int:
 
 # family: (a regex whose match counts the problem's size, the sizes that must all occur)
 SIZES = {"words": (r"[.]", range(2, 5)), "sums": (r"\d+", range(2, 11)), "steps": (r"\d\. ", range(1, 7)),
-         "digits": (r"\d", range(4, 13)), "count": (r"\w+(?:, |\?)", range(3, 16))}
+         "digits": (r"\d", range(4, 13)), "count": (r"\w+(?:, |\?)", range(3, 16)),
+         "totals": (r"\d+", range(2, 11)), "totals-new": (r"\d+", range(2, 11))}
 
 
 @pytest.mark.parametrize("family", list(data.FAMILIES))
@@ -226,6 +227,30 @@ def test_builtin_family_is_deterministic_with_exact_answers_and_disjoint_splits(
     for p in train + test:
         assert p.answer == str(int(p.answer)) and int(p.answer) >= 0, p
         assert int(p.answer) == _solve_family(family, p.problem), p.problem
+
+
+def test_totals_come_with_their_solution_written_out_finest_first_and_one_phrasing_kept_out():
+    train, test = load_problems("builtin:totals", "train", limit=1000), load_problems("builtin:totals", "test")
+    held_out = load_problems("builtin:totals-new", "test")
+    for p in train + test + held_out:
+        numbers = [int(n) for n in re.findall(r"\d+", p.problem)]
+        lengths = []  # steps written, at each granularity
+        for per_step, solution in zip(data.TOTALS_GRANULARITIES, p.solutions, strict=True):
+            steps = re.findall(r"([\d+]+)=(\d+)\.", solution)
+            total = numbers[0]
+            for terms, result in steps:  # each step adds the next per_step numbers to the running total, rightly
+                first, *added = map(int, terms.split("+"))
+                assert first == total and len(added) <= (per_step or 0) and int(result) == first + sum(added)
+                total = int(result)
+            assert total == (sum(numbers) if steps else numbers[0]), solution
+            assert solution.endswith(f"The answer is \\boxed{{{p.answer}}}.") and p.answer == str(sum(numbers))
+            lengths.append(len(steps))
+        assert lengths == sorted(lengths, reverse=True) and p.solutions[-1] == f"The answer is \\boxed{{{p.answer}}}."
+    openings = Counter(p.problem.split()[0] for p in train)
+    assert {"What", "Add", "Find"} <= set(openings) and len(openings) > 4  # the story starts with a name
+    assert not any(p.problem.startswith("Start with") for p in train + test)  # never trained on, never in its test
+    assert all(p.problem.startswith("Start with") for p in held_out) and len(held_out) == 200
+    assert all(p.solutions == () for p in load_problems("builtin", "test", limit=20))  # the other families: none
 
 
 def test_builtin_is_the_word_problems_unchanged():

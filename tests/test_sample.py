@@ -192,6 +192,8 @@ def test_chunked_logprobs_and_their_gradients_match_the_plain_computation(char_t
     chunked.sum().backward()
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.grad, expected[name], atol=1e-5, rtol=1e-4)
+    with torch.no_grad():  # the last tokens alone (a response after its prompt): the same numbers
+        torch.testing.assert_close(sequence_logprobs(model, ids, mask, 0.7, chunk=5, last=7), plain[:, -7:].detach())
 
 
 def _groups(prompts, seed=0):

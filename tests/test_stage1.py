@@ -196,3 +196,42 @@ def test_length_steps_with_no_row_to_learn_say_so_then_stop_the_run(learnable_mo
         train.train(cfg, tmp_path / "run")
     metrics = read_metrics(tmp_path / "run")
     assert [(m["updated"], m["length_rows"], m["grad_norm"]) for m in metrics] == [(False, 0, 0.0)] * 2
+
+
+def test_a_distillation_step_is_the_cross_entropy_of_a_written_out_solution_and_its_stop(char_tokenizer, monkeypatch):
+    model = make_tiny_llama(char_tokenizer, seed=2)
+    params = list(model.parameters())
+    optimizer = torch.optim.SGD(params, lr=0.0)
+    problems = data.builtin_problems("train", 20, family="totals")
+    cfg = tiny_config("unused", n_min=5, n_max=50, prompts_per_step=6, micro_batch_tokens=400)  # several micro-batches
+    packed, pack = [], sample.pack
+    monkeypatch.setattr(sample, "pack", lambda prompts, responses, *a: packed.append((prompts, responses)) or
+                        pack(prompts, responses, *a))
+    metrics, examples = stage1.distill_step(cfg, 3, model, char_tokenizer, optimizer, params, problems,
+                                            torch.device("cpu"))
+    rows = [(p, r.tokens) for prompts, responses in packed for p, r in zip(prompts, responses)]
+    assert len(packed) > 1 and len(rows) == 6 and metrics["solution_tokens"] == sum(len(s) for _, s in rows)
+    nll = 0.0
+    for prompt, solution in rows:  # a plain forward of each row alone: -log p of the solution's tokens and its stop
+        text = char_tokenizer.decode(prompt)
+        n = int(text.split("Think for ")[1].split(" tokens.")[0])
+        problem = next(p for p in problems if p.problem in text)
+        assert 5 <= n <= 50 and char_tokenizer.decode(solution[:-1]) in problem.solutions
+        assert solution[-1] == char_tokenizer.eos_token_id
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt + solution])).logits[0, len(prompt) - 1:-1]
+        nll -= logits.log_softmax(-1).gather(-1, torch.tensor(solution)[:, None]).sum().item()
+    assert metrics["loss"] == pytest.approx(nll / metrics["solution_tokens"], rel=1e-4)
+    assert metrics["updated"] and metrics["grad_norm"] > 0
+    assert all(any(e["response"] in p.solutions for p in problems) for e in examples) and examples
+
+
+def test_distillation_steps_come_first_then_lcpo_and_need_problems_with_solutions(learnable_model_dir, tmp_path):
+    cfg = tiny_config(learnable_model_dir, data="builtin:totals", n_min=4, n_max=8, max_new_tokens=8, group_size=2,
+                      prompts_per_step=4, distill_steps=6, steps=7, lr=0.02)
+    metrics = read_metrics(train.train(cfg, tmp_path / "run"))
+    assert [("solution_tokens" in m, "reward_mean" in m) for m in metrics] == [(True, False)] * 6 + [(False, True)]
+    assert metrics[5]["loss"] < metrics[0]["loss"] and all(m["updated"] for m in metrics)  # the solutions are learnt
+    with pytest.raises(ValueError, match="--distill-steps needs problems with written-out solutions.*builtin:totals"):
+        train.train(tiny_config(learnable_model_dir, distill_steps=1, steps=1), tmp_path / "words")
+    assert not (tmp_path / "words").exists()
