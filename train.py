@@ -57,7 +57,7 @@ class Config:
     delta: float = 0.5  # Max reward of a correct answer at exactly n_gold tokens
     n_min: int = N_MIN  # smallest target length n_gold, tokens
     n_max: int = N_MAX  # largest target length n_gold, tokens
-    distill_steps: int = 0  # the first steps distil written-out solutions into the model (stage1.py; builtin:totals has them): the reasoner LCPO starts from
+    distill_steps: int = 0  # first steps that distil written-out solutions (stage1.py; builtin:totals): a reasoner
     length_steps: int = 0  # the first steps are the first stage (stage1.py): the untrained model's responses, ended after N of their tokens, learn to stop there
     targets_per_problem: int = 1  # each problem of a step comes with this many targets, one per k-th of the range: their responses differ by N alone
     boxed_only: bool = False  # judge only \boxed{} answers (the paper); off: the last number counts too
