@@ -274,7 +274,7 @@ def written_solution(numbers: list[int], per_step: int | None) -> str:
     return " ".join(steps + [f"The answer is \\boxed{{{sum(numbers)}}}."])
 
 
-def _totals(rng: random.Random, phrasings: tuple[str, ...]) -> tuple[str, int, tuple[str, ...]]:
+def _totals_problem(rng: random.Random, phrasings: tuple[str, ...] = TOTALS_PHRASINGS) -> tuple[str, int, tuple]:
     numbers = [rng.randint(1, 9) for _ in range(rng.randint(*TOTALS_TERMS))]
     ns = [str(n) for n in numbers]
     text = rng.choice(phrasings).format(
@@ -284,13 +284,16 @@ def _totals(rng: random.Random, phrasings: tuple[str, ...]) -> tuple[str, int, t
     return text, sum(numbers), tuple(written_solution(numbers, g) for g in TOTALS_GRANULARITIES)
 
 
+def _totals_new_problem(rng: random.Random) -> tuple[str, int, tuple]:
+    return _totals_problem(rng, (TOTALS_NEW,))
+
+
 FAMILIES = {"words": _word_problem, "sums": _sums_problem, "steps": _steps_problem, "digits": _digits_problem,
-            "count": _count_problem, "totals": lambda rng: _totals(rng, TOTALS_PHRASINGS),
-            "totals-new": lambda rng: _totals(rng, (TOTALS_NEW,))}
+            "count": _count_problem, "totals": _totals_problem, "totals-new": _totals_new_problem}
 
 
 def _builtin_split(text: str) -> str:
-    # a problem's split is a function of its text, so train and test can never share a problem
+    # a problem's split is a function of its text (or its written-out solution), so train and test never share one
     return "test" if zlib.crc32(text.encode()) % 5 == 0 else "train"
 
 
@@ -308,10 +311,12 @@ def builtin_problems(split: str, n: int | None = None, seed: int = 0, family: st
     rng = random.Random(seed)
     seen, problems = set(), []
     while len(problems) < n:
-        text, answer, *solutions = FAMILIES[family](rng)  # a family with written-out solutions gives them third
-        if text not in seen and _builtin_split(text) == split:
+        text, answer, *written = FAMILIES[family](rng)  # a family with written-out solutions gives them third
+        solutions = written[0] if written else ()
+        what = solutions[0] if solutions else text  # the same numbers in another phrasing are the same problem
+        if text not in seen and _builtin_split(what) == split:
             seen.add(text)
-            problems.append(Problem(text, str(answer), solutions=solutions[0] if solutions else ()))
+            problems.append(Problem(text, str(answer), solutions=solutions))
     return problems
 
 

@@ -37,7 +37,7 @@ ALPHA_MAX = 0.001  # LCPO-Max: slope of the budget term (original code: alpha=1/
 DELTA_MAX = 0.5  # LCPO-Max: the budget term's value at n_y = n_gold
 JUDGE_TIMEOUT_S = 2.0  # per-answer limit on parsing and comparing it, in any thread: past it, incorrect
 MAX_ANSWER_CHARS = 1000  # a longer "final answer" is degenerate output: incorrect, never parsed
-MAX_DIGITS = 10_000  # an answer whose exact value needs longer numbers (9^{9^{9^9}}, (10^9)!): incorrect, not computed
+MAX_DIGITS = 100_000  # an answer whose exact value needs longer numbers (9^{9^{9^9}}, (10^9)!): incorrect, not computed
 THINK_END = "</think>"
 logging.getLogger("math_verify").setLevel(logging.ERROR)  # its timeouts are judged incorrect here, not printed
 
@@ -163,10 +163,14 @@ def time_limit(seconds: float):
         ctypes.pythonapi.PyThreadState_SetAsyncExc(thread, None)  # one sent as the block ended is dropped
 
 
+_GROWING = (sympy.factorial, sympy.factorial2, sympy.subfactorial, sympy.binomial, sympy.gamma, sympy.RisingFactorial,
+            sympy.FallingFactorial)  # functions whose value can have far more digits than their argument
+
+
 def _digits(e) -> float:
-    # an upper bound on the digits of the numbers sympy makes computing e exactly: a power of an exponent of
-    # d digits (below 10^d) multiplies its base's digits by it, a function of a number (n!, binom, gamma) may
-    # grow like n^n; anything else (sums, products, sets) has at most the digits of its parts together
+    # an upper bound on the digits of the numbers sympy makes computing e exactly: a power multiplies its base's
+    # digits by its exponent (below 10^d for an exponent of d digits); n! and its kin have at most n log10(n)
+    # digits; anything else (sums, products, sets, floor, log, ...) at most the digits of its parts together
     if isinstance(e, sympy.Rational):
         return max(e.p.bit_length(), e.q.bit_length()) * math.log10(2) + 1
     if not isinstance(e, sympy.Basic) or not e.args:
@@ -175,8 +179,9 @@ def _digits(e) -> float:
     if isinstance(e, sympy.Pow) and e.exp.is_number:
         exponent = abs(int(e.exp)) if e.exp.is_Integer else 10 ** min(parts[1], 20)
         return max(*parts, parts[0] * exponent)
-    if isinstance(e, sympy.Function) and e.is_number:
-        return max(parts) * 10 ** min(max(parts), 20)
+    if isinstance(e, _GROWING):
+        n = abs(float(e.args[0])) if e.args[0].is_Integer else 10 ** min(max(parts), 20)  # n, or a bound on it
+        return max(*parts, n * math.log10(max(n, 2)))
     return sum(parts)
 
 

@@ -221,7 +221,7 @@ def test_builtin_family_is_deterministic_with_exact_answers_and_disjoint_splits(
     assert train == load_problems(source, "train", limit=1000) and test == builtin_problems("test", 200, 0, family)
     assert load_problems(source, "test", limit=200, seed=1) != test  # another seed, other problems
     assert len({p.problem for p in train}) == len(train) and not {p.problem for p in train} & {p.problem for p in test}
-    assert all(data._builtin_split(p.problem) == "test" for p in test)
+    assert all(data._builtin_split(p.solutions[0] if p.solutions else p.problem) == "test" for p in test)
     pattern, sizes = SIZES[family]
     assert {len(re.findall(pattern, p.problem)) for p in train} == set(sizes)  # difficulty varies over its range
     for p in train + test:
@@ -251,6 +251,8 @@ def test_totals_come_with_their_solution_written_out_finest_first_and_one_phrasi
     assert not any(p.problem.startswith("Start with") for p in train + test)  # never trained on, never in its test
     assert all(p.problem.startswith("Start with") for p in held_out) and len(held_out) == 200
     assert all(p.solutions == () for p in load_problems("builtin", "test", limit=20))  # the other families: none
+    numbers = lambda problems: {tuple(re.findall(r"\d+", p.problem)) for p in problems}
+    assert not numbers(train) & numbers(test + held_out)  # the same numbers in another phrasing are not new
 
 
 def test_builtin_is_the_word_problems_unchanged():

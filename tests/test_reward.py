@@ -280,6 +280,30 @@ def test_answers_too_large_to_compute_are_incorrect_at_once(answer):
     assert is_correct(r"\boxed{2^{100}}", str(2**100)) and is_correct(r"\boxed{20!}", str(2432902008176640000))
 
 
+@pytest.mark.parametrize("answer, gold", [(r"\lfloor \frac{2024}{3}\rfloor", "674"), (r"|-2024|", "2024"),
+                                          (r"\log_2 1024", "10"), (r"\lceil\sqrt{2024}\rceil", "45"),
+                                          (r"\frac{2024!}{2022!}", "4094552"), (r"\binom{100}{2}", "4950")])
+def test_functions_of_numbers_are_judged_not_refused_as_too_large(answer, gold):
+    assert not reward.too_large(reward._parse_latex(answer)) and is_correct(rf"\boxed{{{answer}}}", gold)
+
+
+def test_a_judgement_that_runs_out_of_time_in_a_worker_thread_is_incorrect(monkeypatch):
+    import threading
+
+    def slow_verify(*args, **kwargs):  # a comparison that never ends, in pure Python as sympy's can be
+        while True:
+            pass
+
+    monkeypatch.setattr(reward, "verify", slow_verify)
+    monkeypatch.setattr(reward, "JUDGE_TIMEOUT_S", 0.3)
+    out = []
+    worker = threading.Thread(target=lambda: out.append(is_correct(r"\boxed{x+1}", "y")), daemon=True)
+    start = time.monotonic()
+    worker.start()
+    worker.join(timeout=20)
+    assert out == [False] and time.monotonic() - start < 10
+
+
 def test_the_time_limit_lands_in_the_thread_that_judges():
     import threading
 
