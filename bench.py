@@ -13,7 +13,8 @@ On a CPU the embedded default is used with short targets; on a GPU, a randomly i
 with the configuration of DeepSeek-R1-Distill-Qwen-1.5B at the paper's lengths. Random weights
 never stop by themselves, so the rollout workload forces each row to stop after n_y tokens drawn
 around its target, the same rows and lengths for both sides; in a training step (train, memory),
-after a length drawn from n_min..max_new_tokens (--force-lengths). Results: bench-results/<what>.json.
+after a length drawn from n_min..max_new_tokens (--force-lengths). Results: bench-results/<what>.json; one
+already there is kept unless --replace (or --out DIR writes elsewhere).
 """
 
 import argparse

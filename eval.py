@@ -201,12 +201,12 @@ def evaluate(args, out: Path) -> dict:
                                     cut=(o.finish == "length" and not args.s1), text=text,
                                     writes_n=asked is not None and writes_budget(text, budget, p.problem, p.answer)))
             bar.update(done + len(chunk) - bar.n)
-        with open(records_path, "a") as f:
-            f.writelines(json.dumps(r) + "\n" for r in records)
         summary = summarise(records, budget)
         summary["cap"] = None if args.s1 else cap
         result["budgets"] = sorted(result["budgets"] + [summary], key=lambda b: b["budget"])
         out.write_text(json.dumps(result, indent=1))  # after every budget: what a resumed run keeps
+        with open(records_path, "a") as f:  # after the result: a budget done without its responses is redone
+            f.writelines(json.dumps(r) + "\n" for r in records)
     bar.close()
     return result
 
