@@ -215,7 +215,8 @@ def parse_args(argv, config_class, presets: dict, description: str, first_stage:
     cfg.out_dir = str(Path(cfg.out_dir).expanduser())
     if cfg.init_adapter == "none":
         cfg.init_adapter = None
-    elif cfg.init_adapter is None and cfg.model is None:  # the recipe: LCPO from the stop that reads N
+    elif cfg.init_adapter is None and cfg.model is None and not cfg.distill_steps:  # the recipe: LCPO from the stop
+        # that reads N; distillation (--distill-steps) makes a reasoner from the model itself, a fresh adapter
         cfg.init_adapter = str(first_stage)
     check_config(cfg)
     if cfg.init_adapter is not None:
@@ -293,15 +294,24 @@ def saved_config(run_dir: Path, config_class) -> dict:
         raise ValueError(f"{path} has settings this train.py does not know ({', '.join(unknown)}): it was written by "
                          f"another version; remove them from the file, or start a new run")
     for f in dataclasses.fields(config_class):
-        kinds = typing.get_args(f.type) or (f.type,)
-        value = saved.get(f.name, f.default)
-        number = type(value) in (int, float) and (float in kinds or int in kinds and float(value).is_integer())
-        fits = value is None and type(None) in kinds or type(value) in (bool, str) and type(value) in kinds or number
-        if not fits:
-            wanted = " or ".join("null" if k is type(None) else k.__name__ for k in kinds)
-            raise ValueError(f"{path} is damaged: its {f.name} is {value!r}, not {wanted}; correct it (the default is "
-                             f"{f.default!r}), or start a new run")
+        if f.name in saved:
+            saved[f.name] = setting(path, f, saved[f.name])
     return saved
+
+
+def setting(path: Path, field: dataclasses.Field, value):
+    """A config.json value as its Config field takes it (an int field's 2.0 is 2), or one line naming it."""
+    kinds = typing.get_args(field.type) or (field.type,)
+    if value is None and type(None) in kinds or type(value) in (bool, str) and type(value) in kinds:
+        return value
+    if type(value) in (int, float) and math.isfinite(value):
+        if int in kinds and float(value).is_integer():
+            return int(value)
+        if float in kinds:
+            return float(value)
+    wanted = " or ".join("null" if k is type(None) else k.__name__ for k in kinds)
+    raise ValueError(f"{path} is damaged: its {field.name} is {value!r}, not {wanted}; correct it (the default is "
+                     f"{field.default!r}), or start a new run")
 
 
 # -----------------------------------------------------------------------------

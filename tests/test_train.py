@@ -412,6 +412,7 @@ def test_the_same_command_continues_its_run_and_another_gets_its_own(tmp_path):
                                         "default is 4), or start a new run"),
     (["--resume", "{tmp}/null-lr"], "config.json is damaged: its lr is None, not float"),
     (["--run-name", "null-lr"], "config.json is damaged: its lr is None, not float"),
+    (["--resume", "{tmp}/nan-lr"], "config.json is damaged: its lr is nan, not float"),
 ])
 def test_a_run_is_never_continued_with_other_settings(argv, message, monkeypatch, tmp_path):
     monkeypatch.setattr(model_lib, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
@@ -419,6 +420,7 @@ def test_a_run_is_never_continued_with_other_settings(argv, message, monkeypatch
     _write_run(tmp_path / "unknown-key", top_k=50)
     _write_run(tmp_path / "text-number", group_size="2")
     _write_run(tmp_path / "null-lr", lr=None)
+    _write_run(tmp_path / "nan-lr", lr=float("nan"))
     (tmp_path / "bad-json").mkdir()
     (tmp_path / "bad-json" / "config.json").write_text('{"steps": 10,')
     (tmp_path / "junk").mkdir()
@@ -427,6 +429,12 @@ def test_a_run_is_never_continued_with_other_settings(argv, message, monkeypatch
         train.main([a.format(tmp=tmp_path) for a in argv] + ["--out-dir", str(tmp_path)])
     assert str(info.value).startswith("error: ") and message in str(info.value), str(info.value)
     assert "\n" not in str(info.value)
+
+
+def test_a_whole_number_written_as_a_float_is_read_as_the_int_its_setting_takes(tmp_path):
+    _write_run(tmp_path / "run", group_size=2.0)
+    cfg = train.parse_args(["--resume", str(tmp_path / "run")])[0]
+    assert cfg.group_size == 2 and type(cfg.group_size) is int
 
 
 def test_resume_may_change_the_length_and_memory_knobs(tmp_path):
@@ -448,6 +456,7 @@ def test_the_default_run_starts_from_the_first_stage_and_another_model_from_a_fr
     assert model_lib.adapter_base(str(train.STOP_ADAPTER)) == "embedded"  # shipped, and for the default model
     assert train.parse_args([])[0].init_adapter == str(train.STOP_ADAPTER)
     assert train.parse_args(["--init-adapter", "none"])[0].init_adapter is None
+    assert train.parse_args(["--distill-steps", "5", "--data", "builtin:totals"])[0].init_adapter is None  # a reasoner
     assert train.parse_args(["--model", "Qwen/Qwen2.5-0.5B-Instruct"])[0].init_adapter is None
     assert train.parse_args(["--preset", "l1-exact"])[0].init_adapter is None
     _, run_dir, _ = train.parse_args(["--init-adapter", "none"])
