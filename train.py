@@ -10,8 +10,9 @@ LCPO: GRPO with a length-controlled reward, written by hand.
 
 One step (train_step): sample problems and targets -> roll out G responses each -> judge and reward
 them -> group-normalised advantages -> clipped policy loss + k3 KL to the adapter-free reference ->
-one AdamW update of the LoRA weights (per epoch over the rollouts). The first --length-steps steps are
-this project's first stage instead (stage1.py): not the paper's, it teaches a small model to read N.
+one AdamW update of the LoRA weights (per epoch over the rollouts). The first --distill-steps, then the
+first --length-steps steps are this project's first stages instead (stage1.py), not the paper's: they make
+a small model a reasoner (written-out solutions distilled into it) and teach it to read N.
 Run directories, resuming and checkpoints: runs.py.
 """
 
@@ -320,10 +321,14 @@ def train_loop(cfg: Config, run_dir: Path, state: dict | None, problems: list, o
                 runs.append_jsonl(run_dir / "metrics.jsonl", metrics)
                 if step % cfg.sample_every == 0:
                     runs.append_jsonl(run_dir / "samples.jsonl", {"step": step, "examples": examples})
-                shown = dict(reward=f"{metrics['reward_mean']:.3f}", acc=f"{metrics['accuracy']:.2f}",
-                             len_err=f"{metrics['length_error']:.2f}") if "reward_mean" in metrics else \
-                    dict(nll=f"{metrics['loss']:.3f}")  # a distillation step: no rollouts, the solutions' loss
-                bar.set_postfix(**shown, **({} if metrics["updated"] else {"update": "none"}))
+                if "reward_mean" in metrics:
+                    shown = dict(reward=f"{metrics['reward_mean']:.3f}", acc=f"{metrics['accuracy']:.2f}",
+                                 len_err=f"{metrics['length_error']:.2f}")
+                else:  # a distillation step: no rollouts, the solutions' loss
+                    shown = dict(nll=f"{metrics['loss']:.3f}")
+                if not metrics["updated"]:
+                    shown["update"] = "none"
+                bar.set_postfix(shown)
                 if on_step is not None:
                     on_step(step, metrics)
                 if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps or stop.asked:
