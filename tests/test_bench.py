@@ -56,7 +56,6 @@ def test_s1_times_the_one_pass_against_the_rounds_on_the_same_rows(tiny_model_di
                  "--old-prompts", "2", "--temperature", "0")
     assert result["rows"] == 6 and result["old_rows"] == 4 and result["budget"] == 12
     assert result["same_text"] == 4  # greedy: the rounds and the one pass write the same texts
-    assert result["speedup"] == pytest.approx(result["rounds_s"] / result["one_pass_on_old_rows_s"])
     assert "s1_rounds" in capsys.readouterr().out
 
 
