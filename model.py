@@ -285,6 +285,10 @@ def load_model(
         model = AutoModelForCausalLM.from_pretrained(source, device_map=device, **kwargs)
     except OSError as e:  # hub id not found, no network, gated repo
         detail = str(e).strip().splitlines()[0] if online else "the hub cannot be reached and it is not in the local cache"
+        if "safetensors" in detail:  # only pickled weights (pytorch_model.bin): never loaded
+            raise ModelError(f"cannot load model {source!r}: it has no safetensors weights, and pickled ones are never "
+                             f"loaded; convert them to safetensors in a local directory, or pick a model that ships "
+                             f"them") from None
         raise ModelError(f"cannot load model {source!r} ({detail}): check the id and network, or pass a local directory") from None
     except (ImportError, RuntimeError) as e:
         if quantize and "bitsandbytes" in str(e).lower():

@@ -426,6 +426,21 @@ def test_a_model_whose_weights_are_a_pickle_is_refused_and_never_unpickled(tiny_
     assert not (tmp_path / "ran").exists()
 
 
+def test_a_hub_model_with_only_pickled_weights_says_so(monkeypatch):
+    import transformers
+
+    def only_bin(*args, **kwargs):  # what transformers says of a hub repo without safetensors weights
+        raise OSError("org/old-model does not appear to have a file named model.safetensors but there is a file "
+                      "for PyTorch weights. Use `use_safetensors=False` to load this model from those weights.")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", only_bin)
+    monkeypatch.setattr(model_lib, "load_tokenizer", lambda *a, **k: make_char_tokenizer())
+    monkeypatch.setattr(model_lib.data, "hub_reachable", lambda: True)
+    with pytest.raises(ModelError, match=r"^cannot load model 'org/old-model': it has no safetensors weights, and "
+                       r"pickled ones are never loaded; convert"):
+        load_model("org/old-model", quantize=False)
+
+
 def test_a_chat_template_that_tries_to_leave_the_sandbox_is_one_line(tiny_model_dir, tmp_path):
     import shutil
 
