@@ -190,7 +190,8 @@ def generate(
     lengths = torch.zeros(batch, dtype=torch.long, device=device)
     for step in range(max(limits)):
         lp = sampling_logprobs(logits, temperature, top_p)  # [rows in the batch, V]
-        if temperature == 0 or (forced is not None and not forced.samples(step, live)):  # no random number
+        draws = temperature > 0 and (forced is None or forced.samples(step, live))  # S1's forced steps draw nothing
+        if not draws:
             token = lp.argmax(-1)
         else:  # inverse CDF, one uniform per original row: a row's draw does not depend on the others
             u = torch.rand(batch, generator=generator, device=device)[live]
