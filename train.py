@@ -302,7 +302,7 @@ def train_loop(cfg: Config, run_dir: Path, state: dict | None, problems: list, o
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="steps", dynamic_ncols=True)
     work = tqdm(total=cfg.prompts_per_step * cfg.group_size, desc=f"step {start}", unit="response", position=1,
                 leave=False, dynamic_ncols=True)  # the work inside a step: responses finished, micro-batches learnt
-    bad_steps, policy = 0, None
+    stalled, policy = [], None  # the grad norms of the steps in a row that updated nothing
     try:
         with runs.StopRequests() as stop:
             for step in bar:
@@ -317,7 +317,7 @@ def train_loop(cfg: Config, run_dir: Path, state: dict | None, problems: list, o
                     policy = model_lib.rollout_copy(model, policy) if cfg.rollout_copy else model  # today's weights
                     metrics, examples = train_step(cfg, step, model, tokenizer, optimizer, params, problems, thinks,
                                                    device, policy, work)
-                bad_steps = 0 if metrics["updated"] else bad_steps + 1
+                stalled = [] if metrics["updated"] else stalled + [metrics["grad_norm"]]  # 0, or nan: non-finite
                 runs.append_jsonl(run_dir / "metrics.jsonl", metrics)
                 if step % cfg.sample_every == 0:
                     runs.append_jsonl(run_dir / "samples.jsonl", {"step": step, "examples": examples})
@@ -337,15 +337,15 @@ def train_loop(cfg: Config, run_dir: Path, state: dict | None, problems: list, o
                 if stop.asked:
                     bar.write(f"stopped and saved at step {step + 1}; the same command continues the run")
                     break
-                if bad_steps >= cfg.max_bad_steps and metrics["grad_norm"] == 0:
-                    raise RuntimeError(f"{bad_steps} steps in a row learnt nothing (in every group the rewards tied, "
-                                       f"so the gradient was zero): let the responses differ, with a larger "
-                                       f"--group-size, --temperature or --max-new-tokens, or problems the model can "
-                                       f"sometimes answer")
-                if bad_steps >= cfg.max_bad_steps:
-                    raise RuntimeError(f"{bad_steps} steps in a row had a non-finite loss or reward: check the data, "
-                                       f"or start a new run with a lower --lr and --init-adapter {run_dir} (its last "
-                                       f"checkpoint)")
+                if len(stalled) >= cfg.max_bad_steps and all(g == 0 for g in stalled):
+                    raise RuntimeError(f"{len(stalled)} steps in a row learnt nothing (a zero gradient: in every group "
+                                       f"the rewards tied, or no response reached --n-min for a length step): let the "
+                                       f"responses differ, with a larger --group-size, --temperature or "
+                                       f"--max-new-tokens, or problems the model can sometimes answer")
+                if len(stalled) >= cfg.max_bad_steps:
+                    raise RuntimeError(f"{len(stalled)} steps in a row updated nothing, {sum(g != 0 for g in stalled)} "
+                                       f"of them with a non-finite loss or reward: check the data, or start a new run "
+                                       f"with a lower --lr and --init-adapter {run_dir} (its last checkpoint)")
     finally:
         work.close()
         bar.close()
