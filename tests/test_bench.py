@@ -90,7 +90,8 @@ def test_train_forces_the_lengths_of_a_random_model(tmp_path, char_tokenizer, ca
                  num_key_value_heads=2, vocab_size=len(char_tokenizer))
     path = bench.random_qwen(tmp_path / "q", char_tokenizer, small)
     bench.main(["train", "--model", path, "--preset", "l1-exact", "--no-quantize", "--prompts", "2", "--group-size",
-                "4", "--n-min", "3", "--n-max", "12", "--max-new-tokens", "12", "--force-lengths", "--out", str(tmp_path)])
+                "4", "--n-min", "3", "--n-max", "12", "--max-new-tokens", "12", "--force-lengths",
+                "--out", str(tmp_path)])
     result = json.loads((tmp_path / "train-cpu.json").read_text())
     assert result["forced_lengths"] and result["config"]["lora_rank"] == 64 and result["config"]["group_size"] == 4
     rng = random.Random(0)

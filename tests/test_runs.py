@@ -276,7 +276,8 @@ def test_an_optimizer_state_that_does_not_fit_its_adapter_is_one_line(learnable_
     torch.save(state, state_file)
     with pytest.raises(SystemExit) as info:
         train.main(["--resume", str(run), "--steps", "2"])
-    assert re.match(rf"^error: the optimizer or RNG state of {state_file.parent} does not fit its adapter \(ValueError: "
+    assert re.match(rf"^error: the optimizer or RNG state of {state_file.parent} does not fit its adapter "
+                    r"\(ValueError: "
                     r".+\): delete that checkpoint to resume from the one before it$", str(info.value)), str(info.value)
 
 

@@ -290,7 +290,8 @@ def test_a_damaged_init_adapter_is_refused_before_loading(learnable_model_dir, t
 def test_non_finite_rewards_skip_the_update_then_stop_the_run(learnable_model_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(reward, "lcpo_reward", lambda *args, **kwargs: float("nan"))
     cfg = tiny_config(learnable_model_dir, steps=10, max_bad_steps=3)
-    with pytest.raises(RuntimeError, match="3 steps in a row updated nothing, 3 of them with a non-finite loss or reward"):
+    with pytest.raises(RuntimeError,
+                       match="3 steps in a row updated nothing, 3 of them with a non-finite loss or reward"):
         train.train(cfg, tmp_path / "run")
     metrics = read_metrics(tmp_path / "run")
     assert [m["updated"] for m in metrics] == [False, False, False]
