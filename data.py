@@ -42,6 +42,17 @@ class DataError(ValueError):
     """Bad input from the user (a path, a column, a range): the message says what to fix."""
 
 
+def first_line(error: BaseException) -> str:
+    """A library's exception in one short line, to quote inside an error of ours: the first line of its
+    message (at most 200 characters), or its type's name when it has none.
+
+        >>> first_line(ValueError("bad header\\n  at byte 12")), first_line(EOFError())
+        ('bad header', 'EOFError')
+    """
+    message = str(error).strip()
+    return message.splitlines()[0][:200] if message else type(error).__name__
+
+
 @dataclass(frozen=True)
 class Problem:
     problem: str  # the question; for multiple choice it already lists the lettered options
@@ -472,7 +483,7 @@ def _load_table(source: str, split: str, config):
     except DataError:
         raise
     except Exception as e:  # datasets raises many types (connection, missing split, bad json): one message
-        detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        detail = first_line(e)
         where = f"file {source}" if is_local else f"{source!r} (split {split!r}) from the Hugging Face hub"
         if not is_local and not online:
             detail = "the hub cannot be reached and the set is not in the local cache"

@@ -225,9 +225,9 @@ def load_tokenizer(source: str, trust_remote_code: bool = False):
     try:  # the template runs in Jinja's sandbox: one that tries to leave it, or is broken, is refused here
         tokenizer.apply_chat_template([{"role": "user", "content": "x"}], add_generation_prompt=True, tokenize=False)
     except TemplateError as e:
-        raise ModelError(f"the chat template of {source} cannot be used ({type(e).__name__}: "
-                         f"{str(e).strip().splitlines()[0][:200] if str(e).strip() else 'no detail'}): fix its "
-                         f"chat_template (tokenizer_config.json or chat_template.jinja) or use another model") from None
+        raise ModelError(f"the chat template of {source} cannot be used ({type(e).__name__}: {data.first_line(e)}): "
+                         f"fix its chat_template (tokenizer_config.json or chat_template.jinja) or use another "
+                         f"model") from None
     if tokenizer.eos_token_id is None:
         raise ModelError(f"tokenizer of {source} has no EOS token: generation could never stop")
     pad_id = safe_pad_token_id(tokenizer)
@@ -284,7 +284,7 @@ def load_model(
         tokenizer = load_tokenizer(source, trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(source, device_map=device, **kwargs)
     except OSError as e:  # hub id not found, no network, gated repo
-        detail = str(e).strip().splitlines()[0] if online else "the hub cannot be reached and it is not in the local cache"
+        detail = data.first_line(e) if online else "the hub cannot be reached and it is not in the local cache"
         if "safetensors" in detail:  # only pickled weights (pytorch_model.bin): never loaded
             raise ModelError(f"cannot load model {source!r}: it has no safetensors weights, and pickled ones are never "
                              f"loaded; convert them to safetensors in a local directory, or pick a model that ships "
@@ -292,7 +292,7 @@ def load_model(
         raise ModelError(f"cannot load model {source!r} ({detail}): check the id and network, or pass a local directory") from None
     except (ImportError, RuntimeError) as e:
         if quantize and "bitsandbytes" in str(e).lower():
-            raise ModelError(f"bitsandbytes cannot run here ({str(e).splitlines()[0]}): pass --no-quantize") from None
+            raise ModelError(f"bitsandbytes cannot run here ({data.first_line(e)}): pass --no-quantize") from None
         raise
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     for module in model.modules():
@@ -491,8 +491,8 @@ def check_adapter(path: Path) -> None:
         with safe_open(str(weights), "pt") as f:
             ranks = {f.get_slice(k).get_shape()[0] for k in f.keys() if k.endswith("lora_A.weight")}
     except Exception as e:  # SafetensorError, JSONDecodeError, OSError: one line says which file
-        detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelError(f"adapter {path} is damaged ({detail}): use another checkpoint or save it again") from None
+        raise ModelError(f"adapter {path} is damaged ({data.first_line(e)}): use another checkpoint or save it "
+                         f"again") from None
     r, alpha, targets = config.get("r"), config.get("lora_alpha"), config.get("target_modules")
     problem = None
     if type(r) is not int or r < 1:

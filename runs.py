@@ -421,7 +421,7 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, keep: int, probl
                         "problems": problems}, staging / "state.pt")
     except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
         last = sorted(run_dir.glob("checkpoints/step-*"))
-        detail = getattr(e, "strerror", None) or (str(e).strip().splitlines() or [type(e).__name__])[0]
+        detail = getattr(e, "strerror", None) or data.first_line(e)
         raise RuntimeError(f"cannot save the checkpoint of step {step} in {run_dir} ({detail}): "
                            + (f"{last[-1].name} is kept as it was" if last else "no checkpoint was saved before it")
                            + "; free space, then the same command continues from there") from None
@@ -459,7 +459,7 @@ def load_state(path: Path) -> dict:
                          f"never writes that, so it is not loaded; delete {path.parent} to resume from the checkpoint "
                          f"before it") from None
     except Exception as e:  # zip, EOF and struct errors: a file cut short
-        raise DamagedState(str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__) from None
+        raise DamagedState(data.first_line(e)) from None
     if not isinstance(state, dict):
         raise DamagedState(f"{path.name} is not a checkpoint's state")
     optimizer, rng, problems = state.get("optimizer"), state.get("torch_rng"), state.get("problems", None)

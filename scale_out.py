@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> None:
             try:
                 _tokenizer(args.tokenizer)
             except (OSError, model_lib.ModelError) as e:
-                raise ValueError(f"--tokenizer {args.tokenizer} cannot be loaded ({str(e).strip().splitlines()[0]}): "
+                raise ValueError(f"--tokenizer {args.tokenizer} cannot be loaded ({data.first_line(e)}): "
                                  f"name a local model directory, or a hub id in the local cache") from None
         problems = data.load_problems(args.data, args.split, args.problem_column, args.answer_column, args.config,
                                       seed=args.seed)
