@@ -15,6 +15,7 @@ second.
 """
 
 import contextlib
+import errno
 import importlib.util
 import json
 import logging
@@ -87,6 +88,22 @@ def check_out_dir(out_dir: Path, sources: list[Path], ours: set[str]) -> None:
                          f"they would be lost; give a new or empty directory")
 
 
+def check_writable(path: Path) -> None:
+    """Refuse, before any work, a place nothing can be written to: the directory `path` if it exists, else
+    its nearest parent that does (a read-only disk, no permission, a file in the way, a link to nowhere).
+    The OSError names that directory as its filename."""
+    existing = next(p for p in (path, *path.parents) if p.exists() or p.is_symlink())
+    try:
+        if not existing.exists():
+            raise FileNotFoundError(errno.ENOENT, f"a link to {os.readlink(existing)}, which does not exist")
+        if not existing.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, "a file is in the way")
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        raise OSError(e.errno, e.strerror or str(e), str(existing)) from None
+
+
 def compute_dtype(device: str) -> torch.dtype:
     # CPUs here have no bf16 units: fp32 on CPU, bf16 on GPU
     return torch.bfloat16 if device.startswith("cuda") else torch.float32
@@ -151,10 +168,9 @@ def embedded_model_dir(cache_dir: Path = DEFAULT_CACHE) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
-        cache_dir.parent.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=cache_dir.parent).close()
+        check_writable(cache_dir.parent)
     except OSError as e:
-        raise ModelError(f"cannot write the embedded model's converted copy to {cache_dir} ({e.strerror or e}): "
+        raise ModelError(f"cannot write the embedded model's converted copy to {cache_dir} ({e.strerror}): "
                          f"set XDG_CACHE_HOME to a writable directory") from None
     print(f"converting the embedded {EMBEDDED_GGUF} to {cache_dir} (once)")
     model = AutoModelForCausalLM.from_pretrained(package_dir, gguf_file=EMBEDDED_GGUF, dtype=torch.float32)

@@ -10,7 +10,6 @@ from the preset and the flags that change what is trained, so the same command a
 import argparse
 import contextlib
 import dataclasses
-import errno
 import fcntl
 import hashlib
 import inspect
@@ -22,7 +21,6 @@ import re
 import shutil
 import signal
 import sys
-import tempfile
 import typing
 import warnings
 import zlib
@@ -112,19 +110,12 @@ def trains_nothing(cfg) -> list[str]:
 
 
 def check_writable(path: Path, flag: str) -> None:
-    """Refuse, before any work, a place a run or a result cannot be written: the directory itself if it
-    exists, else the nearest parent that does (a read-only disk, no permission, a file in the way, a link
-    to nowhere)."""
-    existing = next(p for p in (path, *path.parents) if p.exists() or p.is_symlink())
+    """Refuse, before any work, a place a run or a result cannot be written (model.check_writable's rule),
+    naming the flag that gave it."""
     try:
-        if not existing.exists():
-            raise FileNotFoundError(errno.ENOENT, f"a link to {os.readlink(existing)}, which does not exist")
-        if not existing.is_dir():
-            raise NotADirectoryError(errno.ENOTDIR, "a file is in the way", str(existing))
-        with tempfile.TemporaryFile(dir=existing):
-            pass
+        model_lib.check_writable(path)
     except OSError as e:
-        raise ValueError(f"{flag}: cannot write to {existing} ({e.strerror or e}): choose a writable place") from None
+        raise ValueError(f"{flag}: cannot write to {e.filename} ({e.strerror}): choose a writable place") from None
 
 
 def check_name(name: str, flag: str) -> None:
