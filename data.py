@@ -163,7 +163,8 @@ def draw_batch(problems: list["Problem"], prompts: int, n_min: int, n_max: int, 
 # is a function from a random.Random to (problem text, answer) whose difficulty varies from draw to draw,
 # so that accuracy against the token budget can show whether more thinking pays on it.
 
-_NAMES = ["Ava", "Ben", "Cara", "Dan", "Eli", "Fay", "Gus", "Hana", "Ivan", "Jo", "Kim", "Leo", "Mia", "Noah", "Omar", "Pia"]
+_NAMES = ["Ava", "Ben", "Cara", "Dan", "Eli", "Fay", "Gus", "Hana",
+          "Ivan", "Jo", "Kim", "Leo", "Mia", "Noah", "Omar", "Pia"]
 _ITEMS = ["apples", "books", "coins", "marbles", "pencils", "stickers", "cards", "shells", "cookies", "stamps"]
 
 
@@ -350,7 +351,8 @@ KNOWN_SETS = {
                  choices=("Correct Answer", "Incorrect Answer 1", "Incorrect Answer 2", "Incorrect Answer 3")),
     "mmlu": dict(path="cais/mmlu", config="all", split="test", problem="question", answer="answer", choices="choices"),
     "lsat": dict(path="dmayhem93/agieval-lsat-ar", split="test", problem="query", answer="gold", multiple_choice=True),
-    "deepscaler": dict(path="agentica-org/DeepScaleR-Preview-Dataset", split="train", problem="problem", answer="answer"),
+    "deepscaler": dict(path="agentica-org/DeepScaleR-Preview-Dataset", split="train", problem="problem",
+                       answer="answer"),
 }
 
 
@@ -406,8 +408,9 @@ def read_json_rows(path: Path) -> tuple[list[dict], int, str | None]:
         if isinstance(whole, list):
             bad = [i for i, row in enumerate(whole) if not isinstance(row, dict)]
             if len(bad) == len(whole):
-                raise DataError(f"dataset file {path} is a JSON list of {type(whole[0]).__name__ if whole else 'nothing'}"
-                                f", not of row objects ({{\"problem\": ..., \"answer\": ...}})")
+                items = type(whole[0]).__name__ if whole else "nothing"
+                raise DataError(f"dataset file {path} is a JSON list of {items}, not of row objects "
+                                f"({{\"problem\": ..., \"answer\": ...}})")
             return [row for row in whole if isinstance(row, dict)], len(bad), bad and f"item {bad[0]} is not an object"
         if isinstance(whole, dict):
             lengths = {len(v) if isinstance(v, list) else -1 for v in whole.values()}
@@ -433,7 +436,8 @@ def read_json_rows(path: Path) -> tuple[list[dict], int, str | None]:
         first = text.lstrip().partition("\n")[0]
         if first_bad is None:
             raise DataError(f"dataset file {path} holds no rows (only blank lines)")
-        hint = " (it looks like CSV: convert it to JSON lines)" if "," in first and not first.startswith(("{", "[")) else ""
+        looks_csv = "," in first and not first.startswith(("{", "["))
+        hint = " (it looks like CSV: convert it to JSON lines)" if looks_csv else ""
         raise DataError(f"dataset file {path} has no JSON object lines ({first_bad}){hint}")
     return rows, skipped, first_bad
 

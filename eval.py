@@ -78,7 +78,8 @@ def summarise(records: list[dict], budget: int) -> dict:
     if budget != NO_BUDGET:
         errors = [(r["n_y"] - budget) / budget for r in records]
         out.update(length_error=sum(errors) / n, abs_length_error=sum(map(abs, errors)) / n,
-                   rel_rmse=math.sqrt(sum(e * e for e in errors) / n), over_budget=sum(r["n_y"] > budget for r in records) / n)
+                   rel_rmse=math.sqrt(sum(e * e for e in errors) / n),
+                   over_budget=sum(r["n_y"] > budget for r in records) / n)
         if all("writes_n" in r for r in records):
             out["writes_n"] = sum(r["writes_n"] for r in records) / n
     if all("text" in r for r in records):
@@ -94,10 +95,10 @@ def table(rows: list[dict], label: str | None = None) -> str:
     for r in rows:
         pct = lambda k: f"{100 * r[k]:.1f}%" if k in r else "-"
         num = lambda k, f="{:.3f}": f.format(r[k]) if k in r else "-"
-        cells = ([r[label]] if label else []) + [str(r["budget"] or "none"), pct("accuracy"), f"{r['mean_tokens']:.1f}",
-                                                 num("length_error", "{:+.3f}"), num("rel_rmse"), num("abs_length_error"),
-                                                 pct("over_budget"), pct("cut_by_cap"), pct("writes_n"), pct("pads")]
-        lines.append("| " + " | ".join(cells) + " |")
+        cells = [str(r["budget"] or "none"), pct("accuracy"), f"{r['mean_tokens']:.1f}",
+                 num("length_error", "{:+.3f}"), num("rel_rmse"), num("abs_length_error"),
+                 pct("over_budget"), pct("cut_by_cap"), pct("writes_n"), pct("pads")]
+        lines.append("| " + " | ".join(([r[label]] if label else []) + cells) + " |")
     return "\n".join(lines)
 
 
@@ -288,7 +289,8 @@ def load_result(path: str) -> dict:
     except FileNotFoundError:
         raise ValueError(f"{path} does not exist") from None
     except (json.JSONDecodeError, UnicodeDecodeError):
-        raise ValueError(f"{path} is not JSON: give result files written by eval.py (or delete a damaged one)") from None
+        raise ValueError(f"{path} is not JSON: give result files written by eval.py "
+                         f"(or delete a damaged one)") from None
     if not isinstance(result, dict) or not isinstance(result.get("settings"), dict) or not result.get("budgets") \
             or not {"s1", "adapter", "mode"} <= set(result["settings"]):
         raise ValueError(f"{path} is not an eval.py result (no settings and budgets): give files written by eval.py")
@@ -336,7 +338,8 @@ def compare(paths: list[str], plot: str | None) -> str:
             ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
             ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
             ax.grid(alpha=0.3, which="both")
-        fig.legend(*left.get_legend_handles_labels(), loc="outside lower center", fontsize=8)  # one, under both: labels can be long
+        # one legend, under both panels: labels can be long
+        fig.legend(*left.get_legend_handles_labels(), loc="outside lower center", fontsize=8)
         Path(plot).parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(plot, dpi=120)
         plt.close(fig)
@@ -417,7 +420,8 @@ def curves(run_dirs: list[str], plot: str | None, window: int = 10) -> str:
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
     parser.add_argument("--compare", nargs="+", metavar="RESULT", help="eval.py result files: one table, one figure")
-    parser.add_argument("--curves", nargs="+", metavar="RUN_DIR", help="train.py runs: reward and length error per step")
+    parser.add_argument("--curves", nargs="+", metavar="RUN_DIR",
+                        help="train.py runs: reward and length error per step")
     parser.add_argument("--plot", default=None, help="with --compare or --curves: write the figure here (.png)")
     parser.add_argument("--stop-probe", default=None, metavar="RECORDS", help="an evaluation's records.jsonl: "
                         "the stop token's probability after each budget's worth of its texts, under each N")
@@ -437,7 +441,8 @@ def parse_args(argv):
     parser.add_argument("--temperature", type=float, default=0.6)
     parser.add_argument("--top-p", type=float, default=0.95)
     parser.add_argument("--max-new-tokens", type=int, default=None,
-                        help=f"cap (default: 2 x budget for exact, {MAX_CAP_FACTOR} x for max, 2 x the largest for none)")
+                        help=f"cap (default: 2 x budget for exact, {MAX_CAP_FACTOR} x for max, "
+                             f"2 x the largest for none)")
     parser.add_argument("--answer-tokens", type=int, default=32, help="S1: tokens for the answer after the budget")
     parser.add_argument("--boxed-only", action="store_true", help="judge only \\boxed{} answers (the paper)")
     parser.add_argument("--no-quantize", dest="quantize", action="store_false", help="load the base in full precision")
@@ -509,10 +514,12 @@ def main(argv: list[str] | None = None) -> None:
                   + "---:|" * len(result["budgets"]))
             for n, row in zip(result["budgets"], result["matrix"]):
                 print(f"| {n} | " + " | ".join(f"{v:.2f}" for v in row) + " |")
+            medians = " / ".join(f"{m:.0f}" for m in result["median"])
+            asked = " / ".join(map(str, result["budgets"]))
+            within = " / ".join(f"{w:.0%}" for w in result["within"])
             print(f"stop likeliest under the asked N: {result['accuracy']:.1%} (chance {result['chance']:.0%}), "
                   f"margin {result['margin']:.3f} nats; length NLL {result['length_nll']:.2f} nats, median length "
-                  + " / ".join(f"{m:.0f}" for m in result["median"]) + f" (asked {' / '.join(map(str, result['budgets']))})"
-                  + ", p(length <= N) " + " / ".join(f"{w:.0%}" for w in result["within"]) + f"\nresults: {out}")
+                  f"{medians} (asked {asked}), p(length <= N) {within}\nresults: {out}")
             return
     except (ValueError, model_lib.ModelError) as e:
         sys.exit(f"error: {e}")

@@ -184,7 +184,8 @@ def embedded_model_dir(cache_dir: Path = DEFAULT_CACHE) -> Path:
             model.save_pretrained(staging)
             tokenizer.save_pretrained(staging)
     except OSError as e:  # a full disk
-        raise ModelError(f"cannot write the embedded model's converted copy to {cache_dir} ({e.strerror or e})") from None
+        raise ModelError(f"cannot write the embedded model's converted copy to {cache_dir} "
+                         f"({e.strerror or e})") from None
     return cache_dir
 
 
@@ -305,7 +306,8 @@ def load_model(
             raise ModelError(f"cannot load model {source!r}: it has no safetensors weights, and pickled ones are never "
                              f"loaded; convert them to safetensors in a local directory, or pick a model that ships "
                              f"them") from None
-        raise ModelError(f"cannot load model {source!r} ({detail}): check the id and network, or pass a local directory") from None
+        raise ModelError(f"cannot load model {source!r} ({detail}): check the id and network, or pass a local "
+                         f"directory") from None
     except (ImportError, RuntimeError) as e:
         if quantize and "bitsandbytes" in str(e).lower():
             raise ModelError(f"bitsandbytes cannot run here ({data.first_line(e)}): pass --no-quantize") from None

@@ -32,9 +32,9 @@ import data
 import model as model_lib
 import sample
 
+# what a resumed run may change (its length, bookkeeping, memory and speed); any other setting makes another run
 RESUMABLE = ("steps", "save_every", "keep_checkpoints", "sample_every", "max_bad_steps", "micro_batch_tokens",
-             "rollout_batch", "rollout_copy", "gradient_checkpointing", "out_dir", "run_name")  # a resumed run may change
-# these (its length, bookkeeping, memory and speed); any other setting would make it another run
+             "rollout_batch", "rollout_copy", "gradient_checkpointing", "out_dir", "run_name")
 REMOVED = {"budget_marker": 0, "budget_in": "user", "n_min_steps": 0, "ends_steps": 0, "warmup_steps": 0,
            "lora_dropout": 0.0}  # settings of older runs, gone since: a run that left them at these values resumes
 
@@ -171,7 +171,8 @@ def parse_args(argv, config_class, presets: dict, description: str, first_stage:
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--preset", default="default", help=f"one of {', '.join(presets)}")
     parser.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue this run from its last checkpoint")
-    comments = dict(re.findall(r"^    (\w+): .*?  # (.*)$", inspect.getsource(config_class), re.M))  # the knob's comment
+    # each knob's help is its comment in the Config class
+    comments = dict(re.findall(r"^    (\w+): .*?  # (.*)$", inspect.getsource(config_class), re.M))
     for f in dataclasses.fields(config_class):
         flag, help = "--" + f.name.replace("_", "-"), f"{comments[f.name]} (default: {f.default})"
         if f.type is bool:
@@ -224,8 +225,9 @@ def parse_args(argv, config_class, presets: dict, description: str, first_stage:
     saved = saved_config(run_dir, config_class)
     changed = sorted(k for k in saved if k not in RESUMABLE and saved[k] != getattr(cfg, k))
     if changed:
-        raise ValueError(f"{run_dir} holds a run with other settings ({', '.join(f'{k} {saved[k]!r}' for k in changed)})"
-                         f": pass another --run-name for a new run, or --resume {run_dir} to continue that one")
+        settings = ", ".join(f"{k} {saved[k]!r}" for k in changed)
+        raise ValueError(f"{run_dir} holds a run with other settings ({settings}): pass another --run-name for a "
+                         f"new run, or --resume {run_dir} to continue that one")
     check_steps_left(cfg, run_dir)
     return cfg, run_dir, True  # the same command again: continue the run
 
@@ -423,7 +425,8 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, keep: int, probl
 def latest_checkpoint(run_dir: Path) -> tuple[Path | None, dict | None]:
     """(directory, state) of the newest checkpoint that can be read, or (None, None); damaged ones (a crash
     mid-write, a full disk) are skipped, saying so. One that holds anything but what train.py saves is refused."""
-    for path in sorted((run_dir / "checkpoints").glob("step-*"), reverse=True):  # staging dirs start with ".": never listed
+    # staging directories start with ".": never listed
+    for path in sorted((run_dir / "checkpoints").glob("step-*"), reverse=True):
         try:
             model_lib.check_adapter(path / "adapter")
             return path, load_state(path / "state.pt")
