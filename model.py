@@ -117,9 +117,9 @@ def set_threads() -> int:
     said on stderr. Nothing changes where the model runs on a GPU.
 
     On a shared CPU a thread per core is the slowest choice there is: a thread whose core is busy
-    holds up the others, and generation ran 2.8x slower with 2 threads than with 1 beside one busy
-    process (2 cores, BENCHMARKS.md). On a quiet machine every core helps (1.4x for generation,
-    1.6x for a backward pass). The choice is made once, at the start.
+    holds up the others, and beside one busy process generation on two cores ran far slower with two
+    threads than with one. On a quiet machine every core helps, in generation and in the backward pass
+    (BENCHMARKS.md, "CPU threads"). The choice is made once, at the start.
     """
     if default_device() != "cpu":
         return torch.get_num_threads()
