@@ -34,6 +34,7 @@ if __name__ == "__main__":  # Ctrl-C while the libraries below load: quit quietl
 
 import torch
 
+import cuda_graphs
 import data
 import model as model_lib
 import runs
@@ -72,17 +73,64 @@ def workload(tokenizer, prompts: int, group_size: int, n_min: int, n_max: int, c
     return rows, row_targets, lengths
 
 
-def ours(model, tokenizer, rows, targets, lengths, batch: int, temperature: float, top_p: float, **flags):
-    """train.py's rollout: rows sorted by target, `batch` rows per generate call; each stops at its length."""
+def ours(model, tokenizer, rows, targets, lengths, batch: int, temperature: float, top_p: float, **speed_ups):
+    """train.py's rollout: rows sorted by target, `batch` rows per generate call; each stops at its length.
+    speed_ups: those of ablated's, for its decoder."""
     order = sorted(range(len(rows)), key=lambda j: targets[j])
     generator = torch.Generator(device=model.device).manual_seed(0)
     produced = 0
     for i in range(0, len(rows), batch):
         chunk = order[i:i + batch]
         outs = sample.generate(model, [rows[j] for j in chunk], [lengths[j] for j in chunk], tokenizer.pad_token_id,
-                               [], temperature, top_p, generator, **flags)
+                               [], temperature, top_p, generator, make_decoder=ablated(**speed_ups))
         produced += sum(o.n_y for o in outs)
     return produced
+
+
+def ablated(share_prefix: bool = True, compact: bool = True, static_cache: bool | None = None,
+            grow_cache: bool = True):
+    """sample.generate's make_decoder with some of its speed-ups taken away: share_prefix (each distinct prompt
+    prefilled once), compact (finished rows leave the batch), grow_cache (the cache grown in place, not
+    transformers' DynamicCache, which concatenates at every token), static_cache (cuda_graphs.StaticDecoder;
+    None: generate's own choice, on a CUDA device only)."""
+    from transformers import DynamicCache
+
+    def make_decoder(model, max_new_tokens: int):
+        static = next(model.parameters()).device.type == "cuda" if static_cache is None else static_cache
+        decoder = (cuda_graphs.StaticDecoder if static else sample.Decoder)(model, max_new_tokens)
+        if not static and not grow_cache:
+            decoder.cache = DynamicCache(config=model.config)
+        return decoder if share_prefix and compact else Ablated(decoder, share_prefix, compact)
+    return make_decoder
+
+
+class Ablated:
+    """A decoder (sample.Decoder's interface) around another, without prefix sharing (each row prefills its own
+    copy of its prompt) or without compaction (finished rows stay in the batch, fed their last token, their
+    logits ignored)."""
+
+    def __init__(self, decoder, share_prefix: bool, compact: bool):
+        self.decoder, self.share_prefix, self.compact = decoder, share_prefix, compact
+
+    def prefill(self, ids, mask, positions, rows):
+        if not self.share_prefix:
+            ids, mask, positions = ids[rows], mask[rows], positions[rows]
+            rows = torch.arange(len(rows), device=rows.device)
+        self.slots = torch.arange(len(rows), device=rows.device)  # where each row of the batch is in the decoder's
+        self.fed = torch.zeros(len(rows), dtype=torch.long, device=rows.device)  # the decoder's rows' tokens
+        return self.decoder.prefill(ids, mask, positions, rows)
+
+    def keep(self, rows):
+        if self.compact:
+            self.decoder.keep(rows)
+        else:
+            self.slots = self.slots[rows]
+
+    def __call__(self, tokens):
+        if self.compact:
+            return self.decoder(tokens)
+        self.fed[self.slots] = tokens
+        return self.decoder(self.fed)[self.slots]
 
 
 def hf_generate(model, tokenizer, rows, targets, lengths, batch: int, temperature: float, top_p: float, **unused):
@@ -103,34 +151,34 @@ def hf_generate(model, tokenizer, rows, targets, lengths, batch: int, temperatur
         ids, mask = sample.left_pad([rows[j] for j in chunk], tokenizer.pad_token_id, model.device)
         width = ids.shape[1]
         limits = torch.tensor([lengths[j] for j in chunk], device=model.device)
-        out = model.generate(input_ids=ids, attention_mask=mask,
-                             max_new_tokens=int(limits.max()), do_sample=temperature > 0, temperature=temperature or None,
-                             top_p=top_p, top_k=0, pad_token_id=tokenizer.pad_token_id, eos_token_id=None,
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=int(limits.max()),
+                             do_sample=temperature > 0, temperature=temperature or None, top_p=top_p, top_k=0,
+                             pad_token_id=tokenizer.pad_token_id, eos_token_id=None,
                              stopping_criteria=StoppingCriteriaList([StopAtLength(width, limits)]))
         produced += int(torch.minimum(torch.full_like(limits, out.shape[1] - width), limits).sum())
     return produced
 
 
-VARIANTS = {  # name -> (rollout function, generate on a dense copy, flags of sample.generate); "ours" = train.py
+VARIANTS = {  # name -> (rollout function, generate on a dense copy, speed-ups of its decoder); "ours" = train.py
     "generate()": (hf_generate, False, {}),
     "generate(), dense copy": (hf_generate, True, {}),
     "loop only": (ours, False, dict(share_prefix=False, compact=False, static_cache=False, grow_cache=False)),
     "+ shared prefix": (ours, False, dict(share_prefix=True, compact=False, static_cache=False, grow_cache=False)),
     "+ compaction": (ours, False, dict(share_prefix=False, compact=True, static_cache=False, grow_cache=False)),
     "+ cache grown in place": (ours, False, dict(share_prefix=False, compact=False, static_cache=False)),
-    "+ static cache": (ours, False, dict(share_prefix=False, compact=False, static_cache=True)),  # + CUDA graphs on a GPU
+    "+ static cache": (ours, False, dict(share_prefix=False, compact=False, static_cache=True)),  # + CUDA graphs
     "+ dense copy": (ours, True, dict(share_prefix=False, compact=False, static_cache=False, grow_cache=False)),
-    "ours, transformers' cache": (ours, True, dict(share_prefix=True, compact=True, static_cache=None, grow_cache=False)),
-    "ours, eager decode": (ours, True, dict(share_prefix=True, compact=True, static_cache=False)),
-    "ours": (ours, True, dict(share_prefix=True, compact=True, static_cache=None)),  # CUDA graphs on a GPU only
+    "ours, transformers' cache": (ours, True, dict(grow_cache=False)),
+    "ours, eager decode": (ours, True, dict(static_cache=False)),
+    "ours": (ours, True, dict()),  # CUDA graphs on a GPU only
 }
 GPU_ONLY = ("ours, eager decode",)  # on a CPU the same as "ours"
 
 
 def run_variant(name, model, copy, *args):
     """One rollout of the workload; a dense copy is refreshed first, as train.py does after every update."""
-    function, dense, flags = VARIANTS[name]
-    return function(model_lib.rollout_copy(model, copy) if dense else model, *args, **flags)
+    function, dense, speed_ups = VARIANTS[name]
+    return function(model_lib.rollout_copy(model, copy) if dense else model, *args, **speed_ups)
 
 
 def peak_mb(device, reset: bool = False) -> float:
@@ -339,7 +387,8 @@ def account_check(overrides: dict, tmp: Path) -> dict:
     real_generate, real_batches = sample.generate, sample.generate_in_batches
 
     def full_length(model, prompts, max_new_tokens, pad_id, stop_ids, *args, **kwargs):  # the GPU's static cache
-        return real_generate(model, prompts, max_new_tokens, pad_id, [], *args, **{**kwargs, "static_cache": True})
+        return real_generate(model, prompts, max_new_tokens, pad_id, [], *args,
+                             **{**kwargs, "make_decoder": cuda_graphs.StaticDecoder})
 
     def timed_rollout(*args, **kwargs):  # marks its end with an empty range (a range holding work takes its frees)
         rollouts = real_batches(*args, **kwargs)

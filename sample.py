@@ -5,12 +5,13 @@ The generation loop, written by hand: batched, left-padded, KV-cached.
     python sample.py --adapter runs/exact/adapter --budget 32 --prompt "..."   # a trained adapter
     python sample.py --s1 --budget 64 --prompt "..."                           # budget forcing (S1)
 
-One prefill over the padded prompts fills the cache (once per distinct prompt: GRPO's G samples
-of a prompt share it); then every step feeds each live row the token it just sampled. Each row
-stops at its own EOS (or stop id) or at its own max_new_tokens, and then leaves the batch.
-Per row it returns the tokens, the log-prob of each under the distribution it was sampled
-from (logits / temperature, after top-p), and why it stopped: these are GRPO's "old" log-probs,
-equal to what `sequence_logprobs` computes by a fresh forward pass over prompt + response.
+`generate`: one forward pass over the left-padded prompts fills the KV cache (prefill); then, step by step,
+each row samples its next token, records it with its log-prob, and stops at its own EOS (or stop id) or its
+own max_new_tokens, leaving the batch; the others are fed the token they sampled. The log-prob is taken
+under the distribution the token was drawn from (logits / temperature, after top-p): these are GRPO's "old"
+log-probs, equal to what `sequence_logprobs` computes by a fresh forward pass over prompt + response. The
+speed-ups sit one call away from the loop: the KV cache grown in place (`growing_cache`), and on a GPU the decode
+step replayed from CUDA graphs (cuda_graphs.py).
 
 Around the loop, what every training step does with rollouts: `generate_in_batches` (a step's rows,
 similar targets batched together), `share_prompts`, `packed` and `shared_logprobs` (the loss pass,
@@ -70,6 +71,18 @@ def check_sampling_args(max_new_tokens, temperature: float, top_p: float) -> Non
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
 
 
+def check_generate_args(model, prompts: list[list[int]], max_new_tokens, temperature: float, top_p: float) -> None:
+    """generate's arguments, a problem refused in one line: prompts, lengths, sampling, the model's context."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("generate needs at least one prompt, and no empty prompt")
+    check_sampling_args(max_new_tokens, temperature, top_p)
+    limits = max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens] * len(prompts)
+    context = getattr(model.config, "max_position_embeddings", None)
+    longest = max(len(p) + n for p, n in zip(prompts, limits))
+    if context is not None and longest > context:
+        raise ValueError(f"prompt + max_new_tokens is {longest} tokens, more than the model's context of {context}")
+
+
 def sampling_logprobs(logits: torch.Tensor, temperature: float, top_p: float = 1.0) -> torch.Tensor:
     """Log-probs of the distribution tokens are drawn from: logits / T, then the top-p nucleus.
 
@@ -84,15 +97,129 @@ def sampling_logprobs(logits: torch.Tensor, temperature: float, top_p: float = 1
     return logprobs
 
 
+def left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, attention mask), [rows, longest]: rows left-padded, so every row ends at the last column."""
+    width = max(map(len, rows))
+    ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows], device=device)
+    return ids, torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
+
+
+def position_ids(mask: torch.Tensor) -> torch.Tensor:
+    """The position of each token of left-padded rows, [B, T]: each row counts from its first real token."""
+    return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
 # -----------------------------------------------------------------------------
 # the loop
 
 
+@torch.no_grad()
+def generate(model, prompts: list[list[int]], max_new_tokens: int | list[int], pad_id: int, stop_ids: list[int],
+             temperature: float = 1.0, top_p: float = 1.0, generator: torch.Generator | None = None, on_token=None,
+             forced: "BudgetForcing | None" = None, make_decoder=None) -> list[Rollout]:
+    """Sample a response for each prompt (token ids, chat template applied): prefill, then sample, record and stop
+    at every step (the module docstring).
+
+    max_new_tokens may differ per row. on_token(step, tokens[B], done) is called after every step (pad_id for
+    rows already finished; done: how many rows have finished). forced: S1's rule (BudgetForcing), which sets
+    some of each step's tokens in place of the sampled ones. make_decoder(model, max_new_tokens): what holds the
+    KV cache and feeds the tokens (`Decoder`'s interface); default: Decoder, or StaticDecoder on a CUDA device.
+    """
+    check_generate_args(model, prompts, max_new_tokens, temperature, top_p)
+    limits = max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens] * len(prompts)
+    device = next(model.parameters()).device
+    batch, steps = len(prompts), max(limits)
+
+    # prefill: each distinct prompt once (a GRPO group's G rows share their prompt's KV cache)
+    distinct = list(dict.fromkeys(map(tuple, prompts)))
+    ids, mask = left_pad([list(p) for p in distinct], pad_id, device)  # [distinct, T]
+    prompt_of = torch.tensor([distinct.index(tuple(p)) for p in prompts], device=device)  # [B]
+    if make_decoder is None:  # speed-up: on a GPU the decode step at fixed shapes, replayed from CUDA graphs
+        make_decoder = StaticDecoder if device.type == "cuda" else Decoder
+    decoder = make_decoder(model, max_new_tokens=steps)
+    logits = decoder.prefill(ids, mask, position_ids(mask), rows=prompt_of)  # [B, V]
+
+    live = torch.arange(batch, device=device)  # the original index of each row still in the batch
+    limits_t = torch.tensor(limits, device=device)
+    stop_t = torch.tensor(sorted(set(stop_ids)), device=device, dtype=torch.long)
+    out_tokens = torch.full((batch, steps), pad_id, dtype=torch.long, device=device)
+    out_logprobs = torch.zeros((batch, steps), device=device)
+    lengths = torch.zeros(batch, dtype=torch.long, device=device)
+    for step in range(steps):
+        # sample each row's next token, and its log-prob under the distribution it is drawn from
+        lp = sampling_logprobs(logits, temperature, top_p)  # [rows in the batch, V]
+        draws = temperature > 0 and (forced is None or forced.samples(step, live))  # S1's forced steps draw nothing
+        if not draws:
+            token = lp.argmax(-1)
+        else:  # inverse CDF, one uniform per original row: a row's draw does not depend on the others
+            u = torch.rand(batch, generator=generator, device=device)[live]
+            cdf = lp.exp().cumsum(-1)
+            token = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(-1)
+            token = token.clamp(max=cdf.shape[-1] - 1)
+        token_lp = lp.gather(-1, token[:, None]).squeeze(-1)
+        if forced is not None:  # S1 budget forcing: some tokens are set, not sampled
+            token, token_lp = forced(step, live, token, token_lp, logits)
+
+        # record
+        out_tokens[live, step], out_logprobs[live, step], lengths[live] = token, token_lp, step + 1
+
+        # stop: at a stop id or at the row's own limit; a finished row leaves the batch
+        going = ~(torch.isin(token, stop_t) | (step + 1 >= limits_t[live]))
+        if on_token is not None:
+            on_token(step, out_tokens[:, step], batch - int(going.sum()))
+        if not going.any():
+            break
+        if not going.all():
+            rows = going.nonzero().squeeze(-1)
+            live, token = live[rows], token[rows]
+            decoder.keep(rows)
+        logits = decoder(token)  # [rows in the batch, V]
+
+    stop_set = set(stop_ids)
+    rollouts = []
+    for row, row_lp, n in zip(out_tokens.tolist(), out_logprobs.tolist(), lengths.tolist()):
+        rollouts.append(Rollout(row[:n], row_lp[:n], "eos" if row[n - 1] in stop_set else "length"))
+    return rollouts
+
+
+class Decoder:
+    """generate's decode state: the KV cache of the rows in the batch, their attention mask, and the position of
+    the token each is fed next. `prefill` fills it from the prompts, `keep(rows)` keeps only those rows (a
+    finished row leaves the batch: a batch costs the sum of its lengths, not rows x the longest), and
+    `decoder(tokens)` feeds each row its token and returns the logits of the next, [rows, V].
+    cuda_graphs.StaticDecoder does the same at fixed shapes (max_new_tokens sizes its cache; this one grows)."""
+
+    def __init__(self, model, max_new_tokens: int):
+        self.model = model
+        self.cache = growing_cache(model.config)  # speed-up: each token's keys and values written in place
+
+    def prefill(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
+                rows: torch.Tensor) -> torch.Tensor:
+        """One forward pass over the left-padded prompts ids [P, T], then a batch row for each of rows (the
+        prompt it answers), sharing its prompt's cache: the logits after each row's prompt, [rows, V]."""
+        logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=self.cache,
+                            use_cache=True, logits_to_keep=1).logits[:, -1]  # [P, V]
+        self.mask, self.next_position = mask, positions[:, -1:] + 1  # [P, T], [P, 1]
+        self.keep(rows)
+        return logits[rows]
+
+    def keep(self, rows: torch.Tensor) -> None:
+        """Keep only these rows of the batch (indices into it), in their order."""
+        self.cache.reorder_cache(rows)
+        self.mask, self.next_position = self.mask[rows], self.next_position[rows]
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        self.mask = torch.cat([self.mask, self.mask.new_ones((len(tokens), 1))], dim=-1)
+        logits = self.model(input_ids=tokens[:, None], attention_mask=self.mask, position_ids=self.next_position,
+                            past_key_values=self.cache, use_cache=True).logits[:, -1]
+        self.next_position = self.next_position + 1
+        return logits
+
+
 def growing_cache(config):
     """A DynamicCache whose layers append each token in place, into room that doubles when it runs out:
-    transformers' own copies the whole cache (torch.cat) at every token, 14% of a decode step on a CPU
-    (BENCHMARKS.md). The same keys and values, so the same tokens. Layers of other kinds (sliding windows)
-    are kept as they are."""
+    transformers' own copies the whole cache (torch.cat) at every token (its cost: BENCHMARKS.md). The same
+    keys and values, so the same tokens. Layers of other kinds (sliding windows) are kept as they are."""
     from transformers import DynamicCache
     from transformers.cache_utils import DynamicLayer
 
@@ -116,124 +243,6 @@ def growing_cache(config):
     cache = DynamicCache(config=config)
     cache.layers = [GrowingLayer() if type(layer) is DynamicLayer else layer for layer in cache.layers]
     return cache
-
-
-@torch.no_grad()
-def generate(
-    model,
-    prompts: list[list[int]],
-    max_new_tokens: int | list[int],
-    pad_id: int,
-    stop_ids: list[int],
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    generator: torch.Generator | None = None,
-    on_token=None,
-    share_prefix: bool = True,
-    compact: bool = True,
-    static_cache: bool | None = None,
-    grow_cache: bool = True,
-    forced: "BudgetForcing | None" = None,
-) -> list[Rollout]:
-    """Sample a response for each prompt (token ids, chat template applied). See the module docstring.
-
-    max_new_tokens may differ per row. on_token(step, tokens[B], done) is called after every step
-    (pad_id for rows already finished; done: how many rows have finished). The speed-ups, each exact up to float rounding:
-    share_prefix prefills each distinct prompt once and copies its KV cache to the rows that
-    repeat it (GRPO's G samples per prompt); compact drops finished rows from the batch and the
-    cache, so a batch costs the sum of its lengths, not rows x the longest; grow_cache appends each token's
-    keys and values in place (growing_cache) rather than copying the whole cache; static_cache runs the
-    decode step at fixed shapes (`StaticDecoder`), which on a CUDA device replays it from CUDA graphs.
-    None: on a CUDA device only (on a CPU it only adds the padding rows of its buckets).
-    forced: S1's rule (BudgetForcing), which sets some of each step's tokens in place of the sampled ones.
-    """
-    from transformers import DynamicCache, StaticCache
-
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("generate needs at least one prompt, and no empty prompt")
-    check_sampling_args(max_new_tokens, temperature, top_p)
-    limits = max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens] * len(prompts)
-    context = getattr(model.config, "max_position_embeddings", None)
-    longest = max(len(p) + n for p, n in zip(prompts, limits))
-    if context is not None and longest > context:
-        raise ValueError(f"prompt + max_new_tokens is {longest} tokens, more than the model's context of {context}")
-
-    device = next(model.parameters()).device
-    batch = len(prompts)
-    distinct = list(dict.fromkeys(map(tuple, prompts))) if share_prefix else [tuple(p) for p in prompts]
-    copy_of = torch.tensor([distinct.index(tuple(p)) for p in prompts] if share_prefix else range(batch), device=device)
-    input_ids, mask = left_pad([list(p) for p in distinct], pad_id, device)  # every row's next token in one column
-    width = input_ids.shape[1]
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # [B, T] each row counts from its first real token
-
-    if static_cache is None:
-        static_cache = device.type == "cuda"
-    if static_cache:  # room for the longest response; the mask's columns open as tokens are fed
-        cache = StaticCache(config=model.config, max_cache_len=width + max(limits))
-        mask = F.pad(mask, (0, max(limits)))
-    else:
-        cache = growing_cache(model.config) if grow_cache else DynamicCache(config=model.config)
-    logits = model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
-                   past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]  # [distinct, V]
-    if share_prefix:  # one row per sample from here on
-        cache.reorder_cache(copy_of)
-        logits, mask, positions = logits[copy_of], mask[copy_of], positions[copy_of]
-    next_position = positions[:, -1:] + 1  # [B, 1]
-    decoder = StaticDecoder(model, cache, mask, next_position) if static_cache else None
-
-    live = torch.arange(batch, device=device)  # original index of each row in the batch
-    active = torch.ones(batch, dtype=torch.bool, device=device)  # rows of the batch still generating
-    limits_t = torch.tensor(limits, device=device)
-    stop_t = torch.tensor(sorted(set(stop_ids)), device=device, dtype=torch.long)
-    out_tokens = torch.full((batch, max(limits)), pad_id, dtype=torch.long, device=device)
-    out_logprobs = torch.zeros((batch, max(limits)), device=device)
-    lengths = torch.zeros(batch, dtype=torch.long, device=device)
-    for step in range(max(limits)):
-        lp = sampling_logprobs(logits, temperature, top_p)  # [rows in the batch, V]
-        draws = temperature > 0 and (forced is None or forced.samples(step, live))  # S1's forced steps draw nothing
-        if not draws:
-            token = lp.argmax(-1)
-        else:  # inverse CDF, one uniform per original row: a row's draw does not depend on the others
-            u = torch.rand(batch, generator=generator, device=device)[live]
-            cdf = lp.exp().cumsum(-1)
-            token = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(-1)
-            token = token.clamp(max=cdf.shape[-1] - 1)
-        token_lp = lp.gather(-1, token[:, None]).squeeze(-1)
-        if forced is not None:  # S1 budget forcing: some tokens are set, not sampled
-            token, token_lp = forced(step, live, token, token_lp, logits)
-        rows = live[active]
-        out_tokens[rows, step] = token[active]
-        out_logprobs[rows, step] = token_lp[active]
-        lengths[rows] = step + 1
-        finished = active & (torch.isin(token, stop_t) | (step + 1 >= limits_t[live]))
-        active = active & ~finished
-        if on_token is not None:
-            on_token(step, out_tokens[:, step], batch - int(active.sum()))
-        if not active.any():
-            break
-        # drop the finished rows from the batch and the cache; at fixed shapes, only when the batch drops a bucket
-        if compact and finished.any() and (decoder is None or decoder.bucket(int(active.sum())) < decoder.bucket(len(live))):
-            keep = active.nonzero().squeeze(-1)
-            live, active, token = live[keep], active[keep], token[keep]
-            if decoder is not None:
-                decoder.keep(keep)
-            else:
-                cache.reorder_cache(keep)
-                mask, next_position = mask[keep], next_position[keep]
-        token = token.masked_fill(~active, pad_id)  # rows finished but still in the batch are fed padding
-        if decoder is not None:
-            logits = decoder(token, width + step)
-            continue
-        mask = torch.cat([mask, torch.ones((mask.shape[0], 1), dtype=mask.dtype, device=device)], dim=-1)
-        logits = model(input_ids=token[:, None], attention_mask=mask, position_ids=next_position,
-                       past_key_values=cache, use_cache=True).logits[:, -1]
-        next_position = next_position + 1
-
-    stop_set = set(stop_ids)
-    rollouts = []
-    for row, row_lp, n in zip(out_tokens.tolist(), out_logprobs.tolist(), lengths.tolist()):
-        rollouts.append(Rollout(row[:n], row_lp[:n], "eos" if row[n - 1] in stop_set else "length"))
-    return rollouts
 
 
 def generate_in_batches(model, rows: list[list[int]], n_gold: list[int], max_new_tokens: int, batch: int, pad_id: int,
@@ -296,19 +305,12 @@ def examples(tokenizer, rows: list[list[int]], rollouts: list[Rollout], targets:
 # the loss pass: prompt + response rows, batched by their token count
 
 
-def left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ids, attention mask), [rows, longest]: rows left-padded, so every row ends at the last column."""
-    width = max(map(len, rows))
-    ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows], device=device)
-    return ids, torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
-
-
 def sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, temperature: float = 1.0,
                       chunk: int = LOGPROB_TOKENS, last: int | None = None) -> torch.Tensor:
     """Log-prob of each token given the ones before it, at the sampling temperature: [B, T-1]; with `last`,
     of the last `last` tokens only, [B, last] (the lm_head runs only there: a response after its prompt)."""
-    positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
+                                 position_ids=position_ids(attention_mask),
                                  use_cache=False).last_hidden_state  # [B, T, H]; no KV cache to keep
     start = 1 if last is None else input_ids.shape[1] - last
     return token_logprobs(model, hidden[:, start - 1:-1], input_ids[:, start:], temperature, chunk)

@@ -74,15 +74,20 @@ def _grpo_rows(prompts, G=3):
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
-def test_prefix_sharing_compaction_and_static_cache_sample_the_same_tokens(tiny_llama, char_tokenizer, prompts, temperature):
+def test_prefix_sharing_compaction_and_static_cache_sample_the_same_tokens(tiny_llama, char_tokenizer, prompts,
+                                                                           temperature):
+    from bench import ablated  # the decoder with its speed-ups taken away, one by one
+
     rows = _grpo_rows(prompts)
     limits = [3 + 2 * i for i in range(len(rows))]  # rows finish at different steps
     runs = {}
     for flags in itertools.product((True, False), repeat=4):
         generator = torch.Generator().manual_seed(7)
+        speed_ups = dict(share_prefix=flags[0], compact=flags[1], static_cache=flags[2], grow_cache=flags[3])
         runs[flags] = generate(tiny_llama, rows, limits, char_tokenizer.pad_token_id, [], temperature,
-                               generator=generator, share_prefix=flags[0], compact=flags[1], static_cache=flags[2],
-                               grow_cache=flags[3])
+                               generator=generator, make_decoder=ablated(**speed_ups))
+    runs["default"] = generate(tiny_llama, rows, limits, char_tokenizer.pad_token_id, [], temperature,
+                               generator=torch.Generator().manual_seed(7))
     plain = runs[False, False, False, False]
     assert [r.n_y for r in plain] == limits
     for out in runs.values():
@@ -128,15 +133,17 @@ def test_the_growing_cache_holds_what_concatenation_holds_and_moves_only_when_it
 
 
 def test_compaction_feeds_only_live_rows_and_sharing_prefills_each_prompt_once(tiny_llama, char_tokenizer, prompts):
+    from bench import ablated
+
     rows = _grpo_rows(prompts)
     limits = [1 + i for i in range(len(rows))]
-    for share, compact in ((True, True), (False, False)):
+    for share, compact in ((True, True), (False, False)):  # generate's own decoder, and one without either
         widths = []  # rows in each forward pass
         hook = tiny_llama.register_forward_pre_hook(lambda m, a, kw: widths.append(kw["input_ids"].shape[0]),
                                                     with_kwargs=True)
         try:
-            generate(tiny_llama, rows, limits, char_tokenizer.pad_token_id, [], 1.0, share_prefix=share,
-                     compact=compact)
+            generate(tiny_llama, rows, limits, char_tokenizer.pad_token_id, [], 1.0,
+                     make_decoder=None if share else ablated(share_prefix=False, compact=False))
         finally:
             hook.remove()
         prefill, decode = widths[0], widths[1:]
@@ -168,7 +175,8 @@ def test_sampling_is_seeded_and_top_p_keeps_to_the_nucleus(tiny_llama, char_toke
     assert [r.tokens for r in run(3)] != [r.tokens for r in run(4)]
     # a nucleus this small holds only the top token: sampling is greedy and certain
     narrow = run(3, top_p=1e-6)
-    assert [r.tokens for r in narrow] == [r.tokens for r in _run(tiny_llama, prompts, char_tokenizer, 16, temperature=0)]
+    greedy = _run(tiny_llama, prompts, char_tokenizer, 16, temperature=0)
+    assert [r.tokens for r in narrow] == [r.tokens for r in greedy]
     assert all(lp == pytest.approx(0.0, abs=1e-6) for r in narrow for lp in r.logprobs)
 
 
@@ -268,7 +276,8 @@ def test_share_prompts_shares_a_long_prompt_and_not_a_short_one_before_long_resp
     (lambda m, t, p: generate(m, [p[0], []], 4, t.pad_token_id, []), "no empty prompt"),
     (lambda m, t, p: generate(m, p, 0, t.pad_token_id, []), "max_new_tokens must be positive"),
     (lambda m, t, p: generate(m, p, [4, 4, -1, 4], t.pad_token_id, []), "max_new_tokens must be positive"),
-    (lambda m, t, p: generate(m, p, 4, t.pad_token_id, [], temperature=-0.1), "temperature must be a finite number >= 0"),
+    (lambda m, t, p: generate(m, p, 4, t.pad_token_id, [], temperature=-0.1),
+     "temperature must be a finite number >= 0"),
     (lambda m, t, p: generate(m, p, 4, t.pad_token_id, [], top_p=0.0), r"top_p must be in \(0, 1\]"),
     (lambda m, t, p: generate(m, p, 4, t.pad_token_id, [], top_p=1.5), r"top_p must be in \(0, 1\]"),
     (lambda m, t, p: generate(m, [p[0] * 100], 4, t.pad_token_id, []), "more than the model's context of 512"),
@@ -405,8 +414,8 @@ def test_budget_forcing_at_fixed_shapes_as_on_a_gpu(stops_often, char_tokenizer,
     monkeypatch.setattr(cuda_graphs, "MIN_BUCKET", 2)
     rows = _grpo_rows(prompts, G=3)
     runs = []
-    for static in (False, True):
-        monkeypatch.setattr(sample, "generate", functools.partial(generate, static_cache=static))
+    for decoder in (sample.Decoder, cuda_graphs.StaticDecoder):
+        monkeypatch.setattr(sample, "generate", functools.partial(generate, make_decoder=decoder))
         runs.append(budget_forcing(stops_often, char_tokenizer, rows, 40, 0.3, answer_tokens=8,
                                    generator=torch.Generator().manual_seed(2)))
     same_rollouts(*runs)
