@@ -39,6 +39,7 @@ import data
 import model as model_lib
 import runs
 import sample
+import shared_prompts
 import train
 
 # DeepSeek-R1-Distill-Qwen-1.5B's architecture (its config.json); random weights are enough for speed and memory
@@ -500,9 +501,9 @@ LOSS_SHAPES = [(90, 4, 100), (256, 4, 100), (256, 16, 100), (1024, 16, 100), (10
 
 def bench_loss(args, device) -> dict:
     """The loss pass (forward + backward of the policy's log-probs) over the same GRPO rows, two ways, as
-    train_step would batch them (--micro-batch-tokens, default 16384): each row its own prompt + response
-    (sample.micro_batches, sample.pack), or each prompt once for its responses where that pays
-    (sample.share_prompts, sample.pack_shared), at growing prompt lengths and G, on a small random Llama.
+    train_step batches them (--micro-batch-tokens, default 16384): each row its own prompt + response
+    (sample.LossBatches, --no-share-prompts), or each prompt once for its responses where that pays
+    (shared_prompts.SharedBatches, the default), at growing prompt lengths and G, on a small random Llama.
     Responses vary in length around the given one; 2 prompts a shape; best of --repeats, alternating."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -519,24 +520,20 @@ def bench_loss(args, device) -> dict:
                 n = rng.randint(response // 2, 3 * response // 2)
                 rows.append(prompt)
                 rollouts.append(sample.Rollout([rng.randrange(1, 8192) for _ in range(n)], [0.0] * n, "length"))
-        lengths, limit = [len(r.tokens) for r in rollouts], args.micro_batch_tokens or 16384
-        ways = {"per row": sample.micro_batches([len(p) + n for p, n in zip(rows, lengths)], limit),
-                "shared prompt": sample.share_prompts(rows, lengths, limit, sample.linear_per_key(model.config))}
+        limit, every = args.micro_batch_tokens or 16384, list(range(len(rows)))
+        ways = {way: LossBatches(model, rows, rollouts, every, limit, pad_id=0) for way, LossBatches in
+                (("per row", sample.LossBatches), ("shared prompt", shared_prompts.SharedBatches))}
         times, out = {w: [] for w in ways}, {}
         for _ in range(args.repeats):
             for way, micro in ways.items():  # as train_step passes them: micro-batches, forward + backward each
                 model.zero_grad(set_to_none=True)
                 model_lib.synchronize(device)
-                t, logps, tokens = time.perf_counter(), torch.zeros(len(rows), max(lengths), device=device), 0
-                for idx in micro:
-                    if way == "per row":
-                        ids, mask, resp_mask, _ = sample.pack([rows[j] for j in idx], [rollouts[j] for j in idx], 0, device)
-                        logp = sample.sequence_logprobs(model, ids, mask)[:, -resp_mask.shape[1]:] * resp_mask
-                    else:  # idx: the micro-batch's units
-                        inputs, resp_mask, _ = sample.pack_shared(idx, rows, rollouts, 0, device)
-                        logp, ids, idx = sample.shared_logprobs(model, inputs) * resp_mask, inputs["ids"], sum(idx, [])
+                longest = max(r.n_y for r in rollouts)
+                t, logps, tokens = time.perf_counter(), torch.zeros(len(rows), longest, device=device), 0
+                for idx, inputs, resp_mask, _ in micro:
+                    logp = sample.response_logprobs(model, inputs) * resp_mask
                     logp.sum().backward()
-                    tokens += ids.numel()
+                    tokens += inputs["ids"].numel()
                     logps[idx, -logp.shape[1]:] = logp.detach()
                 model_lib.synchronize(device)
                 times[way].append(time.perf_counter() - t)

@@ -14,9 +14,8 @@ speed-ups sit one call away from the loop: the KV cache grown in place (`growing
 step replayed from CUDA graphs (cuda_graphs.py).
 
 Around the loop, what every training step does with rollouts: `generate_in_batches` (a step's rows,
-similar targets batched together), `share_prompts`, `packed` and `shared_logprobs` (the loss pass,
-each group's prompt computed once, one micro-batch built at a time; `micro_batches` and `pack` for rows that
-stand alone, as the first stage's), `rollout_metrics` and `examples` (what a step's rollouts did). S1 budget
+similar targets batched together), the loss pass's micro-batches (`LossBatches`, one built at a time) and
+their log-probs (`response_logprobs`), `rollout_metrics` and `examples` (what a step's rollouts did). S1 budget
 forcing is `budget_forcing`.
 """
 
@@ -305,40 +304,6 @@ def examples(tokenizer, rows: list[list[int]], rollouts: list[Rollout], targets:
 # the loss pass: prompt + response rows, batched by their token count
 
 
-def sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, temperature: float = 1.0,
-                      chunk: int = LOGPROB_TOKENS, last: int | None = None) -> torch.Tensor:
-    """Log-prob of each token given the ones before it, at the sampling temperature: [B, T-1]; with `last`,
-    of the last `last` tokens only, [B, last] (the lm_head runs only there: a response after its prompt)."""
-    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
-                                 position_ids=position_ids(attention_mask),
-                                 use_cache=False).last_hidden_state  # [B, T, H]; no KV cache to keep
-    start = 1 if last is None else input_ids.shape[1] - last
-    return token_logprobs(model, hidden[:, start - 1:-1], input_ids[:, start:], temperature, chunk)
-
-
-def token_logprobs(model, hidden: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
-                   chunk: int = LOGPROB_TOKENS) -> torch.Tensor:
-    """log p(targets[b, t]) from the hidden states that predict them, hidden[b, t], at the temperature: [B, L].
-
-    Never holds the fp32 logits of the whole batch: the lm_head and log-softmax run on about `chunk` tokens
-    at a time (as many positions of every row; at least one), and under autograd each chunk is recomputed in
-    backward instead of stored. A chunk counts tokens, not positions: a micro-batch of many short rows would
-    otherwise hold rows x positions x vocab logits.
-    """
-    lm_head, scale = model.get_output_embeddings(), temperature or 1.0
-
-    def chunk_logprobs(h, t):
-        logits = lm_head(h).float() / scale  # [B, chunk, V]
-        return logits.log_softmax(-1).gather(-1, t[..., None]).squeeze(-1)
-
-    out, positions = [], max(1, chunk // hidden.shape[0])
-    for start in range(0, targets.shape[1], positions):
-        h, t = hidden[:, start:start + positions], targets[:, start:start + positions]
-        out.append(checkpoint(chunk_logprobs, h, t, use_reentrant=False) if torch.is_grad_enabled()
-                   else chunk_logprobs(h, t))
-    return torch.cat(out, dim=1)
-
-
 def micro_batches(lengths: list[int], max_tokens: int) -> list[list[int]]:
     """Row indices in micro-batches of similar length, each at most max_tokens once padded (rows x longest).
 
@@ -370,98 +335,83 @@ def pack(prompts: list[list[int]], rollouts: list[Rollout], pad_id: int, device)
     return ids, mask, resp_mask.to(device), old.to(device)
 
 
-def share_prompts(prompts: list[list[int]], lengths: list[int], max_tokens: int, linear_per_key: float = math.inf,
-                  rows: list[int] | None = None) -> list[list[list[int]]]:
-    """Rows in micro-batches of units for pack_shared ([micro-batch][unit][row index]): the rows of a unit
-    share one prompt (a GRPO group's), computed once for all of them, and units of similar size share a
-    micro-batch of at most max_tokens padded tokens. lengths: each row's response length; rows: the rows
-    to pass (default all).
+def loss_inputs(prompts: list[list[int]], rollouts: list[Rollout], pad_id: int, device):
+    """pack's rows as response_logprobs reads them: (inputs, response mask [b, R], old log-probs [b, R]).
 
-    A unit is the prompt, then as many of its responses as fit in max_tokens and still pay: under the block
-    mask every token of a unit is scored against every column of it, so a response of R tokens joining a
-    unit T wide adds 2TR + R^2 query-key pairs, where a unit of its own would cost (P + R)^2 pairs and P more
-    tokens through the layers; linear_per_key (linear_per_key(config)) converts tokens into pairs. Short
-    responses after a long prompt share it; responses far longer than it go alone, as in the per-row pass.
+    inputs: ids, positions and attention mask [b, T]; for each response token, the row and column of the hidden
+    state that predicts it (the one before it) and the token itself, [b, R] each.
     """
-    groups = {}
-    for j in range(len(prompts)) if rows is None else rows:
-        groups.setdefault(tuple(prompts[j]), []).append(j)
-    units, sizes = [], []  # sizes: a unit's width, its prompt and its responses
-    for prompt, members in groups.items():
-        P = len(prompt)
-        for k, j in enumerate(members):
-            R = lengths[j]
-            if k == 0 or sizes[-1] + R > max_tokens or \
-                    2 * sizes[-1] * R + R * R > (P + R) ** 2 + linear_per_key * P:  # a new unit
-                units.append([])
-                sizes.append(P)
-            units[-1].append(j)
-            sizes[-1] += R
-    return [[units[i] for i in idx] for idx in micro_batches(sizes, max_tokens)]
+    ids, mask, resp_mask, old = pack(prompts, rollouts, pad_id, device)
+    (b, T), R = ids.shape, resp_mask.shape[1]
+    inputs = dict(ids=ids, positions=position_ids(mask), mask=mask,
+                  unit_of=torch.arange(b, device=device)[:, None].expand(b, R),
+                  column=torch.arange(T - R - 1, T - 1, device=device).expand(b, R), targets=ids[:, T - R:])
+    return inputs, resp_mask, old
 
 
-def linear_per_key(config) -> float:
-    """A decoder layer's work per token in its linear layers, in units of its attention's work per query-key
-    pair (4 x hidden flops): (2 hidden^2 + 2 hidden kv + 3 hidden intermediate) x 2 / (4 hidden)."""
-    head = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    hidden, kv = config.hidden_size, config.num_key_value_heads * head
-    return hidden + kv + 1.5 * config.intermediate_size
+class LossBatches:
+    """A step's responses `rows` (indices) for the loss pass, in micro-batches of at most max_tokens padded
+    tokens (micro_batches). Iterating gives, for each micro-batch, (its rows, inputs for response_logprobs,
+    response mask [b, R], old log-probs [b, R]), built when it is reached, so that one micro-batch's tensors
+    are alive at a time; iterate it once per pass. shared_prompts.SharedBatches gives the same, faster."""
+
+    def __init__(self, model, prompts: list[list[int]], rollouts: list[Rollout], rows: list[int], max_tokens: int,
+                 pad_id: int):
+        self.prompts, self.rollouts, self.pad_id = prompts, rollouts, pad_id
+        self.device = next(model.parameters()).device
+        lengths = [len(prompts[j]) + rollouts[j].n_y for j in rows]
+        self.micro = [[rows[i] for i in idx] for idx in micro_batches(lengths, max_tokens)]
+
+    def __len__(self) -> int:
+        return len(self.micro)
+
+    def __iter__(self):
+        for rows in self.micro:
+            yield rows, *loss_inputs([self.prompts[j] for j in rows], [self.rollouts[j] for j in rows], self.pad_id,
+                                     self.device)
 
 
-def pack_shared(units: list[list[int]], prompts: list[list[int]], rollouts: list[Rollout], pad_id: int, device,
-                dtype=torch.float32):
-    """Rows for shared_logprobs, each prompt computed once: the rows of a unit (of share_prompts, all with
-    one prompt) become one sequence, the prompt then each response, under a block attention mask (a response
-    sees the prompt and its own past, not the other responses), each response's positions continuing from
-    the prompt's end.
-
-    Returns (inputs, response mask [n, R], old log-probs [n, R]), a row for each row of the units in their
-    order, in pack's layout (every response ends at the last column). inputs: ids [u, T], positions [u, T],
-    the additive mask [u, 1, T, T] (0: seen; a padding column sees only itself), and for each response token
-    the sequence and column of the hidden state that predicts it, and the token ([n, R] each).
-    """
-    sequences, positions, segments, predictors = [], [], [], []  # per unit; per row: (unit, columns)
-    for u, rows in enumerate(units):
-        P = len(prompts[rows[0]])
-        tokens, position, segment = list(prompts[rows[0]]), list(range(P)), [0] * P  # segment 0: the prompt
-        for k, j in enumerate(rows, 1):  # the prompt's last token predicts a response's first, then its own
-            predictors.append((u, [P - 1] + list(range(len(tokens), len(tokens) + rollouts[j].n_y - 1))))
-            tokens, position = tokens + rollouts[j].tokens, position + list(range(P, P + rollouts[j].n_y))
-            segment += [k] * rollouts[j].n_y
-        sequences.append(tokens), positions.append(position), segments.append(segment)
-    width = max(map(len, sequences))
-    pads = [width - len(s) for s in sequences]
-    left = lambda rows, fill: torch.tensor([[fill] * n + r for n, r in zip(pads, rows)], device=device)
-    ids, positions, segment = left(sequences, pad_id), left(positions, 0), left(segments, -1)  # [u, T]; -1: padding
-    columns = torch.arange(width, device=device)
-    q, k = segment[:, :, None], segment[:, None, :]  # [u, query, key]
-    seen = (columns[:, None] >= columns) & (k != -1) & ((k == 0) | (k == q)) | (columns[:, None] == columns)
-    mask = torch.zeros((len(units), 1, width, width), dtype=dtype, device=device)
-    mask.masked_fill_(~seen[:, None], torch.finfo(dtype).min)  # in place: one [u, 1, T, T] mask, not two
-    responses = [rollouts[j] for rows in units for j in rows]
-    R = max(r.n_y for r in responses)
-    right = lambda rows, fill: torch.tensor([[fill] * (R - len(r)) + r for r in rows], device=device)
-    inputs = dict(ids=ids, positions=positions, mask=mask, unit_of=right([[u] * len(c) for u, c in predictors], 0),
-                  column=right([[c + pads[u] for c in cols] for u, cols in predictors], 0),
-                  targets=right([r.tokens for r in responses], 0))
-    old = right([[0.0 if math.isnan(lp) else lp for lp in r.logprobs] for r in responses], 0.0)
-    return inputs, right([[1.0] * r.n_y for r in responses], 0.0), old
-
-
-def packed(micro: list[list[list[int]]], prompts: list[list[int]], rollouts: list[Rollout], pad_id: int, device,
-           dtype=torch.float32):
-    """(units, pack_shared's tensors) for each micro-batch of share_prompts, each built when it is reached: one
-    micro-batch's mask [u, 1, T, T] is alive at a time, so the loss pass's memory does not grow with the rows."""
-    for units in micro:
-        yield units, pack_shared(units, prompts, rollouts, pad_id, device, dtype)
-
-
-def shared_logprobs(model, inputs: dict, temperature: float = 1.0) -> torch.Tensor:
-    """Log-prob of each response token of pack_shared's rows, at the sampling temperature: [n, R], as
-    sequence_logprobs would give it for the rollout alone after its prompt (0 where the response mask is 0)."""
-    hidden = model.get_decoder()(input_ids=inputs["ids"], attention_mask=inputs["mask"], position_ids=inputs["positions"],
-                                 use_cache=False).last_hidden_state  # [u, T, H]
+def response_logprobs(model, inputs: dict, temperature: float = 1.0) -> torch.Tensor:
+    """Log-prob of each response token of a micro-batch (LossBatches's), at the sampling temperature: [b, R], as
+    generate scored it (padding where the response mask is 0). One forward pass, then the lm_head on the
+    response tokens' hidden states only."""
+    hidden = model.get_decoder()(input_ids=inputs["ids"], attention_mask=inputs["mask"],
+                                 position_ids=inputs["positions"], use_cache=False).last_hidden_state  # [u, T, H]
     return token_logprobs(model, hidden[inputs["unit_of"], inputs["column"]], inputs["targets"], temperature)
+
+
+def token_logprobs(model, hidden: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
+                   chunk: int = LOGPROB_TOKENS) -> torch.Tensor:
+    """log p(targets[b, t]) from the hidden states that predict them, hidden[b, t], at the temperature: [B, L].
+
+    Never holds the fp32 logits of the whole batch: the lm_head and log-softmax run on about `chunk` tokens
+    at a time (as many positions of every row; at least one), and under autograd each chunk is recomputed in
+    backward instead of stored. A chunk counts tokens, not positions: a micro-batch of many short rows would
+    otherwise hold rows x positions x vocab logits.
+    """
+    lm_head, scale = model.get_output_embeddings(), temperature or 1.0
+
+    def chunk_logprobs(h, t):
+        logits = lm_head(h).float() / scale  # [B, chunk, V]
+        return logits.log_softmax(-1).gather(-1, t[..., None]).squeeze(-1)
+
+    out, positions = [], max(1, chunk // hidden.shape[0])
+    for start in range(0, targets.shape[1], positions):
+        h, t = hidden[:, start:start + positions], targets[:, start:start + positions]
+        out.append(checkpoint(chunk_logprobs, h, t, use_reentrant=False) if torch.is_grad_enabled()
+                   else chunk_logprobs(h, t))
+    return torch.cat(out, dim=1)
+
+
+def sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, temperature: float = 1.0,
+                      chunk: int = LOGPROB_TOKENS, last: int | None = None) -> torch.Tensor:
+    """Log-prob of each token given the ones before it, at the sampling temperature: [B, T-1]; with `last`,
+    of the last `last` tokens only, [B, last] (the lm_head runs only there: a response after its prompt)."""
+    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
+                                 position_ids=position_ids(attention_mask),
+                                 use_cache=False).last_hidden_state  # [B, T, H]; no KV cache to keep
+    start = 1 if last is None else input_ids.shape[1] - last
+    return token_logprobs(model, hidden[:, start - 1:-1], input_ids[:, start:], temperature, chunk)
 
 
 # -----------------------------------------------------------------------------

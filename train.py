@@ -35,6 +35,7 @@ import model as model_lib
 import reward
 import runs
 import sample
+import shared_prompts
 import stage1
 from data import N_MAX, N_MIN  # the default range of targets (data.py previews the same)
 
@@ -78,6 +79,7 @@ class Config:
     micro_batch_tokens: int = 1024  # padded tokens per forward/backward: rows are packed up to it, by length
     rollout_batch: int = 64  # rows per generation batch (rows with similar targets batched together)
     rollout_copy: bool = True  # generate with a dense copy (base dequantized, LoRA merged): faster, + the base's size
+    share_prompts: bool = True  # the loss pass reads a group's prompt once (shared_prompts.py): faster, the same loss
     lora_rank: int = 16  # LoRA r
     lora_alpha: int = 32  # LoRA scaling numerator
     quantize: bool = True  # 4-bit NF4 base (off: full precision)
@@ -190,32 +192,31 @@ def train_step(cfg: Config, step: int, model, tokenizer, optimizer, params, prob
     # 4. advantages, within each group of G
     advantages = group_advantages(rewards, G, scale=cfg.loss_norm != "dr_grpo")  # [P * G]
 
-    # 5. the loss, over micro-batches, epochs times; a group's prompt is computed once for its responses. A row
+    # 5. the loss, over micro-batches, epochs times. A row
     # of advantage 0 (its group's rewards all equal) adds nothing to the gradient unless the KL term is on: it
     # is not passed (the normalisers still count it, so the gradient is the same)
     t1 = time.perf_counter()
     model.train()
     passed = [j for j in range(len(rows)) if cfg.beta > 0 or advantages[j] != 0]
-    micro = sample.share_prompts(rows, [r.n_y for r in rollouts], cfg.micro_batch_tokens,
-                                 sample.linear_per_key(model.config), passed)  # [micro-batch][unit][row]
-    packed = lambda: sample.packed(micro, rows, rollouts, tokenizer.pad_token_id, device,  # each built when used
-                                   model.get_input_embeddings().weight.dtype)
+    LossBatches = shared_prompts.SharedBatches if cfg.share_prompts else sample.LossBatches  # speed-up: prompts once
+    micro = LossBatches(model, rows, rollouts, passed, cfg.micro_batch_tokens,
+                        pad_id=tokenizer.pad_token_id)  # each micro-batch built when it is reached
     if progress is not None:
         progress.unit = "micro-batch"
         progress.reset(total=len(micro) * cfg.epochs)
     ref = [None] * len(micro)
     if cfg.beta > 0:  # the reference: the same model with its adapter off, once per rollout batch
         with model_lib.reference(model):
-            ref = [sample.shared_logprobs(model, inputs, cfg.temperature) for _, (inputs, _, _) in packed()]
+            ref = [sample.response_logprobs(model, inputs, cfg.temperature) for _, inputs, _, _ in micro]
     model_lib.synchronize(device)  # the reference pass finished, before timing it
     reference_s = time.perf_counter() - t1
     sums = dict(loss=0.0, kl=0.0, clipped=0.0, ratio=0.0)
     updated, grad_norm, optimizer_s = bool(torch.isfinite(rewards).all()), None, 0.0  # non-finite rewards: no passes
     for _ in range(cfg.epochs if updated else 0):
         optimizer.zero_grad(set_to_none=True)
-        for (units, (inputs, resp_mask, old)), ref_logp in zip(packed(), ref):
-            logp = sample.shared_logprobs(model, inputs, cfg.temperature)  # [b, R], b = the units' rows
-            loss_tok, kl, clipped = per_token_loss(logp, old, ref_logp, advantages[sum(units, [])].to(device), cfg.clip,
+        for (micro_rows, inputs, resp_mask, old), ref_logp in zip(micro, ref):
+            logp = sample.response_logprobs(model, inputs, cfg.temperature)  # [b, R]
+            loss_tok, kl, clipped = per_token_loss(logp, old, ref_logp, advantages[micro_rows].to(device), cfg.clip,
                                                    cfg.beta)
             loss = normalise(loss_tok, resp_mask, cfg.loss_norm, sum(r.n_y for r in rollouts), len(rows),
                              cfg.max_new_tokens)

@@ -9,6 +9,7 @@ from hypothesis import given, strategies as st
 import data
 import model as model_lib
 import sample
+import shared_prompts
 from sample import Rollout, budget_forcing, generate, sequence_logprobs
 from tests.conftest import make_char_tokenizer, make_tiny_llama
 
@@ -217,7 +218,7 @@ def _groups(prompts, seed=0):
 
 
 def _per_row(model, rows, rollouts, pad_id, temperature):
-    """Today's pass: each row its own prompt + response, left-padded (sample.pack), read at its response."""
+    """Each row its own prompt + response, left-padded (sample.pack), every position scored, read at its response."""
     ids, mask, resp_mask, _ = sample.pack(rows, rollouts, pad_id, "cpu")
     return sequence_logprobs(model, ids, mask, temperature)[:, -resp_mask.shape[1]:] * resp_mask, resp_mask
 
@@ -230,10 +231,10 @@ def test_the_shared_prompt_pass_gives_each_rows_log_probs_and_gradients(char_tok
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
     units = [list(range(j, j + 3)) for j in range(0, len(rows), 3)]  # each group's three rows, one micro-batch
-    inputs, shared_mask, old = sample.pack_shared(units, rows, rollouts, char_tokenizer.pad_token_id, "cpu")
+    inputs, shared_mask, old = shared_prompts.pack_shared(units, rows, rollouts, char_tokenizer.pad_token_id, "cpu")
     assert inputs["ids"].shape[0] == len(prompts)  # one sequence per group: each prompt once
     torch.testing.assert_close(shared_mask, resp_mask)
-    shared = sample.shared_logprobs(model, inputs, 0.7) * shared_mask
+    shared = sample.response_logprobs(model, inputs, 0.7) * shared_mask
     torch.testing.assert_close(shared, expected, atol=1e-5, rtol=1e-5)
     (shared * torch.linspace(-1, 1, len(rows))[:, None]).sum().backward()
     for name, p in model.named_parameters():
@@ -243,14 +244,51 @@ def test_the_shared_prompt_pass_gives_each_rows_log_probs_and_gradients(char_tok
     causal = torch.ones_like(seen_by_all).tril()
     broken = dict(inputs, mask=torch.zeros_like(inputs["mask"]).masked_fill(~(seen_by_all & causal), -1e30))
     with torch.no_grad():
-        assert not torch.allclose(sample.shared_logprobs(model, broken, 0.7) * shared_mask, expected, atol=1e-3)
+        assert not torch.allclose(sample.response_logprobs(model, broken, 0.7) * shared_mask, expected, atol=1e-3)
+
+
+def _loss_pass(model, micro, n_rows, width):
+    """Each row's response log-probs [n_rows, width] (right-aligned, 0 past the response), response mask and old
+    log-probs, from a pass over a step's LossBatches, and the gradient of a loss that weighs rows differently."""
+    model.zero_grad()
+    logp, masks, olds = (torch.zeros(n_rows, width) for _ in range(3))
+    weights = torch.linspace(-1, 1, n_rows)
+    for rows, inputs, resp_mask, old in micro:
+        row_logp = sample.response_logprobs(model, inputs, 0.7) * resp_mask  # [b, R]
+        (row_logp * weights[rows][:, None]).sum().backward()
+        R = resp_mask.shape[1]
+        logp[rows, -R:], masks[rows, -R:], olds[rows, -R:] = row_logp.detach(), resp_mask, old
+    return logp, masks, olds, {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def test_the_loss_pass_with_shared_prompts_is_the_plain_one(char_tokenizer, prompts):
+    """--share-prompts (shared_prompts.SharedBatches) against the plain pass (sample.LossBatches) over the same
+    rows of a step, some left out: every row once, the same log-probs, masks, old log-probs and gradients."""
+    model = make_tiny_llama(char_tokenizer, seed=3).train()
+    rows, rollouts = _groups(prompts, seed=1)
+    passed = [j for j in range(len(rows)) if j % 5 != 2]  # as rows of advantage 0 are left out
+    width = max(r.n_y for r in rollouts)
+    out = {}
+    for name, LossBatches in (("plain", sample.LossBatches), ("shared", shared_prompts.SharedBatches)):
+        micro = LossBatches(model, rows, rollouts, passed, 60, pad_id=char_tokenizer.pad_token_id)
+        assert sorted(j for rows_of, *_ in micro for j in rows_of) == passed and len(micro) > 1
+        out[name] = _loss_pass(model, micro, len(rows), width)
+    (plain, plain_mask, plain_old, plain_grads), (shared, shared_mask, shared_old, shared_grads) = out.values()
+    assert torch.equal(plain_mask, shared_mask) and torch.equal(plain_old, shared_old)
+    assert plain_mask[[j for j in range(len(rows)) if j not in passed]].sum() == 0
+    torch.testing.assert_close(shared, plain, atol=1e-5, rtol=1e-5)
+    for name in plain_grads:
+        torch.testing.assert_close(shared_grads[name], plain_grads[name], atol=1e-5, rtol=1e-4)
+    with torch.no_grad():  # the plain pass reads what a fresh forward pass over each row gives
+        expected, _ = _per_row(model, rows, rollouts, char_tokenizer.pad_token_id, 0.7)
+    torch.testing.assert_close(plain[passed], expected[passed][:, -width:], atol=1e-5, rtol=1e-5)
 
 
 @given(lengths=st.lists(st.integers(1, 40), min_size=1, max_size=12), prompt=st.integers(1, 30),
        group=st.integers(1, 4), max_tokens=st.integers(1, 120), per_key=st.sampled_from([0.0, 50.0, math.inf]))
 def test_share_prompts_keeps_groups_together_and_every_row_once(lengths, prompt, group, max_tokens, per_key):
     prompts = [[j // group] * prompt for j in range(len(lengths))]  # groups of `group` rows share a prompt
-    micro = sample.share_prompts(prompts, lengths, max_tokens, per_key)
+    micro = shared_prompts.share_prompts(prompts, lengths, max_tokens, per_key)
     assert sorted(j for units in micro for u in units for j in u) == list(range(len(lengths)))
     for units in micro:
         sizes = [prompt + sum(lengths[j] for j in u) for u in units]
@@ -264,10 +302,11 @@ def test_share_prompts_keeps_groups_together_and_every_row_once(lengths, prompt,
 
 def test_share_prompts_shares_a_long_prompt_and_not_a_short_one_before_long_responses():
     config = make_tiny_llama(make_char_tokenizer()).config  # hidden 64, kv 32, intermediate 128: 288 per key
-    assert sample.linear_per_key(config) == 64 + 32 + 1.5 * 128
-    long_prompt = sample.share_prompts([[1] * 200] * 4, [20] * 4, 4096, sample.linear_per_key(config))
+    per_key = shared_prompts.linear_per_key(config)
+    assert per_key == 64 + 32 + 1.5 * 128
+    long_prompt = shared_prompts.share_prompts([[1] * 200] * 4, [20] * 4, 4096, per_key)
     assert [len(u) for units in long_prompt for u in units] == [4]  # 200 prompt tokens once, not four times
-    short_prompt = sample.share_prompts([[1] * 5] * 4, [500] * 4, 4096, sample.linear_per_key(config))
+    short_prompt = shared_prompts.share_prompts([[1] * 5] * 4, [500] * 4, 4096, per_key)
     assert [len(u) for units in short_prompt for u in units] == [1, 1, 1, 1]  # 5 tokens saved, 500^2 pairs lost
 
 

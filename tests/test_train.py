@@ -151,6 +151,25 @@ def test_rows_of_equal_reward_groups_are_not_passed_and_the_update_is_the_same(l
     assert any(a[k].abs().sum() > 0 for k in a if k.endswith("lora_B.weight"))  # the update moved the adapter
 
 
+def test_a_step_without_shared_prompts_learns_what_it_learns_with_them(learnable_model_dir, tmp_path):
+    # --no-share-prompts: each response its own row (sample.LossBatches); the default computes each group's prompt
+    # once (shared_prompts.py). The same rollouts, the same loss, KL, ratio and gradient, to float rounding
+    from safetensors.torch import load_file
+
+    out = {}
+    for share in (True, False):
+        cfg = tiny_config(learnable_model_dir, steps=1, sample_every=1, share_prompts=share)
+        run = train.train(cfg, tmp_path / f"share-{share}")
+        out[share] = (read_metrics(run)[0], (run / "samples.jsonl").read_text(),
+                      load_file(model_lib.find_adapter(run) / "adapter_model.safetensors"))
+    (shared, shared_samples, a), (plain, plain_samples, b) = out[True], out[False]
+    assert shared_samples == plain_samples and shared["passed_rows"] == plain["passed_rows"] > 0
+    for key in ("loss", "kl", "ratio_mean", "clip_fraction", "grad_norm", "reward_mean"):
+        assert shared[key] == pytest.approx(plain[key], rel=1e-4, abs=1e-7), key
+    assert all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)  # Adam's first step: see the test above
+    assert any(a[k].abs().sum() > 0 for k in a if k.endswith("lora_B.weight"))
+
+
 def _loss_pass_peak(model_dir, prompts: int, monkeypatch) -> float:
     """Peak bytes allocated during one train_step whose rollouts are given (G = 8 responses of 96 tokens to each
     prompt), from torch.profiler's memory events: what the loss pass holds at once."""
