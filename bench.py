@@ -398,7 +398,7 @@ def account_check(overrides: dict, tmp: Path) -> dict:
 
     sample.generate, sample.generate_in_batches = full_length, timed_rollout
     try:
-        step = lambda s: train.train_step(cfg, s, model, tokenizer, optimizer, params, problems, False,
+        step = lambda s: train.train_step(cfg, s, model, tokenizer, optimizer, params, problems,
                                           torch.device("cpu"), copy)
         step(0)
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:

@@ -13,16 +13,18 @@ log-probs, equal to what `sequence_logprobs` computes by a fresh forward pass ov
 speed-ups sit one call away from the loop: the KV cache grown in place (`growing_cache`), and on a GPU the decode
 step replayed from CUDA graphs (cuda_graphs.py).
 
-Around the loop, what every training step does with rollouts: `generate_in_batches` (a step's rows,
-similar targets batched together), the loss pass's micro-batches (`LossBatches`, one built at a time) and
-their log-probs (`response_logprobs`), `rollout_metrics` and `examples` (what a step's rollouts did). S1 budget
-forcing is `budget_forcing`.
+Around the loop, what a training step does with rollouts: `roll_out` (draw the problems and targets, roll
+out, judge, reward), the loss pass's micro-batches (`LossBatches`) and their log-probs (`response_logprobs`),
+and the step's bookkeeping (`StepLog`, `rollout_metrics`, `examples`). S1 budget forcing is `budget_forcing`.
 """
 
 import argparse
 import math
+import random
 import signal
 import sys
+import time
+from collections import defaultdict
 from dataclasses import dataclass
 
 if __name__ == "__main__":  # Ctrl-C while the libraries below load: quit quietly, as at any time
@@ -64,8 +66,8 @@ def check_sampling_args(max_new_tokens, temperature: float, top_p: float) -> Non
     if not math.isfinite(temperature) or temperature < 0:
         raise ValueError(f"temperature must be a finite number >= 0 (0 is greedy), got {temperature}")
     if 0 < temperature < MIN_TEMPERATURE:
-        raise ValueError(f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE}, got {temperature}: below it "
-                         f"the logits / T overflow")
+        raise ValueError(f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE}, got {temperature}: below "
+                         f"it the logits / T overflow")
     if not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
 
@@ -244,60 +246,81 @@ def growing_cache(config):
     return cache
 
 
-def generate_in_batches(model, rows: list[list[int]], n_gold: list[int], max_new_tokens: int, batch: int, pad_id: int,
-                        stop_ids: list[int], temperature: float, generator=None, progress=None) -> list[Rollout]:
-    """generate() over many rows, `batch` at a time, rows of similar targets n_gold[row] in the same batch
-    (their lengths are alike, so a batch ends together); the rollouts come back in the rows' order.
+# -----------------------------------------------------------------------------
+# a step's rollouts: drawn, generated, judged, rewarded
+
+
+def step_seed(seed: int, step: int) -> int:
+    """The seed of one step of a run (or one budget of eval.py): its own for each step, the same in every run."""
+    return seed * 1_000_003 + step
+
+
+@dataclass
+class Batch:
+    """A step's responses, judged and rewarded: one entry per response, G in a row for each prompt."""
+    problems: list  # the data.Problem it answers
+    prompt_ids: list[list[int]]  # its prompt (token ids, chat template applied)
+    targets: list[tuple[int, str]]  # its prompt's (n_gold, mode)
+    rollouts: list[Rollout]  # its tokens and their log-probs (GRPO's old log-probs)
+    correct: list[bool]  # its answer judged correct
+    rewards: list[float]  # its LCPO reward
+    rng: random.Random  # the step's random numbers, past the draw: for whatever the step draws next
+    rollout_s: float  # seconds of generation
+
+
+def roll_out(cfg, step: int, sampler, tokenizer, problems: list, max_new_tokens: int | None = None,
+             progress=None) -> Batch:
+    """The first steps of train_step (and of stage1.length_step), seeded by (seed, step): a resumed run repeats
+    them exactly. sampler: the model that generates; max_new_tokens: default cfg.max_new_tokens; progress: a tqdm
+    bar, counting the responses as they finish."""
+    rng = random.Random(step_seed(cfg.seed, step))
+    device = next(sampler.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(step_seed(cfg.seed, step))
+    G = cfg.group_size
+
+    # 1. problems, and a target length n_gold ~ UniformInt(n_min, n_max) for each, in the paper's prompt
+    drawn, targets = data.draw_batch(problems, cfg.prompts_per_step, cfg.n_min, cfg.n_max, cfg.mode, rng,
+                                     cfg.targets_per_problem)  # [P], [P] (n_gold, mode)
+    prompts = [data.lcpo_prompt(tokenizer, p, n, m) for p, (n, m) in zip(drawn, targets)]
+
+    # 2. G responses per prompt; their log-probs are GRPO's old log-probs
+    start = time.perf_counter()
+    sampler.eval()
+    row_problems, prompt_ids, row_targets = ([x for x in xs for _ in range(G)] for xs in (drawn, prompts, targets))
+    rollouts = generate_in_batches(sampler, prompt_ids, n_gold=[n for n, _ in row_targets],
+                                   max_new_tokens=max_new_tokens or cfg.max_new_tokens, batch=cfg.rollout_batch,
+                                   pad_id=tokenizer.pad_token_id, stop_ids=[tokenizer.eos_token_id],
+                                   temperature=cfg.temperature, generator=generator, progress=progress)
+    rollout_s = time.perf_counter() - start
+
+    # 3. judge each response, and its LCPO reward (reward.py: Exact or Max, by its prompt)
+    thinking_model = "</think>" in tokenizer.get_vocab()  # R1-style models: an answer only counts after </think>
+    correct = [reward.judge(tokenizer.decode(r.tokens, skip_special_tokens=True), p.answer, p.multiple_choice,
+                            thinking_model, cfg.boxed_only) for p, r in zip(row_problems, rollouts)]
+    rewards = [reward.lcpo_reward(ok, r.n_y, n_gold, mode, cfg.alpha, cfg.delta)
+               for ok, r, (n_gold, mode) in zip(correct, rollouts, row_targets)]
+    return Batch(row_problems, prompt_ids, row_targets, rollouts, correct, rewards, rng, rollout_s)
+
+
+def generate_in_batches(model, prompts: list[list[int]], n_gold: list[int], max_new_tokens: int, batch: int,
+                        pad_id: int, stop_ids: list[int], temperature: float, generator=None,
+                        progress=None) -> list[Rollout]:
+    """generate() over many prompts, `batch` at a time, prompts of similar targets n_gold[row] in the same batch
+    (their lengths are alike, so a batch ends together); the rollouts come back in the prompts' order.
     progress: a tqdm bar, counting the responses as they finish."""
-    order = sorted(range(len(rows)), key=lambda j: n_gold[j])
-    rollouts = [None] * len(rows)
+    order = sorted(range(len(prompts)), key=lambda j: n_gold[j])
+    rollouts = [None] * len(prompts)
     if progress is not None:
         progress.unit = "response"
-        progress.reset(total=len(rows))
-    for i in range(0, len(rows), batch):
+        progress.reset(total=len(prompts))
+    for i in range(0, len(prompts), batch):
         chunk = order[i:i + batch]
         on_token = None if progress is None else lambda step, tokens, done: progress.update(i + done - progress.n)
-        outs = generate(model, [rows[j] for j in chunk], max_new_tokens, pad_id, stop_ids, temperature, 1.0, generator,
-                        on_token=on_token)
+        outs = generate(model, [prompts[j] for j in chunk], max_new_tokens, pad_id, stop_ids, temperature, 1.0,
+                        generator, on_token=on_token)
         for j, out in zip(chunk, outs):
             rollouts[j] = out
     return rollouts
-
-
-def length_slope(n_gold: list[int], n_y: list[int]) -> float | None:
-    """Least-squares slope of the response length on the target: 1 follows N, 0 ignores it.
-
-    The number that says whether LCPO is working (the length error also falls for a model that
-    learns one middle length). None when every target is the same.
-
-        >>> length_slope([32, 64, 128], [40, 72, 136]), length_slope([32, 128], [60, 60]), length_slope([32, 32], [9, 70])
-        (1.0, 0.0, None)
-    """
-    mean_g, mean_y = sum(n_gold) / len(n_gold), sum(n_y) / len(n_y)
-    var_g = sum((g - mean_g) ** 2 for g in n_gold)
-    return sum((g - mean_g) * (y - mean_y) for g, y in zip(n_gold, n_y)) / var_g if var_g else None
-
-
-def rollout_metrics(rollouts: list[Rollout], targets: list[tuple[int, str]], correct: list[bool],
-                    rewards: torch.Tensor) -> dict:
-    """What a step's rollouts did: reward, accuracy, and how their lengths follow the targets [(n_gold, mode)]
-    (one per rollout); within_budget is over the Max prompts' responses."""
-    n_y, n_gold = [r.n_y for r in rollouts], [n for n, _ in targets]
-    under = [y <= g for y, (g, mode) in zip(n_y, targets) if mode == "max"]
-    sampled = [lp for r in rollouts for lp in r.logprobs if math.isfinite(lp)]  # the model's own tokens
-    return dict(reward_mean=rewards.mean().item(), reward_std=rewards.std().item(),
-                accuracy=sum(correct) / len(correct), mean_n_gold=sum(n_gold) / len(n_gold), mean_n_y=sum(n_y) / len(n_y),
-                length_error=sum(abs(y - g) / g for y, g in zip(n_y, n_gold)) / len(n_y),
-                length_slope=length_slope(n_gold, n_y), within_budget=sum(under) / len(under) if under else None,
-                stopped_by_length=sum(r.finish == "length" for r in rollouts) / len(rollouts),
-                entropy_proxy=-sum(sampled) / max(1, len(sampled)))  # mean -log p of the sampled tokens
-
-
-def examples(tokenizer, rows: list[list[int]], rollouts: list[Rollout], targets: list[tuple[int, str]],
-             correct: list[bool], rewards: list[float], every: int) -> list[dict]:
-    """Every `every`-th response of a step as text, with its prompt, length, target and reward: the run's samples.jsonl."""
-    return [dict(prompt=tokenizer.decode(rows[j]), response=tokenizer.decode(rollouts[j].tokens), n_y=rollouts[j].n_y,
-                 n_gold=targets[j][0], correct=correct[j], reward=rewards[j]) for j in range(0, len(rows), every)]
 
 
 # -----------------------------------------------------------------------------
@@ -415,6 +438,74 @@ def sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tens
 
 
 # -----------------------------------------------------------------------------
+# a step's bookkeeping, apart from the algorithm
+
+
+class StepLog:
+    """The seconds of each phase of a step (`lap`), sums over its micro-batches (`add`), and its progress bar
+    (a tqdm bar, or None), which counts the micro-batches."""
+
+    def __init__(self, device, progress=None, micro_batches: int = 0):
+        self.device, self.progress, self.last = device, progress, time.perf_counter()
+        self.seconds, self.sums = defaultdict(float), defaultdict(float)
+        if progress is not None:
+            progress.unit = "micro-batch"
+            progress.reset(total=micro_batches)
+
+    def lap(self, phase: str) -> None:
+        """The end of a phase (and of the device's work queued in it): its seconds add to the phase's."""
+        model_lib.synchronize(self.device)
+        now = time.perf_counter()
+        self.seconds[phase] += now - self.last
+        self.last = now
+
+    def add(self, **values: torch.Tensor) -> None:
+        """A micro-batch's values, each summed into its own sum; the bar moves on by one micro-batch."""
+        for key, value in values.items():
+            self.sums[key] += value.sum().item()
+        if self.progress is not None:
+            self.progress.update()
+
+
+def length_slope(n_gold: list[int], n_y: list[int]) -> float | None:
+    """Least-squares slope of the response length on the target: 1 follows N, 0 ignores it.
+
+    The number that says whether LCPO is working (the length error also falls for a model that
+    learns one middle length). None when every target is the same.
+
+        >>> length_slope([32, 64, 128], [40, 72, 136]), length_slope([32, 128], [60, 60])
+        (1.0, 0.0)
+        >>> length_slope([32, 32], [9, 70]) is None
+        True
+    """
+    mean_g, mean_y = sum(n_gold) / len(n_gold), sum(n_y) / len(n_y)
+    var_g = sum((g - mean_g) ** 2 for g in n_gold)
+    return sum((g - mean_g) * (y - mean_y) for g, y in zip(n_gold, n_y)) / var_g if var_g else None
+
+
+def rollout_metrics(batch: Batch) -> dict:
+    """What a step's rollouts did: reward, accuracy, and how their lengths follow their targets (n_gold, mode);
+    within_budget is over the Max prompts' responses."""
+    rewards = torch.tensor(batch.rewards, dtype=torch.float32)
+    n_y, n_gold = [r.n_y for r in batch.rollouts], [n for n, _ in batch.targets]
+    under = [y <= g for y, (g, mode) in zip(n_y, batch.targets) if mode == "max"]
+    sampled = [lp for r in batch.rollouts for lp in r.logprobs if math.isfinite(lp)]  # the model's own tokens
+    return dict(reward_mean=rewards.mean().item(), reward_std=rewards.std().item(),
+                accuracy=sum(batch.correct) / len(batch.correct), mean_n_gold=sum(n_gold) / len(n_gold),
+                mean_n_y=sum(n_y) / len(n_y), length_error=sum(abs(y - g) / g for y, g in zip(n_y, n_gold)) / len(n_y),
+                length_slope=length_slope(n_gold, n_y), within_budget=sum(under) / len(under) if under else None,
+                stopped_by_length=sum(r.finish == "length" for r in batch.rollouts) / len(batch.rollouts),
+                entropy_proxy=-sum(sampled) / max(1, len(sampled)))  # mean -log p of the sampled tokens
+
+
+def examples(tokenizer, batch: Batch, every: int) -> list[dict]:
+    """Every `every`-th response of a step as text, with its prompt, length, target and reward: samples.jsonl."""
+    return [dict(prompt=tokenizer.decode(batch.prompt_ids[j]), response=tokenizer.decode(batch.rollouts[j].tokens),
+                 n_y=batch.rollouts[j].n_y, n_gold=batch.targets[j][0], correct=batch.correct[j],
+                 reward=batch.rewards[j]) for j in range(0, len(batch.rollouts), every)]
+
+
+# -----------------------------------------------------------------------------
 # S1 budget forcing, the baseline L1 is compared with
 
 
@@ -482,7 +573,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="N in 'Think for N tokens.' (0: no length sentence); with --s1, the thinking budget")
     parser.add_argument("--mode", default="exact", choices=data.MODES)
     parser.add_argument("--model", default=None, help="hub id or local directory (default: the embedded model)")
-    parser.add_argument("--adapter", default=None, help="a saved LoRA adapter, or a train.py run directory (its newest checkpoint)")
+    parser.add_argument("--adapter", default=None,
+                        help="a saved LoRA adapter, or a train.py run directory (its newest checkpoint)")
     parser.add_argument("--no-quantize", action="store_true", help="load the base in full precision")
     parser.add_argument("--answer", default=None, help="gold answer: also say whether the response is correct")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
@@ -509,7 +601,7 @@ def main(argv: list[str] | None = None) -> None:
         model_lib.set_threads()
         model, tokenizer = model_lib.load_model(args.model, adapter=args.adapter, quantize=not args.no_quantize,
                                                 trainable=False)
-        model = model_lib.rollout_copy(model)  # the same function, dequantized and merged once: faster to sample from
+        model = model_lib.rollout_copy(model)  # the same function, dequantized and merged once: faster to sample
         problem = data.Problem(args.prompt, args.answer or "", multiple_choice=False)
         asked = None if args.s1 else args.budget or None  # S1 (as the paper runs it) has no length sentence
         prompt = data.lcpo_prompt(tokenizer, problem, asked, args.mode)

@@ -18,10 +18,8 @@ Run directories, resuming and checkpoints: runs.py.
 
 import dataclasses
 import json
-import random
 import signal
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -160,95 +158,50 @@ def normalise(loss: torch.Tensor, mask: torch.Tensor, how: str, batch_tokens: in
 # one step
 
 
-def train_step(cfg: Config, step: int, model, tokenizer, optimizer, params, problems, thinks, device, policy,
-               progress=None):
+def train_step(cfg: Config, step: int, model, tokenizer, optimizer, params, problems, device, sampler, progress=None):
     """One GRPO update, the paper's steps in order, seeded by (seed, step): a resumed run repeats it exactly.
-    policy: what generates the rollouts, `model` or its dense copy. progress: a tqdm bar for the work inside."""
-    rng = random.Random(cfg.seed * 1_000_003 + step)
-    generator = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + step)
-    G = cfg.group_size
-
-    # 1. problems, and a target length n_gold ~ UniformInt(n_min, n_max) for each, in the paper's prompt
-    batch, targets = data.draw_batch(problems, cfg.prompts_per_step, cfg.n_min, cfg.n_max, cfg.mode, rng,
-                                     cfg.targets_per_problem)  # [P], [P] (n_gold, mode)
-    prompts = [data.lcpo_prompt(tokenizer, p, n, m) for p, (n, m) in zip(batch, targets)]
-
-    # 2. G responses per prompt; their log-probs are GRPO's old log-probs
-    t0 = time.perf_counter()
-    model.eval()
-    rows, row_targets = [p for p in prompts for _ in range(G)], [t for t in targets for _ in range(G)]  # [P * G]
-    rollouts = sample.generate_in_batches(policy, rows, [n for n, _ in row_targets],
-                                          cfg.max_new_tokens, cfg.rollout_batch, tokenizer.pad_token_id,
-                                          [tokenizer.eos_token_id], cfg.temperature, generator, progress)
-    rollout_s = time.perf_counter() - t0
-
-    # 3. judge each response, and its LCPO reward (reward.py: Exact or Max, by its prompt)
-    correct = [reward.judge(tokenizer.decode(r.tokens, skip_special_tokens=True), batch[j // G].answer,
-                            batch[j // G].multiple_choice, thinks, cfg.boxed_only) for j, r in enumerate(rollouts)]
-    scores = [reward.lcpo_reward(ok, r.n_y, n_gold, mode, cfg.alpha, cfg.delta)
-              for ok, r, (n_gold, mode) in zip(correct, rollouts, row_targets)]
-    rewards = torch.tensor(scores, dtype=torch.float32)
+    sampler: what generates the rollouts, `model` or its dense copy. progress: a tqdm bar for the work inside."""
+    # 1-3. problems with a target n_gold each in the paper's prompt, G responses to each, each judged and rewarded
+    batch = sample.roll_out(cfg, step, sampler, tokenizer, problems, progress=progress)
+    rewards = torch.tensor(batch.rewards, dtype=torch.float32)  # [P * G]
 
     # 4. advantages, within each group of G
-    advantages = group_advantages(rewards, G, scale=cfg.loss_norm != "dr_grpo")  # [P * G]
+    advantages = group_advantages(rewards, cfg.group_size, scale=cfg.loss_norm != "dr_grpo")  # [P * G]
 
-    # 5. the loss, over micro-batches, epochs times. A row
-    # of advantage 0 (its group's rewards all equal) adds nothing to the gradient unless the KL term is on: it
-    # is not passed (the normalisers still count it, so the gradient is the same)
-    t1 = time.perf_counter()
+    # 5. the clipped policy loss + beta x KL per token, summed over micro-batches, then an AdamW step; epochs times.
+    # A row of advantage 0 (its group's rewards all equal) adds nothing to the gradient unless the KL term is on:
+    # it is not passed (the normalisers still count it, so the gradient is the same)
     model.train()
-    passed = [j for j in range(len(rows)) if cfg.beta > 0 or advantages[j] != 0]
+    loss_rows = [j for j in range(len(rewards)) if cfg.beta > 0 or advantages[j] != 0]
     LossBatches = shared_prompts.SharedBatches if cfg.share_prompts else sample.LossBatches  # speed-up: prompts once
-    micro = LossBatches(model, rows, rollouts, passed, cfg.micro_batch_tokens,
+    micro = LossBatches(model, batch.prompt_ids, batch.rollouts, loss_rows, cfg.micro_batch_tokens,
                         pad_id=tokenizer.pad_token_id)  # each micro-batch built when it is reached
-    if progress is not None:
-        progress.unit = "micro-batch"
-        progress.reset(total=len(micro) * cfg.epochs)
-    ref = [None] * len(micro)
-    if cfg.beta > 0:  # the reference: the same model with its adapter off, once per rollout batch
+    log = sample.StepLog(device, progress, micro_batches=len(micro) * cfg.epochs)
+    reference = [None] * len(micro)
+    if cfg.beta > 0:  # the KL's reference: the same model with its adapter off (it does not change: once a step)
         with model_lib.reference(model):
-            ref = [sample.response_logprobs(model, inputs, cfg.temperature) for _, inputs, _, _ in micro]
-    model_lib.synchronize(device)  # the reference pass finished, before timing it
-    reference_s = time.perf_counter() - t1
-    sums = dict(loss=0.0, kl=0.0, clipped=0.0, ratio=0.0)
-    updated, grad_norm, optimizer_s = bool(torch.isfinite(rewards).all()), None, 0.0  # non-finite rewards: no passes
-    for _ in range(cfg.epochs if updated else 0):
+            reference = [sample.response_logprobs(model, inputs, cfg.temperature) for _, inputs, _, _ in micro]
+    log.lap("reference")
+    response_tokens = sum(r.n_y for r in batch.rollouts)
+    for _ in range(cfg.epochs):
         optimizer.zero_grad(set_to_none=True)
-        for (micro_rows, inputs, resp_mask, old), ref_logp in zip(micro, ref):
+        for (rows, inputs, resp_mask, old), ref_logp in zip(micro, reference):
             logp = sample.response_logprobs(model, inputs, cfg.temperature)  # [b, R]
-            loss_tok, kl, clipped = per_token_loss(logp, old, ref_logp, advantages[micro_rows].to(device), cfg.clip,
-                                                   cfg.beta)
-            loss = normalise(loss_tok, resp_mask, cfg.loss_norm, sum(r.n_y for r in rollouts), len(rows),
-                             cfg.max_new_tokens)
+            loss_tok, kl, clipped = per_token_loss(logp, old, ref_logp, advantages[rows].to(device), clip=cfg.clip,
+                                                   beta=cfg.beta)
+            loss = normalise(loss_tok, resp_mask, how=cfg.loss_norm, batch_tokens=response_tokens,
+                             batch_rows=len(rewards), max_new_tokens=cfg.max_new_tokens)
             loss.backward()
-            with torch.no_grad():  # for the metrics: sums over the response tokens
-                for key, value in dict(loss=loss, kl=kl, clipped=clipped, ratio=torch.exp(logp - old)).items():
-                    sums[key] += (value * (resp_mask if key != "loss" else 1)).sum().item()
-            if progress is not None:
-                progress.update()
-        t_opt = time.perf_counter()
+            log.add(loss=loss, kl=kl * resp_mask, clipped=clipped * resp_mask, ratio=(logp - old).exp() * resp_mask)
+        log.lap("policy")
         grad_norm = model_lib.optimizer_step(optimizer, params, cfg.grad_clip)
-        optimizer_s += time.perf_counter() - t_opt
-        if not grad_norm:  # a non-finite (None) or zero gradient: no update, the weights kept
-            updated = False
+        log.lap("optimizer")
+        if not grad_norm:  # a zero or non-finite (None; a non-finite reward makes one) gradient: the weights kept
             break
-    train_s = time.perf_counter() - t1
 
     # 6. what happened
-    passed_tokens = sum(rollouts[j].n_y for j in passed)
-    per_token = max(1, passed_tokens) * (cfg.epochs if updated else 1)  # the ratio and clip metrics: the passed rows
-    metrics = dict(
-        step=step, updated=updated, loss=sums["loss"] / cfg.epochs,
-        **sample.rollout_metrics(rollouts, row_targets, correct, rewards),
-        kl=sums["kl"] / per_token, clip_fraction=sums["clipped"] / per_token if passed else None,
-        ratio_mean=sums["ratio"] / per_token if passed else None, passed_rows=len(passed),
-        grad_norm=grad_norm if grad_norm is not None else float("nan"),
-        rollout_tokens_per_s=sum(r.n_y for r in rollouts) / rollout_s,
-        train_tokens_per_s=passed_tokens * cfg.epochs / train_s, peak_memory_mb=model_lib.peak_memory_mb(device),
-        rollout_s=rollout_s, reference_s=reference_s, policy_s=train_s - reference_s - optimizer_s,
-        optimizer_s=optimizer_s,
-    )
-    return metrics, sample.examples(tokenizer, rows, rollouts, row_targets, correct, scores, every=G)
+    metrics = step_metrics(cfg, step, batch, log, loss_rows, grad_norm, device)
+    return metrics, sample.examples(tokenizer, batch, every=cfg.group_size)
 
 
 # -----------------------------------------------------------------------------
@@ -279,7 +232,6 @@ def train_loop(cfg: Config, run_dir: Path, state: dict | None, problems: list, o
     model, tokenizer = model_lib.load_model(
         cfg.model, adapter=str(state["adapter"]) if state else cfg.init_adapter, quantize=cfg.quantize,
         lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha, gradient_checkpointing=cfg.gradient_checkpointing)
-    thinks = "</think>" in tokenizer.get_vocab()  # R1-style models: an answer only counts after </think>
     trained_on = runs.problems_id(problems)  # saved with each checkpoint: a resume must see the same problems
     context = getattr(model.config, "max_position_embeddings", None)
     if context is not None:  # a problem too long for the model is skipped now, not found when it is drawn
@@ -303,7 +255,7 @@ def train_loop(cfg: Config, run_dir: Path, state: dict | None, problems: list, o
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="steps", dynamic_ncols=True)
     work = tqdm(total=cfg.prompts_per_step * cfg.group_size, desc=f"step {start}", unit="response", position=1,
                 leave=False, dynamic_ncols=True)  # the work inside a step: responses finished, micro-batches learnt
-    stalled, policy = [], None  # the grad norms of the steps in a row that updated nothing
+    stalled, sampler = [], None  # the grad norms of the steps in a row that updated nothing
     try:
         with runs.StopRequests() as stop:
             for step in bar:
@@ -313,11 +265,11 @@ def train_loop(cfg: Config, run_dir: Path, state: dict | None, problems: list, o
                                                             device, work)
                 elif step < cfg.distill_steps + cfg.length_steps:
                     metrics, examples = stage1.length_step(cfg, step, model, tokenizer, optimizer, params, problems,
-                                                           thinks, device, work)
+                                                           device, work)
                 else:
-                    policy = model_lib.rollout_copy(model, policy) if cfg.rollout_copy else model  # today's weights
-                    metrics, examples = train_step(cfg, step, model, tokenizer, optimizer, params, problems, thinks,
-                                                   device, policy, work)
+                    sampler = model_lib.rollout_copy(model, sampler) if cfg.rollout_copy else model  # today's weights
+                    metrics, examples = train_step(cfg, step, model, tokenizer, optimizer, params, problems, device,
+                                                   sampler, work)
                 stalled = [] if metrics["updated"] else stalled + [metrics["grad_norm"]]  # 0, or nan: non-finite
                 runs.append_jsonl(run_dir / "metrics.jsonl", metrics)
                 if step % cfg.sample_every == 0:
@@ -351,6 +303,31 @@ def train_loop(cfg: Config, run_dir: Path, state: dict | None, problems: list, o
         work.close()
         bar.close()
     return run_dir
+
+
+# -----------------------------------------------------------------------------
+# bookkeeping, apart from the algorithm: a step's metrics
+
+
+def step_metrics(cfg: Config, step: int, batch: sample.Batch, log: sample.StepLog, loss_rows: list[int],
+                 grad_norm: float | None, device) -> dict:
+    """train_step's metrics, from what it logged: its rollouts, the sums over the response tokens the loss pass
+    saw (per token: ratio, clip fraction, KL), and the seconds of each phase."""
+    updated = bool(grad_norm)
+    seen = sum(batch.rollouts[j].n_y for j in loss_rows)
+    per_token = max(1, seen) * (cfg.epochs if updated else 1)
+    sums, seconds = log.sums, log.seconds
+    train_s = seconds["reference"] + seconds["policy"] + seconds["optimizer"]
+    return dict(
+        step=step, updated=updated, loss=sums["loss"] / cfg.epochs, **sample.rollout_metrics(batch),
+        kl=sums["kl"] / per_token, clip_fraction=sums["clipped"] / per_token if loss_rows else None,
+        ratio_mean=sums["ratio"] / per_token if loss_rows else None, passed_rows=len(loss_rows),
+        grad_norm=grad_norm if grad_norm is not None else float("nan"),
+        rollout_tokens_per_s=sum(r.n_y for r in batch.rollouts) / batch.rollout_s,
+        train_tokens_per_s=seen * cfg.epochs / train_s, peak_memory_mb=model_lib.peak_memory_mb(device),
+        rollout_s=batch.rollout_s, reference_s=seconds["reference"], policy_s=seconds["policy"],
+        optimizer_s=seconds["optimizer"],
+    )
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[Config, Path, bool]:

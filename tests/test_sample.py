@@ -191,7 +191,7 @@ def test_top_p_renormalises_over_the_nucleus():
 def test_chunked_logprobs_and_their_gradients_match_the_plain_computation(char_tokenizer, prompts):
     model = make_tiny_llama(char_tokenizer)
     ids, mask = _left_pad(prompts, char_tokenizer.pad_token_id)
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=sample.position_ids(mask)).logits
     plain = (logits[:, :-1].float() / 0.7).log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
     plain.sum().backward()
     expected = {n: p.grad.clone() for n, p in model.named_parameters()}
@@ -325,6 +325,34 @@ def test_share_prompts_shares_a_long_prompt_and_not_a_short_one_before_long_resp
 def test_bad_generation_arguments(tiny_llama, char_tokenizer, prompts, call, message):
     with pytest.raises(ValueError, match=message):
         call(tiny_llama, char_tokenizer, prompts)
+
+
+def test_roll_out_draws_generates_judges_and_rewards_by_seed_and_step(tiny_llama, char_tokenizer):
+    import reward
+    from tests.conftest import tiny_config
+
+    cfg = tiny_config("unused", n_min=4, n_max=12, group_size=3, prompts_per_step=2, max_new_tokens=12, mode="mix")
+    problems = data.builtin_problems("train", 10)
+    batch = sample.roll_out(cfg, 5, tiny_llama, char_tokenizer, problems)
+    assert len(batch.rollouts) == len(batch.prompt_ids) == len(batch.rewards) == 6
+    for j in range(6):  # G rows in a row for each prompt, each its own sample of it
+        first = j - j % 3
+        assert batch.prompt_ids[j] == batch.prompt_ids[first] and batch.problems[j] is batch.problems[first]
+        n_gold, mode = batch.targets[j]
+        assert f"Think for {'maximum ' if mode == 'max' else ''}{n_gold} tokens." in char_tokenizer.decode(
+            batch.prompt_ids[j])
+        r = batch.rollouts[j]
+        text = char_tokenizer.decode(r.tokens, skip_special_tokens=True)
+        assert batch.correct[j] == reward.judge(text, batch.problems[j].answer, batch.problems[j].multiple_choice, True,
+                                               cfg.boxed_only)
+        assert batch.rewards[j] == reward.lcpo_reward(batch.correct[j], r.n_y, n_gold, mode, cfg.alpha, cfg.delta)
+        assert r.n_y <= 12
+    again, other = (sample.roll_out(cfg, step, tiny_llama, char_tokenizer, problems) for step in (5, 6))
+    assert [r.tokens for r in again.rollouts] == [r.tokens for r in batch.rollouts]  # seeded by (seed, step)
+    assert again.rng.random() == batch.rng.random()  # and it hands on its random numbers where the draw left them
+    assert [r.tokens for r in other.rollouts] != [r.tokens for r in batch.rollouts]
+    short = sample.roll_out(cfg, 5, tiny_llama, char_tokenizer, problems, max_new_tokens=2)
+    assert short.prompt_ids == batch.prompt_ids and max(r.n_y for r in short.rollouts) <= 2
 
 
 # -----------------------------------------------------------------------------

@@ -181,12 +181,12 @@ def _loss_pass_peak(model_dir, prompts: int, monkeypatch) -> float:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr)
     tokens = torch.randint(10, len(tokenizer), (96,)).tolist()  # no special token: never an EOS
-    monkeypatch.setattr(sample, "generate_in_batches",
-                        lambda policy, rows, *a: [sample.Rollout(tokens, [-4.0] * 96, "length") for _ in rows])
+    rollouts = lambda sampler, prompts, *a, **k: [sample.Rollout(tokens, [-4.0] * 96, "length") for _ in prompts]
+    monkeypatch.setattr(sample, "generate_in_batches", rollouts)
     problems = data.builtin_problems("train", prompts)
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        metrics, _ = train.train_step(cfg, 0, model, tokenizer, optimizer, params, problems, False,
-                                      torch.device("cpu"), model)
+        metrics, _ = train.train_step(cfg, 0, model, tokenizer, optimizer, params, problems, torch.device("cpu"),
+                                      model)
     assert metrics["passed_rows"] == 8 * prompts  # every row through the loss pass (a fresh adapter: no update)
     allocated = peak = 0
     for event in sorted(prof.events(), key=lambda e: e.time_range.start):  # allocations and frees, in order
