@@ -604,8 +604,9 @@ def bench_trl(args, model_name, device) -> dict:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=model_lib.compute_dtype(device.type),
                                                      use_safetensors=True)  # weights are never unpickled
         config = trl.GRPOConfig(
-            output_dir=str(tmp / f"trl-{seed}"), use_cpu=device.type == "cpu", bf16=device.type == "cuda", seed=seed, max_steps=2, report_to="none",
-            logging_steps=1, save_strategy="no", num_generations=cfg.group_size, per_device_train_batch_size=rows,
+            output_dir=str(tmp / f"trl-{seed}"), use_cpu=device.type == "cpu", bf16=device.type == "cuda", seed=seed,
+            max_steps=2, report_to="none", logging_steps=1, save_strategy="no", num_generations=cfg.group_size,
+            per_device_train_batch_size=rows,
             max_completion_length=cfg.max_new_tokens, temperature=cfg.temperature, top_p=1.0, beta=cfg.beta,
             epsilon=cfg.clip, loss_type="dapo", learning_rate=cfg.lr, lr_scheduler_type="constant",
             max_grad_norm=cfg.grad_clip, gradient_checkpointing=False, disable_tqdm=True)
@@ -660,8 +661,8 @@ def bench_trl(args, model_name, device) -> dict:
 
 def s1_rounds(model, tokenizer, prompts: list[list[int]], budget: int, temperature: float = 0.0,
               top_p: float = 1.0, answer_tokens: int = 32, generator=None) -> list[sample.Rollout]:
-    """S1 as sample.budget_forcing was first written, the baseline of bench.py s1: the same rollouts, but every
-    "Wait" round is a new generate call that prefills the prompt and all the thinking so far again.
+    """S1 in rounds, the baseline of bench.py s1: sample.budget_forcing's rollouts, but every "Wait" round is a
+    new generate call that prefills the prompt and all the thinking so far again.
 
     Generate up to the budget; while budget remains and the model stopped early (EOS, or
     </think> for thinking models), drop the stop token, append "Wait" and go on. At the budget,

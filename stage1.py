@@ -2,13 +2,12 @@
 The first stage: this project's addition to the paper, not part of LCPO.
 
 Why it exists. The paper starts from a 1.5B reasoning model; our embedded default is a 135M model.
-LCPO's reward alone teaches it to stop, but not to read N: 167 steps of it left the length at
-58 / 64 / 67 tokens for N = 32 / 64 / 128 (mean |n_y - N| / N 0.51; EXPERIMENTS.md). So the stop
+LCPO's reward alone teaches it to stop, but not to read N: its length barely moves with N. So the stop
 decision is taught first, directly, by a supervised loss: the untrained model's own responses, each
-ended after N of its tokens, learn to stop there under a prompt rewritten to ask for N. 163 such steps
-(train.py --length-steps) make a stop that reads N (sampled length slope 0.94, error 0.30); 40 LCPO
-steps from there give the shipped L1-Exact (slope 0.85, error 0.21). The recipe runs it once and ships
-the result as results/stage1-adapter, where `python train.py` starts.
+ended after N of its tokens, learn to stop there under a prompt rewritten to ask for N. Such steps
+(train.py --length-steps) make a stop that reads N, and LCPO steps from there make the shipped L1-Exact
+(the measurements of each: EXPERIMENTS.md). The recipe runs it once and ships the result as
+results/stage1-adapter, where `python train.py` starts.
 
     python train.py --init-adapter none --length-steps 400 --steps 240 --lr 1e-3 --no-quantize   # the first stage
     python eval.py --stop-probe results/probe-texts.records.jsonl --limit 96 --budgets 32 64 96 128 --adapter DIR
@@ -80,7 +79,8 @@ def budget_nll(stop_logp: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
 
 
 def stop_loss(model, ids: torch.Tensor, mask: torch.Tensor, n: torch.Tensor, eos_id: int,
-              chunk: int = sample.LOGPROB_CHUNK, within: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+              chunk: int = sample.LOGPROB_CHUNK,
+              within: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The supervised length loss (--length-steps) of rows that are a prompt asking for N followed by the
     first N tokens of a response, left-padded (every row ends at the last column): ([rows] length NLL,
     [rows] KL).

@@ -37,9 +37,8 @@ import shared_prompts
 import stage1
 from data import N_MAX, N_MIN  # the default range of targets (data.py previews the same)
 
-# The recipe's first stage, done once and shipped: the embedded model's adapter whose stop reads N, from
-# 163 --length-steps on train-split problems (README, "Training"). From a fresh adapter the reward alone
-# teaches this model to stop but not to read N; from this one, 40 LCPO steps make the dial.
+# The recipe's first stage, done once and shipped: the embedded model's adapter whose stop reads N, where LCPO
+# starts (the README's "Training" makes it; EXPERIMENTS.md says why LCPO alone does not).
 STOP_ADAPTER = Path(__file__).resolve().parent / "results" / "stage1-adapter"
 
 
@@ -50,25 +49,26 @@ class Config:
     data: str = "builtin"  # builtin, a known set (data.KNOWN_SETS), a hub id or a local file
     problem_column: str = "problem"  # the dataset's problem column
     answer_column: str = "answer"  # the dataset's gold answer column
-    init_adapter: str | None = None  # start from this adapter or run; none: a fresh one; unset: the first stage (STOP_ADAPTER) on the embedded model
+    init_adapter: str | None = None  # adapter or run to start from; none: fresh; unset: STOP_ADAPTER (embedded model)
     # the LCPO reward
     mode: str = "exact"  # exact, max, or mix (L1-Max: each prompt Exact or Max with probability 1/2)
-    alpha: float | None = 0.0075  # reward per token of length error: the paper's 0.0003 x 25 for 25x shorter targets; None: 0.0003 exact, 0.001 max
+    # alpha: the paper's 0.0003, x 25 for targets 25x shorter than the paper's
+    alpha: float | None = 0.0075  # reward per token of length error; None: the paper's, 0.0003 exact, 0.001 max
     delta: float = 0.5  # Max reward of a correct answer at exactly n_gold tokens
     n_min: int = N_MIN  # smallest target length n_gold, tokens
     n_max: int = N_MAX  # largest target length n_gold, tokens
     distill_steps: int = 0  # first steps that distil written-out solutions (stage1.py; builtin:totals): a reasoner
-    length_steps: int = 0  # the first steps are the first stage (stage1.py): the untrained model's responses, ended after N of their tokens, learn to stop there
-    targets_per_problem: int = 1  # each problem of a step comes with this many targets, one per k-th of the range: their responses differ by N alone
+    length_steps: int = 0  # first steps that teach the stop to read N (stage1.py: texts cut at N learn to stop)
+    targets_per_problem: int = 1  # k targets per problem, one per k-th of the range: responses differ by N alone
     boxed_only: bool = False  # judge only \boxed{} answers (the paper); off: the last number counts too
     # GRPO
     group_size: int = 4  # G: responses per prompt
     prompts_per_step: int = 8  # prompts per update (x G responses)
     epochs: int = 1  # mu: optimisation passes over each batch of rollouts
     clip: float = 0.2  # epsilon of the clipped ratio
-    beta: float = 0.0  # weight of the k3 KL to the reference (paper 0.001: a term of ~1e-7 here); 0 skips the reference pass
+    beta: float = 0.0  # weight of the k3 KL to the reference (paper: 0.001, a ~1e-7 term here); 0: no reference pass
     loss_norm: str = "token"  # token (DAPO/verl), grpo (per-sequence mean) or dr_grpo (sum / max length)
-    temperature: float = 0.7  # sampling temperature (log-probs are taken at it too; no top-p: the loss pass scores the full softmax)
+    temperature: float = 0.7  # sampling temperature, also of the log-probs (no top-p: the loss scores the full softmax)
     max_new_tokens: int = 192  # response cap
     # optimisation
     lr: float = 2e-4  # AdamW learning rate of the LoRA weights
@@ -85,7 +85,7 @@ class Config:
     # bookkeeping
     seed: int = 0  # everything random derives from it (problems, targets, sampling)
     out_dir: str = "runs"  # where run directories go
-    run_name: str | None = None  # default: the preset and the flags given (default, default-alpha-0.001): the same command resumes it
+    run_name: str | None = None  # default: preset and flags given (default-alpha-0.001): the same command resumes it
     save_every: int = 10  # steps between checkpoints
     keep_checkpoints: int = 3  # the newest ones kept
     sample_every: int = 5  # steps between saved example responses
@@ -239,13 +239,7 @@ def train_loop(cfg: Config, run_dir: Path, state: dict | None, problems: list, o
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     if state is not None:
-        try:
-            optimizer.load_state_dict(state["optimizer"])
-            torch.set_rng_state(state["torch_rng"])
-        except (ValueError, KeyError, TypeError, RuntimeError) as e:
-            raise ValueError(f"the optimizer or RNG state of {state['adapter'].parent} does not fit its adapter "
-                             f"({type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}): "
-                             f"delete that checkpoint to resume from the one before it") from None
+        restore(optimizer, state)
     device = next(model.parameters()).device
     print(f"training {model.lcpo_base} on {len(problems)} problems of {cfg.data}; run: {run_dir}"
           + (f", resumed at step {start}" if start else ""))
@@ -270,35 +264,16 @@ def train_loop(cfg: Config, run_dir: Path, state: dict | None, problems: list, o
                     sampler = model_lib.rollout_copy(model, sampler) if cfg.rollout_copy else model  # today's weights
                     metrics, examples = train_step(cfg, step, model, tokenizer, optimizer, params, problems, device,
                                                    sampler, work)
-                stalled = [] if metrics["updated"] else stalled + [metrics["grad_norm"]]  # 0, or nan: non-finite
-                runs.append_jsonl(run_dir / "metrics.jsonl", metrics)
-                if step % cfg.sample_every == 0:
-                    runs.append_jsonl(run_dir / "samples.jsonl", {"step": step, "examples": examples})
-                if "reward_mean" in metrics:
-                    shown = dict(reward=f"{metrics['reward_mean']:.3f}", acc=f"{metrics['accuracy']:.2f}",
-                                 len_err=f"{metrics['length_error']:.2f}")
-                else:  # a distillation step: no rollouts, the solutions' loss
-                    shown = dict(nll=f"{metrics['loss']:.3f}")
-                if not metrics["updated"]:
-                    shown["update"] = "none"
-                bar.set_postfix(shown)
+                record(cfg, run_dir, step, metrics, examples, bar)
                 if on_step is not None:
                     on_step(step, metrics)
                 if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps or stop.asked:
-                    runs.save_checkpoint(run_dir, step + 1, model, optimizer, cfg.keep_checkpoints,
-                                         trained_on)
+                    runs.save_checkpoint(run_dir, step + 1, model, optimizer, cfg.keep_checkpoints, trained_on)
                 if stop.asked:
                     bar.write(f"stopped and saved at step {step + 1}; the same command continues the run")
                     break
-                if len(stalled) >= cfg.max_bad_steps and all(g == 0 for g in stalled):
-                    raise RuntimeError(f"{len(stalled)} steps in a row learnt nothing (a zero gradient: in every group "
-                                       f"the rewards tied, or no response reached --n-min for a length step): let the "
-                                       f"responses differ, with a larger --group-size, --temperature or "
-                                       f"--max-new-tokens, or problems the model can sometimes answer")
-                if len(stalled) >= cfg.max_bad_steps:
-                    raise RuntimeError(f"{len(stalled)} steps in a row updated nothing, {sum(g != 0 for g in stalled)} "
-                                       f"of them with a non-finite loss or reward: check the data, or start a new run "
-                                       f"with a lower --lr and --init-adapter {run_dir} (its last checkpoint)")
+                stalled = [] if metrics["updated"] else stalled + [metrics["grad_norm"]]  # 0, or nan: non-finite
+                check_stalled(stalled, cfg.max_bad_steps, run_dir)
     finally:
         work.close()
         bar.close()
@@ -306,7 +281,7 @@ def train_loop(cfg: Config, run_dir: Path, state: dict | None, problems: list, o
 
 
 # -----------------------------------------------------------------------------
-# bookkeeping, apart from the algorithm: a step's metrics
+# bookkeeping, apart from the algorithm: a step's metrics, the loop's records
 
 
 def step_metrics(cfg: Config, step: int, batch: sample.Batch, log: sample.StepLog, loss_rows: list[int],
@@ -328,6 +303,47 @@ def step_metrics(cfg: Config, step: int, batch: sample.Batch, log: sample.StepLo
         rollout_s=batch.rollout_s, reference_s=seconds["reference"], policy_s=seconds["policy"],
         optimizer_s=seconds["optimizer"],
     )
+
+
+def restore(optimizer, state: dict) -> None:
+    """A checkpoint's AdamW moments and torch RNG state, or one line saying which checkpoint to delete."""
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["torch_rng"])
+    except (ValueError, KeyError, TypeError, RuntimeError) as e:
+        raise ValueError(f"the optimizer or RNG state of {state['adapter'].parent} does not fit its adapter "
+                         f"({type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}): "
+                         f"delete that checkpoint to resume from the one before it") from None
+
+
+def record(cfg: Config, run_dir: Path, step: int, metrics: dict, examples: list[dict], bar) -> None:
+    """A step's metrics (metrics.jsonl), every sample_every-th step's examples (samples.jsonl), and the bar's
+    summary of it."""
+    runs.append_jsonl(run_dir / "metrics.jsonl", metrics)
+    if step % cfg.sample_every == 0:
+        runs.append_jsonl(run_dir / "samples.jsonl", {"step": step, "examples": examples})
+    if "reward_mean" in metrics:
+        shown = dict(reward=f"{metrics['reward_mean']:.3f}", acc=f"{metrics['accuracy']:.2f}",
+                     len_err=f"{metrics['length_error']:.2f}")
+    else:  # a distillation step: no rollouts, the solutions' loss
+        shown = dict(nll=f"{metrics['loss']:.3f}")
+    if not metrics["updated"]:
+        shown["update"] = "none"
+    bar.set_postfix(shown)
+
+
+def check_stalled(stalled: list, max_bad_steps: int, run_dir: Path) -> None:
+    """Stop a run whose last max_bad_steps steps updated nothing (stalled: their grad norms, 0 or nan), with
+    the cause: a zero gradient every time, or non-finite losses or rewards."""
+    if len(stalled) >= max_bad_steps and all(g == 0 for g in stalled):
+        raise RuntimeError(f"{len(stalled)} steps in a row learnt nothing (a zero gradient: in every group the "
+                           f"rewards tied, or no response reached --n-min for a length step): let the responses "
+                           f"differ, with a larger --group-size, --temperature or --max-new-tokens, or problems the "
+                           f"model can sometimes answer")
+    if len(stalled) >= max_bad_steps:
+        raise RuntimeError(f"{len(stalled)} steps in a row updated nothing, {sum(g != 0 for g in stalled)} of them "
+                           f"with a non-finite loss or reward: check the data, or start a new run with a lower --lr "
+                           f"and --init-adapter {run_dir} (its last checkpoint)")
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[Config, Path, bool]:
