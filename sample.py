@@ -270,9 +270,10 @@ class Batch:
 
 def roll_out(cfg, step: int, sampler, tokenizer, problems: list, max_new_tokens: int | None = None,
              progress=None) -> Batch:
-    """The first steps of train_step (and of stage1.length_step), seeded by (seed, step): a resumed run repeats
-    them exactly. sampler: the model that generates; max_new_tokens: default cfg.max_new_tokens; progress: a tqdm
-    bar, counting the responses as they finish."""
+    """Steps 1-3 of train_step (and the start of stage1.length_step): draw problems and targets, roll out G
+    responses to each, judge and reward them; seeded by (seed, step), so a resumed run repeats them exactly.
+    sampler: the model that generates; max_new_tokens: default cfg.max_new_tokens; progress: a tqdm bar,
+    counting the responses as they finish."""
     rng = random.Random(step_seed(cfg.seed, step))
     device = next(sampler.parameters()).device
     generator = torch.Generator(device=device).manual_seed(step_seed(cfg.seed, step))

@@ -205,7 +205,8 @@ def test_probe_scores_reward_the_stop_where_n_says_and_not_a_length_bias():
     shorter_when_asked_less = torch.tensor([[[-1.0, -1, -1], [-2, -2, -2], [-3, -3, -3]]])
     s = stage1.probe_scores(reads_n)
     assert s["accuracy"] == 1.0 and s["margin"] == pytest.approx(5.0) and s["chance"] == pytest.approx(1 / 3)
-    s = stage1.probe_scores(shorter_when_asked_less)  # the stop rises for small N at every cut: right at one cut of three
+    # the stop rises for small N at every cut: right at one cut of three
+    s = stage1.probe_scores(shorter_when_asked_less)
     assert s["accuracy"] == pytest.approx(1 / 3) and s["margin"] == pytest.approx(0.0)
     assert s["matrix"] == shorter_when_asked_less[0].tolist()
 

@@ -253,7 +253,8 @@ def test_a_checkpoint_interrupted_while_written_never_replaces_the_good_one(lear
         return real_save(obj, path, *args, **kwargs)
 
     monkeypatch.setattr(torch, "save", save_then_die)
-    with pytest.raises(RuntimeError, match=r"^cannot save the checkpoint of step 4 in .*run \(No space left on device\): "
+    with pytest.raises(RuntimeError, match=r"^cannot save the checkpoint of step 4 in .*run "
+                       r"\(No space left on device\): "
                        r"step-000002 is kept as it was; free space, then the same command continues from there$"):
         train.train(cfg, tmp_path / "run")
     checkpoints = tmp_path / "run" / "checkpoints"
@@ -465,7 +466,8 @@ def test_resume_may_change_the_length_and_memory_knobs(tmp_path):
 
 
 def test_presets_and_flags():
-    cfg, run_dir, resume = train.parse_args(["--preset", "l1-exact", "--lr", "2e-5", "--no-quantize", "--run-name", "x"])
+    cfg, run_dir, resume = train.parse_args(["--preset", "l1-exact", "--lr", "2e-5", "--no-quantize",
+                                             "--run-name", "x"])
     assert (cfg.group_size, cfg.n_min, cfg.n_max, cfg.temperature, cfg.max_new_tokens) == (16, 100, 4000, 0.6, 4096)
     assert (cfg.lr, cfg.quantize, cfg.boxed_only, resume) == (2e-5, False, True, False)
     assert run_dir.name == "x"
