@@ -34,10 +34,12 @@ if __name__ == "__main__":  # Ctrl-C while the libraries below load: quit quietl
 
 import torch
 
+import cuda_graphs
 import data
 import model as model_lib
 import runs
 import sample
+import shared_prompts
 import train
 
 # DeepSeek-R1-Distill-Qwen-1.5B's architecture (its config.json); random weights are enough for speed and memory
@@ -72,17 +74,64 @@ def workload(tokenizer, prompts: int, group_size: int, n_min: int, n_max: int, c
     return rows, row_targets, lengths
 
 
-def ours(model, tokenizer, rows, targets, lengths, batch: int, temperature: float, top_p: float, **flags):
-    """train.py's rollout: rows sorted by target, `batch` rows per generate call; each stops at its length."""
+def ours(model, tokenizer, rows, targets, lengths, batch: int, temperature: float, top_p: float, **speed_ups):
+    """train.py's rollout: rows sorted by target, `batch` rows per generate call; each stops at its length.
+    speed_ups: those of ablated's, for its decoder."""
     order = sorted(range(len(rows)), key=lambda j: targets[j])
     generator = torch.Generator(device=model.device).manual_seed(0)
     produced = 0
     for i in range(0, len(rows), batch):
         chunk = order[i:i + batch]
         outs = sample.generate(model, [rows[j] for j in chunk], [lengths[j] for j in chunk], tokenizer.pad_token_id,
-                               [], temperature, top_p, generator, **flags)
+                               [], temperature, top_p, generator, make_decoder=ablated(**speed_ups))
         produced += sum(o.n_y for o in outs)
     return produced
+
+
+def ablated(share_prefix: bool = True, compact: bool = True, static_cache: bool | None = None,
+            grow_cache: bool = True):
+    """sample.generate's make_decoder with some of its speed-ups taken away: share_prefix (each distinct prompt
+    prefilled once), compact (finished rows leave the batch), grow_cache (the cache grown in place, not
+    transformers' DynamicCache, which concatenates at every token), static_cache (cuda_graphs.StaticDecoder;
+    None: generate's own choice, on a CUDA device only)."""
+    from transformers import DynamicCache
+
+    def make_decoder(model, max_new_tokens: int):
+        static = next(model.parameters()).device.type == "cuda" if static_cache is None else static_cache
+        decoder = (cuda_graphs.StaticDecoder if static else sample.Decoder)(model, max_new_tokens)
+        if not static and not grow_cache:
+            decoder.cache = DynamicCache(config=model.config)
+        return decoder if share_prefix and compact else Ablated(decoder, share_prefix, compact)
+    return make_decoder
+
+
+class Ablated:
+    """A decoder (sample.Decoder's interface) around another, without prefix sharing (each row prefills its own
+    copy of its prompt) or without compaction (finished rows stay in the batch, fed their last token, their
+    logits ignored)."""
+
+    def __init__(self, decoder, share_prefix: bool, compact: bool):
+        self.decoder, self.share_prefix, self.compact = decoder, share_prefix, compact
+
+    def prefill(self, ids, mask, positions, rows):
+        if not self.share_prefix:
+            ids, mask, positions = ids[rows], mask[rows], positions[rows]
+            rows = torch.arange(len(rows), device=rows.device)
+        self.slots = torch.arange(len(rows), device=rows.device)  # where each row of the batch is in the decoder's
+        self.fed = torch.zeros(len(rows), dtype=torch.long, device=rows.device)  # the decoder's rows' tokens
+        return self.decoder.prefill(ids, mask, positions, rows)
+
+    def keep(self, rows):
+        if self.compact:
+            self.decoder.keep(rows)
+        else:
+            self.slots = self.slots[rows]
+
+    def __call__(self, tokens):
+        if self.compact:
+            return self.decoder(tokens)
+        self.fed[self.slots] = tokens
+        return self.decoder(self.fed)[self.slots]
 
 
 def hf_generate(model, tokenizer, rows, targets, lengths, batch: int, temperature: float, top_p: float, **unused):
@@ -103,34 +152,34 @@ def hf_generate(model, tokenizer, rows, targets, lengths, batch: int, temperatur
         ids, mask = sample.left_pad([rows[j] for j in chunk], tokenizer.pad_token_id, model.device)
         width = ids.shape[1]
         limits = torch.tensor([lengths[j] for j in chunk], device=model.device)
-        out = model.generate(input_ids=ids, attention_mask=mask,
-                             max_new_tokens=int(limits.max()), do_sample=temperature > 0, temperature=temperature or None,
-                             top_p=top_p, top_k=0, pad_token_id=tokenizer.pad_token_id, eos_token_id=None,
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=int(limits.max()),
+                             do_sample=temperature > 0, temperature=temperature or None, top_p=top_p, top_k=0,
+                             pad_token_id=tokenizer.pad_token_id, eos_token_id=None,
                              stopping_criteria=StoppingCriteriaList([StopAtLength(width, limits)]))
         produced += int(torch.minimum(torch.full_like(limits, out.shape[1] - width), limits).sum())
     return produced
 
 
-VARIANTS = {  # name -> (rollout function, generate on a dense copy, flags of sample.generate); "ours" = train.py
+VARIANTS = {  # name -> (rollout function, generate on a dense copy, speed-ups of its decoder); "ours" = train.py
     "generate()": (hf_generate, False, {}),
     "generate(), dense copy": (hf_generate, True, {}),
     "loop only": (ours, False, dict(share_prefix=False, compact=False, static_cache=False, grow_cache=False)),
     "+ shared prefix": (ours, False, dict(share_prefix=True, compact=False, static_cache=False, grow_cache=False)),
     "+ compaction": (ours, False, dict(share_prefix=False, compact=True, static_cache=False, grow_cache=False)),
     "+ cache grown in place": (ours, False, dict(share_prefix=False, compact=False, static_cache=False)),
-    "+ static cache": (ours, False, dict(share_prefix=False, compact=False, static_cache=True)),  # + CUDA graphs on a GPU
+    "+ static cache": (ours, False, dict(share_prefix=False, compact=False, static_cache=True)),  # + CUDA graphs
     "+ dense copy": (ours, True, dict(share_prefix=False, compact=False, static_cache=False, grow_cache=False)),
-    "ours, transformers' cache": (ours, True, dict(share_prefix=True, compact=True, static_cache=None, grow_cache=False)),
-    "ours, eager decode": (ours, True, dict(share_prefix=True, compact=True, static_cache=False)),
-    "ours": (ours, True, dict(share_prefix=True, compact=True, static_cache=None)),  # CUDA graphs on a GPU only
+    "ours, transformers' cache": (ours, True, dict(grow_cache=False)),
+    "ours, eager decode": (ours, True, dict(static_cache=False)),
+    "ours": (ours, True, dict()),  # CUDA graphs on a GPU only
 }
 GPU_ONLY = ("ours, eager decode",)  # on a CPU the same as "ours"
 
 
 def run_variant(name, model, copy, *args):
     """One rollout of the workload; a dense copy is refreshed first, as train.py does after every update."""
-    function, dense, flags = VARIANTS[name]
-    return function(model_lib.rollout_copy(model, copy) if dense else model, *args, **flags)
+    function, dense, speed_ups = VARIANTS[name]
+    return function(model_lib.rollout_copy(model, copy) if dense else model, *args, **speed_ups)
 
 
 def peak_mb(device, reset: bool = False) -> float:
@@ -339,7 +388,8 @@ def account_check(overrides: dict, tmp: Path) -> dict:
     real_generate, real_batches = sample.generate, sample.generate_in_batches
 
     def full_length(model, prompts, max_new_tokens, pad_id, stop_ids, *args, **kwargs):  # the GPU's static cache
-        return real_generate(model, prompts, max_new_tokens, pad_id, [], *args, **{**kwargs, "static_cache": True})
+        return real_generate(model, prompts, max_new_tokens, pad_id, [], *args,
+                             **{**kwargs, "make_decoder": cuda_graphs.StaticDecoder})
 
     def timed_rollout(*args, **kwargs):  # marks its end with an empty range (a range holding work takes its frees)
         rollouts = real_batches(*args, **kwargs)
@@ -348,7 +398,7 @@ def account_check(overrides: dict, tmp: Path) -> dict:
 
     sample.generate, sample.generate_in_batches = full_length, timed_rollout
     try:
-        step = lambda s: train.train_step(cfg, s, model, tokenizer, optimizer, params, problems, False,
+        step = lambda s: train.train_step(cfg, s, model, tokenizer, optimizer, params, problems,
                                           torch.device("cpu"), copy)
         step(0)
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
@@ -451,9 +501,9 @@ LOSS_SHAPES = [(90, 4, 100), (256, 4, 100), (256, 16, 100), (1024, 16, 100), (10
 
 def bench_loss(args, device) -> dict:
     """The loss pass (forward + backward of the policy's log-probs) over the same GRPO rows, two ways, as
-    train_step would batch them (--micro-batch-tokens, default 16384): each row its own prompt + response
-    (sample.micro_batches, sample.pack), or each prompt once for its responses where that pays
-    (sample.share_prompts, sample.pack_shared), at growing prompt lengths and G, on a small random Llama.
+    train_step batches them (--micro-batch-tokens, default 16384): each row its own prompt + response
+    (sample.LossBatches, --no-share-prompts), or each prompt once for its responses where that pays
+    (shared_prompts.SharedBatches, the default), at growing prompt lengths and G, on a small random Llama.
     Responses vary in length around the given one; 2 prompts a shape; best of --repeats, alternating."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -470,24 +520,20 @@ def bench_loss(args, device) -> dict:
                 n = rng.randint(response // 2, 3 * response // 2)
                 rows.append(prompt)
                 rollouts.append(sample.Rollout([rng.randrange(1, 8192) for _ in range(n)], [0.0] * n, "length"))
-        lengths, limit = [len(r.tokens) for r in rollouts], args.micro_batch_tokens or 16384
-        ways = {"per row": sample.micro_batches([len(p) + n for p, n in zip(rows, lengths)], limit),
-                "shared prompt": sample.share_prompts(rows, lengths, limit, sample.linear_per_key(model.config))}
+        limit, every = args.micro_batch_tokens or 16384, list(range(len(rows)))
+        ways = {way: LossBatches(model, rows, rollouts, every, limit, pad_id=0) for way, LossBatches in
+                (("per row", sample.LossBatches), ("shared prompt", shared_prompts.SharedBatches))}
         times, out = {w: [] for w in ways}, {}
         for _ in range(args.repeats):
             for way, micro in ways.items():  # as train_step passes them: micro-batches, forward + backward each
                 model.zero_grad(set_to_none=True)
                 model_lib.synchronize(device)
-                t, logps, tokens = time.perf_counter(), torch.zeros(len(rows), max(lengths), device=device), 0
-                for idx in micro:
-                    if way == "per row":
-                        ids, mask, resp_mask, _ = sample.pack([rows[j] for j in idx], [rollouts[j] for j in idx], 0, device)
-                        logp = sample.sequence_logprobs(model, ids, mask)[:, -resp_mask.shape[1]:] * resp_mask
-                    else:  # idx: the micro-batch's units
-                        inputs, resp_mask, _ = sample.pack_shared(idx, rows, rollouts, 0, device)
-                        logp, ids, idx = sample.shared_logprobs(model, inputs) * resp_mask, inputs["ids"], sum(idx, [])
+                longest = max(r.n_y for r in rollouts)
+                t, logps, tokens = time.perf_counter(), torch.zeros(len(rows), longest, device=device), 0
+                for idx, inputs, resp_mask, _ in micro:
+                    logp = sample.response_logprobs(model, inputs) * resp_mask
                     logp.sum().backward()
-                    tokens += ids.numel()
+                    tokens += inputs["ids"].numel()
                     logps[idx, -logp.shape[1]:] = logp.detach()
                 model_lib.synchronize(device)
                 times[way].append(time.perf_counter() - t)
@@ -558,8 +604,9 @@ def bench_trl(args, model_name, device) -> dict:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=model_lib.compute_dtype(device.type),
                                                      use_safetensors=True)  # weights are never unpickled
         config = trl.GRPOConfig(
-            output_dir=str(tmp / f"trl-{seed}"), use_cpu=device.type == "cpu", bf16=device.type == "cuda", seed=seed, max_steps=2, report_to="none",
-            logging_steps=1, save_strategy="no", num_generations=cfg.group_size, per_device_train_batch_size=rows,
+            output_dir=str(tmp / f"trl-{seed}"), use_cpu=device.type == "cpu", bf16=device.type == "cuda", seed=seed,
+            max_steps=2, report_to="none", logging_steps=1, save_strategy="no", num_generations=cfg.group_size,
+            per_device_train_batch_size=rows,
             max_completion_length=cfg.max_new_tokens, temperature=cfg.temperature, top_p=1.0, beta=cfg.beta,
             epsilon=cfg.clip, loss_type="dapo", learning_rate=cfg.lr, lr_scheduler_type="constant",
             max_grad_norm=cfg.grad_clip, gradient_checkpointing=False, disable_tqdm=True)
@@ -614,8 +661,8 @@ def bench_trl(args, model_name, device) -> dict:
 
 def s1_rounds(model, tokenizer, prompts: list[list[int]], budget: int, temperature: float = 0.0,
               top_p: float = 1.0, answer_tokens: int = 32, generator=None) -> list[sample.Rollout]:
-    """S1 as sample.budget_forcing was first written, the baseline of bench.py s1: the same rollouts, but every
-    "Wait" round is a new generate call that prefills the prompt and all the thinking so far again.
+    """S1 in rounds, the baseline of bench.py s1: sample.budget_forcing's rollouts, but every "Wait" round is a
+    new generate call that prefills the prompt and all the thinking so far again.
 
     Generate up to the budget; while budget remains and the model stopped early (EOS, or
     </think> for thinking models), drop the stop token, append "Wait" and go on. At the budget,

@@ -1,59 +1,81 @@
 """
 The decode step of sample.generate at fixed shapes, so that a GPU can replay it from CUDA graphs.
 
-A speed-up of generation on a GPU, not part of the method: sample.generate(static_cache=True) uses it,
-and gives the same tokens as its eager loop (tests/test_sample.py checks it on the CPU, where every
-step runs eagerly). Whether it pays on a GPU, and where it is on by default: BENCHMARKS.md.
+A speed-up of generation on a GPU, not part of the method: sample.generate uses StaticDecoder in place of
+sample.Decoder on a CUDA device, and it gives the same tokens (tests/test_cuda_graphs.py checks it on the CPU,
+where every step runs eagerly). What it buys, and where: BENCHMARKS.md.
 """
 
 import sys
 
 import torch
+import torch.nn.functional as F
 
 MIN_BUCKET = 16  # fewest rows a fixed-shape decode step runs: below it a GPU step costs its launches
 
 
 class StaticDecoder:
-    """The decode step of `generate(static_cache=True)`: fixed shapes, so that a CUDA graph can replay it.
+    """sample.Decoder at fixed shapes (prefill, keep, and a call that feeds a token to each row), so that a CUDA
+    graph can replay the decode step.
 
     A decode step of a small model is a few hundred tiny kernels, each launched from Python: on a GPU
     the launches, not the arithmetic, set its cost. A CUDA graph records those kernels once and
     replays them with one launch, but only if every tensor they touch keeps its address and shape.
-    So everything a step reads or writes is allocated here once: the KV cache (rows x the longest
-    sequence), the fed tokens, their positions, and an additive attention mask over every cache column
-    (a column opens when its token is fed). The step runs on a bucket of rows, the smallest power of
-    two (at least MIN_BUCKET) holding the rows still in the batch; rows past those are padding and
-    their logits are ignored. generate() moves the live rows to the front (`keep`) only when that
-    drops the batch to a smaller bucket, so compaction still pays and a generation captures a
-    handful of graphs.
+    So everything a step reads or writes is allocated once, at the prefill: the KV cache (rows x the
+    prompt and max_new_tokens), the fed tokens, their positions, and an additive attention mask over
+    every cache column (a column opens when its token is fed). The step runs on a bucket of rows, the
+    smallest power of two (at least MIN_BUCKET) holding the rows at the front of those tensors; rows
+    past them are padding and their logits are ignored. A finished row stays where it is, its logits
+    ignored too, until the rows still generating fit a smaller bucket: only then are they moved to the
+    front (`keep`), so that dropping finished rows still pays and a generation captures a handful of graphs.
 
     On a CUDA device each bucket's step is captured the first time it runs, and the first replay is
     checked against the eager step; a capture that fails or disagrees turns graphs off for the rest
     of the generation (eager steps, the same results). On a CPU every step runs eagerly.
     """
 
-    def __init__(self, model, cache, mask: torch.Tensor, positions: torch.Tensor):
-        dtype = model.get_input_embeddings().weight.dtype
-        self.model, self.cache, self.rows = model, cache, mask.shape[0]
-        self.kv = [(layer.keys, layer.values) for layer in cache.layers]  # [rows, heads, columns, dim] each
-        self.mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(mask == 0, torch.finfo(dtype).min)
-        self.mask = self.mask[:, None, None, :]  # [rows, 1, 1, columns]
-        self.tokens = torch.zeros((self.rows, 1), dtype=torch.long, device=mask.device)
-        self.positions = positions.clone()  # [rows, 1] the position of the token fed next
+    def __init__(self, model, max_new_tokens: int):
+        self.model, self.room = model, max_new_tokens
+
+    def prefill(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
+                rows: torch.Tensor) -> torch.Tensor:
+        """sample.Decoder.prefill, into a static cache with room for max_new_tokens more columns."""
+        from transformers import StaticCache
+
+        self.cache = StaticCache(config=self.model.config, max_cache_len=ids.shape[1] + self.room)
+        mask = F.pad(mask, (0, self.room))  # the columns of the tokens to come, each opened when it is fed
+        logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=self.cache,
+                            use_cache=True, logits_to_keep=1).logits[:, -1]  # [P, V]
+        self.cache.reorder_cache(rows)  # a batch row for each of rows from here on
+        dtype, device = self.model.get_input_embeddings().weight.dtype, mask.device
+        self.rows = len(rows)
+        self.kv = [(layer.keys, layer.values) for layer in self.cache.layers]  # [rows, heads, columns, dim] each
+        self.mask = torch.zeros((self.rows, mask.shape[1]), dtype=dtype, device=device)
+        self.mask = self.mask.masked_fill(mask[rows] == 0, torch.finfo(dtype).min)[:, None, None, :]  # [rows, 1, 1, C]
+        self.tokens = torch.zeros((self.rows, 1), dtype=torch.long, device=device)
+        self.positions = positions[rows, -1:] + 1  # [rows, 1] the position of the token fed next
+        self.column = ids.shape[1]  # the cache column of the token fed next
+        self.slots = torch.arange(self.rows, device=device)  # where each row of the batch sits in these tensors
+        self.front = self.rows  # the rows at the front of these tensors: the batch and the finished rows among it
         # bucket -> (graph, its logits); a graph needs the cache to count its own length on the device
-        capturable = mask.device.type == "cuda" and all(hasattr(layer, "cumulative_length") for layer in cache.layers)
+        capturable = device.type == "cuda" and all(hasattr(layer, "cumulative_length") for layer in self.cache.layers)
         self.graphs = {} if capturable else None
         self.pool = None  # the graphs share one memory pool
+        return logits[rows]
 
     def bucket(self, n: int) -> int:
         return min(self.rows, max(MIN_BUCKET, 1 << (n - 1).bit_length()))
 
     def keep(self, rows: torch.Tensor) -> None:
-        """Move `rows` (indices into the batch) to its front, in place: the addresses stay."""
+        """Keep only these rows of the batch (indices into it). They move to the front, in place (the addresses
+        stay), only when that drops the batch to a smaller bucket."""
+        self.slots = self.slots[rows]
         n = len(rows)
-        for k, v in self.kv:
-            k[:n], v[:n] = k[rows], v[rows]
-        self.mask[:n], self.positions[:n] = self.mask[rows], self.positions[rows]
+        if self.bucket(n) < self.bucket(self.front):
+            for k, v in self.kv:
+                k[:n], v[:n] = k[self.slots], v[self.slots]
+            self.mask[:n], self.positions[:n] = self.mask[self.slots], self.positions[self.slots]
+            self.slots, self.front = torch.arange(n, device=self.slots.device), n
 
     def forward(self, bucket: int) -> torch.Tensor:
         for layer, (k, v) in zip(self.cache.layers, self.kv):  # the cache seen by the model: the bucket's rows
@@ -62,11 +84,11 @@ class StaticDecoder:
                           position_ids=self.positions[:bucket], past_key_values=self.cache,
                           use_cache=True).logits[:, -1]  # [bucket, V]
 
-    def __call__(self, tokens: torch.Tensor, column: int) -> torch.Tensor:
-        """Feed tokens[n] (one per row at the front of the batch) at cache column `column`: their logits [n, V]."""
-        n, bucket = len(tokens), self.bucket(len(tokens))
-        self.tokens[:n, 0] = tokens
-        self.mask[:n, 0, 0, column] = 0.0
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed each row of the batch its token, tokens[rows]: the logits of the next, [rows, V]."""
+        bucket = self.bucket(self.front)
+        self.tokens[self.slots, 0] = tokens
+        self.mask[:self.front, 0, 0, self.column] = 0.0
         if self.graphs is None:
             logits = self.forward(bucket)
         elif bucket in self.graphs:
@@ -75,7 +97,8 @@ class StaticDecoder:
         else:
             logits = self.capture(bucket)
         self.positions += 1
-        return logits[:n]
+        self.column += 1
+        return logits[self.slots]
 
     def capture(self, bucket: int) -> torch.Tensor:
         """Run this step eagerly (on a side stream, the warm-up a capture needs), then capture it and replay it."""
@@ -91,14 +114,15 @@ class StaticDecoder:
             with torch.cuda.graph(graph, pool=self.pool):
                 logits = self.forward(bucket)
             graph.replay()
-            problem = None if torch.allclose(logits.float(), eager.float(), rtol=0, atol=1e-2 * eager.abs().max().item()) \
-                else "its logits differ from the eager step's"
+            agree = torch.allclose(logits.float(), eager.float(), rtol=0, atol=1e-2 * eager.abs().max().item())
+            problem = None if agree else "its logits differ from the eager step's"
         except RuntimeError as e:
             problem = f"capture failed: {e}"
             for layer in self.cache.layers:
                 layer.cumulative_length.add_(1)
         if problem is not None:
-            print(f"warning: CUDA graph of the decode step not used ({problem}); decoding eagerly", file=sys.stderr)
+            print(f"warning: CUDA graph of the decode step not used ({problem}); decoding eagerly",
+                  file=sys.stderr)
             self.graphs = None
             return eager
         self.pool = graph.pool()

@@ -175,7 +175,7 @@ def evaluate(args, out: Path) -> dict:
     todo = [b for b in budgets if b not in done]
     bar = tqdm(total=len(todo) * len(problems) * args.samples, desc="responses", dynamic_ncols=True)
     for budget in todo:
-        generator = torch.Generator(device=model.device).manual_seed(args.seed * 1_000_003 + budget)
+        generator = torch.Generator(device=model.device).manual_seed(sample.step_seed(args.seed, budget))
         rows = [(i, k) for i in range(len(problems)) for k in range(args.samples)]
         asked = budget if (budget != NO_BUDGET and not args.s1) else None  # N in the prompt, if any
         mode = "exact" if args.mode == "none" else args.mode

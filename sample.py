@@ -5,24 +5,26 @@ The generation loop, written by hand: batched, left-padded, KV-cached.
     python sample.py --adapter runs/exact/adapter --budget 32 --prompt "..."   # a trained adapter
     python sample.py --s1 --budget 64 --prompt "..."                           # budget forcing (S1)
 
-One prefill over the padded prompts fills the cache (once per distinct prompt: GRPO's G samples
-of a prompt share it); then every step feeds each live row the token it just sampled. Each row
-stops at its own EOS (or stop id) or at its own max_new_tokens, and then leaves the batch.
-Per row it returns the tokens, the log-prob of each under the distribution it was sampled
-from (logits / temperature, after top-p), and why it stopped: these are GRPO's "old" log-probs,
-equal to what `sequence_logprobs` computes by a fresh forward pass over prompt + response.
+`generate`: one forward pass over the left-padded prompts fills the KV cache (prefill); then, step by step,
+each row samples its next token, records it with its log-prob, and stops at its own EOS (or stop id) or its
+own max_new_tokens, leaving the batch; the others are fed the token they sampled. The log-prob is taken
+under the distribution the token was drawn from (logits / temperature, after top-p): these are GRPO's "old"
+log-probs, equal to what `sequence_logprobs` computes by a fresh forward pass over prompt + response. The
+speed-ups sit one call away from the loop: the KV cache grown in place (`growing_cache`), and on a GPU the decode
+step replayed from CUDA graphs (cuda_graphs.py).
 
-Around the loop, what every training step does with rollouts: `generate_in_batches` (a step's rows,
-similar targets batched together), `share_prompts`, `packed` and `shared_logprobs` (the loss pass,
-each group's prompt computed once, one micro-batch built at a time; `micro_batches` and `pack` for rows that
-stand alone, as the first stage's), `rollout_metrics` and `examples` (what a step's rollouts did). S1 budget
-forcing is `budget_forcing`.
+Around the loop, what a training step does with rollouts: `roll_out` (draw the problems and targets, roll
+out, judge, reward), the loss pass's micro-batches (`LossBatches`) and their log-probs (`response_logprobs`),
+and the step's bookkeeping (`StepLog`, `rollout_metrics`, `examples`). S1 budget forcing is `budget_forcing`.
 """
 
 import argparse
 import math
+import random
 import signal
 import sys
+import time
+from collections import defaultdict
 from dataclasses import dataclass
 
 if __name__ == "__main__":  # Ctrl-C while the libraries below load: quit quietly, as at any time
@@ -64,10 +66,22 @@ def check_sampling_args(max_new_tokens, temperature: float, top_p: float) -> Non
     if not math.isfinite(temperature) or temperature < 0:
         raise ValueError(f"temperature must be a finite number >= 0 (0 is greedy), got {temperature}")
     if 0 < temperature < MIN_TEMPERATURE:
-        raise ValueError(f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE}, got {temperature}: below it "
-                         f"the logits / T overflow")
+        raise ValueError(f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE}, got {temperature}: below "
+                         f"it the logits / T overflow")
     if not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+
+
+def check_generate_args(model, prompts: list[list[int]], max_new_tokens, temperature: float, top_p: float) -> None:
+    """generate's arguments, a problem refused in one line: prompts, lengths, sampling, the model's context."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("generate needs at least one prompt, and no empty prompt")
+    check_sampling_args(max_new_tokens, temperature, top_p)
+    limits = max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens] * len(prompts)
+    context = getattr(model.config, "max_position_embeddings", None)
+    longest = max(len(p) + n for p, n in zip(prompts, limits))
+    if context is not None and longest > context:
+        raise ValueError(f"prompt + max_new_tokens is {longest} tokens, more than the model's context of {context}")
 
 
 def sampling_logprobs(logits: torch.Tensor, temperature: float, top_p: float = 1.0) -> torch.Tensor:
@@ -84,15 +98,129 @@ def sampling_logprobs(logits: torch.Tensor, temperature: float, top_p: float = 1
     return logprobs
 
 
+def left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, attention mask), [rows, longest]: rows left-padded, so every row ends at the last column."""
+    width = max(map(len, rows))
+    ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows], device=device)
+    return ids, torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
+
+
+def position_ids(mask: torch.Tensor) -> torch.Tensor:
+    """The position of each token of left-padded rows, [B, T]: each row counts from its first real token."""
+    return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
 # -----------------------------------------------------------------------------
 # the loop
 
 
+@torch.no_grad()
+def generate(model, prompts: list[list[int]], max_new_tokens: int | list[int], pad_id: int, stop_ids: list[int],
+             temperature: float = 1.0, top_p: float = 1.0, generator: torch.Generator | None = None, on_token=None,
+             forced: "BudgetForcing | None" = None, make_decoder=None) -> list[Rollout]:
+    """Sample a response for each prompt (token ids, chat template applied): prefill, then sample, record and stop
+    at every step (the module docstring).
+
+    max_new_tokens may differ per row. on_token(step, tokens[B], done) is called after every step (pad_id for
+    rows already finished; done: how many rows have finished). forced: S1's rule (BudgetForcing), which sets
+    some of each step's tokens in place of the sampled ones. make_decoder(model, max_new_tokens): what holds the
+    KV cache and feeds the tokens (`Decoder`'s interface); default: Decoder, or StaticDecoder on a CUDA device.
+    """
+    check_generate_args(model, prompts, max_new_tokens, temperature, top_p)
+    limits = max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens] * len(prompts)
+    device = next(model.parameters()).device
+    batch, steps = len(prompts), max(limits)
+
+    # prefill: each distinct prompt once (a GRPO group's G rows share their prompt's KV cache)
+    distinct = list(dict.fromkeys(map(tuple, prompts)))
+    ids, mask = left_pad([list(p) for p in distinct], pad_id, device)  # [distinct, T]
+    prompt_of = torch.tensor([distinct.index(tuple(p)) for p in prompts], device=device)  # [B]
+    if make_decoder is None:  # speed-up: on a GPU the decode step at fixed shapes, replayed from CUDA graphs
+        make_decoder = StaticDecoder if device.type == "cuda" else Decoder
+    decoder = make_decoder(model, max_new_tokens=steps)
+    logits = decoder.prefill(ids, mask, position_ids(mask), rows=prompt_of)  # [B, V]
+
+    live = torch.arange(batch, device=device)  # the original index of each row still in the batch
+    limits_t = torch.tensor(limits, device=device)
+    stop_t = torch.tensor(sorted(set(stop_ids)), device=device, dtype=torch.long)
+    out_tokens = torch.full((batch, steps), pad_id, dtype=torch.long, device=device)
+    out_logprobs = torch.zeros((batch, steps), device=device)
+    lengths = torch.zeros(batch, dtype=torch.long, device=device)
+    for step in range(steps):
+        # sample each row's next token, and its log-prob under the distribution it is drawn from
+        lp = sampling_logprobs(logits, temperature, top_p)  # [rows in the batch, V]
+        draws = temperature > 0 and (forced is None or forced.samples(step, live))  # S1's forced steps draw nothing
+        if not draws:
+            token = lp.argmax(-1)
+        else:  # inverse CDF, one uniform per original row: a row's draw does not depend on the others
+            u = torch.rand(batch, generator=generator, device=device)[live]
+            cdf = lp.exp().cumsum(-1)
+            token = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(-1)
+            token = token.clamp(max=cdf.shape[-1] - 1)
+        token_lp = lp.gather(-1, token[:, None]).squeeze(-1)
+        if forced is not None:  # S1 budget forcing: some tokens are set, not sampled
+            token, token_lp = forced(step, live, token, token_lp, logits)
+
+        # record
+        out_tokens[live, step], out_logprobs[live, step], lengths[live] = token, token_lp, step + 1
+
+        # stop: at a stop id or at the row's own limit; a finished row leaves the batch
+        going = ~(torch.isin(token, stop_t) | (step + 1 >= limits_t[live]))
+        if on_token is not None:
+            on_token(step, out_tokens[:, step], batch - int(going.sum()))
+        if not going.any():
+            break
+        if not going.all():
+            rows = going.nonzero().squeeze(-1)
+            live, token = live[rows], token[rows]
+            decoder.keep(rows)
+        logits = decoder(token)  # [rows in the batch, V]
+
+    stop_set = set(stop_ids)
+    rollouts = []
+    for row, row_lp, n in zip(out_tokens.tolist(), out_logprobs.tolist(), lengths.tolist()):
+        rollouts.append(Rollout(row[:n], row_lp[:n], "eos" if row[n - 1] in stop_set else "length"))
+    return rollouts
+
+
+class Decoder:
+    """generate's decode state: the KV cache of the rows in the batch, their attention mask, and the position of
+    the token each is fed next. `prefill` fills it from the prompts, `keep(rows)` keeps only those rows (a
+    finished row leaves the batch: a batch costs the sum of its lengths, not rows x the longest), and
+    `decoder(tokens)` feeds each row its token and returns the logits of the next, [rows, V].
+    cuda_graphs.StaticDecoder does the same at fixed shapes (max_new_tokens sizes its cache; this one grows)."""
+
+    def __init__(self, model, max_new_tokens: int):
+        self.model = model
+        self.cache = growing_cache(model.config)  # speed-up: each token's keys and values written in place
+
+    def prefill(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
+                rows: torch.Tensor) -> torch.Tensor:
+        """One forward pass over the left-padded prompts ids [P, T], then a batch row for each of rows (the
+        prompt it answers), sharing its prompt's cache: the logits after each row's prompt, [rows, V]."""
+        logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=self.cache,
+                            use_cache=True, logits_to_keep=1).logits[:, -1]  # [P, V]
+        self.mask, self.next_position = mask, positions[:, -1:] + 1  # [P, T], [P, 1]
+        self.keep(rows)
+        return logits[rows]
+
+    def keep(self, rows: torch.Tensor) -> None:
+        """Keep only these rows of the batch (indices into it), in their order."""
+        self.cache.reorder_cache(rows)
+        self.mask, self.next_position = self.mask[rows], self.next_position[rows]
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        self.mask = torch.cat([self.mask, self.mask.new_ones((len(tokens), 1))], dim=-1)
+        logits = self.model(input_ids=tokens[:, None], attention_mask=self.mask, position_ids=self.next_position,
+                            past_key_values=self.cache, use_cache=True).logits[:, -1]
+        self.next_position = self.next_position + 1
+        return logits
+
+
 def growing_cache(config):
     """A DynamicCache whose layers append each token in place, into room that doubles when it runs out:
-    transformers' own copies the whole cache (torch.cat) at every token, 14% of a decode step on a CPU
-    (BENCHMARKS.md). The same keys and values, so the same tokens. Layers of other kinds (sliding windows)
-    are kept as they are."""
+    transformers' own copies the whole cache (torch.cat) at every token (its cost: BENCHMARKS.md). The same
+    keys and values, so the same tokens. Layers of other kinds (sliding windows) are kept as they are."""
     from transformers import DynamicCache
     from transformers.cache_utils import DynamicLayer
 
@@ -118,223 +246,86 @@ def growing_cache(config):
     return cache
 
 
-@torch.no_grad()
-def generate(
-    model,
-    prompts: list[list[int]],
-    max_new_tokens: int | list[int],
-    pad_id: int,
-    stop_ids: list[int],
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    generator: torch.Generator | None = None,
-    on_token=None,
-    share_prefix: bool = True,
-    compact: bool = True,
-    static_cache: bool | None = None,
-    grow_cache: bool = True,
-    forced: "BudgetForcing | None" = None,
-) -> list[Rollout]:
-    """Sample a response for each prompt (token ids, chat template applied). See the module docstring.
-
-    max_new_tokens may differ per row. on_token(step, tokens[B], done) is called after every step
-    (pad_id for rows already finished; done: how many rows have finished). The speed-ups, each exact up to float rounding:
-    share_prefix prefills each distinct prompt once and copies its KV cache to the rows that
-    repeat it (GRPO's G samples per prompt); compact drops finished rows from the batch and the
-    cache, so a batch costs the sum of its lengths, not rows x the longest; grow_cache appends each token's
-    keys and values in place (growing_cache) rather than copying the whole cache; static_cache runs the
-    decode step at fixed shapes (`StaticDecoder`), which on a CUDA device replays it from CUDA graphs.
-    None: on a CUDA device only (on a CPU it only adds the padding rows of its buckets).
-    forced: S1's rule (BudgetForcing), which sets some of each step's tokens in place of the sampled ones.
-    """
-    from transformers import DynamicCache, StaticCache
-
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("generate needs at least one prompt, and no empty prompt")
-    check_sampling_args(max_new_tokens, temperature, top_p)
-    limits = max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens] * len(prompts)
-    context = getattr(model.config, "max_position_embeddings", None)
-    longest = max(len(p) + n for p, n in zip(prompts, limits))
-    if context is not None and longest > context:
-        raise ValueError(f"prompt + max_new_tokens is {longest} tokens, more than the model's context of {context}")
-
-    device = next(model.parameters()).device
-    batch = len(prompts)
-    distinct = list(dict.fromkeys(map(tuple, prompts))) if share_prefix else [tuple(p) for p in prompts]
-    copy_of = torch.tensor([distinct.index(tuple(p)) for p in prompts] if share_prefix else range(batch), device=device)
-    input_ids, mask = left_pad([list(p) for p in distinct], pad_id, device)  # every row's next token in one column
-    width = input_ids.shape[1]
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # [B, T] each row counts from its first real token
-
-    if static_cache is None:
-        static_cache = device.type == "cuda"
-    if static_cache:  # room for the longest response; the mask's columns open as tokens are fed
-        cache = StaticCache(config=model.config, max_cache_len=width + max(limits))
-        mask = F.pad(mask, (0, max(limits)))
-    else:
-        cache = growing_cache(model.config) if grow_cache else DynamicCache(config=model.config)
-    logits = model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
-                   past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]  # [distinct, V]
-    if share_prefix:  # one row per sample from here on
-        cache.reorder_cache(copy_of)
-        logits, mask, positions = logits[copy_of], mask[copy_of], positions[copy_of]
-    next_position = positions[:, -1:] + 1  # [B, 1]
-    decoder = StaticDecoder(model, cache, mask, next_position) if static_cache else None
-
-    live = torch.arange(batch, device=device)  # original index of each row in the batch
-    active = torch.ones(batch, dtype=torch.bool, device=device)  # rows of the batch still generating
-    limits_t = torch.tensor(limits, device=device)
-    stop_t = torch.tensor(sorted(set(stop_ids)), device=device, dtype=torch.long)
-    out_tokens = torch.full((batch, max(limits)), pad_id, dtype=torch.long, device=device)
-    out_logprobs = torch.zeros((batch, max(limits)), device=device)
-    lengths = torch.zeros(batch, dtype=torch.long, device=device)
-    for step in range(max(limits)):
-        lp = sampling_logprobs(logits, temperature, top_p)  # [rows in the batch, V]
-        draws = temperature > 0 and (forced is None or forced.samples(step, live))  # S1's forced steps draw nothing
-        if not draws:
-            token = lp.argmax(-1)
-        else:  # inverse CDF, one uniform per original row: a row's draw does not depend on the others
-            u = torch.rand(batch, generator=generator, device=device)[live]
-            cdf = lp.exp().cumsum(-1)
-            token = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(-1)
-            token = token.clamp(max=cdf.shape[-1] - 1)
-        token_lp = lp.gather(-1, token[:, None]).squeeze(-1)
-        if forced is not None:  # S1 budget forcing: some tokens are set, not sampled
-            token, token_lp = forced(step, live, token, token_lp, logits)
-        rows = live[active]
-        out_tokens[rows, step] = token[active]
-        out_logprobs[rows, step] = token_lp[active]
-        lengths[rows] = step + 1
-        finished = active & (torch.isin(token, stop_t) | (step + 1 >= limits_t[live]))
-        active = active & ~finished
-        if on_token is not None:
-            on_token(step, out_tokens[:, step], batch - int(active.sum()))
-        if not active.any():
-            break
-        # drop the finished rows from the batch and the cache; at fixed shapes, only when the batch drops a bucket
-        if compact and finished.any() and (decoder is None or decoder.bucket(int(active.sum())) < decoder.bucket(len(live))):
-            keep = active.nonzero().squeeze(-1)
-            live, active, token = live[keep], active[keep], token[keep]
-            if decoder is not None:
-                decoder.keep(keep)
-            else:
-                cache.reorder_cache(keep)
-                mask, next_position = mask[keep], next_position[keep]
-        token = token.masked_fill(~active, pad_id)  # rows finished but still in the batch are fed padding
-        if decoder is not None:
-            logits = decoder(token, width + step)
-            continue
-        mask = torch.cat([mask, torch.ones((mask.shape[0], 1), dtype=mask.dtype, device=device)], dim=-1)
-        logits = model(input_ids=token[:, None], attention_mask=mask, position_ids=next_position,
-                       past_key_values=cache, use_cache=True).logits[:, -1]
-        next_position = next_position + 1
-
-    stop_set = set(stop_ids)
-    rollouts = []
-    for row, row_lp, n in zip(out_tokens.tolist(), out_logprobs.tolist(), lengths.tolist()):
-        rollouts.append(Rollout(row[:n], row_lp[:n], "eos" if row[n - 1] in stop_set else "length"))
-    return rollouts
+# -----------------------------------------------------------------------------
+# a step's rollouts: drawn, generated, judged, rewarded
 
 
-def generate_in_batches(model, rows: list[list[int]], n_gold: list[int], max_new_tokens: int, batch: int, pad_id: int,
-                        stop_ids: list[int], temperature: float, generator=None, progress=None) -> list[Rollout]:
-    """generate() over many rows, `batch` at a time, rows of similar targets n_gold[row] in the same batch
-    (their lengths are alike, so a batch ends together); the rollouts come back in the rows' order.
+def step_seed(seed: int, step: int) -> int:
+    """The seed of one step of a run (or one budget of eval.py): its own for each step, the same in every run."""
+    return seed * 1_000_003 + step
+
+
+@dataclass
+class Batch:
+    """A step's responses, judged and rewarded: one entry per response, G in a row for each prompt."""
+    problems: list  # the data.Problem it answers
+    prompt_ids: list[list[int]]  # its prompt (token ids, chat template applied)
+    targets: list[tuple[int, str]]  # its prompt's (n_gold, mode)
+    rollouts: list[Rollout]  # its tokens and their log-probs (GRPO's old log-probs)
+    correct: list[bool]  # its answer judged correct
+    rewards: list[float]  # its LCPO reward
+    rng: random.Random  # the step's random numbers, past the draw: for whatever the step draws next
+    rollout_s: float  # seconds of generation
+
+
+def roll_out(cfg, step: int, sampler, tokenizer, problems: list, max_new_tokens: int | None = None,
+             progress=None) -> Batch:
+    """Steps 1-3 of train_step (and the start of stage1.length_step): draw problems and targets, roll out G
+    responses to each, judge and reward them; seeded by (seed, step), so a resumed run repeats them exactly.
+    sampler: the model that generates; max_new_tokens: default cfg.max_new_tokens; progress: a tqdm bar,
+    counting the responses as they finish."""
+    rng = random.Random(step_seed(cfg.seed, step))
+    device = next(sampler.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(step_seed(cfg.seed, step))
+    G = cfg.group_size
+
+    # 1. problems, and a target length n_gold ~ UniformInt(n_min, n_max) for each, in the paper's prompt
+    drawn, targets = data.draw_batch(problems, cfg.prompts_per_step, cfg.n_min, cfg.n_max, cfg.mode, rng,
+                                     cfg.targets_per_problem)  # [P], [P] (n_gold, mode)
+    prompts = [data.lcpo_prompt(tokenizer, p, n, m) for p, (n, m) in zip(drawn, targets)]
+
+    # 2. G responses per prompt; their log-probs are GRPO's old log-probs
+    start = time.perf_counter()
+    sampler.eval()
+    row_problems, prompt_ids, row_targets = ([x for x in xs for _ in range(G)] for xs in (drawn, prompts, targets))
+    rollouts = generate_in_batches(sampler, prompt_ids, n_gold=[n for n, _ in row_targets],
+                                   max_new_tokens=max_new_tokens or cfg.max_new_tokens, batch=cfg.rollout_batch,
+                                   pad_id=tokenizer.pad_token_id, stop_ids=[tokenizer.eos_token_id],
+                                   temperature=cfg.temperature, generator=generator, progress=progress)
+    rollout_s = time.perf_counter() - start
+
+    # 3. judge each response, and its LCPO reward (reward.py: Exact or Max, by its prompt)
+    thinking_model = "</think>" in tokenizer.get_vocab()  # R1-style models: an answer only counts after </think>
+    correct = [reward.judge(tokenizer.decode(r.tokens, skip_special_tokens=True), p.answer, p.multiple_choice,
+                            thinking_model, cfg.boxed_only) for p, r in zip(row_problems, rollouts)]
+    rewards = [reward.lcpo_reward(ok, r.n_y, n_gold, mode, cfg.alpha, cfg.delta)
+               for ok, r, (n_gold, mode) in zip(correct, rollouts, row_targets)]
+    return Batch(row_problems, prompt_ids, row_targets, rollouts, correct, rewards, rng, rollout_s)
+
+
+def generate_in_batches(model, prompts: list[list[int]], n_gold: list[int], max_new_tokens: int, batch: int,
+                        pad_id: int, stop_ids: list[int], temperature: float, generator=None,
+                        progress=None) -> list[Rollout]:
+    """generate() over many prompts, `batch` at a time, prompts of similar targets n_gold[row] in the same batch
+    (their lengths are alike, so a batch ends together); the rollouts come back in the prompts' order.
     progress: a tqdm bar, counting the responses as they finish."""
-    order = sorted(range(len(rows)), key=lambda j: n_gold[j])
-    rollouts = [None] * len(rows)
+    order = sorted(range(len(prompts)), key=lambda j: n_gold[j])
+    rollouts = [None] * len(prompts)
     if progress is not None:
         progress.unit = "response"
-        progress.reset(total=len(rows))
-    for i in range(0, len(rows), batch):
+        progress.reset(total=len(prompts))
+    for i in range(0, len(prompts), batch):
         chunk = order[i:i + batch]
         on_token = None if progress is None else lambda step, tokens, done: progress.update(i + done - progress.n)
-        outs = generate(model, [rows[j] for j in chunk], max_new_tokens, pad_id, stop_ids, temperature, 1.0, generator,
-                        on_token=on_token)
+        outs = generate(model, [prompts[j] for j in chunk], max_new_tokens, pad_id, stop_ids, temperature, 1.0,
+                        generator, on_token=on_token)
         for j, out in zip(chunk, outs):
             rollouts[j] = out
     return rollouts
 
 
-def length_slope(n_gold: list[int], n_y: list[int]) -> float | None:
-    """Least-squares slope of the response length on the target: 1 follows N, 0 ignores it.
-
-    The number that says whether LCPO is working (the length error also falls for a model that
-    learns one middle length). None when every target is the same.
-
-        >>> length_slope([32, 64, 128], [40, 72, 136]), length_slope([32, 128], [60, 60]), length_slope([32, 32], [9, 70])
-        (1.0, 0.0, None)
-    """
-    mean_g, mean_y = sum(n_gold) / len(n_gold), sum(n_y) / len(n_y)
-    var_g = sum((g - mean_g) ** 2 for g in n_gold)
-    return sum((g - mean_g) * (y - mean_y) for g, y in zip(n_gold, n_y)) / var_g if var_g else None
-
-
-def rollout_metrics(rollouts: list[Rollout], targets: list[tuple[int, str]], correct: list[bool],
-                    rewards: torch.Tensor) -> dict:
-    """What a step's rollouts did: reward, accuracy, and how their lengths follow the targets [(n_gold, mode)]
-    (one per rollout); within_budget is over the Max prompts' responses."""
-    n_y, n_gold = [r.n_y for r in rollouts], [n for n, _ in targets]
-    under = [y <= g for y, (g, mode) in zip(n_y, targets) if mode == "max"]
-    sampled = [lp for r in rollouts for lp in r.logprobs if math.isfinite(lp)]  # the model's own tokens
-    return dict(reward_mean=rewards.mean().item(), reward_std=rewards.std().item(),
-                accuracy=sum(correct) / len(correct), mean_n_gold=sum(n_gold) / len(n_gold), mean_n_y=sum(n_y) / len(n_y),
-                length_error=sum(abs(y - g) / g for y, g in zip(n_y, n_gold)) / len(n_y),
-                length_slope=length_slope(n_gold, n_y), within_budget=sum(under) / len(under) if under else None,
-                stopped_by_length=sum(r.finish == "length" for r in rollouts) / len(rollouts),
-                entropy_proxy=-sum(sampled) / max(1, len(sampled)))  # mean -log p of the sampled tokens
-
-
-def examples(tokenizer, rows: list[list[int]], rollouts: list[Rollout], targets: list[tuple[int, str]],
-             correct: list[bool], rewards: list[float], every: int) -> list[dict]:
-    """Every `every`-th response of a step as text, with its prompt, length, target and reward: the run's samples.jsonl."""
-    return [dict(prompt=tokenizer.decode(rows[j]), response=tokenizer.decode(rollouts[j].tokens), n_y=rollouts[j].n_y,
-                 n_gold=targets[j][0], correct=correct[j], reward=rewards[j]) for j in range(0, len(rows), every)]
-
-
 # -----------------------------------------------------------------------------
 # the loss pass: prompt + response rows, batched by their token count
-
-
-def left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ids, attention mask), [rows, longest]: rows left-padded, so every row ends at the last column."""
-    width = max(map(len, rows))
-    ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows], device=device)
-    return ids, torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
-
-
-def sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, temperature: float = 1.0,
-                      chunk: int = LOGPROB_TOKENS, last: int | None = None) -> torch.Tensor:
-    """Log-prob of each token given the ones before it, at the sampling temperature: [B, T-1]; with `last`,
-    of the last `last` tokens only, [B, last] (the lm_head runs only there: a response after its prompt)."""
-    positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
-                                 use_cache=False).last_hidden_state  # [B, T, H]; no KV cache to keep
-    start = 1 if last is None else input_ids.shape[1] - last
-    return token_logprobs(model, hidden[:, start - 1:-1], input_ids[:, start:], temperature, chunk)
-
-
-def token_logprobs(model, hidden: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
-                   chunk: int = LOGPROB_TOKENS) -> torch.Tensor:
-    """log p(targets[b, t]) from the hidden states that predict them, hidden[b, t], at the temperature: [B, L].
-
-    Never holds the fp32 logits of the whole batch: the lm_head and log-softmax run on about `chunk` tokens
-    at a time (as many positions of every row; at least one), and under autograd each chunk is recomputed in
-    backward instead of stored. A chunk counts tokens, not positions: a micro-batch of many short rows would
-    otherwise hold rows x positions x vocab logits.
-    """
-    lm_head, scale = model.get_output_embeddings(), temperature or 1.0
-
-    def chunk_logprobs(h, t):
-        logits = lm_head(h).float() / scale  # [B, chunk, V]
-        return logits.log_softmax(-1).gather(-1, t[..., None]).squeeze(-1)
-
-    out, positions = [], max(1, chunk // hidden.shape[0])
-    for start in range(0, targets.shape[1], positions):
-        h, t = hidden[:, start:start + positions], targets[:, start:start + positions]
-        out.append(checkpoint(chunk_logprobs, h, t, use_reentrant=False) if torch.is_grad_enabled()
-                   else chunk_logprobs(h, t))
-    return torch.cat(out, dim=1)
 
 
 def micro_batches(lengths: list[int], max_tokens: int) -> list[list[int]]:
@@ -368,98 +359,151 @@ def pack(prompts: list[list[int]], rollouts: list[Rollout], pad_id: int, device)
     return ids, mask, resp_mask.to(device), old.to(device)
 
 
-def share_prompts(prompts: list[list[int]], lengths: list[int], max_tokens: int, linear_per_key: float = math.inf,
-                  rows: list[int] | None = None) -> list[list[list[int]]]:
-    """Rows in micro-batches of units for pack_shared ([micro-batch][unit][row index]): the rows of a unit
-    share one prompt (a GRPO group's), computed once for all of them, and units of similar size share a
-    micro-batch of at most max_tokens padded tokens. lengths: each row's response length; rows: the rows
-    to pass (default all).
+def loss_inputs(prompts: list[list[int]], rollouts: list[Rollout], pad_id: int, device):
+    """pack's rows as response_logprobs reads them: (inputs, response mask [b, R], old log-probs [b, R]).
 
-    A unit is the prompt, then as many of its responses as fit in max_tokens and still pay: under the block
-    mask every token of a unit is scored against every column of it, so a response of R tokens joining a
-    unit T wide adds 2TR + R^2 query-key pairs, where a unit of its own would cost (P + R)^2 pairs and P more
-    tokens through the layers; linear_per_key (linear_per_key(config)) converts tokens into pairs. Short
-    responses after a long prompt share it; responses far longer than it go alone, as in the per-row pass.
+    inputs: ids, positions and attention mask [b, T]; for each response token, the row and column of the hidden
+    state that predicts it (the one before it) and the token itself, [b, R] each.
     """
-    groups = {}
-    for j in range(len(prompts)) if rows is None else rows:
-        groups.setdefault(tuple(prompts[j]), []).append(j)
-    units, sizes = [], []  # sizes: a unit's width, its prompt and its responses
-    for prompt, members in groups.items():
-        P = len(prompt)
-        for k, j in enumerate(members):
-            R = lengths[j]
-            if k == 0 or sizes[-1] + R > max_tokens or \
-                    2 * sizes[-1] * R + R * R > (P + R) ** 2 + linear_per_key * P:  # a new unit
-                units.append([])
-                sizes.append(P)
-            units[-1].append(j)
-            sizes[-1] += R
-    return [[units[i] for i in idx] for idx in micro_batches(sizes, max_tokens)]
+    ids, mask, resp_mask, old = pack(prompts, rollouts, pad_id, device)
+    (b, T), R = ids.shape, resp_mask.shape[1]
+    inputs = dict(ids=ids, positions=position_ids(mask), mask=mask,
+                  unit_of=torch.arange(b, device=device)[:, None].expand(b, R),
+                  column=torch.arange(T - R - 1, T - 1, device=device).expand(b, R), targets=ids[:, T - R:])
+    return inputs, resp_mask, old
 
 
-def linear_per_key(config) -> float:
-    """A decoder layer's work per token in its linear layers, in units of its attention's work per query-key
-    pair (4 x hidden flops): (2 hidden^2 + 2 hidden kv + 3 hidden intermediate) x 2 / (4 hidden)."""
-    head = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    hidden, kv = config.hidden_size, config.num_key_value_heads * head
-    return hidden + kv + 1.5 * config.intermediate_size
+class LossBatches:
+    """A step's responses `rows` (indices) for the loss pass, in micro-batches of at most max_tokens padded
+    tokens (micro_batches). Iterating gives, for each micro-batch, (its rows, inputs for response_logprobs,
+    response mask [b, R], old log-probs [b, R]), built when it is reached, so that one micro-batch's tensors
+    are alive at a time; iterate it once per pass. shared_prompts.SharedBatches gives the same, faster."""
+
+    def __init__(self, model, prompts: list[list[int]], rollouts: list[Rollout], rows: list[int], max_tokens: int,
+                 pad_id: int):
+        self.prompts, self.rollouts, self.pad_id = prompts, rollouts, pad_id
+        self.device = next(model.parameters()).device
+        lengths = [len(prompts[j]) + rollouts[j].n_y for j in rows]
+        self.micro = [[rows[i] for i in idx] for idx in micro_batches(lengths, max_tokens)]
+
+    def __len__(self) -> int:
+        return len(self.micro)
+
+    def __iter__(self):
+        for rows in self.micro:
+            yield rows, *loss_inputs([self.prompts[j] for j in rows], [self.rollouts[j] for j in rows], self.pad_id,
+                                     self.device)
 
 
-def pack_shared(units: list[list[int]], prompts: list[list[int]], rollouts: list[Rollout], pad_id: int, device,
-                dtype=torch.float32):
-    """Rows for shared_logprobs, each prompt computed once: the rows of a unit (of share_prompts, all with
-    one prompt) become one sequence, the prompt then each response, under a block attention mask (a response
-    sees the prompt and its own past, not the other responses), each response's positions continuing from
-    the prompt's end.
-
-    Returns (inputs, response mask [n, R], old log-probs [n, R]), a row for each row of the units in their
-    order, in pack's layout (every response ends at the last column). inputs: ids [u, T], positions [u, T],
-    the additive mask [u, 1, T, T] (0: seen; a padding column sees only itself), and for each response token
-    the sequence and column of the hidden state that predicts it, and the token ([n, R] each).
-    """
-    sequences, positions, segments, predictors = [], [], [], []  # per unit; per row: (unit, columns)
-    for u, rows in enumerate(units):
-        P = len(prompts[rows[0]])
-        tokens, position, segment = list(prompts[rows[0]]), list(range(P)), [0] * P  # segment 0: the prompt
-        for k, j in enumerate(rows, 1):  # the prompt's last token predicts a response's first, then its own
-            predictors.append((u, [P - 1] + list(range(len(tokens), len(tokens) + rollouts[j].n_y - 1))))
-            tokens, position = tokens + rollouts[j].tokens, position + list(range(P, P + rollouts[j].n_y))
-            segment += [k] * rollouts[j].n_y
-        sequences.append(tokens), positions.append(position), segments.append(segment)
-    width = max(map(len, sequences))
-    pads = [width - len(s) for s in sequences]
-    left = lambda rows, fill: torch.tensor([[fill] * n + r for n, r in zip(pads, rows)], device=device)
-    ids, positions, segment = left(sequences, pad_id), left(positions, 0), left(segments, -1)  # [u, T]; -1: padding
-    columns = torch.arange(width, device=device)
-    q, k = segment[:, :, None], segment[:, None, :]  # [u, query, key]
-    seen = (columns[:, None] >= columns) & (k != -1) & ((k == 0) | (k == q)) | (columns[:, None] == columns)
-    mask = torch.zeros((len(units), 1, width, width), dtype=dtype, device=device)
-    mask.masked_fill_(~seen[:, None], torch.finfo(dtype).min)  # in place: one [u, 1, T, T] mask, not two
-    responses = [rollouts[j] for rows in units for j in rows]
-    R = max(r.n_y for r in responses)
-    right = lambda rows, fill: torch.tensor([[fill] * (R - len(r)) + r for r in rows], device=device)
-    inputs = dict(ids=ids, positions=positions, mask=mask, unit_of=right([[u] * len(c) for u, c in predictors], 0),
-                  column=right([[c + pads[u] for c in cols] for u, cols in predictors], 0),
-                  targets=right([r.tokens for r in responses], 0))
-    old = right([[0.0 if math.isnan(lp) else lp for lp in r.logprobs] for r in responses], 0.0)
-    return inputs, right([[1.0] * r.n_y for r in responses], 0.0), old
-
-
-def packed(micro: list[list[list[int]]], prompts: list[list[int]], rollouts: list[Rollout], pad_id: int, device,
-           dtype=torch.float32):
-    """(units, pack_shared's tensors) for each micro-batch of share_prompts, each built when it is reached: one
-    micro-batch's mask [u, 1, T, T] is alive at a time, so the loss pass's memory does not grow with the rows."""
-    for units in micro:
-        yield units, pack_shared(units, prompts, rollouts, pad_id, device, dtype)
-
-
-def shared_logprobs(model, inputs: dict, temperature: float = 1.0) -> torch.Tensor:
-    """Log-prob of each response token of pack_shared's rows, at the sampling temperature: [n, R], as
-    sequence_logprobs would give it for the rollout alone after its prompt (0 where the response mask is 0)."""
-    hidden = model.get_decoder()(input_ids=inputs["ids"], attention_mask=inputs["mask"], position_ids=inputs["positions"],
-                                 use_cache=False).last_hidden_state  # [u, T, H]
+def response_logprobs(model, inputs: dict, temperature: float = 1.0) -> torch.Tensor:
+    """Log-prob of each response token of a micro-batch (LossBatches's), at the sampling temperature: [b, R], as
+    generate scored it (padding where the response mask is 0). One forward pass, then the lm_head on the
+    response tokens' hidden states only."""
+    hidden = model.get_decoder()(input_ids=inputs["ids"], attention_mask=inputs["mask"],
+                                 position_ids=inputs["positions"], use_cache=False).last_hidden_state  # [u, T, H]
     return token_logprobs(model, hidden[inputs["unit_of"], inputs["column"]], inputs["targets"], temperature)
+
+
+def token_logprobs(model, hidden: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
+                   chunk: int = LOGPROB_TOKENS) -> torch.Tensor:
+    """log p(targets[b, t]) from the hidden states that predict them, hidden[b, t], at the temperature: [B, L].
+
+    Never holds the fp32 logits of the whole batch: the lm_head and log-softmax run on about `chunk` tokens
+    at a time (as many positions of every row; at least one), and under autograd each chunk is recomputed in
+    backward instead of stored. A chunk counts tokens, not positions: a micro-batch of many short rows would
+    otherwise hold rows x positions x vocab logits.
+    """
+    lm_head, scale = model.get_output_embeddings(), temperature or 1.0
+
+    def chunk_logprobs(h, t):
+        logits = lm_head(h).float() / scale  # [B, chunk, V]
+        return logits.log_softmax(-1).gather(-1, t[..., None]).squeeze(-1)
+
+    out, positions = [], max(1, chunk // hidden.shape[0])
+    for start in range(0, targets.shape[1], positions):
+        h, t = hidden[:, start:start + positions], targets[:, start:start + positions]
+        out.append(checkpoint(chunk_logprobs, h, t, use_reentrant=False) if torch.is_grad_enabled()
+                   else chunk_logprobs(h, t))
+    return torch.cat(out, dim=1)
+
+
+def sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, temperature: float = 1.0,
+                      chunk: int = LOGPROB_TOKENS, last: int | None = None) -> torch.Tensor:
+    """Log-prob of each token given the ones before it, at the sampling temperature: [B, T-1]; with `last`,
+    of the last `last` tokens only, [B, last] (the lm_head runs only there: a response after its prompt)."""
+    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
+                                 position_ids=position_ids(attention_mask),
+                                 use_cache=False).last_hidden_state  # [B, T, H]; no KV cache to keep
+    start = 1 if last is None else input_ids.shape[1] - last
+    return token_logprobs(model, hidden[:, start - 1:-1], input_ids[:, start:], temperature, chunk)
+
+
+# -----------------------------------------------------------------------------
+# a step's bookkeeping, apart from the algorithm
+
+
+class StepLog:
+    """The seconds of each phase of a step (`lap`), sums over its micro-batches (`add`), and its progress bar
+    (a tqdm bar, or None), which counts the micro-batches."""
+
+    def __init__(self, device, progress=None, micro_batches: int = 0):
+        self.device, self.progress, self.last = device, progress, time.perf_counter()
+        self.seconds, self.sums = defaultdict(float), defaultdict(float)
+        if progress is not None:
+            progress.unit = "micro-batch"
+            progress.reset(total=micro_batches)
+
+    def lap(self, phase: str) -> None:
+        """The end of a phase (and of the device's work queued in it): its seconds add to the phase's."""
+        model_lib.synchronize(self.device)
+        now = time.perf_counter()
+        self.seconds[phase] += now - self.last
+        self.last = now
+
+    def add(self, **values: torch.Tensor) -> None:
+        """A micro-batch's values, each summed into its own sum; the bar moves on by one micro-batch."""
+        for key, value in values.items():
+            self.sums[key] += value.sum().item()
+        if self.progress is not None:
+            self.progress.update()
+
+
+def length_slope(n_gold: list[int], n_y: list[int]) -> float | None:
+    """Least-squares slope of the response length on the target: 1 follows N, 0 ignores it.
+
+    The number that says whether LCPO is working (the length error also falls for a model that
+    learns one middle length). None when every target is the same.
+
+        >>> length_slope([32, 64, 128], [40, 72, 136]), length_slope([32, 128], [60, 60])
+        (1.0, 0.0)
+        >>> length_slope([32, 32], [9, 70]) is None
+        True
+    """
+    mean_g, mean_y = sum(n_gold) / len(n_gold), sum(n_y) / len(n_y)
+    var_g = sum((g - mean_g) ** 2 for g in n_gold)
+    return sum((g - mean_g) * (y - mean_y) for g, y in zip(n_gold, n_y)) / var_g if var_g else None
+
+
+def rollout_metrics(batch: Batch) -> dict:
+    """What a step's rollouts did: reward, accuracy, and how their lengths follow their targets (n_gold, mode);
+    within_budget is over the Max prompts' responses."""
+    rewards = torch.tensor(batch.rewards, dtype=torch.float32)
+    n_y, n_gold = [r.n_y for r in batch.rollouts], [n for n, _ in batch.targets]
+    under = [y <= g for y, (g, mode) in zip(n_y, batch.targets) if mode == "max"]
+    sampled = [lp for r in batch.rollouts for lp in r.logprobs if math.isfinite(lp)]  # the model's own tokens
+    return dict(reward_mean=rewards.mean().item(), reward_std=rewards.std().item(),
+                accuracy=sum(batch.correct) / len(batch.correct), mean_n_gold=sum(n_gold) / len(n_gold),
+                mean_n_y=sum(n_y) / len(n_y), length_error=sum(abs(y - g) / g for y, g in zip(n_y, n_gold)) / len(n_y),
+                length_slope=length_slope(n_gold, n_y), within_budget=sum(under) / len(under) if under else None,
+                stopped_by_length=sum(r.finish == "length" for r in batch.rollouts) / len(batch.rollouts),
+                entropy_proxy=-sum(sampled) / max(1, len(sampled)))  # mean -log p of the sampled tokens
+
+
+def examples(tokenizer, batch: Batch, every: int) -> list[dict]:
+    """Every `every`-th response of a step as text, with its prompt, length, target and reward: samples.jsonl."""
+    return [dict(prompt=tokenizer.decode(batch.prompt_ids[j]), response=tokenizer.decode(batch.rollouts[j].tokens),
+                 n_y=batch.rollouts[j].n_y, n_gold=batch.targets[j][0], correct=batch.correct[j],
+                 reward=batch.rewards[j]) for j in range(0, len(batch.rollouts), every)]
 
 
 # -----------------------------------------------------------------------------
@@ -530,7 +574,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="N in 'Think for N tokens.' (0: no length sentence); with --s1, the thinking budget")
     parser.add_argument("--mode", default="exact", choices=data.MODES)
     parser.add_argument("--model", default=None, help="hub id or local directory (default: the embedded model)")
-    parser.add_argument("--adapter", default=None, help="a saved LoRA adapter, or a train.py run directory (its newest checkpoint)")
+    parser.add_argument("--adapter", default=None,
+                        help="a saved LoRA adapter, or a train.py run directory (its newest checkpoint)")
     parser.add_argument("--no-quantize", action="store_true", help="load the base in full precision")
     parser.add_argument("--answer", default=None, help="gold answer: also say whether the response is correct")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
@@ -557,7 +602,7 @@ def main(argv: list[str] | None = None) -> None:
         model_lib.set_threads()
         model, tokenizer = model_lib.load_model(args.model, adapter=args.adapter, quantize=not args.no_quantize,
                                                 trainable=False)
-        model = model_lib.rollout_copy(model)  # the same function, dequantized and merged once: faster to sample from
+        model = model_lib.rollout_copy(model)  # the same function, dequantized and merged once: faster to sample
         problem = data.Problem(args.prompt, args.answer or "", multiple_choice=False)
         asked = None if args.s1 else args.budget or None  # S1 (as the paper runs it) has no length sentence
         prompt = data.lcpo_prompt(tokenizer, problem, asked, args.mode)

@@ -2,13 +2,12 @@
 The first stage: this project's addition to the paper, not part of LCPO.
 
 Why it exists. The paper starts from a 1.5B reasoning model; our embedded default is a 135M model.
-LCPO's reward alone teaches it to stop, but not to read N: 167 steps of it left the length at
-58 / 64 / 67 tokens for N = 32 / 64 / 128 (mean |n_y - N| / N 0.51; EXPERIMENTS.md). So the stop
+LCPO's reward alone teaches it to stop, but not to read N: its length barely moves with N. So the stop
 decision is taught first, directly, by a supervised loss: the untrained model's own responses, each
-ended after N of its tokens, learn to stop there under a prompt rewritten to ask for N. 163 such steps
-(train.py --length-steps) make a stop that reads N (sampled length slope 0.94, error 0.30); 40 LCPO
-steps from there give the shipped L1-Exact (slope 0.85, error 0.21). The recipe runs it once and ships
-the result as results/stage1-adapter, where `python train.py` starts.
+ended after N of its tokens, learn to stop there under a prompt rewritten to ask for N. Such steps
+(train.py --length-steps) make a stop that reads N, and LCPO steps from there make the shipped L1-Exact
+(the measurements of each: EXPERIMENTS.md). The recipe runs it once and ships the result as
+results/stage1-adapter, where `python train.py` starts.
 
     python train.py --init-adapter none --length-steps 400 --steps 240 --lr 1e-3 --no-quantize   # the first stage
     python eval.py --stop-probe results/probe-texts.records.jsonl --limit 96 --budgets 32 64 96 128 --adapter DIR
@@ -28,7 +27,6 @@ from torch.utils.checkpoint import checkpoint
 
 import data
 import model as model_lib
-import reward
 import sample
 
 # -----------------------------------------------------------------------------
@@ -81,7 +79,8 @@ def budget_nll(stop_logp: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
 
 
 def stop_loss(model, ids: torch.Tensor, mask: torch.Tensor, n: torch.Tensor, eos_id: int,
-              chunk: int = sample.LOGPROB_CHUNK, within: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+              chunk: int = sample.LOGPROB_CHUNK,
+              within: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The supervised length loss (--length-steps) of rows that are a prompt asking for N followed by the
     first N tokens of a response, left-padded (every row ends at the last column): ([rows] length NLL,
     [rows] KL).
@@ -95,7 +94,7 @@ def stop_loss(model, ids: torch.Tensor, mask: torch.Tensor, n: torch.Tensor, eos
     backward, like sample.sequence_logprobs.
     """
     R = int(n.max())  # response columns of the longest row
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    positions = sample.position_ids(mask)
     with model_lib.reference(model) as untrained:
         reference = untrained.get_decoder()(input_ids=ids, attention_mask=mask, position_ids=positions,
                                             use_cache=False).last_hidden_state[:, -R:]  # [rows, R, H]
@@ -120,89 +119,64 @@ def stop_loss(model, ids: torch.Tensor, mask: torch.Tensor, n: torch.Tensor, eos
 # a length step
 
 
-def length_step(cfg, step: int, model, tokenizer, optimizer, params, problems, thinks, device, progress=None):
-    """One step of the first stage, in train.py's place (train_step's layout, its metrics and seeds).
+def length_step(cfg, step: int, model, tokenizer, optimizer, params, problems, device, progress=None):
+    """One step of the first stage, in train.py's place (train_step's rollouts, metrics and seeds).
 
     The untrained model (the adapter off) answers the step's prompts, up to n_max tokens; each response
     longer than n_min is ended after N of its tokens, N ~ UniformInt(n_min, its length), under its own
     prompt (Exact or Max) rewritten to ask for N, and stop_loss learns the stop there. The texts come from
-    the untrained model because from the policy's own the stop collapsed: in 5 steps no text was long
-    enough to end at any N (EXPERIMENTS.md).
+    the untrained model because from the policy's own the stop collapsed: within a few steps no text was
+    long enough to end at any N (EXPERIMENTS.md).
     """
-    rng = random.Random(cfg.seed * 1_000_003 + step)
-    generator = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + step)
-    G = cfg.group_size
-    batch, targets = data.draw_batch(problems, cfg.prompts_per_step, cfg.n_min, cfg.n_max, cfg.mode, rng,
-                                     cfg.targets_per_problem)
-    prompts = [data.lcpo_prompt(tokenizer, p, n, m) for p, (n, m) in zip(batch, targets)]
-
-    t0 = time.perf_counter()
-    model.eval()
-    rows, row_targets = [p for p in prompts for _ in range(G)], [t for t in targets for _ in range(G)]
-    with model_lib.reference(model):
-        rollouts = sample.generate_in_batches(model, rows, [n for n, _ in row_targets], min(cfg.max_new_tokens, cfg.n_max),
-                                              cfg.rollout_batch, tokenizer.pad_token_id, [tokenizer.eos_token_id],
-                                              cfg.temperature, generator, progress)
-    rollout_s = time.perf_counter() - t0
-    correct = [reward.judge(tokenizer.decode(r.tokens, skip_special_tokens=True), batch[j // G].answer,
-                            batch[j // G].multiple_choice, thinks, cfg.boxed_only) for j, r in enumerate(rollouts)]
-    scores = [reward.lcpo_reward(ok, r.n_y, n_gold, mode, cfg.alpha, cfg.delta)
-              for ok, r, (n_gold, mode) in zip(correct, rollouts, row_targets)]
-    rewards = torch.tensor(scores, dtype=torch.float32)
+    with model_lib.reference(model):  # the untrained model's texts
+        batch = sample.roll_out(cfg, step, model, tokenizer, problems, progress=progress,
+                                max_new_tokens=min(cfg.max_new_tokens, cfg.n_max))
 
     # the rows: a response's text (without its stop token) ended after N of its tokens, under a prompt asking for N
-    text = [r.n_y - (r.finish == "eos") for r in rollouts]
-    kept = [j for j in range(len(rollouts)) if text[j] >= cfg.n_min]  # shorter ones cannot be ended at any N
-    cut = [rng.randint(cfg.n_min, min(cfg.n_max, text[j])) for j in kept]
-    modes = [row_targets[j][1] for j in kept]  # a Max prompt learns a length of N/2 to N (budget_nll)
-    cut_rows = [data.lcpo_prompt(tokenizer, batch[j // G], n, m) for j, n, m in zip(kept, cut, modes)]
-    learnt = [sample.Rollout(rollouts[j].tokens[:n], rollouts[j].logprobs[:n], "length") for j, n in zip(kept, cut)]
+    text = [r.n_y - (r.finish == "eos") for r in batch.rollouts]
+    kept = [j for j in range(len(text)) if text[j] >= cfg.n_min]  # shorter ones cannot be ended at any N
+    cut = [batch.rng.randint(cfg.n_min, min(cfg.n_max, text[j])) for j in kept]
+    modes = [batch.targets[j][1] for j in kept]  # a Max prompt learns a length of N/2 to N (budget_nll)
+    cut_prompts = [data.lcpo_prompt(tokenizer, batch.problems[j], n, m) for j, n, m in zip(kept, cut, modes)]
+    learnt = [sample.Rollout(batch.rollouts[j].tokens[:n], batch.rollouts[j].logprobs[:n], "length")
+              for j, n in zip(kept, cut)]
     within = torch.tensor([m == "max" for m in modes], dtype=torch.bool)
 
-    t1 = time.perf_counter()
+    # the mean over rows of the length NLL + KL, epochs times, then an AdamW step
     model.train()
-    micro = sample.micro_batches([len(p) + r.n_y for p, r in zip(cut_rows, learnt)], cfg.micro_batch_tokens)
-    if progress is not None:
-        progress.unit = "micro-batch"
-        progress.reset(total=len(micro) * cfg.epochs)
-    tensors = [sample.pack([cut_rows[j] for j in idx], [learnt[j] for j in idx], tokenizer.pad_token_id, device)
+    micro = sample.micro_batches([len(p) + r.n_y for p, r in zip(cut_prompts, learnt)], cfg.micro_batch_tokens)
+    log = sample.StepLog(device, progress, micro_batches=len(micro) * cfg.epochs)
+    tensors = [sample.pack([cut_prompts[j] for j in idx], [learnt[j] for j in idx], tokenizer.pad_token_id, device)
                for idx in micro]
-    sums = dict(loss=0.0, kl=0.0, stop_nll=0.0)
-    updated, grad_norm, optimizer_s = bool(torch.isfinite(rewards).all()), None, 0.0  # no rows: a zero gradient
-    for _ in range(cfg.epochs if updated else 0):  # the mean over rows of the length NLL + KL
+    for _ in range(cfg.epochs):
         optimizer.zero_grad(set_to_none=True)
         for idx, (ids, mask, resp_mask, _) in zip(micro, tensors):
             nll, kl = stop_loss(model, ids, mask, resp_mask.sum(-1).long(), tokenizer.eos_token_id,
                                 within=within[idx].to(device))
-            loss = (nll + kl).sum() / len(cut_rows)
+            loss = (nll + kl).sum() / len(cut_prompts)
             loss.backward()
-            for key, value in dict(loss=loss, kl=kl, stop_nll=nll).items():
-                sums[key] += value.sum().item()
-            if progress is not None:
-                progress.update()
-        t_opt = time.perf_counter()
-        grad_norm = model_lib.optimizer_step(optimizer, params, cfg.grad_clip)
-        optimizer_s += time.perf_counter() - t_opt
-        if not grad_norm:  # a non-finite (None) or zero gradient: no update, the weights kept
-            updated = False
+            log.add(loss=loss, kl=kl, stop_nll=nll)
+        log.lap("policy")
+        grad_norm = model_lib.optimizer_step(optimizer, params, cfg.grad_clip)  # no rows: a zero gradient
+        log.lap("optimizer")
+        if not grad_norm:  # a zero or non-finite (None) gradient: no update, the weights kept
             break
-    train_s = time.perf_counter() - t1
 
-    tokens = sum(r.n_y for r in learnt)
-    epochs = cfg.epochs if updated else 1
+    updated, tokens = bool(grad_norm), sum(r.n_y for r in learnt)
+    epochs, train_s = cfg.epochs if updated else 1, log.seconds["policy"] + log.seconds["optimizer"]
     metrics = dict(
-        step=step, updated=updated, loss=sums["loss"] / cfg.epochs,
-        **sample.rollout_metrics(rollouts, row_targets, correct, rewards),
-        kl=sums["kl"] / (max(1, tokens) * epochs), clip_fraction=None, ratio_mean=None, passed_rows=len(cut_rows),
-        grad_norm=grad_norm if grad_norm is not None else float("nan"),
-        rollout_tokens_per_s=sum(r.n_y for r in rollouts) / rollout_s, train_tokens_per_s=tokens * cfg.epochs / train_s,
-        peak_memory_mb=model_lib.peak_memory_mb(device), rollout_s=rollout_s, reference_s=0.0,
-        policy_s=train_s - optimizer_s, optimizer_s=optimizer_s,
-        stop_nll=sums["stop_nll"] / max(1, len(cut_rows)) / epochs,  # -log p(its length) per row, asked for it
-        length_rows=len(cut_rows),
+        step=step, updated=updated, loss=log.sums["loss"] / cfg.epochs, **sample.rollout_metrics(batch),
+        kl=log.sums["kl"] / (max(1, tokens) * epochs), clip_fraction=None, ratio_mean=None,
+        passed_rows=len(cut_prompts), grad_norm=grad_norm if grad_norm is not None else float("nan"),
+        rollout_tokens_per_s=sum(r.n_y for r in batch.rollouts) / batch.rollout_s,
+        train_tokens_per_s=tokens * cfg.epochs / train_s, peak_memory_mb=model_lib.peak_memory_mb(device),
+        rollout_s=batch.rollout_s, reference_s=0.0, policy_s=log.seconds["policy"],
+        optimizer_s=log.seconds["optimizer"],
+        stop_nll=log.sums["stop_nll"] / max(1, len(cut_prompts)) / epochs,  # -log p(its length) per row, asked for it
+        length_rows=len(cut_prompts),
     )
     metrics["entropy_proxy"] = None  # LCPO's alone
-    return metrics, sample.examples(tokenizer, rows, rollouts, row_targets, correct, scores, every=G)
+    return metrics, sample.examples(tokenizer, batch, every=cfg.group_size)
 
 
 # -----------------------------------------------------------------------------
@@ -220,7 +194,7 @@ def distill_step(cfg, step: int, model, tokenizer, optimizer, params, problems, 
     and its stop token, after the paper's prompt with N drawn as train_step draws it; the solution does not depend
     on N (as R1's reasoning, distilled into the paper's starting model, did not). Each problem's solution is one
     of its granularities, drawn by SOLUTION_MIX. Only the solution's positions go through the lm_head."""
-    rng = random.Random(cfg.seed * 1_000_003 + step)
+    rng = random.Random(sample.step_seed(cfg.seed, step))
     batch, targets = data.draw_batch(problems, cfg.prompts_per_step, cfg.n_min, cfg.n_max, cfg.mode, rng,
                                      cfg.targets_per_problem)
     prompts = [data.lcpo_prompt(tokenizer, p, n, m) for p, (n, m) in zip(batch, targets)]
@@ -270,7 +244,7 @@ def stop_logprobs(model, tokenizer, rows: list[list[int]], cuts: list[int]) -> t
     """
     ids, mask = sample.left_pad(rows, tokenizer.pad_token_id, model.device)
     hidden = model.get_decoder()(input_ids=ids, attention_mask=mask,
-                                 position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).last_hidden_state  # [rows, T, H]
+                                 position_ids=sample.position_ids(mask)).last_hidden_state  # [rows, T, H]
     at = [ids.shape[1] - max(cuts) + L - 1 for L in cuts]  # the output after the L-th token
     logits = model.get_output_embeddings()(hidden[:, torch.tensor(at, device=model.device)]).float()
     return logits.log_softmax(-1)[..., tokenizer.eos_token_id]

@@ -18,10 +18,8 @@ Run directories, resuming and checkpoints: runs.py.
 
 import dataclasses
 import json
-import random
 import signal
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,12 +33,12 @@ import model as model_lib
 import reward
 import runs
 import sample
+import shared_prompts
 import stage1
 from data import N_MAX, N_MIN  # the default range of targets (data.py previews the same)
 
-# The recipe's first stage, done once and shipped: the embedded model's adapter whose stop reads N, from
-# 163 --length-steps on train-split problems (README, "Training"). From a fresh adapter the reward alone
-# teaches this model to stop but not to read N; from this one, 40 LCPO steps make the dial.
+# The recipe's first stage, done once and shipped: the embedded model's adapter whose stop reads N, where LCPO
+# starts (the README's "Training" makes it; EXPERIMENTS.md says why LCPO alone does not).
 STOP_ADAPTER = Path(__file__).resolve().parent / "results" / "stage1-adapter"
 
 
@@ -51,25 +49,26 @@ class Config:
     data: str = "builtin"  # builtin, a known set (data.KNOWN_SETS), a hub id or a local file
     problem_column: str = "problem"  # the dataset's problem column
     answer_column: str = "answer"  # the dataset's gold answer column
-    init_adapter: str | None = None  # start from this adapter or run; none: a fresh one; unset: the first stage (STOP_ADAPTER) on the embedded model
+    init_adapter: str | None = None  # adapter or run to start from; none: fresh; unset: STOP_ADAPTER (embedded model)
     # the LCPO reward
     mode: str = "exact"  # exact, max, or mix (L1-Max: each prompt Exact or Max with probability 1/2)
-    alpha: float | None = 0.0075  # reward per token of length error: the paper's 0.0003 x 25 for 25x shorter targets; None: 0.0003 exact, 0.001 max
+    # alpha: the paper's 0.0003, x 25 for targets 25x shorter than the paper's
+    alpha: float | None = 0.0075  # reward per token of length error; None: the paper's, 0.0003 exact, 0.001 max
     delta: float = 0.5  # Max reward of a correct answer at exactly n_gold tokens
     n_min: int = N_MIN  # smallest target length n_gold, tokens
     n_max: int = N_MAX  # largest target length n_gold, tokens
     distill_steps: int = 0  # first steps that distil written-out solutions (stage1.py; builtin:totals): a reasoner
-    length_steps: int = 0  # the first steps are the first stage (stage1.py): the untrained model's responses, ended after N of their tokens, learn to stop there
-    targets_per_problem: int = 1  # each problem of a step comes with this many targets, one per k-th of the range: their responses differ by N alone
+    length_steps: int = 0  # first steps that teach the stop to read N (stage1.py: texts cut at N learn to stop)
+    targets_per_problem: int = 1  # k targets per problem, one per k-th of the range: responses differ by N alone
     boxed_only: bool = False  # judge only \boxed{} answers (the paper); off: the last number counts too
     # GRPO
     group_size: int = 4  # G: responses per prompt
     prompts_per_step: int = 8  # prompts per update (x G responses)
     epochs: int = 1  # mu: optimisation passes over each batch of rollouts
     clip: float = 0.2  # epsilon of the clipped ratio
-    beta: float = 0.0  # weight of the k3 KL to the reference (paper 0.001: a term of ~1e-7 here); 0 skips the reference pass
+    beta: float = 0.0  # weight of the k3 KL to the reference (paper: 0.001, a ~1e-7 term here); 0: no reference pass
     loss_norm: str = "token"  # token (DAPO/verl), grpo (per-sequence mean) or dr_grpo (sum / max length)
-    temperature: float = 0.7  # sampling temperature (log-probs are taken at it too; no top-p: the loss pass scores the full softmax)
+    temperature: float = 0.7  # sampling temperature, also of the log-probs (no top-p: the loss scores the full softmax)
     max_new_tokens: int = 192  # response cap
     # optimisation
     lr: float = 2e-4  # AdamW learning rate of the LoRA weights
@@ -78,6 +77,7 @@ class Config:
     micro_batch_tokens: int = 1024  # padded tokens per forward/backward: rows are packed up to it, by length
     rollout_batch: int = 64  # rows per generation batch (rows with similar targets batched together)
     rollout_copy: bool = True  # generate with a dense copy (base dequantized, LoRA merged): faster, + the base's size
+    share_prompts: bool = True  # the loss pass reads a group's prompt once (shared_prompts.py): faster, the same loss
     lora_rank: int = 16  # LoRA r
     lora_alpha: int = 32  # LoRA scaling numerator
     quantize: bool = True  # 4-bit NF4 base (off: full precision)
@@ -85,7 +85,7 @@ class Config:
     # bookkeeping
     seed: int = 0  # everything random derives from it (problems, targets, sampling)
     out_dir: str = "runs"  # where run directories go
-    run_name: str | None = None  # default: the preset and the flags given (default, default-alpha-0.001): the same command resumes it
+    run_name: str | None = None  # default: preset and flags given (default-alpha-0.001): the same command resumes it
     save_every: int = 10  # steps between checkpoints
     keep_checkpoints: int = 3  # the newest ones kept
     sample_every: int = 5  # steps between saved example responses
@@ -158,96 +158,50 @@ def normalise(loss: torch.Tensor, mask: torch.Tensor, how: str, batch_tokens: in
 # one step
 
 
-def train_step(cfg: Config, step: int, model, tokenizer, optimizer, params, problems, thinks, device, policy,
-               progress=None):
+def train_step(cfg: Config, step: int, model, tokenizer, optimizer, params, problems, device, sampler, progress=None):
     """One GRPO update, the paper's steps in order, seeded by (seed, step): a resumed run repeats it exactly.
-    policy: what generates the rollouts, `model` or its dense copy. progress: a tqdm bar for the work inside."""
-    rng = random.Random(cfg.seed * 1_000_003 + step)
-    generator = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + step)
-    G = cfg.group_size
-
-    # 1. problems, and a target length n_gold ~ UniformInt(n_min, n_max) for each, in the paper's prompt
-    batch, targets = data.draw_batch(problems, cfg.prompts_per_step, cfg.n_min, cfg.n_max, cfg.mode, rng,
-                                     cfg.targets_per_problem)  # [P], [P] (n_gold, mode)
-    prompts = [data.lcpo_prompt(tokenizer, p, n, m) for p, (n, m) in zip(batch, targets)]
-
-    # 2. G responses per prompt; their log-probs are GRPO's old log-probs
-    t0 = time.perf_counter()
-    model.eval()
-    rows, row_targets = [p for p in prompts for _ in range(G)], [t for t in targets for _ in range(G)]  # [P * G]
-    rollouts = sample.generate_in_batches(policy, rows, [n for n, _ in row_targets],
-                                          cfg.max_new_tokens, cfg.rollout_batch, tokenizer.pad_token_id,
-                                          [tokenizer.eos_token_id], cfg.temperature, generator, progress)
-    rollout_s = time.perf_counter() - t0
-
-    # 3. judge each response, and its LCPO reward (reward.py: Exact or Max, by its prompt)
-    correct = [reward.judge(tokenizer.decode(r.tokens, skip_special_tokens=True), batch[j // G].answer,
-                            batch[j // G].multiple_choice, thinks, cfg.boxed_only) for j, r in enumerate(rollouts)]
-    scores = [reward.lcpo_reward(ok, r.n_y, n_gold, mode, cfg.alpha, cfg.delta)
-              for ok, r, (n_gold, mode) in zip(correct, rollouts, row_targets)]
-    rewards = torch.tensor(scores, dtype=torch.float32)
+    sampler: what generates the rollouts, `model` or its dense copy. progress: a tqdm bar for the work inside."""
+    # 1-3. problems with a target n_gold each in the paper's prompt, G responses to each, each judged and rewarded
+    batch = sample.roll_out(cfg, step, sampler, tokenizer, problems, progress=progress)
+    rewards = torch.tensor(batch.rewards, dtype=torch.float32)  # [P * G]
 
     # 4. advantages, within each group of G
-    advantages = group_advantages(rewards, G, scale=cfg.loss_norm != "dr_grpo")  # [P * G]
+    advantages = group_advantages(rewards, cfg.group_size, scale=cfg.loss_norm != "dr_grpo")  # [P * G]
 
-    # 5. the loss, over micro-batches, epochs times; a group's prompt is computed once for its responses. A row
-    # of advantage 0 (its group's rewards all equal) adds nothing to the gradient unless the KL term is on: it
-    # is not passed (the normalisers still count it, so the gradient is the same)
-    t1 = time.perf_counter()
+    # 5. the clipped policy loss + beta x KL per token, summed over micro-batches, then an AdamW step; epochs times.
+    # A row of advantage 0 (its group's rewards all equal) adds nothing to the gradient unless the KL term is on:
+    # it is not passed (the normalisers still count it, so the gradient is the same)
     model.train()
-    passed = [j for j in range(len(rows)) if cfg.beta > 0 or advantages[j] != 0]
-    micro = sample.share_prompts(rows, [r.n_y for r in rollouts], cfg.micro_batch_tokens,
-                                 sample.linear_per_key(model.config), passed)  # [micro-batch][unit][row]
-    packed = lambda: sample.packed(micro, rows, rollouts, tokenizer.pad_token_id, device,  # each built when used
-                                   model.get_input_embeddings().weight.dtype)
-    if progress is not None:
-        progress.unit = "micro-batch"
-        progress.reset(total=len(micro) * cfg.epochs)
-    ref = [None] * len(micro)
-    if cfg.beta > 0:  # the reference: the same model with its adapter off, once per rollout batch
+    loss_rows = [j for j in range(len(rewards)) if cfg.beta > 0 or advantages[j] != 0]
+    LossBatches = shared_prompts.SharedBatches if cfg.share_prompts else sample.LossBatches  # speed-up: prompts once
+    micro = LossBatches(model, batch.prompt_ids, batch.rollouts, loss_rows, cfg.micro_batch_tokens,
+                        pad_id=tokenizer.pad_token_id)  # each micro-batch built when it is reached
+    log = sample.StepLog(device, progress, micro_batches=len(micro) * cfg.epochs)
+    reference = [None] * len(micro)
+    if cfg.beta > 0:  # the KL's reference: the same model with its adapter off (it does not change: once a step)
         with model_lib.reference(model):
-            ref = [sample.shared_logprobs(model, inputs, cfg.temperature) for _, (inputs, _, _) in packed()]
-    model_lib.synchronize(device)  # the reference pass finished, before timing it
-    reference_s = time.perf_counter() - t1
-    sums = dict(loss=0.0, kl=0.0, clipped=0.0, ratio=0.0)
-    updated, grad_norm, optimizer_s = bool(torch.isfinite(rewards).all()), None, 0.0  # non-finite rewards: no passes
-    for _ in range(cfg.epochs if updated else 0):
+            reference = [sample.response_logprobs(model, inputs, cfg.temperature) for _, inputs, _, _ in micro]
+    log.lap("reference")
+    response_tokens = sum(r.n_y for r in batch.rollouts)
+    for _ in range(cfg.epochs):
         optimizer.zero_grad(set_to_none=True)
-        for (units, (inputs, resp_mask, old)), ref_logp in zip(packed(), ref):
-            logp = sample.shared_logprobs(model, inputs, cfg.temperature)  # [b, R], b = the units' rows
-            loss_tok, kl, clipped = per_token_loss(logp, old, ref_logp, advantages[sum(units, [])].to(device), cfg.clip,
-                                                   cfg.beta)
-            loss = normalise(loss_tok, resp_mask, cfg.loss_norm, sum(r.n_y for r in rollouts), len(rows),
-                             cfg.max_new_tokens)
+        for (rows, inputs, resp_mask, old), ref_logp in zip(micro, reference):
+            logp = sample.response_logprobs(model, inputs, cfg.temperature)  # [b, R]
+            loss_tok, kl, clipped = per_token_loss(logp, old, ref_logp, advantages[rows].to(device), clip=cfg.clip,
+                                                   beta=cfg.beta)
+            loss = normalise(loss_tok, resp_mask, how=cfg.loss_norm, batch_tokens=response_tokens,
+                             batch_rows=len(rewards), max_new_tokens=cfg.max_new_tokens)
             loss.backward()
-            with torch.no_grad():  # for the metrics: sums over the response tokens
-                for key, value in dict(loss=loss, kl=kl, clipped=clipped, ratio=torch.exp(logp - old)).items():
-                    sums[key] += (value * (resp_mask if key != "loss" else 1)).sum().item()
-            if progress is not None:
-                progress.update()
-        t_opt = time.perf_counter()
+            log.add(loss=loss, kl=kl * resp_mask, clipped=clipped * resp_mask, ratio=(logp - old).exp() * resp_mask)
+        log.lap("policy")
         grad_norm = model_lib.optimizer_step(optimizer, params, cfg.grad_clip)
-        optimizer_s += time.perf_counter() - t_opt
-        if not grad_norm:  # a non-finite (None) or zero gradient: no update, the weights kept
-            updated = False
+        log.lap("optimizer")
+        if not grad_norm:  # a zero or non-finite (None; a non-finite reward makes one) gradient: the weights kept
             break
-    train_s = time.perf_counter() - t1
 
     # 6. what happened
-    passed_tokens = sum(rollouts[j].n_y for j in passed)
-    per_token = max(1, passed_tokens) * (cfg.epochs if updated else 1)  # the ratio and clip metrics: the passed rows
-    metrics = dict(
-        step=step, updated=updated, loss=sums["loss"] / cfg.epochs,
-        **sample.rollout_metrics(rollouts, row_targets, correct, rewards),
-        kl=sums["kl"] / per_token, clip_fraction=sums["clipped"] / per_token if passed else None,
-        ratio_mean=sums["ratio"] / per_token if passed else None, passed_rows=len(passed),
-        grad_norm=grad_norm if grad_norm is not None else float("nan"),
-        rollout_tokens_per_s=sum(r.n_y for r in rollouts) / rollout_s,
-        train_tokens_per_s=passed_tokens * cfg.epochs / train_s, peak_memory_mb=model_lib.peak_memory_mb(device),
-        rollout_s=rollout_s, reference_s=reference_s, policy_s=train_s - reference_s - optimizer_s,
-        optimizer_s=optimizer_s,
-    )
-    return metrics, sample.examples(tokenizer, rows, rollouts, row_targets, correct, scores, every=G)
+    metrics = step_metrics(cfg, step, batch, log, loss_rows, grad_norm, device)
+    return metrics, sample.examples(tokenizer, batch, every=cfg.group_size)
 
 
 # -----------------------------------------------------------------------------
@@ -278,7 +232,6 @@ def train_loop(cfg: Config, run_dir: Path, state: dict | None, problems: list, o
     model, tokenizer = model_lib.load_model(
         cfg.model, adapter=str(state["adapter"]) if state else cfg.init_adapter, quantize=cfg.quantize,
         lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha, gradient_checkpointing=cfg.gradient_checkpointing)
-    thinks = "</think>" in tokenizer.get_vocab()  # R1-style models: an answer only counts after </think>
     trained_on = runs.problems_id(problems)  # saved with each checkpoint: a resume must see the same problems
     context = getattr(model.config, "max_position_embeddings", None)
     if context is not None:  # a problem too long for the model is skipped now, not found when it is drawn
@@ -286,13 +239,7 @@ def train_loop(cfg: Config, run_dir: Path, state: dict | None, problems: list, o
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     if state is not None:
-        try:
-            optimizer.load_state_dict(state["optimizer"])
-            torch.set_rng_state(state["torch_rng"])
-        except (ValueError, KeyError, TypeError, RuntimeError) as e:
-            raise ValueError(f"the optimizer or RNG state of {state['adapter'].parent} does not fit its adapter "
-                             f"({type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}): "
-                             f"delete that checkpoint to resume from the one before it") from None
+        restore(optimizer, state)
     device = next(model.parameters()).device
     print(f"training {model.lcpo_base} on {len(problems)} problems of {cfg.data}; run: {run_dir}"
           + (f", resumed at step {start}" if start else ""))
@@ -302,7 +249,7 @@ def train_loop(cfg: Config, run_dir: Path, state: dict | None, problems: list, o
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="steps", dynamic_ncols=True)
     work = tqdm(total=cfg.prompts_per_step * cfg.group_size, desc=f"step {start}", unit="response", position=1,
                 leave=False, dynamic_ncols=True)  # the work inside a step: responses finished, micro-batches learnt
-    stalled, policy = [], None  # the grad norms of the steps in a row that updated nothing
+    stalled, sampler = [], None  # the grad norms of the steps in a row that updated nothing
     try:
         with runs.StopRequests() as stop:
             for step in bar:
@@ -312,44 +259,91 @@ def train_loop(cfg: Config, run_dir: Path, state: dict | None, problems: list, o
                                                             device, work)
                 elif step < cfg.distill_steps + cfg.length_steps:
                     metrics, examples = stage1.length_step(cfg, step, model, tokenizer, optimizer, params, problems,
-                                                           thinks, device, work)
+                                                           device, work)
                 else:
-                    policy = model_lib.rollout_copy(model, policy) if cfg.rollout_copy else model  # today's weights
-                    metrics, examples = train_step(cfg, step, model, tokenizer, optimizer, params, problems, thinks,
-                                                   device, policy, work)
-                stalled = [] if metrics["updated"] else stalled + [metrics["grad_norm"]]  # 0, or nan: non-finite
-                runs.append_jsonl(run_dir / "metrics.jsonl", metrics)
-                if step % cfg.sample_every == 0:
-                    runs.append_jsonl(run_dir / "samples.jsonl", {"step": step, "examples": examples})
-                if "reward_mean" in metrics:
-                    shown = dict(reward=f"{metrics['reward_mean']:.3f}", acc=f"{metrics['accuracy']:.2f}",
-                                 len_err=f"{metrics['length_error']:.2f}")
-                else:  # a distillation step: no rollouts, the solutions' loss
-                    shown = dict(nll=f"{metrics['loss']:.3f}")
-                if not metrics["updated"]:
-                    shown["update"] = "none"
-                bar.set_postfix(shown)
+                    sampler = model_lib.rollout_copy(model, sampler) if cfg.rollout_copy else model  # today's weights
+                    metrics, examples = train_step(cfg, step, model, tokenizer, optimizer, params, problems, device,
+                                                   sampler, work)
+                record(cfg, run_dir, step, metrics, examples, bar)
                 if on_step is not None:
                     on_step(step, metrics)
                 if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps or stop.asked:
-                    runs.save_checkpoint(run_dir, step + 1, model, optimizer, cfg.keep_checkpoints,
-                                         trained_on)
+                    runs.save_checkpoint(run_dir, step + 1, model, optimizer, cfg.keep_checkpoints, trained_on)
                 if stop.asked:
                     bar.write(f"stopped and saved at step {step + 1}; the same command continues the run")
                     break
-                if len(stalled) >= cfg.max_bad_steps and all(g == 0 for g in stalled):
-                    raise RuntimeError(f"{len(stalled)} steps in a row learnt nothing (a zero gradient: in every group "
-                                       f"the rewards tied, or no response reached --n-min for a length step): let the "
-                                       f"responses differ, with a larger --group-size, --temperature or "
-                                       f"--max-new-tokens, or problems the model can sometimes answer")
-                if len(stalled) >= cfg.max_bad_steps:
-                    raise RuntimeError(f"{len(stalled)} steps in a row updated nothing, {sum(g != 0 for g in stalled)} "
-                                       f"of them with a non-finite loss or reward: check the data, or start a new run "
-                                       f"with a lower --lr and --init-adapter {run_dir} (its last checkpoint)")
+                stalled = [] if metrics["updated"] else stalled + [metrics["grad_norm"]]  # 0, or nan: non-finite
+                check_stalled(stalled, cfg.max_bad_steps, run_dir)
     finally:
         work.close()
         bar.close()
     return run_dir
+
+
+# -----------------------------------------------------------------------------
+# bookkeeping, apart from the algorithm: a step's metrics, the loop's records
+
+
+def step_metrics(cfg: Config, step: int, batch: sample.Batch, log: sample.StepLog, loss_rows: list[int],
+                 grad_norm: float | None, device) -> dict:
+    """train_step's metrics, from what it logged: its rollouts, the sums over the response tokens the loss pass
+    saw (per token: ratio, clip fraction, KL), and the seconds of each phase."""
+    updated = bool(grad_norm)
+    seen = sum(batch.rollouts[j].n_y for j in loss_rows)
+    per_token = max(1, seen) * (cfg.epochs if updated else 1)
+    sums, seconds = log.sums, log.seconds
+    train_s = seconds["reference"] + seconds["policy"] + seconds["optimizer"]
+    return dict(
+        step=step, updated=updated, loss=sums["loss"] / cfg.epochs, **sample.rollout_metrics(batch),
+        kl=sums["kl"] / per_token, clip_fraction=sums["clipped"] / per_token if loss_rows else None,
+        ratio_mean=sums["ratio"] / per_token if loss_rows else None, passed_rows=len(loss_rows),
+        grad_norm=grad_norm if grad_norm is not None else float("nan"),
+        rollout_tokens_per_s=sum(r.n_y for r in batch.rollouts) / batch.rollout_s,
+        train_tokens_per_s=seen * cfg.epochs / train_s, peak_memory_mb=model_lib.peak_memory_mb(device),
+        rollout_s=batch.rollout_s, reference_s=seconds["reference"], policy_s=seconds["policy"],
+        optimizer_s=seconds["optimizer"],
+    )
+
+
+def restore(optimizer, state: dict) -> None:
+    """A checkpoint's AdamW moments and torch RNG state, or one line saying which checkpoint to delete."""
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["torch_rng"])
+    except (ValueError, KeyError, TypeError, RuntimeError) as e:
+        raise ValueError(f"the optimizer or RNG state of {state['adapter'].parent} does not fit its adapter "
+                         f"({type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}): "
+                         f"delete that checkpoint to resume from the one before it") from None
+
+
+def record(cfg: Config, run_dir: Path, step: int, metrics: dict, examples: list[dict], bar) -> None:
+    """A step's metrics (metrics.jsonl), every sample_every-th step's examples (samples.jsonl), and the bar's
+    summary of it."""
+    runs.append_jsonl(run_dir / "metrics.jsonl", metrics)
+    if step % cfg.sample_every == 0:
+        runs.append_jsonl(run_dir / "samples.jsonl", {"step": step, "examples": examples})
+    if "reward_mean" in metrics:
+        shown = dict(reward=f"{metrics['reward_mean']:.3f}", acc=f"{metrics['accuracy']:.2f}",
+                     len_err=f"{metrics['length_error']:.2f}")
+    else:  # a distillation step: no rollouts, the solutions' loss
+        shown = dict(nll=f"{metrics['loss']:.3f}")
+    if not metrics["updated"]:
+        shown["update"] = "none"
+    bar.set_postfix(shown)
+
+
+def check_stalled(stalled: list, max_bad_steps: int, run_dir: Path) -> None:
+    """Stop a run whose last max_bad_steps steps updated nothing (stalled: their grad norms, 0 or nan), with
+    the cause: a zero gradient every time, or non-finite losses or rewards."""
+    if len(stalled) >= max_bad_steps and all(g == 0 for g in stalled):
+        raise RuntimeError(f"{len(stalled)} steps in a row learnt nothing (a zero gradient: in every group the "
+                           f"rewards tied, or no response reached --n-min for a length step): let the responses "
+                           f"differ, with a larger --group-size, --temperature or --max-new-tokens, or problems the "
+                           f"model can sometimes answer")
+    if len(stalled) >= max_bad_steps:
+        raise RuntimeError(f"{len(stalled)} steps in a row updated nothing, {sum(g != 0 for g in stalled)} of them "
+                           f"with a non-finite loss or reward: check the data, or start a new run with a lower --lr "
+                           f"and --init-adapter {run_dir} (its last checkpoint)")
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[Config, Path, bool]:

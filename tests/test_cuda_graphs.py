@@ -8,7 +8,7 @@ import torch
 
 import cuda_graphs
 import data
-from sample import generate
+from sample import Decoder, generate
 from tests.test_sample import MESSAGES, _grpo_rows
 
 
@@ -18,8 +18,8 @@ def prompts(char_tokenizer):
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
-def test_fixed_shape_decode_drops_buckets_and_samples_what_the_eager_loop_samples(tiny_llama, char_tokenizer, prompts,
-                                                                                   temperature, monkeypatch):
+def test_fixed_shape_decode_drops_buckets_and_samples_what_the_eager_loop_samples(tiny_llama, char_tokenizer,
+                                                                                   prompts, temperature, monkeypatch):
     monkeypatch.setattr(cuda_graphs, "MIN_BUCKET", 2)  # many buckets from a few rows: 15 rows -> 15, 8, 4, 2
     rows = _grpo_rows(prompts, G=4)[:15]
     limits = [2 + (5 * i) % 23 for i in range(len(rows))]
@@ -30,10 +30,10 @@ def test_fixed_shape_decode_drops_buckets_and_samples_what_the_eager_loop_sample
     hook = tiny_llama.register_forward_pre_hook(lambda m, a, kw: widths.append(kw["input_ids"].shape[0]),
                                                 with_kwargs=True)
     runs = {}
-    for static in (False, True):
+    for static, decoder in ((False, Decoder), (True, cuda_graphs.StaticDecoder)):
         widths.clear()
         runs[static] = generate(tiny_llama, rows, limits, char_tokenizer.pad_token_id, stops, temperature,
-                                generator=torch.Generator().manual_seed(3), static_cache=static)
+                                generator=torch.Generator().manual_seed(3), make_decoder=decoder)
         decode = widths[1:]
     hook.remove()
     eager, fixed = runs[False], runs[True]
@@ -45,7 +45,8 @@ def test_fixed_shape_decode_drops_buckets_and_samples_what_the_eager_loop_sample
     assert len(decode) == max(r.n_y for r in eager) - 1
 
 
-def test_a_failed_cuda_graph_capture_falls_back_to_eager_steps(tiny_llama, char_tokenizer, prompts, monkeypatch, capsys):
+def test_a_failed_cuda_graph_capture_falls_back_to_eager_steps(tiny_llama, char_tokenizer, prompts, monkeypatch,
+                                                                capsys):
     class Stream:  # torch.cuda's streams and graphs as a CPU-only machine would need them to get as far as a capture
         def wait_stream(self, other):
             pass
@@ -59,17 +60,18 @@ def test_a_failed_cuda_graph_capture_falls_back_to_eager_steps(tiny_llama, char_
     monkeypatch.setattr(torch.cuda, "current_stream", Stream)
     monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
     monkeypatch.setattr(torch.cuda, "CUDAGraph", FailingGraph)
-    real_init = cuda_graphs.StaticDecoder.__init__
+    real_prefill = cuda_graphs.StaticDecoder.prefill
 
-    def with_graphs(self, *args):
-        real_init(self, *args)
+    def with_graphs(self, *args, **kwargs):
+        logits = real_prefill(self, *args, **kwargs)
         self.graphs = {}  # as on a CUDA device
+        return logits
 
     rows, limits = _grpo_rows(prompts), [4 + i for i in range(12)]
     eager = generate(tiny_llama, rows, limits, char_tokenizer.pad_token_id, [], 1.0,
-                     generator=torch.Generator().manual_seed(5), static_cache=False)
-    monkeypatch.setattr(cuda_graphs.StaticDecoder, "__init__", with_graphs)
+                     generator=torch.Generator().manual_seed(5), make_decoder=Decoder)
+    monkeypatch.setattr(cuda_graphs.StaticDecoder, "prefill", with_graphs)
     fallback = generate(tiny_llama, rows, limits, char_tokenizer.pad_token_id, [], 1.0,
-                        generator=torch.Generator().manual_seed(5), static_cache=True)
+                        generator=torch.Generator().manual_seed(5), make_decoder=cuda_graphs.StaticDecoder)
     assert [r.tokens for r in fallback] == [r.tokens for r in eager]  # the step the capture failed on is not lost
     assert capsys.readouterr().err.count("decoding eagerly") == 1

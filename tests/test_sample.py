@@ -9,6 +9,7 @@ from hypothesis import given, strategies as st
 import data
 import model as model_lib
 import sample
+import shared_prompts
 from sample import Rollout, budget_forcing, generate, sequence_logprobs
 from tests.conftest import make_char_tokenizer, make_tiny_llama
 
@@ -74,15 +75,20 @@ def _grpo_rows(prompts, G=3):
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
-def test_prefix_sharing_compaction_and_static_cache_sample_the_same_tokens(tiny_llama, char_tokenizer, prompts, temperature):
+def test_prefix_sharing_compaction_and_static_cache_sample_the_same_tokens(tiny_llama, char_tokenizer, prompts,
+                                                                           temperature):
+    from bench import ablated  # the decoder with its speed-ups taken away, one by one
+
     rows = _grpo_rows(prompts)
     limits = [3 + 2 * i for i in range(len(rows))]  # rows finish at different steps
     runs = {}
     for flags in itertools.product((True, False), repeat=4):
         generator = torch.Generator().manual_seed(7)
+        speed_ups = dict(share_prefix=flags[0], compact=flags[1], static_cache=flags[2], grow_cache=flags[3])
         runs[flags] = generate(tiny_llama, rows, limits, char_tokenizer.pad_token_id, [], temperature,
-                               generator=generator, share_prefix=flags[0], compact=flags[1], static_cache=flags[2],
-                               grow_cache=flags[3])
+                               generator=generator, make_decoder=ablated(**speed_ups))
+    runs["default"] = generate(tiny_llama, rows, limits, char_tokenizer.pad_token_id, [], temperature,
+                               generator=torch.Generator().manual_seed(7))
     plain = runs[False, False, False, False]
     assert [r.n_y for r in plain] == limits
     for out in runs.values():
@@ -128,15 +134,17 @@ def test_the_growing_cache_holds_what_concatenation_holds_and_moves_only_when_it
 
 
 def test_compaction_feeds_only_live_rows_and_sharing_prefills_each_prompt_once(tiny_llama, char_tokenizer, prompts):
+    from bench import ablated
+
     rows = _grpo_rows(prompts)
     limits = [1 + i for i in range(len(rows))]
-    for share, compact in ((True, True), (False, False)):
+    for share, compact in ((True, True), (False, False)):  # generate's own decoder, and one without either
         widths = []  # rows in each forward pass
         hook = tiny_llama.register_forward_pre_hook(lambda m, a, kw: widths.append(kw["input_ids"].shape[0]),
                                                     with_kwargs=True)
         try:
-            generate(tiny_llama, rows, limits, char_tokenizer.pad_token_id, [], 1.0, share_prefix=share,
-                     compact=compact)
+            generate(tiny_llama, rows, limits, char_tokenizer.pad_token_id, [], 1.0,
+                     make_decoder=None if share else ablated(share_prefix=False, compact=False))
         finally:
             hook.remove()
         prefill, decode = widths[0], widths[1:]
@@ -168,7 +176,8 @@ def test_sampling_is_seeded_and_top_p_keeps_to_the_nucleus(tiny_llama, char_toke
     assert [r.tokens for r in run(3)] != [r.tokens for r in run(4)]
     # a nucleus this small holds only the top token: sampling is greedy and certain
     narrow = run(3, top_p=1e-6)
-    assert [r.tokens for r in narrow] == [r.tokens for r in _run(tiny_llama, prompts, char_tokenizer, 16, temperature=0)]
+    greedy = _run(tiny_llama, prompts, char_tokenizer, 16, temperature=0)
+    assert [r.tokens for r in narrow] == [r.tokens for r in greedy]
     assert all(lp == pytest.approx(0.0, abs=1e-6) for r in narrow for lp in r.logprobs)
 
 
@@ -182,7 +191,7 @@ def test_top_p_renormalises_over_the_nucleus():
 def test_chunked_logprobs_and_their_gradients_match_the_plain_computation(char_tokenizer, prompts):
     model = make_tiny_llama(char_tokenizer)
     ids, mask = _left_pad(prompts, char_tokenizer.pad_token_id)
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=sample.position_ids(mask)).logits
     plain = (logits[:, :-1].float() / 0.7).log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
     plain.sum().backward()
     expected = {n: p.grad.clone() for n, p in model.named_parameters()}
@@ -209,7 +218,7 @@ def _groups(prompts, seed=0):
 
 
 def _per_row(model, rows, rollouts, pad_id, temperature):
-    """Today's pass: each row its own prompt + response, left-padded (sample.pack), read at its response."""
+    """Each row its own prompt + response, left-padded (sample.pack), every position scored, read at its response."""
     ids, mask, resp_mask, _ = sample.pack(rows, rollouts, pad_id, "cpu")
     return sequence_logprobs(model, ids, mask, temperature)[:, -resp_mask.shape[1]:] * resp_mask, resp_mask
 
@@ -222,10 +231,10 @@ def test_the_shared_prompt_pass_gives_each_rows_log_probs_and_gradients(char_tok
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
     units = [list(range(j, j + 3)) for j in range(0, len(rows), 3)]  # each group's three rows, one micro-batch
-    inputs, shared_mask, old = sample.pack_shared(units, rows, rollouts, char_tokenizer.pad_token_id, "cpu")
+    inputs, shared_mask, old = shared_prompts.pack_shared(units, rows, rollouts, char_tokenizer.pad_token_id, "cpu")
     assert inputs["ids"].shape[0] == len(prompts)  # one sequence per group: each prompt once
     torch.testing.assert_close(shared_mask, resp_mask)
-    shared = sample.shared_logprobs(model, inputs, 0.7) * shared_mask
+    shared = sample.response_logprobs(model, inputs, 0.7) * shared_mask
     torch.testing.assert_close(shared, expected, atol=1e-5, rtol=1e-5)
     (shared * torch.linspace(-1, 1, len(rows))[:, None]).sum().backward()
     for name, p in model.named_parameters():
@@ -235,14 +244,51 @@ def test_the_shared_prompt_pass_gives_each_rows_log_probs_and_gradients(char_tok
     causal = torch.ones_like(seen_by_all).tril()
     broken = dict(inputs, mask=torch.zeros_like(inputs["mask"]).masked_fill(~(seen_by_all & causal), -1e30))
     with torch.no_grad():
-        assert not torch.allclose(sample.shared_logprobs(model, broken, 0.7) * shared_mask, expected, atol=1e-3)
+        assert not torch.allclose(sample.response_logprobs(model, broken, 0.7) * shared_mask, expected, atol=1e-3)
+
+
+def _loss_pass(model, micro, n_rows, width):
+    """Each row's response log-probs [n_rows, width] (right-aligned, 0 past the response), response mask and old
+    log-probs, from a pass over a step's LossBatches, and the gradient of a loss that weighs rows differently."""
+    model.zero_grad()
+    logp, masks, olds = (torch.zeros(n_rows, width) for _ in range(3))
+    weights = torch.linspace(-1, 1, n_rows)
+    for rows, inputs, resp_mask, old in micro:
+        row_logp = sample.response_logprobs(model, inputs, 0.7) * resp_mask  # [b, R]
+        (row_logp * weights[rows][:, None]).sum().backward()
+        R = resp_mask.shape[1]
+        logp[rows, -R:], masks[rows, -R:], olds[rows, -R:] = row_logp.detach(), resp_mask, old
+    return logp, masks, olds, {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def test_the_loss_pass_with_shared_prompts_is_the_plain_one(char_tokenizer, prompts):
+    """--share-prompts (shared_prompts.SharedBatches) against the plain pass (sample.LossBatches) over the same
+    rows of a step, some left out: every row once, the same log-probs, masks, old log-probs and gradients."""
+    model = make_tiny_llama(char_tokenizer, seed=3).train()
+    rows, rollouts = _groups(prompts, seed=1)
+    passed = [j for j in range(len(rows)) if j % 5 != 2]  # as rows of advantage 0 are left out
+    width = max(r.n_y for r in rollouts)
+    out = {}
+    for name, LossBatches in (("plain", sample.LossBatches), ("shared", shared_prompts.SharedBatches)):
+        micro = LossBatches(model, rows, rollouts, passed, 60, pad_id=char_tokenizer.pad_token_id)
+        assert sorted(j for rows_of, *_ in micro for j in rows_of) == passed and len(micro) > 1
+        out[name] = _loss_pass(model, micro, len(rows), width)
+    (plain, plain_mask, plain_old, plain_grads), (shared, shared_mask, shared_old, shared_grads) = out.values()
+    assert torch.equal(plain_mask, shared_mask) and torch.equal(plain_old, shared_old)
+    assert plain_mask[[j for j in range(len(rows)) if j not in passed]].sum() == 0
+    torch.testing.assert_close(shared, plain, atol=1e-5, rtol=1e-5)
+    for name in plain_grads:
+        torch.testing.assert_close(shared_grads[name], plain_grads[name], atol=1e-5, rtol=1e-4)
+    with torch.no_grad():  # the plain pass reads what a fresh forward pass over each row gives
+        expected, _ = _per_row(model, rows, rollouts, char_tokenizer.pad_token_id, 0.7)
+    torch.testing.assert_close(plain[passed], expected[passed][:, -width:], atol=1e-5, rtol=1e-5)
 
 
 @given(lengths=st.lists(st.integers(1, 40), min_size=1, max_size=12), prompt=st.integers(1, 30),
        group=st.integers(1, 4), max_tokens=st.integers(1, 120), per_key=st.sampled_from([0.0, 50.0, math.inf]))
 def test_share_prompts_keeps_groups_together_and_every_row_once(lengths, prompt, group, max_tokens, per_key):
     prompts = [[j // group] * prompt for j in range(len(lengths))]  # groups of `group` rows share a prompt
-    micro = sample.share_prompts(prompts, lengths, max_tokens, per_key)
+    micro = shared_prompts.share_prompts(prompts, lengths, max_tokens, per_key)
     assert sorted(j for units in micro for u in units for j in u) == list(range(len(lengths)))
     for units in micro:
         sizes = [prompt + sum(lengths[j] for j in u) for u in units]
@@ -256,10 +302,11 @@ def test_share_prompts_keeps_groups_together_and_every_row_once(lengths, prompt,
 
 def test_share_prompts_shares_a_long_prompt_and_not_a_short_one_before_long_responses():
     config = make_tiny_llama(make_char_tokenizer()).config  # hidden 64, kv 32, intermediate 128: 288 per key
-    assert sample.linear_per_key(config) == 64 + 32 + 1.5 * 128
-    long_prompt = sample.share_prompts([[1] * 200] * 4, [20] * 4, 4096, sample.linear_per_key(config))
+    per_key = shared_prompts.linear_per_key(config)
+    assert per_key == 64 + 32 + 1.5 * 128
+    long_prompt = shared_prompts.share_prompts([[1] * 200] * 4, [20] * 4, 4096, per_key)
     assert [len(u) for units in long_prompt for u in units] == [4]  # 200 prompt tokens once, not four times
-    short_prompt = sample.share_prompts([[1] * 5] * 4, [500] * 4, 4096, sample.linear_per_key(config))
+    short_prompt = shared_prompts.share_prompts([[1] * 5] * 4, [500] * 4, 4096, per_key)
     assert [len(u) for units in short_prompt for u in units] == [1, 1, 1, 1]  # 5 tokens saved, 500^2 pairs lost
 
 
@@ -268,7 +315,8 @@ def test_share_prompts_shares_a_long_prompt_and_not_a_short_one_before_long_resp
     (lambda m, t, p: generate(m, [p[0], []], 4, t.pad_token_id, []), "no empty prompt"),
     (lambda m, t, p: generate(m, p, 0, t.pad_token_id, []), "max_new_tokens must be positive"),
     (lambda m, t, p: generate(m, p, [4, 4, -1, 4], t.pad_token_id, []), "max_new_tokens must be positive"),
-    (lambda m, t, p: generate(m, p, 4, t.pad_token_id, [], temperature=-0.1), "temperature must be a finite number >= 0"),
+    (lambda m, t, p: generate(m, p, 4, t.pad_token_id, [], temperature=-0.1),
+     "temperature must be a finite number >= 0"),
     (lambda m, t, p: generate(m, p, 4, t.pad_token_id, [], top_p=0.0), r"top_p must be in \(0, 1\]"),
     (lambda m, t, p: generate(m, p, 4, t.pad_token_id, [], top_p=1.5), r"top_p must be in \(0, 1\]"),
     (lambda m, t, p: generate(m, [p[0] * 100], 4, t.pad_token_id, []), "more than the model's context of 512"),
@@ -277,6 +325,34 @@ def test_share_prompts_shares_a_long_prompt_and_not_a_short_one_before_long_resp
 def test_bad_generation_arguments(tiny_llama, char_tokenizer, prompts, call, message):
     with pytest.raises(ValueError, match=message):
         call(tiny_llama, char_tokenizer, prompts)
+
+
+def test_roll_out_draws_generates_judges_and_rewards_by_seed_and_step(tiny_llama, char_tokenizer):
+    import reward
+    from tests.conftest import tiny_config
+
+    cfg = tiny_config("unused", n_min=4, n_max=12, group_size=3, prompts_per_step=2, max_new_tokens=12, mode="mix")
+    problems = data.builtin_problems("train", 10)
+    batch = sample.roll_out(cfg, 5, tiny_llama, char_tokenizer, problems)
+    assert len(batch.rollouts) == len(batch.prompt_ids) == len(batch.rewards) == 6
+    for j in range(6):  # G rows in a row for each prompt, each its own sample of it
+        first = j - j % 3
+        assert batch.prompt_ids[j] == batch.prompt_ids[first] and batch.problems[j] is batch.problems[first]
+        n_gold, mode = batch.targets[j]
+        assert f"Think for {'maximum ' if mode == 'max' else ''}{n_gold} tokens." in char_tokenizer.decode(
+            batch.prompt_ids[j])
+        r = batch.rollouts[j]
+        text = char_tokenizer.decode(r.tokens, skip_special_tokens=True)
+        assert batch.correct[j] == reward.judge(text, batch.problems[j].answer, batch.problems[j].multiple_choice, True,
+                                               cfg.boxed_only)
+        assert batch.rewards[j] == reward.lcpo_reward(batch.correct[j], r.n_y, n_gold, mode, cfg.alpha, cfg.delta)
+        assert r.n_y <= 12
+    again, other = (sample.roll_out(cfg, step, tiny_llama, char_tokenizer, problems) for step in (5, 6))
+    assert [r.tokens for r in again.rollouts] == [r.tokens for r in batch.rollouts]  # seeded by (seed, step)
+    assert again.rng.random() == batch.rng.random()  # and it hands on its random numbers where the draw left them
+    assert [r.tokens for r in other.rollouts] != [r.tokens for r in batch.rollouts]
+    short = sample.roll_out(cfg, 5, tiny_llama, char_tokenizer, problems, max_new_tokens=2)
+    assert short.prompt_ids == batch.prompt_ids and max(r.n_y for r in short.rollouts) <= 2
 
 
 # -----------------------------------------------------------------------------
@@ -405,8 +481,8 @@ def test_budget_forcing_at_fixed_shapes_as_on_a_gpu(stops_often, char_tokenizer,
     monkeypatch.setattr(cuda_graphs, "MIN_BUCKET", 2)
     rows = _grpo_rows(prompts, G=3)
     runs = []
-    for static in (False, True):
-        monkeypatch.setattr(sample, "generate", functools.partial(generate, static_cache=static))
+    for decoder in (sample.Decoder, cuda_graphs.StaticDecoder):
+        monkeypatch.setattr(sample, "generate", functools.partial(generate, make_decoder=decoder))
         runs.append(budget_forcing(stops_often, char_tokenizer, rows, 40, 0.3, answer_tokens=8,
                                    generator=torch.Generator().manual_seed(2)))
     same_rollouts(*runs)

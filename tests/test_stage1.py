@@ -60,6 +60,28 @@ def test_length_steps_roll_out_the_untrained_model_whatever_the_adapter(learnabl
         first_responses("length-trained", length_steps=1, init_adapter=str(trained))
 
 
+def test_a_length_step_and_an_lcpo_step_learn_from_the_same_roll_out(learnable_model_dir, tmp_path, monkeypatch):
+    # both start with sample.roll_out (draw, generate, judge, reward) and log what it gave; the length step caps
+    # its responses at n_max (and rolls out with the adapter off: the test after this one)
+    calls, real = [], sample.roll_out
+
+    def recording(cfg, step, sampler, tokenizer, problems, **kwargs):
+        batch = real(cfg, step, sampler, tokenizer, problems, **kwargs)
+        calls.append((step, kwargs.get("max_new_tokens"), batch))
+        return batch
+
+    monkeypatch.setattr(sample, "roll_out", recording)
+    cfg = tiny_config(learnable_model_dir, n_min=4, n_max=12, length_steps=1, steps=2, sample_every=1)
+    run = train.train(cfg, tmp_path / "run")
+    assert [(step, cap) for step, cap, _ in calls] == [(0, 12), (1, None)]
+    tokenizer = model_lib.load_tokenizer(str(learnable_model_dir))
+    logged = [json.loads(line)["examples"] for line in (run / "samples.jsonl").read_text().splitlines()]
+    for (_, _, batch), examples, metrics in zip(calls, logged, read_metrics(run)):
+        assert examples == sample.examples(tokenizer, batch, every=cfg.group_size)
+        assert metrics["reward_mean"] == pytest.approx(sum(batch.rewards) / len(batch.rewards), abs=1e-6)
+        assert metrics["mean_n_y"] == sum(r.n_y for r in batch.rollouts) / len(batch.rollouts)
+
+
 def test_stop_loss_scores_the_length_and_holds_the_text_apart_from_the_stop(char_tokenizer, monkeypatch):
     import contextlib
     import copy
@@ -183,7 +205,8 @@ def test_probe_scores_reward_the_stop_where_n_says_and_not_a_length_bias():
     shorter_when_asked_less = torch.tensor([[[-1.0, -1, -1], [-2, -2, -2], [-3, -3, -3]]])
     s = stage1.probe_scores(reads_n)
     assert s["accuracy"] == 1.0 and s["margin"] == pytest.approx(5.0) and s["chance"] == pytest.approx(1 / 3)
-    s = stage1.probe_scores(shorter_when_asked_less)  # the stop rises for small N at every cut: right at one cut of three
+    # the stop rises for small N at every cut: right at one cut of three
+    s = stage1.probe_scores(shorter_when_asked_less)
     assert s["accuracy"] == pytest.approx(1 / 3) and s["margin"] == pytest.approx(0.0)
     assert s["matrix"] == shorter_when_asked_less[0].tolist()
 

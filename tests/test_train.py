@@ -151,6 +151,25 @@ def test_rows_of_equal_reward_groups_are_not_passed_and_the_update_is_the_same(l
     assert any(a[k].abs().sum() > 0 for k in a if k.endswith("lora_B.weight"))  # the update moved the adapter
 
 
+def test_a_step_without_shared_prompts_learns_what_it_learns_with_them(learnable_model_dir, tmp_path):
+    # --no-share-prompts: each response its own row (sample.LossBatches); the default computes each group's prompt
+    # once (shared_prompts.py). The same rollouts, the same loss, KL, ratio and gradient, to float rounding
+    from safetensors.torch import load_file
+
+    out = {}
+    for share in (True, False):
+        cfg = tiny_config(learnable_model_dir, steps=1, sample_every=1, share_prompts=share)
+        run = train.train(cfg, tmp_path / f"share-{share}")
+        out[share] = (read_metrics(run)[0], (run / "samples.jsonl").read_text(),
+                      load_file(model_lib.find_adapter(run) / "adapter_model.safetensors"))
+    (shared, shared_samples, a), (plain, plain_samples, b) = out[True], out[False]
+    assert shared_samples == plain_samples and shared["passed_rows"] == plain["passed_rows"] > 0
+    for key in ("loss", "kl", "ratio_mean", "clip_fraction", "grad_norm", "reward_mean"):
+        assert shared[key] == pytest.approx(plain[key], rel=1e-4, abs=1e-7), key
+    assert all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)  # Adam's first step: see the test above
+    assert any(a[k].abs().sum() > 0 for k in a if k.endswith("lora_B.weight"))
+
+
 def _loss_pass_peak(model_dir, prompts: int, monkeypatch) -> float:
     """Peak bytes allocated during one train_step whose rollouts are given (G = 8 responses of 96 tokens to each
     prompt), from torch.profiler's memory events: what the loss pass holds at once."""
@@ -162,12 +181,12 @@ def _loss_pass_peak(model_dir, prompts: int, monkeypatch) -> float:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr)
     tokens = torch.randint(10, len(tokenizer), (96,)).tolist()  # no special token: never an EOS
-    monkeypatch.setattr(sample, "generate_in_batches",
-                        lambda policy, rows, *a: [sample.Rollout(tokens, [-4.0] * 96, "length") for _ in rows])
+    rollouts = lambda sampler, prompts, *a, **k: [sample.Rollout(tokens, [-4.0] * 96, "length") for _ in prompts]
+    monkeypatch.setattr(sample, "generate_in_batches", rollouts)
     problems = data.builtin_problems("train", prompts)
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        metrics, _ = train.train_step(cfg, 0, model, tokenizer, optimizer, params, problems, False,
-                                      torch.device("cpu"), model)
+        metrics, _ = train.train_step(cfg, 0, model, tokenizer, optimizer, params, problems, torch.device("cpu"),
+                                      model)
     assert metrics["passed_rows"] == 8 * prompts  # every row through the loss pass (a fresh adapter: no update)
     allocated = peak = 0
     for event in sorted(prof.events(), key=lambda e: e.time_range.start):  # allocations and frees, in order
@@ -234,7 +253,8 @@ def test_a_checkpoint_interrupted_while_written_never_replaces_the_good_one(lear
         return real_save(obj, path, *args, **kwargs)
 
     monkeypatch.setattr(torch, "save", save_then_die)
-    with pytest.raises(RuntimeError, match=r"^cannot save the checkpoint of step 4 in .*run \(No space left on device\): "
+    with pytest.raises(RuntimeError, match=r"^cannot save the checkpoint of step 4 in .*run "
+                       r"\(No space left on device\): "
                        r"step-000002 is kept as it was; free space, then the same command continues from there$"):
         train.train(cfg, tmp_path / "run")
     checkpoints = tmp_path / "run" / "checkpoints"
@@ -446,7 +466,8 @@ def test_resume_may_change_the_length_and_memory_knobs(tmp_path):
 
 
 def test_presets_and_flags():
-    cfg, run_dir, resume = train.parse_args(["--preset", "l1-exact", "--lr", "2e-5", "--no-quantize", "--run-name", "x"])
+    cfg, run_dir, resume = train.parse_args(["--preset", "l1-exact", "--lr", "2e-5", "--no-quantize",
+                                             "--run-name", "x"])
     assert (cfg.group_size, cfg.n_min, cfg.n_max, cfg.temperature, cfg.max_new_tokens) == (16, 100, 4000, 0.6, 4096)
     assert (cfg.lr, cfg.quantize, cfg.boxed_only, resume) == (2e-5, False, True, False)
     assert run_dir.name == "x"
