@@ -842,7 +842,7 @@ def main(argv: list[str] | None = None) -> None:
                 try:
                     result = dict(fits=True, **bench_train(args, model_name, device, preset))
                 except torch.cuda.OutOfMemoryError as e:  # the answer, not a failure of the benchmark
-                    result = dict(fits=False, error=str(e).splitlines()[0])
+                    result = dict(fits=False, error=data.first_line(e))
                 # the cap limits what the allocator reserves; a card also holds the CUDA context
                 result.update(memory_cap_gb=args.memory_cap_gb,
                               peak_reserved_mb=torch.cuda.max_memory_reserved(device) / 2**20,

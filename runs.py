@@ -34,7 +34,7 @@ import sample
 
 # what a resumed run may change (its length, bookkeeping, memory and speed); any other setting makes another run
 RESUMABLE = ("steps", "save_every", "keep_checkpoints", "sample_every", "max_bad_steps", "micro_batch_tokens",
-             "rollout_batch", "rollout_copy", "gradient_checkpointing", "out_dir", "run_name")
+             "rollout_batch", "rollout_copy", "share_prompts", "gradient_checkpointing", "out_dir", "run_name")
 REMOVED = {"budget_marker": 0, "budget_in": "user", "n_min_steps": 0, "ends_steps": 0, "warmup_steps": 0,
            "lora_dropout": 0.0}  # settings of older runs, gone since: a run that left them at these values resumes
 

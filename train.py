@@ -312,7 +312,7 @@ def restore(optimizer, state: dict) -> None:
         torch.set_rng_state(state["torch_rng"])
     except (ValueError, KeyError, TypeError, RuntimeError) as e:
         raise ValueError(f"the optimizer or RNG state of {state['adapter'].parent} does not fit its adapter "
-                         f"({type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}): "
+                         f"({type(e).__name__}: {data.first_line(e)}): "
                          f"delete that checkpoint to resume from the one before it") from None
 
 
