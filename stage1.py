@@ -186,20 +186,31 @@ def length_step(cfg, step: int, model, tokenizer, optimizer, params, problems, d
 # how often each written-out solution is learnt, finest first (data.TOTALS_GRANULARITIES: one number a step, two,
 # three, the answer alone): mostly fine steps, so that the reasoner left alone is accurate; the coarser ones stay
 # in its repertoire, so that a short budget has something shorter to choose
-SOLUTION_MIX = (0.55, 0.15, 0.15, 0.15)
+SOLUTION_MIX = (0.85, 0.05, 0.05, 0.05)
+# the share of solutions that go on to check themselves, as R1's traces do: sample.WAIT, CHECK, then the finest
+# solution again. A way to spend more tokens on a problem, and what a model forced to think on (S1) then writes
+CHECK_SHARE = 0.3
+CHECK = ", let me check. "
 
 
 def distill_step(cfg, step: int, model, tokenizer, optimizer, params, problems, device, progress=None):
     """One step of distillation (--distill-steps), in train.py's place: cross-entropy on a written-out solution
     and its stop token, after the paper's prompt with N drawn as train_step draws it; the solution does not depend
     on N (as R1's reasoning, distilled into the paper's starting model, did not). Each problem's solution is one
-    of its granularities, drawn by SOLUTION_MIX. Only the solution's positions go through the lm_head."""
+    of its granularities, drawn by SOLUTION_MIX, and a share of them then check themselves (CHECK_SHARE). Only the
+    solution's positions go through the lm_head."""
     rng = random.Random(sample.step_seed(cfg.seed, step))
     batch, targets = data.draw_batch(problems, cfg.prompts_per_step, cfg.n_min, cfg.n_max, cfg.mode, rng,
                                      cfg.targets_per_problem)
     prompts = [data.lcpo_prompt(tokenizer, p, n, m) for p, (n, m) in zip(batch, targets)]
     solutions = [rng.choices(p.solutions, weights=SOLUTION_MIX[:len(p.solutions)])[0] for p in batch]
-    answers = [tokenizer.encode(s, add_special_tokens=False) + [tokenizer.eos_token_id] for s in solutions]
+    checks = [rng.random() < CHECK_SHARE for _ in batch]
+    wait = tokenizer.encode(sample.WAIT, add_special_tokens=False)  # its own tokens, as S1 inserts them
+    answers = [tokenizer.encode(s, add_special_tokens=False)
+               + (wait + tokenizer.encode(CHECK + p.solutions[0], add_special_tokens=False) if check else [])
+               + [tokenizer.eos_token_id] for s, p, check in zip(solutions, batch, checks)]
+    solutions = [s + (sample.WAIT + CHECK + p.solutions[0] if check else "")  # as text, for samples.jsonl
+                 for s, p, check in zip(solutions, batch, checks)]
     responses = [sample.Rollout(a, [0.0] * len(a), "eos") for a in answers]  # [P]: what the model must say
     tokens = sum(map(len, answers))
 

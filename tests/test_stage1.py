@@ -221,7 +221,10 @@ def test_length_steps_with_no_row_to_learn_say_so_then_stop_the_run(learnable_mo
     assert [(m["updated"], m["length_rows"], m["grad_norm"]) for m in metrics] == [(False, 0, 0.0)] * 2
 
 
-def test_a_distillation_step_is_the_cross_entropy_of_a_written_out_solution_and_its_stop(char_tokenizer, monkeypatch):
+@pytest.mark.parametrize("check_share", [0.0, 1.0])
+def test_a_distillation_step_is_the_cross_entropy_of_a_written_out_solution_and_its_stop(char_tokenizer, monkeypatch,
+                                                                                       check_share):
+    monkeypatch.setattr(stage1, "CHECK_SHARE", check_share)  # none, or every solution checks itself after "Wait"
     model = make_tiny_llama(char_tokenizer, seed=2)
     params = list(model.parameters())
     optimizer = torch.optim.SGD(params, lr=0.0)
@@ -239,14 +242,17 @@ def test_a_distillation_step_is_the_cross_entropy_of_a_written_out_solution_and_
         text = char_tokenizer.decode(prompt)
         n = int(text.split("Think for ")[1].split(" tokens.")[0])
         problem = next(p for p in problems if p.problem in text)
-        assert 5 <= n <= 50 and char_tokenizer.decode(solution[:-1]) in problem.solutions
+        first, wait, check = char_tokenizer.decode(solution[:-1]).partition(sample.WAIT + stage1.CHECK)
+        assert 5 <= n <= 50 and first in problem.solutions
+        assert (check == problem.solutions[0]) if check_share else not wait  # the check: the finest solution again
         assert solution[-1] == char_tokenizer.eos_token_id
         with torch.no_grad():
             logits = model(torch.tensor([prompt + solution])).logits[0, len(prompt) - 1:-1]
         nll -= logits.log_softmax(-1).gather(-1, torch.tensor(solution)[:, None]).sum().item()
     assert metrics["loss"] == pytest.approx(nll / metrics["solution_tokens"], rel=1e-4)
     assert metrics["updated"] and metrics["grad_norm"] > 0
-    assert all(any(e["response"] in p.solutions for p in problems) for e in examples) and examples
+    said = [e["response"].partition(sample.WAIT)[0] for e in examples]
+    assert all(any(s in p.solutions for p in problems) for s in said) and examples
 
 
 def test_distillation_steps_come_first_then_lcpo_and_need_problems_with_solutions(learnable_model_dir, tmp_path):
