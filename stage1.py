@@ -205,12 +205,12 @@ def distill_step(cfg, step: int, model, tokenizer, optimizer, params, problems, 
     prompts = [data.lcpo_prompt(tokenizer, p, n, m) for p, (n, m) in zip(batch, targets)]
     solutions = [rng.choices(p.solutions, weights=SOLUTION_MIX[:len(p.solutions)])[0] for p in batch]
     checks = [rng.random() < CHECK_SHARE for _ in batch]
-    wait = tokenizer.encode(sample.WAIT, add_special_tokens=False)  # its own tokens, as S1 inserts them
-    answers = [tokenizer.encode(s, add_special_tokens=False)
-               + (wait + tokenizer.encode(CHECK + p.solutions[0], add_special_tokens=False) if check else [])
-               + [tokenizer.eos_token_id] for s, p, check in zip(solutions, batch, checks)]
-    solutions = [s + (sample.WAIT + CHECK + p.solutions[0] if check else "")  # as text, for samples.jsonl
-                 for s, p, check in zip(solutions, batch, checks)]
+    pieces = [[s] + ([sample.WAIT, CHECK + p.solutions[0]] if check else [])
+              for s, p, check in zip(solutions, batch, checks)]
+    # each piece tokenised alone: "Wait" gets its own tokens, as S1 inserts them
+    answers = [sum((tokenizer.encode(x, add_special_tokens=False) for x in said), []) + [tokenizer.eos_token_id]
+               for said in pieces]
+    solutions = ["".join(said) for said in pieces]  # as text, for samples.jsonl
     responses = [sample.Rollout(a, [0.0] * len(a), "eos") for a in answers]  # [P]: what the model must say
     tokens = sum(map(len, answers))
 
