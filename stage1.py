@@ -20,7 +20,6 @@ of whether a model reads N.
 """
 
 import random
-import time
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -214,31 +213,26 @@ def distill_step(cfg, step: int, model, tokenizer, optimizer, params, problems, 
     responses = [sample.Rollout(a, [0.0] * len(a), "eos") for a in answers]  # [P]: what the model must say
     tokens = sum(map(len, answers))
 
-    t0 = time.perf_counter()
     model.train()
     micro = sample.micro_batches([len(p) + len(a) for p, a in zip(prompts, answers)], cfg.micro_batch_tokens)
-    if progress is not None:
-        progress.unit = "micro-batch"
-        progress.reset(total=len(micro))
+    log = sample.StepLog(device, progress, micro_batches=len(micro))
     optimizer.zero_grad(set_to_none=True)
-    nll = 0.0
     for idx in micro:
         ids, mask, resp_mask, _ = sample.pack([prompts[j] for j in idx], [responses[j] for j in idx],
                                               tokenizer.pad_token_id, device)  # [b, T], [b, T], [b, R]
         logp = sample.sequence_logprobs(model, ids, mask, last=resp_mask.shape[1])  # [b, R]
         loss = -(logp * resp_mask).sum() / tokens  # the mean over every solution token of the step
         loss.backward()
-        nll += loss.item()
-        if progress is not None:
-            progress.update()
-    t_opt = time.perf_counter()
+        log.add(loss=loss)
+    log.lap("policy")
     grad_norm = model_lib.optimizer_step(optimizer, params, cfg.grad_clip)
-    train_s = time.perf_counter() - t0
-    metrics = dict(step=step, updated=bool(grad_norm), loss=nll, solution_tokens=tokens,
+    log.lap("optimizer")
+    metrics = dict(step=step, updated=bool(grad_norm), loss=log.sums["loss"], solution_tokens=tokens,
                    mean_n_y=tokens / len(answers), mean_n_gold=sum(n for n, _ in targets) / len(targets),
                    passed_rows=len(answers), grad_norm=grad_norm if grad_norm is not None else float("nan"),
-                   train_tokens_per_s=tokens / train_s, peak_memory_mb=model_lib.peak_memory_mb(device),
-                   rollout_s=0.0, reference_s=0.0, policy_s=t_opt - t0, optimizer_s=time.perf_counter() - t_opt)
+                   train_tokens_per_s=tokens / sum(log.seconds.values()),
+                   peak_memory_mb=model_lib.peak_memory_mb(device), rollout_s=0.0, reference_s=0.0,
+                   policy_s=log.seconds["policy"], optimizer_s=log.seconds["optimizer"])
     examples = [dict(prompt=tokenizer.decode(prompts[j]), response=solutions[j], n_y=len(answers[j]),
                      n_gold=targets[j][0]) for j in range(0, len(batch), max(1, cfg.group_size))]
     return metrics, examples
