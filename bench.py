@@ -531,7 +531,7 @@ def bench_loss(args, device) -> dict:
                 longest = max(r.n_y for r in rollouts)
                 t, logps, tokens = time.perf_counter(), torch.zeros(len(rows), longest, device=device), 0
                 for idx, inputs, resp_mask, _ in micro:
-                    logp = sample.response_logprobs(model, inputs) * resp_mask
+                    logp = micro.logprobs(model, inputs, 1.0) * resp_mask
                     logp.sum().backward()
                     tokens += inputs["ids"].numel()
                     logps[idx, -logp.shape[1]:] = logp.detach()

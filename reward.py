@@ -54,9 +54,7 @@ def exact_reward(correct: bool, n_y: int, n_gold: int, alpha: float = ALPHA_EXAC
     return float(correct) - alpha * abs(n_gold - n_y)
 
 
-def max_reward(
-    correct: bool, n_y: int, n_gold: int, alpha: float = ALPHA_MAX, delta: float = DELTA_MAX
-) -> float:
+def max_reward(correct: bool, n_y: int, n_gold: int, alpha: float = ALPHA_MAX, delta: float = DELTA_MAX) -> float:
     """LCPO-Max: r = correct * clip(delta + alpha * (n_gold - n_y), 0, 1).
 
     A correct answer earns delta at the budget, more when shorter, less when longer, and nothing
@@ -65,14 +63,8 @@ def max_reward(
     return float(correct) * min(1.0, max(0.0, delta + alpha * (n_gold - n_y)))
 
 
-def lcpo_reward(
-    correct: bool,
-    n_y: int,
-    n_gold: int | None,
-    mode: str,
-    alpha: float | None = None,
-    delta: float = DELTA_MAX,
-) -> float:
+def lcpo_reward(correct: bool, n_y: int, n_gold: int | None, mode: str, alpha: float | None = None,
+                delta: float = DELTA_MAX) -> float:
     """The reward of one response: Exact or Max by the prompt's mode, plain correctness without a target.
 
     alpha=None takes the mode's own default (0.0003 for exact, 0.001 for max).

@@ -21,9 +21,11 @@ import re
 import shutil
 import signal
 import sys
+import time
 import typing
 import warnings
 import zlib
+from collections import defaultdict
 from pathlib import Path
 
 import torch
@@ -305,6 +307,74 @@ def setting(path: Path, field: dataclasses.Field, value):
     wanted = " or ".join("null" if k is type(None) else k.__name__ for k in kinds)
     raise ValueError(f"{path} is damaged: its {field.name} is {value!r}, not {wanted}; correct it (the default is "
                      f"{field.default!r}), or start a new run")
+
+
+# -----------------------------------------------------------------------------
+# a step's records, apart from the algorithm: its timings and sums, its metrics, its examples
+
+
+class StepLog:
+    """The seconds of each phase of a step (`lap`), sums over its micro-batches (`add`), and its progress bar
+    (a tqdm bar, or None), which counts the micro-batches."""
+
+    def __init__(self, device, progress=None, micro_batches: int = 0):
+        self.device, self.progress, self.last = device, progress, time.perf_counter()
+        self.seconds, self.sums = defaultdict(float), defaultdict(float)
+        if progress is not None:
+            progress.unit = "micro-batch"
+            progress.reset(total=micro_batches)
+
+    def lap(self, phase: str) -> None:
+        """The end of a phase (and of the device's work queued in it): its seconds add to the phase's."""
+        model_lib.synchronize(self.device)
+        now = time.perf_counter()
+        self.seconds[phase] += now - self.last
+        self.last = now
+
+    def add(self, **values: torch.Tensor) -> None:
+        """A micro-batch's values, each summed into its own sum; the bar moves on by one micro-batch."""
+        for key, value in values.items():
+            self.sums[key] += value.sum().item()
+        if self.progress is not None:
+            self.progress.update()
+
+
+def length_slope(n_gold: list[int], n_y: list[int]) -> float | None:
+    """Least-squares slope of the response length on the target: 1 follows N, 0 ignores it.
+
+    The number that says whether LCPO is working (the length error also falls for a model that
+    learns one middle length). None when every target is the same.
+
+        >>> length_slope([32, 64, 128], [40, 72, 136]), length_slope([32, 128], [60, 60])
+        (1.0, 0.0)
+        >>> length_slope([32, 32], [9, 70]) is None
+        True
+    """
+    mean_g, mean_y = sum(n_gold) / len(n_gold), sum(n_y) / len(n_y)
+    var_g = sum((g - mean_g) ** 2 for g in n_gold)
+    return sum((g - mean_g) * (y - mean_y) for g, y in zip(n_gold, n_y)) / var_g if var_g else None
+
+
+def rollout_metrics(batch: sample.Batch) -> dict:
+    """What a step's rollouts did: reward, accuracy, and how their lengths follow their targets (n_gold, mode);
+    within_budget is over the Max prompts' responses."""
+    rewards = torch.tensor(batch.rewards, dtype=torch.float32)
+    n_y, n_gold = [r.n_y for r in batch.rollouts], [n for n, _ in batch.targets]
+    under = [y <= g for y, (g, mode) in zip(n_y, batch.targets) if mode == "max"]
+    sampled = [lp for r in batch.rollouts for lp in r.logprobs if math.isfinite(lp)]  # the model's own tokens
+    return dict(reward_mean=rewards.mean().item(), reward_std=rewards.std().item(),
+                accuracy=sum(batch.correct) / len(batch.correct), mean_n_gold=sum(n_gold) / len(n_gold),
+                mean_n_y=sum(n_y) / len(n_y), length_error=sum(abs(y - g) / g for y, g in zip(n_y, n_gold)) / len(n_y),
+                length_slope=length_slope(n_gold, n_y), within_budget=sum(under) / len(under) if under else None,
+                stopped_by_length=sum(r.finish == "length" for r in batch.rollouts) / len(batch.rollouts),
+                entropy_proxy=-sum(sampled) / max(1, len(sampled)))  # mean -log p of the sampled tokens
+
+
+def examples(tokenizer, batch: sample.Batch, every: int) -> list[dict]:
+    """Every `every`-th response of a step as text, with its prompt, length, target and reward: samples.jsonl."""
+    return [dict(prompt=tokenizer.decode(batch.prompt_ids[j]), response=tokenizer.decode(batch.rollouts[j].tokens),
+                 n_y=batch.rollouts[j].n_y, n_gold=batch.targets[j][0], correct=batch.correct[j],
+                 reward=batch.rewards[j]) for j in range(0, len(batch.rollouts), every)]
 
 
 # -----------------------------------------------------------------------------

@@ -14,8 +14,8 @@ speed-ups sit one call away from the loop: the KV cache grown in place (`growing
 step replayed from CUDA graphs (cuda_graphs.py).
 
 Around the loop, what a training step does with rollouts: `roll_out` (draw the problems and targets, roll
-out, judge, reward), the loss pass's micro-batches (`LossBatches`) and their log-probs (`response_logprobs`),
-and the step's bookkeeping (`StepLog`, `rollout_metrics`, `examples`). S1 budget forcing is `budget_forcing`.
+out, judge, reward), the loss pass's micro-batches (`LossBatches`) and their log-probs (`LossBatches.logprobs`),
+S1 budget forcing is `budget_forcing`; a step's bookkeeping is in runs.py.
 """
 
 import argparse
@@ -24,7 +24,6 @@ import random
 import signal
 import sys
 import time
-from collections import defaultdict
 from dataclasses import dataclass
 
 if __name__ == "__main__":  # Ctrl-C while the libraries below load: quit quietly, as at any time
@@ -359,25 +358,11 @@ def pack(prompts: list[list[int]], rollouts: list[Rollout], pad_id: int, device)
     return ids, mask, resp_mask.to(device), old.to(device)
 
 
-def loss_inputs(prompts: list[list[int]], rollouts: list[Rollout], pad_id: int, device):
-    """pack's rows as response_logprobs reads them: (inputs, response mask [b, R], old log-probs [b, R]).
-
-    inputs: ids, positions and attention mask [b, T]; for each response token, the row and column of the hidden
-    state that predicts it (the one before it) and the token itself, [b, R] each.
-    """
-    ids, mask, resp_mask, old = pack(prompts, rollouts, pad_id, device)
-    (b, T), R = ids.shape, resp_mask.shape[1]
-    inputs = dict(ids=ids, positions=position_ids(mask), mask=mask,
-                  unit_of=torch.arange(b, device=device)[:, None].expand(b, R),
-                  column=torch.arange(T - R - 1, T - 1, device=device).expand(b, R), targets=ids[:, T - R:])
-    return inputs, resp_mask, old
-
-
 class LossBatches:
     """A step's responses `rows` (indices) for the loss pass, in micro-batches of at most max_tokens padded
-    tokens (micro_batches). Iterating gives, for each micro-batch, (its rows, inputs for response_logprobs,
-    response mask [b, R], old log-probs [b, R]), built when it is reached, so that one micro-batch's tensors
-    are alive at a time; iterate it once per pass. shared_prompts.SharedBatches gives the same, faster."""
+    tokens (micro_batches). Iterating gives, for each micro-batch, (its rows, inputs for `logprobs`, response
+    mask [b, R], old log-probs [b, R]), built when it is reached, so that one micro-batch's tensors are alive at
+    a time; iterate it once per pass. shared_prompts.SharedBatches gives the same, faster."""
 
     def __init__(self, model, prompts: list[list[int]], rollouts: list[Rollout], rows: list[int], max_tokens: int,
                  pad_id: int):
@@ -391,17 +376,27 @@ class LossBatches:
 
     def __iter__(self):
         for rows in self.micro:
-            yield rows, *loss_inputs([self.prompts[j] for j in rows], [self.rollouts[j] for j in rows], self.pad_id,
-                                     self.device)
+            ids, mask, resp_mask, old = pack([self.prompts[j] for j in rows], [self.rollouts[j] for j in rows],
+                                             self.pad_id, self.device)
+            yield rows, dict(ids=ids, mask=mask, response_width=resp_mask.shape[1]), resp_mask, old
+
+    @staticmethod
+    def logprobs(model, inputs: dict, temperature: float) -> torch.Tensor:
+        """The log-prob of each response token of a micro-batch, at the sampling temperature, [b, R], as generate
+        scored it (padding where the response mask is 0): one forward pass over prompt + response (pack puts every
+        response at the end of its row), the lm_head on the response tokens only."""
+        return sequence_logprobs(model, inputs["ids"], inputs["mask"], temperature, last=inputs["response_width"])
 
 
-def response_logprobs(model, inputs: dict, temperature: float = 1.0) -> torch.Tensor:
-    """Log-prob of each response token of a micro-batch (LossBatches's), at the sampling temperature: [b, R], as
-    generate scored it (padding where the response mask is 0). One forward pass, then the lm_head on the
-    response tokens' hidden states only."""
-    hidden = model.get_decoder()(input_ids=inputs["ids"], attention_mask=inputs["mask"],
-                                 position_ids=inputs["positions"], use_cache=False).last_hidden_state  # [u, T, H]
-    return token_logprobs(model, hidden[inputs["unit_of"], inputs["column"]], inputs["targets"], temperature)
+def sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, temperature: float = 1.0,
+                      chunk: int = LOGPROB_TOKENS, last: int | None = None) -> torch.Tensor:
+    """Log-prob of each token given the ones before it, at the sampling temperature: [B, T-1]; with `last`,
+    of the last `last` tokens only, [B, last] (the lm_head runs only there: a response after its prompt)."""
+    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
+                                 position_ids=position_ids(attention_mask),
+                                 use_cache=False).last_hidden_state  # [B, T, H]; no KV cache to keep
+    start = 1 if last is None else input_ids.shape[1] - last
+    return token_logprobs(model, hidden[:, start - 1:-1], input_ids[:, start:], temperature, chunk)
 
 
 def token_logprobs(model, hidden: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
@@ -425,85 +420,6 @@ def token_logprobs(model, hidden: torch.Tensor, targets: torch.Tensor, temperatu
         out.append(checkpoint(chunk_logprobs, h, t, use_reentrant=False) if torch.is_grad_enabled()
                    else chunk_logprobs(h, t))
     return torch.cat(out, dim=1)
-
-
-def sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, temperature: float = 1.0,
-                      chunk: int = LOGPROB_TOKENS, last: int | None = None) -> torch.Tensor:
-    """Log-prob of each token given the ones before it, at the sampling temperature: [B, T-1]; with `last`,
-    of the last `last` tokens only, [B, last] (the lm_head runs only there: a response after its prompt)."""
-    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
-                                 position_ids=position_ids(attention_mask),
-                                 use_cache=False).last_hidden_state  # [B, T, H]; no KV cache to keep
-    start = 1 if last is None else input_ids.shape[1] - last
-    return token_logprobs(model, hidden[:, start - 1:-1], input_ids[:, start:], temperature, chunk)
-
-
-# -----------------------------------------------------------------------------
-# a step's bookkeeping, apart from the algorithm
-
-
-class StepLog:
-    """The seconds of each phase of a step (`lap`), sums over its micro-batches (`add`), and its progress bar
-    (a tqdm bar, or None), which counts the micro-batches."""
-
-    def __init__(self, device, progress=None, micro_batches: int = 0):
-        self.device, self.progress, self.last = device, progress, time.perf_counter()
-        self.seconds, self.sums = defaultdict(float), defaultdict(float)
-        if progress is not None:
-            progress.unit = "micro-batch"
-            progress.reset(total=micro_batches)
-
-    def lap(self, phase: str) -> None:
-        """The end of a phase (and of the device's work queued in it): its seconds add to the phase's."""
-        model_lib.synchronize(self.device)
-        now = time.perf_counter()
-        self.seconds[phase] += now - self.last
-        self.last = now
-
-    def add(self, **values: torch.Tensor) -> None:
-        """A micro-batch's values, each summed into its own sum; the bar moves on by one micro-batch."""
-        for key, value in values.items():
-            self.sums[key] += value.sum().item()
-        if self.progress is not None:
-            self.progress.update()
-
-
-def length_slope(n_gold: list[int], n_y: list[int]) -> float | None:
-    """Least-squares slope of the response length on the target: 1 follows N, 0 ignores it.
-
-    The number that says whether LCPO is working (the length error also falls for a model that
-    learns one middle length). None when every target is the same.
-
-        >>> length_slope([32, 64, 128], [40, 72, 136]), length_slope([32, 128], [60, 60])
-        (1.0, 0.0)
-        >>> length_slope([32, 32], [9, 70]) is None
-        True
-    """
-    mean_g, mean_y = sum(n_gold) / len(n_gold), sum(n_y) / len(n_y)
-    var_g = sum((g - mean_g) ** 2 for g in n_gold)
-    return sum((g - mean_g) * (y - mean_y) for g, y in zip(n_gold, n_y)) / var_g if var_g else None
-
-
-def rollout_metrics(batch: Batch) -> dict:
-    """What a step's rollouts did: reward, accuracy, and how their lengths follow their targets (n_gold, mode);
-    within_budget is over the Max prompts' responses."""
-    rewards = torch.tensor(batch.rewards, dtype=torch.float32)
-    n_y, n_gold = [r.n_y for r in batch.rollouts], [n for n, _ in batch.targets]
-    under = [y <= g for y, (g, mode) in zip(n_y, batch.targets) if mode == "max"]
-    sampled = [lp for r in batch.rollouts for lp in r.logprobs if math.isfinite(lp)]  # the model's own tokens
-    return dict(reward_mean=rewards.mean().item(), reward_std=rewards.std().item(),
-                accuracy=sum(batch.correct) / len(batch.correct), mean_n_gold=sum(n_gold) / len(n_gold),
-                mean_n_y=sum(n_y) / len(n_y), length_error=sum(abs(y - g) / g for y, g in zip(n_y, n_gold)) / len(n_y),
-                length_slope=length_slope(n_gold, n_y), within_budget=sum(under) / len(under) if under else None,
-                stopped_by_length=sum(r.finish == "length" for r in batch.rollouts) / len(batch.rollouts),
-                entropy_proxy=-sum(sampled) / max(1, len(sampled)))  # mean -log p of the sampled tokens
-
-
-def examples(tokenizer, batch: Batch, every: int) -> list[dict]:
-    """Every `every`-th response of a step as text, with its prompt, length, target and reward: samples.jsonl."""
-    return [dict(prompt=tokenizer.decode(batch.prompt_ids[j]), response=tokenizer.decode(batch.rollouts[j].tokens),
-                 n_y=batch.rollouts[j].n_y, n_gold=batch.targets[j][0], correct=batch.correct[j],
-                 reward=batch.rewards[j]) for j in range(0, len(batch.rollouts), every)]
 
 
 # -----------------------------------------------------------------------------

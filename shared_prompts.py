@@ -34,6 +34,15 @@ class SharedBatches(sample.LossBatches):
             rows = [j for unit in units for j in unit]
             yield rows, *pack_shared(units, self.prompts, self.rollouts, self.pad_id, self.device, self.dtype)
 
+    @staticmethod
+    def logprobs(model, inputs: dict, temperature: float) -> torch.Tensor:
+        """sample.LossBatches.logprobs on pack_shared's sequences: one forward pass, then the lm_head on the hidden
+        state before each response token (inputs' unit_of and column), [n, R]."""
+        hidden = model.get_decoder()(input_ids=inputs["ids"], attention_mask=inputs["mask"],
+                                     position_ids=inputs["positions"], use_cache=False).last_hidden_state  # [u, T, H]
+        return sample.token_logprobs(model, hidden[inputs["unit_of"], inputs["column"]], inputs["targets"],
+                                     temperature)
+
 
 def share_prompts(prompts: list[list[int]], lengths: list[int], max_tokens: int, linear_per_key: float = math.inf,
                   rows: list[int] | None = None) -> list[list[list[int]]]:
@@ -75,13 +84,13 @@ def linear_per_key(config) -> float:
 
 def pack_shared(units: list[list[int]], prompts: list[list[int]], rollouts: list[Rollout], pad_id: int, device,
                 dtype=torch.float32):
-    """Rows for sample.response_logprobs, each prompt computed once: the rows of a unit (of share_prompts, all
+    """Rows for SharedBatches.logprobs, each prompt computed once: the rows of a unit (of share_prompts, all
     with one prompt) become one sequence, the prompt then each response, under a block attention mask (a
     response sees the prompt and its own past, not the other responses), each response's positions continuing
     from the prompt's end.
 
     Returns (inputs, response mask [n, R], old log-probs [n, R]), a row for each row of the units in their
-    order, in sample.loss_inputs's layout (every response ends at the last column). inputs: ids [u, T],
+    order, in sample.pack's layout (every response ends at the last column). inputs: ids [u, T],
     positions [u, T], the additive mask [u, 1, T, T] (0: seen; a padding column sees only itself), and for each
     response token the sequence and column of the hidden state that predicts it, and the token ([n, R] each).
     """

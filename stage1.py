@@ -26,6 +26,7 @@ from torch.utils.checkpoint import checkpoint
 
 import data
 import model as model_lib
+import runs
 import sample
 
 # -----------------------------------------------------------------------------
@@ -144,7 +145,7 @@ def length_step(cfg, step: int, model, tokenizer, optimizer, params, problems, d
     # the mean over rows of the length NLL + KL, epochs times, then an AdamW step
     model.train()
     micro = sample.micro_batches([len(p) + r.n_y for p, r in zip(cut_prompts, learnt)], cfg.micro_batch_tokens)
-    log = sample.StepLog(device, progress, micro_batches=len(micro) * cfg.epochs)
+    log = runs.StepLog(device, progress, micro_batches=len(micro) * cfg.epochs)
     tensors = [sample.pack([cut_prompts[j] for j in idx], [learnt[j] for j in idx], tokenizer.pad_token_id, device)
                for idx in micro]
     for _ in range(cfg.epochs):
@@ -164,7 +165,7 @@ def length_step(cfg, step: int, model, tokenizer, optimizer, params, problems, d
     updated, tokens = bool(grad_norm), sum(r.n_y for r in learnt)
     epochs, train_s = cfg.epochs if updated else 1, log.seconds["policy"] + log.seconds["optimizer"]
     metrics = dict(
-        step=step, updated=updated, loss=log.sums["loss"] / cfg.epochs, **sample.rollout_metrics(batch),
+        step=step, updated=updated, loss=log.sums["loss"] / cfg.epochs, **runs.rollout_metrics(batch),
         kl=log.sums["kl"] / (max(1, tokens) * epochs), clip_fraction=None, ratio_mean=None,
         passed_rows=len(cut_prompts), grad_norm=grad_norm if grad_norm is not None else float("nan"),
         rollout_tokens_per_s=sum(r.n_y for r in batch.rollouts) / batch.rollout_s,
@@ -175,7 +176,7 @@ def length_step(cfg, step: int, model, tokenizer, optimizer, params, problems, d
         length_rows=len(cut_prompts),
     )
     metrics["entropy_proxy"] = None  # LCPO's alone
-    return metrics, sample.examples(tokenizer, batch, every=cfg.group_size)
+    return metrics, runs.examples(tokenizer, batch, every=cfg.group_size)
 
 
 # -----------------------------------------------------------------------------
@@ -215,7 +216,7 @@ def distill_step(cfg, step: int, model, tokenizer, optimizer, params, problems, 
 
     model.train()
     micro = sample.micro_batches([len(p) + len(a) for p, a in zip(prompts, answers)], cfg.micro_batch_tokens)
-    log = sample.StepLog(device, progress, micro_batches=len(micro))
+    log = runs.StepLog(device, progress, micro_batches=len(micro))
     optimizer.zero_grad(set_to_none=True)
     for idx in micro:
         ids, mask, resp_mask, _ = sample.pack([prompts[j] for j in idx], [responses[j] for j in idx],

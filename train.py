@@ -176,17 +176,17 @@ def train_step(cfg: Config, step: int, model, tokenizer, optimizer, params, prob
     LossBatches = shared_prompts.SharedBatches if cfg.share_prompts else sample.LossBatches  # speed-up: prompts once
     micro = LossBatches(model, batch.prompt_ids, batch.rollouts, loss_rows, cfg.micro_batch_tokens,
                         pad_id=tokenizer.pad_token_id)  # each micro-batch built when it is reached
-    log = sample.StepLog(device, progress, micro_batches=len(micro) * cfg.epochs)
+    log = runs.StepLog(device, progress, micro_batches=len(micro) * cfg.epochs)
     reference = [None] * len(micro)
     if cfg.beta > 0:  # the KL's reference: the same model with its adapter off (it does not change: once a step)
         with model_lib.reference(model):
-            reference = [sample.response_logprobs(model, inputs, cfg.temperature) for _, inputs, _, _ in micro]
+            reference = [micro.logprobs(model, inputs, cfg.temperature) for _, inputs, _, _ in micro]
     log.lap("reference")
     response_tokens = sum(r.n_y for r in batch.rollouts)
     for _ in range(cfg.epochs):
         optimizer.zero_grad(set_to_none=True)
         for (rows, inputs, resp_mask, old), ref_logp in zip(micro, reference):
-            logp = sample.response_logprobs(model, inputs, cfg.temperature)  # [b, R]
+            logp = micro.logprobs(model, inputs, cfg.temperature)  # [b, R]
             loss_tok, kl, clipped = per_token_loss(logp, old, ref_logp, advantages[rows].to(device), clip=cfg.clip,
                                                    beta=cfg.beta)
             loss = normalise(loss_tok, resp_mask, how=cfg.loss_norm, batch_tokens=response_tokens,
@@ -201,7 +201,7 @@ def train_step(cfg: Config, step: int, model, tokenizer, optimizer, params, prob
 
     # 6. what happened
     metrics = step_metrics(cfg, step, batch, log, loss_rows, grad_norm, device)
-    return metrics, sample.examples(tokenizer, batch, every=cfg.group_size)
+    return metrics, runs.examples(tokenizer, batch, every=cfg.group_size)
 
 
 # -----------------------------------------------------------------------------
@@ -284,7 +284,7 @@ def train_loop(cfg: Config, run_dir: Path, state: dict | None, problems: list, o
 # bookkeeping, apart from the algorithm: a step's metrics, the loop's records
 
 
-def step_metrics(cfg: Config, step: int, batch: sample.Batch, log: sample.StepLog, loss_rows: list[int],
+def step_metrics(cfg: Config, step: int, batch: sample.Batch, log: runs.StepLog, loss_rows: list[int],
                  grad_norm: float | None, device) -> dict:
     """train_step's metrics, from what it logged: its rollouts, the sums over the response tokens the loss pass
     saw (per token: ratio, clip fraction, KL), and the seconds of each phase."""
@@ -294,7 +294,7 @@ def step_metrics(cfg: Config, step: int, batch: sample.Batch, log: sample.StepLo
     sums, seconds = log.sums, log.seconds
     train_s = seconds["reference"] + seconds["policy"] + seconds["optimizer"]
     return dict(
-        step=step, updated=updated, loss=sums["loss"] / cfg.epochs, **sample.rollout_metrics(batch),
+        step=step, updated=updated, loss=sums["loss"] / cfg.epochs, **runs.rollout_metrics(batch),
         kl=sums["kl"] / per_token, clip_fraction=sums["clipped"] / per_token if loss_rows else None,
         ratio_mean=sums["ratio"] / per_token if loss_rows else None, passed_rows=len(loss_rows),
         grad_norm=grad_norm if grad_norm is not None else float("nan"),

@@ -234,7 +234,7 @@ def test_the_shared_prompt_pass_gives_each_rows_log_probs_and_gradients(char_tok
     inputs, shared_mask, old = shared_prompts.pack_shared(units, rows, rollouts, char_tokenizer.pad_token_id, "cpu")
     assert inputs["ids"].shape[0] == len(prompts)  # one sequence per group: each prompt once
     torch.testing.assert_close(shared_mask, resp_mask)
-    shared = sample.response_logprobs(model, inputs, 0.7) * shared_mask
+    shared = shared_prompts.SharedBatches.logprobs(model, inputs, 0.7) * shared_mask
     torch.testing.assert_close(shared, expected, atol=1e-5, rtol=1e-5)
     (shared * torch.linspace(-1, 1, len(rows))[:, None]).sum().backward()
     for name, p in model.named_parameters():
@@ -244,7 +244,8 @@ def test_the_shared_prompt_pass_gives_each_rows_log_probs_and_gradients(char_tok
     causal = torch.ones_like(seen_by_all).tril()
     broken = dict(inputs, mask=torch.zeros_like(inputs["mask"]).masked_fill(~(seen_by_all & causal), -1e30))
     with torch.no_grad():
-        assert not torch.allclose(sample.response_logprobs(model, broken, 0.7) * shared_mask, expected, atol=1e-3)
+        assert not torch.allclose(shared_prompts.SharedBatches.logprobs(model, broken, 0.7) * shared_mask, expected,
+                                  atol=1e-3)
 
 
 def _loss_pass(model, micro, n_rows, width):
@@ -254,7 +255,7 @@ def _loss_pass(model, micro, n_rows, width):
     logp, masks, olds = (torch.zeros(n_rows, width) for _ in range(3))
     weights = torch.linspace(-1, 1, n_rows)
     for rows, inputs, resp_mask, old in micro:
-        row_logp = sample.response_logprobs(model, inputs, 0.7) * resp_mask  # [b, R]
+        row_logp = micro.logprobs(model, inputs, 0.7) * resp_mask  # [b, R]
         (row_logp * weights[rows][:, None]).sum().backward()
         R = resp_mask.shape[1]
         logp[rows, -R:], masks[rows, -R:], olds[rows, -R:] = row_logp.detach(), resp_mask, old

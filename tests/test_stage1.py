@@ -7,6 +7,7 @@ import torch
 
 import data
 import model as model_lib
+import runs
 import sample
 import stage1
 import train
@@ -77,7 +78,7 @@ def test_a_length_step_and_an_lcpo_step_learn_from_the_same_roll_out(learnable_m
     tokenizer = model_lib.load_tokenizer(str(learnable_model_dir))
     logged = [json.loads(line)["examples"] for line in (run / "samples.jsonl").read_text().splitlines()]
     for (_, _, batch), examples, metrics in zip(calls, logged, read_metrics(run)):
-        assert examples == sample.examples(tokenizer, batch, every=cfg.group_size)
+        assert examples == runs.examples(tokenizer, batch, every=cfg.group_size)
         assert metrics["reward_mean"] == pytest.approx(sum(batch.rewards) / len(batch.rewards), abs=1e-6)
         assert metrics["mean_n_y"] == sum(r.n_y for r in batch.rollouts) / len(batch.rollouts)
 
