@@ -1,6 +1,7 @@
 """
 Run management for train.py: flags from its Config, the checks made before anything loads, run names,
-resume rules, checkpoints, logs, and Ctrl-C. None of it is the algorithm; all of it keeps a long run safe.
+resume rules, checkpoints, a step's records (its timings, metrics and examples), logs, and Ctrl-C. None of it
+is the algorithm; all of it keeps a long run safe.
 
 A run is a directory, runs/<name>: config.json (the settings), metrics.jsonl (one line per step),
 samples.jsonl (example responses) and checkpoints/step-NNNNNN (adapter, optimizer, RNG). The name comes

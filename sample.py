@@ -14,7 +14,7 @@ speed-ups sit one call away from the loop: the KV cache grown in place (`growing
 step replayed from CUDA graphs (cuda_graphs.py).
 
 Around the loop, what a training step does with rollouts: `roll_out` (draw the problems and targets, roll
-out, judge, reward), the loss pass's micro-batches (`LossBatches`) and their log-probs (`LossBatches.logprobs`),
+out, judge, reward), the loss pass's micro-batches (`LossBatches`) and their log-probs (`LossBatches.logprobs`).
 S1 budget forcing is `budget_forcing`; a step's bookkeeping is in runs.py.
 """
 
