@@ -215,13 +215,12 @@ def distill_step(cfg, step: int, model, tokenizer, optimizer, params, problems, 
     tokens = sum(map(len, answers))
 
     model.train()
-    micro = sample.micro_batches([len(p) + len(a) for p, a in zip(prompts, answers)], cfg.micro_batch_tokens)
+    micro = sample.LossBatches(model, prompts, responses, list(range(len(responses))), cfg.micro_batch_tokens,
+                               pad_id=tokenizer.pad_token_id)  # train_step's plain loss pass, on these rows
     log = runs.StepLog(device, progress, micro_batches=len(micro))
     optimizer.zero_grad(set_to_none=True)
-    for idx in micro:
-        ids, mask, resp_mask, _ = sample.pack([prompts[j] for j in idx], [responses[j] for j in idx],
-                                              tokenizer.pad_token_id, device)  # [b, T], [b, T], [b, R]
-        logp = sample.sequence_logprobs(model, ids, mask, last=resp_mask.shape[1])  # [b, R]
+    for _, inputs, resp_mask, _ in micro:
+        logp = micro.logprobs(model, inputs, temperature=1.0)  # [b, R]
         loss = -(logp * resp_mask).sum() / tokens  # the mean over every solution token of the step
         loss.backward()
         log.add(loss=loss)
