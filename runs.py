@@ -68,9 +68,14 @@ def check_config(cfg) -> None:
                  "save_every", "keep_checkpoints", "sample_every", "max_bad_steps", "lora_rank", "targets_per_problem"):
         if getattr(cfg, name) < 1:
             problems.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
-    for name in ("beta", "clip", "length_steps", "distill_steps"):
+    for name in ("beta", "clip", "length_steps", "distill_steps", "route_steps"):
         if getattr(cfg, name) < 0:
             problems.append(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
+    if getattr(cfg, "route_steps", 0) > 0 and cfg.init_adapter is not None:
+        problems.append(f"--route-steps learns from the model with its adapter off, which is not the model "
+                        f"--init-adapter {cfg.init_adapter} makes: merge that adapter into its base "
+                        f"(python -c \"import model; model.export_merged('ADAPTER', 'DIR')\"), then pass --model DIR "
+                        f"--init-adapter none")
     if cfg.init_adapter is not None:
         try:
             base = model_lib.adapter_base(cfg.init_adapter)

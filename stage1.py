@@ -17,6 +17,10 @@ after each token (length_nll; a Max prompt: after N/2 to N tokens, budget_nll), 
 untrained model over the text's other tokens, which holds the text itself. The probe (stop_probe,
 length_scores) reads the same stop probabilities on fixed texts, without sampling: the low-noise test
 of whether a model reads N.
+
+Two more stages for a reasoner (builtin:totals): distill_step writes one (written-out solutions distilled into
+the model, as R1's reasoning was into the paper's starting model); route_step teaches it to choose among its
+own routes by N (its correct texts, each under the N closest to its length), where LCPO then takes over.
 """
 
 import random
@@ -235,6 +239,91 @@ def distill_step(cfg, step: int, model, tokenizer, optimizer, params, problems, 
                    policy_s=log.seconds["policy"], optimizer_s=log.seconds["optimizer"])
     examples = [dict(prompt=tokenizer.decode(prompts[j]), response=solutions[j], n_y=len(answers[j]),
                      n_gold=targets[j][0]) for j in range(0, len(batch), max(1, cfg.group_size))]
+    return metrics, examples
+
+
+# -----------------------------------------------------------------------------
+# the route stage: the reasoner's own routes, chosen by N
+
+
+ROUTE_TRIES = 8  # draws of two N per problem before it is left out for the step: the two N may pick the same text
+
+
+def first_difference(a: list[int], b: list[int]) -> int:
+    """The position of the first token where two different texts differ (or where the shorter one ends).
+
+        >>> first_difference([5, 6, 7], [5, 9, 7]), first_difference([5, 6], [5, 6, 7])
+        (1, 2)
+    """
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def route_pairs(batch: sample.Batch, group_size: int, n_min: int, n_max: int, rng) -> list[tuple]:
+    """The route stage's rows, from a step's rollouts (G in a row per prompt): for each prompt, the distinct
+    responses that are correct and ended by themselves; where there are two or more, two target lengths
+    N_a < N_b ~ UniformInt(n_min, n_max), drawn until the response closest in length to each differs (at most
+    ROUTE_TRIES times). Each pair gives two rows, (problem, N, its response's tokens, where the two first differ)."""
+    rows = []
+    for start in range(0, len(batch.rollouts), group_size):
+        group = range(start, start + group_size)
+        texts = list(dict.fromkeys(tuple(batch.rollouts[j].tokens) for j in group
+                                   if batch.correct[j] and batch.rollouts[j].finish == "eos"))
+        if len(texts) < 2:
+            continue
+        for _ in range(ROUTE_TRIES):
+            n_a, n_b = sorted(rng.sample(range(n_min, n_max + 1), 2))
+            a, b = (min(texts, key=lambda t: abs(len(t) - n)) for n in (n_a, n_b))
+            if a != b:
+                d = first_difference(a, b)
+                rows += [(batch.problems[start], n_a, list(a), d), (batch.problems[start], n_b, list(b), d)]
+                break
+    return rows
+
+
+def route_step(cfg, step: int, model, tokenizer, optimizer, params, problems, device, progress=None):
+    """One step of the route stage (--route-steps), in train.py's place (train_step's rollouts, metrics, seeds).
+
+    The starting model (the adapter off: a reasoner merged into the base, under a fresh adapter) answers the
+    step's prompts G times; route_pairs picks, for two N, its correct response closest in length to each.
+    Where the two differ first is where the route is chosen (answer at once or work it out, merge numbers or
+    not, check or stop): each learns its own token there under a prompt asking for its N (the decision loss),
+    and every token of both (their mean NLL), which keeps the texts right. The decision loss alone read N but
+    let the texts fall apart; the mean NLL alone, averaged over tokens that do not depend on N, did not read it
+    (EXPERIMENTS.md). Prompts are Exact: "closest in length" is what Exact asks.
+    """
+    with model_lib.reference(model):  # the starting model's texts
+        batch = sample.roll_out(cfg, step, model, tokenizer, problems, progress=progress)
+    rows = route_pairs(batch, cfg.group_size, cfg.n_min, cfg.n_max, batch.rng)
+    prompts = [data.lcpo_prompt(tokenizer, problem, n, "exact") for problem, n, _, _ in rows]
+    texts = [sample.Rollout(tokens, [0.0] * len(tokens), "eos") for _, _, tokens, _ in rows]
+    tokens = max(1, sum(r.n_y for r in texts))
+
+    model.train()
+    micro = sample.LossBatches(model, prompts, texts, list(range(len(rows))), cfg.micro_batch_tokens,
+                               pad_id=tokenizer.pad_token_id)
+    log = runs.StepLog(device, progress, micro_batches=len(micro))
+    optimizer.zero_grad(set_to_none=True)
+    for idx, inputs, resp_mask, _ in micro:
+        logp = micro.logprobs(model, inputs, temperature=1.0)  # [b, R], each response ending at column R - 1
+        at = torch.tensor([logp.shape[1] - texts[j].n_y + rows[j][3] for j in idx], device=logp.device)
+        decision = -logp.gather(1, at[:, None]).sum() / len(rows)  # the mean over rows of -log p(its route)
+        text = -(logp * resp_mask).sum() / tokens  # the mean over every token of the step's rows
+        (decision + text).backward()
+        log.add(loss=decision + text, decision_nll=decision, text_nll=text)
+    log.lap("policy")
+    grad_norm = model_lib.optimizer_step(optimizer, params, cfg.grad_clip)  # no rows: a zero gradient, no update
+    log.lap("optimizer")
+    metrics = dict(
+        step=step, updated=bool(grad_norm), loss=log.sums["loss"], **runs.rollout_metrics(batch), kl=None,
+        clip_fraction=None, ratio_mean=None, passed_rows=len(rows), route_pairs=len(rows) // 2,
+        decision_nll=log.sums["decision_nll"], text_nll=log.sums["text_nll"],
+        grad_norm=grad_norm if grad_norm is not None else float("nan"),
+        rollout_tokens_per_s=sum(r.n_y for r in batch.rollouts) / batch.rollout_s,
+        train_tokens_per_s=tokens / (log.seconds["policy"] + log.seconds["optimizer"]),
+        peak_memory_mb=model_lib.peak_memory_mb(device), rollout_s=batch.rollout_s, reference_s=0.0,
+        policy_s=log.seconds["policy"], optimizer_s=log.seconds["optimizer"])
+    examples = [dict(prompt=tokenizer.decode(prompts[j]), response=tokenizer.decode(texts[j].tokens),
+                     n_y=texts[j].n_y, n_gold=rows[j][1]) for j in range(len(rows))]
     return metrics, examples
 
 

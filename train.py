@@ -10,9 +10,10 @@ LCPO: GRPO with a length-controlled reward, written by hand.
 
 One step (train_step): sample problems and targets -> roll out G responses each -> judge and reward
 them -> group-normalised advantages -> clipped policy loss + k3 KL to the adapter-free reference ->
-one AdamW update of the LoRA weights (per epoch over the rollouts). The first --distill-steps, then the
-first --length-steps steps are this project's first stages instead (stage1.py), not the paper's: they make
-a small model a reasoner (written-out solutions distilled into it) and teach it to read N.
+one AdamW update of the LoRA weights (per epoch over the rollouts). The first --distill-steps, then
+--length-steps, then --route-steps steps are this project's first stages instead (stage1.py), not the paper's:
+they make a small model a reasoner (written-out solutions distilled into it) and teach it to read N (its stop,
+or its choice among its own routes).
 Run directories, resuming and checkpoints: runs.py.
 """
 
@@ -59,6 +60,7 @@ class Config:
     n_max: int = N_MAX  # largest target length n_gold, tokens
     distill_steps: int = 0  # first steps that distil written-out solutions (stage1.py; builtin:totals): a reasoner
     length_steps: int = 0  # first steps that teach the stop to read N (stage1.py: texts cut at N learn to stop)
+    route_steps: int = 0  # then steps that teach the route to follow N (stage1.py: the model's own correct texts)
     targets_per_problem: int = 1  # k targets per problem, one per k-th of the range: responses differ by N alone
     boxed_only: bool = False  # judge only \boxed{} answers (the paper); off: the last number counts too
     # GRPO
@@ -260,6 +262,9 @@ def train_loop(cfg: Config, run_dir: Path, state: dict | None, problems: list, o
                 elif step < cfg.distill_steps + cfg.length_steps:
                     metrics, examples = stage1.length_step(cfg, step, model, tokenizer, optimizer, params, problems,
                                                            device, work)
+                elif step < cfg.distill_steps + cfg.length_steps + cfg.route_steps:
+                    metrics, examples = stage1.route_step(cfg, step, model, tokenizer, optimizer, params, problems,
+                                                          device, work)
                 else:
                     sampler = model_lib.rollout_copy(model, sampler) if cfg.rollout_copy else model  # today's weights
                     metrics, examples = train_step(cfg, step, model, tokenizer, optimizer, params, problems, device,
@@ -322,7 +327,9 @@ def record(cfg: Config, run_dir: Path, step: int, metrics: dict, examples: list[
     runs.append_jsonl(run_dir / "metrics.jsonl", metrics)
     if step % cfg.sample_every == 0:
         runs.append_jsonl(run_dir / "samples.jsonl", {"step": step, "examples": examples})
-    if "reward_mean" in metrics:
+    if "decision_nll" in metrics:  # a route step: its two losses (its rollouts are the starting model's)
+        shown = dict(decision=f"{metrics['decision_nll']:.3f}", text=f"{metrics['text_nll']:.3f}")
+    elif "reward_mean" in metrics:
         shown = dict(reward=f"{metrics['reward_mean']:.3f}", acc=f"{metrics['accuracy']:.2f}",
                      len_err=f"{metrics['length_error']:.2f}")
     else:  # a distillation step: no rollouts, the solutions' loss

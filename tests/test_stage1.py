@@ -1,9 +1,11 @@
 """The first stage (stage1.py): the length step, its loss, and the stop probe."""
 
 import json
+import random
 
 import pytest
 import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
 
 import data
 import model as model_lib
@@ -265,3 +267,77 @@ def test_distillation_steps_come_first_then_lcpo_and_need_problems_with_solution
     with pytest.raises(ValueError, match="--distill-steps needs problems with written-out solutions.*builtin:totals"):
         train.train(tiny_config(learnable_model_dir, distill_steps=1, steps=1), tmp_path / "words")
     assert not (tmp_path / "words").exists()
+
+
+# -----------------------------------------------------------------------------
+# the route stage
+
+
+def _batch(texts: list[list[int]], correct: list[bool], finish: list[str], problems, seed: int = 0) -> sample.Batch:
+    return sample.Batch(problems=problems, prompt_ids=[[1]] * len(texts), targets=[(8, "exact")] * len(texts),
+                        rollouts=[sample.Rollout(t, [0.0] * len(t), f) for t, f in zip(texts, finish)],
+                        correct=correct, rewards=[0.0] * len(texts), rng=random.Random(seed),
+                        rollout_s=1.0)
+
+
+def test_route_pairs_take_the_correct_finished_text_closest_to_each_n_and_where_they_part():
+    short, mid, long_, wrong = [7, 1], [5, 6, 1], [5, 5, 5, 5, 5, 5, 5, 5, 1], [9] * 12 + [1]
+    groups = [  # G = 4 per prompt
+        ([short, long_, mid, long_], [True] * 4, ["eos"] * 4),  # three distinct routes (one twice): pairs
+        ([short, wrong, long_[:-1], short], [True, False, True, True], ["eos", "eos", "length", "eos"]),  # one route
+        ([mid, long_, wrong, wrong], [True, True, False, False], ["eos"] * 4),  # two routes
+    ]
+    texts, correct, finish = (sum((list(g[i]) for g in groups), []) for i in range(3))
+    problems = [data.Problem(f"p{i}", "0") for i in range(3) for _ in range(4)]
+    for seed in range(20):
+        rows = stage1.route_pairs(_batch(texts, correct, finish, problems, seed), 4, 2, 12, random.Random(seed))
+        assert len(rows) % 2 == 0 and {r[0].problem for r in rows} <= {"p0", "p2"}  # p1: one route, nothing to choose
+        for (pa, na, a, da), (pb, nb, b, db) in zip(rows[::2], rows[1::2]):
+            pool = {"p0": [short, long_, mid], "p2": [mid, long_]}[pa.problem]
+            assert pa is pb and 2 <= na < nb <= 12 and a != b and da == db == stage1.first_difference(a, b)
+            assert a[:da] == b[:da] and (da == len(a) or da == len(b) or a[da] != b[da])
+            for n, t in ((na, a), (nb, b)):
+                assert abs(len(t) - n) == min(abs(len(u) - n) for u in pool)  # the closest in length to its N
+    rows = stage1.route_pairs(_batch([short] * 4, [True] * 4, ["eos"] * 4, problems[:4]), 4, 2, 12, random.Random(0))
+    assert rows == []
+
+
+def test_a_route_step_learns_each_texts_parting_token_under_its_own_n_and_all_its_tokens(
+        learnable_model_dir, tmp_path, monkeypatch):
+    tokenizer = model_lib.load_tokenizer(str(learnable_model_dir))
+    enc = lambda s: tokenizer.encode(s, add_special_tokens=False) + [tokenizer.eos_token_id]  # noqa: E731
+    problem = data.Problem("What is 2 + 3?", "5")
+    texts = [enc("2+3=5. 5"), enc("2+3=5. Wait, 2+3=5. 5"), enc("2+3=5. Wait, 2+3=5. 5"), enc("4")]
+    batch = _batch(texts, [True, True, True, False], ["eos"] * 4, [problem] * 4, seed=3)
+    cfg = tiny_config(learnable_model_dir, group_size=4, prompts_per_step=1, n_min=2, n_max=30, lr=0.05,
+                      route_steps=1, steps=1)
+    model, _ = model_lib.load_model(cfg.model, quantize=False, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha)
+    seen = []
+
+    def fixed(cfg, step, sampler, tokenizer, problems, **kwargs):
+        seen.append([m.disable_adapters for m in sampler.modules() if isinstance(m, BaseTunerLayer)])
+        return batch
+
+    monkeypatch.setattr(sample, "roll_out", fixed)
+    rows = stage1.route_pairs(_batch(texts, batch.correct, ["eos"] * 4, [problem] * 4, seed=3), 4, 2, 30,
+                              random.Random(3))  # what the step will draw: batch.rng is seeded alike
+    assert len(rows) == 2 and rows[0][2] == texts[0] and rows[1][2] == texts[1] and rows[0][3] == 7  # '5' | 'W'
+    decision = text = tokens = 0.0
+    with torch.no_grad():
+        for _, n, t, d in rows:  # a plain forward of each row alone
+            prompt = data.lcpo_prompt(tokenizer, problem, n, "exact")
+            logp = model(torch.tensor([prompt + t])).logits[0, len(prompt) - 1:-1].log_softmax(-1)
+            said = logp.gather(-1, torch.tensor(t)[:, None])[:, 0]
+            decision -= said[d].item() / len(rows)
+            text -= said.sum().item()
+            tokens += len(t)
+    params = [p for p in model.parameters() if p.requires_grad]
+    before = [p.detach().clone() for p in params]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr)
+    metrics, examples = stage1.route_step(cfg, 0, model, tokenizer, optimizer, params, [problem], torch.device("cpu"))
+    assert len(seen) == 1 and seen[0] and all(seen[0])  # rolled out under model.reference: the adapter off
+    assert metrics["route_pairs"] == 1 and metrics["passed_rows"] == 2 and metrics["updated"]
+    assert metrics["decision_nll"] == pytest.approx(decision, rel=1e-4)
+    assert metrics["text_nll"] == pytest.approx(text / tokens, rel=1e-4)
+    assert metrics["accuracy"] == 0.75 and any(not torch.equal(a, p) for a, p in zip(before, params))
+    assert [e["n_gold"] for e in examples] == [rows[0][1], rows[1][1]]
