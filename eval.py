@@ -10,6 +10,7 @@ The paper's evaluation: accuracy and length against the budget in the prompt.
     python eval.py --compare evals/a.json evals/b.json --plot compare.png   # side by side, and the figure
     python eval.py --curves runs/exact runs/max --plot curves.png           # training curves from metrics.jsonl
     python eval.py --stop-probe evals/base-exact.records.jsonl --adapter runs/exact --budgets 32 64 96 128
+    python eval.py --choice-probe --data builtin:totals --adapter runs/route --budgets 16 64 128
 
 For each budget: K samples per problem with "Think for N tokens." in the prompt, and per budget
 pass@1 (mean correctness over samples), mean n_y, the paper's adherence numbers over e = (n_y - N) / N
@@ -22,6 +23,8 @@ started again with the same command skips the budgets already finished.
 --stop-probe asks, without sampling, whether a model reads N: over fixed response texts (an
 evaluation's records), the probability of the stop token at every position under prompts asking for
 each N, and the length each N would get from it (stage1.stop_probe, stage1.length_scores).
+--choice-probe asks the same of a reasoner's route: at the places where a written-out solution's length is
+decided (answer at once, merge numbers, check), its choice under each N (stage1.choice_probe).
 """
 
 import argparse
@@ -247,6 +250,18 @@ def run_stop_probe(args) -> dict:
                 **stage1.probe_scores(asked[..., [L - 1 for L in cuts]]), **stage1.length_scores(asked, cuts))
 
 
+def run_choice_probe(args) -> dict:
+    """The choice probe over the problems of --data (with written-out solutions: builtin:totals)."""
+    problems = data.load_problems(args.data, args.split, args.problem_column, args.answer_column, limit=args.limit,
+                                  seed=args.seed)
+    if not any(p.solutions for p in problems):
+        raise ValueError(f"--choice-probe needs problems with written-out solutions, and {args.data} has none: use "
+                         f"--data builtin:totals")
+    model, tokenizer = model_lib.load_model(args.model, adapter=args.adapter, quantize=args.quantize, trainable=False)
+    chosen = stage1.choice_probe(model_lib.rollout_copy(model), tokenizer, problems, sorted(args.budgets))
+    return dict(settings=settings_from(args), budgets=sorted(args.budgets), choices=chosen)
+
+
 # -----------------------------------------------------------------------------
 # comparing runs
 
@@ -423,6 +438,8 @@ def parse_args(argv):
     parser.add_argument("--curves", nargs="+", metavar="RUN_DIR",
                         help="train.py runs: reward and length error per step")
     parser.add_argument("--plot", default=None, help="with --compare or --curves: write the figure here (.png)")
+    parser.add_argument("--choice-probe", action="store_true", help="the route a reasoner chooses at each budget, "
+                        "teacher-forced: answer at once, merge, check (builtin:totals; stage1.choice_probe)")
     parser.add_argument("--stop-probe", default=None, metavar="RECORDS", help="an evaluation's records.jsonl: "
                         "the stop token's probability after each budget's worth of its texts, under each N")
     parser.add_argument("--model", default=None, help="hub id or local directory (default: the embedded model)")
@@ -473,6 +490,9 @@ def parse_args(argv):
         raise ValueError(f"--limit must be >= 0 (0: all problems), got {args.limit}")
     if args.stop_probe and (args.s1 or args.mode == "none"):
         raise ValueError("--stop-probe asks for each budget in the prompt: it goes with --mode exact or max")
+    if args.choice_probe and (args.s1 or args.mode != "exact" or args.stop_probe):
+        raise ValueError("--choice-probe asks for each budget in an Exact prompt: it goes without --s1, --mode "
+                         "and --stop-probe")
     if args.s1 and args.mode == "none":
         raise ValueError("--s1 forces each budget: it cannot go with --mode none")
     args.limit = args.limit or None
@@ -481,9 +501,11 @@ def parse_args(argv):
     sample.check_sampling_args(1 if args.max_new_tokens is None else args.max_new_tokens, args.temperature, args.top_p)
     if args.out is None:
         run = Path(args.adapter).resolve().name if args.adapter else "base"
-        args.out = f"evals/{run}-{'stop-probe' if args.stop_probe else 's1' if args.s1 else args.mode}.json"
+        kind = 'stop-probe' if args.stop_probe else 'choice-probe' if args.choice_probe else 's1' if args.s1 else \
+            args.mode
+        args.out = f"evals/{run}-{kind}.json"
     out = runs.output_file(args.out, "--out", ".json")
-    if args.stop_probe:  # written at once, not resumed
+    if args.stop_probe or args.choice_probe:  # written at once, not resumed
         runs.keep_existing(out, "--out", args.replace)
     args.out = str(out)
     return args
@@ -502,8 +524,8 @@ def main(argv: list[str] | None = None) -> None:
         model_lib.set_threads()
         # one evaluation writes a result at a time; the lock's name is hidden, so it is never a file of the user's
         with runs.exclusive(out.with_name(f".{out.name}.lock"), f"--out {out}"):
-            if args.stop_probe:
-                result = run_stop_probe(args)
+            if args.stop_probe or args.choice_probe:
+                result = run_stop_probe(args) if args.stop_probe else run_choice_probe(args)
                 out.parent.mkdir(parents=True, exist_ok=True)
                 out.write_text(json.dumps(result, indent=1))
             else:
@@ -520,6 +542,12 @@ def main(argv: list[str] | None = None) -> None:
             print(f"stop likeliest under the asked N: {result['accuracy']:.1%} (chance {result['chance']:.0%}), "
                   f"margin {result['margin']:.3f} nats; length NLL {result['length_nll']:.2f} nats, median length "
                   f"{medians} (asked {asked}), p(length <= N) {within}\nresults: {out}")
+            return
+        if args.choice_probe:
+            print("| N | p(answer at once) | p(merge) | p(check) |\n|---|---:|---:|---:|")
+            for n, c in result["choices"].items():
+                print(f"| {n} | {c['answer_at_once']:.3f} | {c['merge']:.3f} | {c['check']:.3f} |")
+            print(f"results: {out}")
             return
     except (ValueError, model_lib.ModelError) as e:
         sys.exit(f"error: {e}")

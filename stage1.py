@@ -328,6 +328,49 @@ def route_step(cfg, step: int, model, tokenizer, optimizer, params, problems, de
 
 
 # -----------------------------------------------------------------------------
+# the choice probe: does the route follow N? (teacher-forced, no sampling)
+
+
+@torch.no_grad()
+def choice_probe(model, tokenizer, problems: list, budgets: list[int], batch: int = 16) -> dict:
+    """At the three places where a written-out solution's length is decided, the model's choice under a prompt
+    asking for each N, mean over problems with solutions of two or more steps: answer at once (p of the bare
+    answer's first token, first), merge (after the finest solution's "a+b": p("+") / p("+" or "=")), and check
+    (after the whole finest solution: p(sample.WAIT) / p(WAIT or the stop)). A model whose route follows N shows
+    the first two falling with N and the third rising. {N: {"answer_at_once", "merge", "check"}}.
+    """
+    enc = lambda text: tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
+    plus, equals, wait, stop = enc("+")[0], enc("=")[0], enc(sample.WAIT)[0], tokenizer.eos_token_id
+    kept = [p for p in problems if len(p.solutions) == 4 and p.solutions[0].count("=") >= 2]
+    if not kept:
+        raise ValueError("the choice probe needs problems with written-out solutions of two or more steps "
+                         "(--data builtin:totals)")
+    finest = [enc(p.solutions[0]) for p in kept]
+    places = dict(answer_at_once=[[] for _ in kept], merge=[f[:f.index(equals)] for f in finest], check=finest)
+    out = {}
+    for n in budgets:
+        prompts = [data.lcpo_prompt(tokenizer, p, n, "exact") for p in kept]
+        q = {}
+        for name, prefixes in places.items():  # the next token's probabilities after each prompt + prefix
+            rows = [prompt + prefix for prompt, prefix in zip(prompts, prefixes)]
+            q[name] = torch.cat([next_token_probs(model, tokenizer, rows[i:i + batch])
+                                 for i in range(0, len(rows), batch)])
+        first = torch.tensor([enc(p.solutions[3])[0] for p in kept])
+        out[n] = dict(answer_at_once=q["answer_at_once"].gather(1, first[:, None]).mean().item(),
+                      merge=(q["merge"][:, plus] / q["merge"][:, [plus, equals]].sum(-1)).mean().item(),
+                      check=(q["check"][:, wait] / q["check"][:, [wait, stop]].sum(-1)).mean().item())
+    return out
+
+
+def next_token_probs(model, tokenizer, rows: list[list[int]]) -> torch.Tensor:
+    """The next token's probabilities after each row, [rows, vocabulary] (rows left-padded here)."""
+    ids, mask = sample.left_pad(rows, tokenizer.pad_token_id, model.device)
+    hidden = model.get_decoder()(input_ids=ids, attention_mask=mask,
+                                 position_ids=sample.position_ids(mask)).last_hidden_state[:, -1]
+    return model.get_output_embeddings()(hidden).float().softmax(-1).cpu()
+
+
+# -----------------------------------------------------------------------------
 # the stop probe: does the model put its stop where N says? (teacher-forced, no sampling)
 
 

@@ -148,6 +148,8 @@ def test_compare_labels_runs_by_what_differs_and_draws_a_readable_figure(tmp_pat
     (["--temperature", "nan"], "temperature must be a finite number >= 0"),
     (["--max-new-tokens", "0"], "max_new_tokens must be positive"),
     (["--stop-probe", "r.jsonl", "--mode", "none"], "--stop-probe asks for each budget"),
+    (["--choice-probe", "--s1"], "--choice-probe asks for each budget in an Exact prompt"),
+    (["--choice-probe", "--mode", "max"], "--choice-probe asks for each budget in an Exact prompt"),
     (["--seed", "-1"], "--seed must be in [0, 2**32), got -1"),
     (["--seed", str(2**40)], "--seed must be in [0, 2**32)"),
     (["--out", "/dev/null/e.json"], "--out: cannot write to /dev/null (a file is in the way)"),
@@ -290,6 +292,20 @@ def test_stop_probe_from_an_evaluation_s_records(tiny_model_dir, tmp_path, capsy
     with pytest.raises(SystemExit, match="no response"):
         ev.main(["--model", str(tiny_model_dir), "--no-quantize", "--limit", "3", "--stop-probe", records,
                  "--budgets", "500", "--out", str(tmp_path / "q.json")])
+
+
+def test_choice_probe_reads_the_route_at_each_budget_and_needs_written_out_solutions(tiny_model_dir, tmp_path,
+                                                                                    capsys, monkeypatch):
+    ev.main(["--model", str(tiny_model_dir), "--no-quantize", "--data", "builtin:totals", "--limit", "6",
+             "--choice-probe", "--budgets", "64", "8", "--out", str(tmp_path / "c.json")])
+    result = json.loads((tmp_path / "c.json").read_text())
+    assert result["budgets"] == [8, 64] and list(result["choices"]) == ["8", "64"]
+    assert all(0 < v < 1 for c in result["choices"].values() for v in c.values())
+    assert "| 64 |" in capsys.readouterr().out
+    monkeypatch.setattr(ev.model_lib, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    with pytest.raises(SystemExit, match="needs problems with written-out solutions.*builtin:totals"):
+        ev.main(["--model", str(tiny_model_dir), "--no-quantize", "--limit", "3", "--choice-probe",
+                 "--out", str(tmp_path / "d.json")])
 
 
 def test_one_evaluation_writes_a_result_at_a_time(tiny_model_dir, tmp_path):

@@ -341,3 +341,28 @@ def test_a_route_step_learns_each_texts_parting_token_under_its_own_n_and_all_it
     assert metrics["text_nll"] == pytest.approx(text / tokens, rel=1e-4)
     assert metrics["accuracy"] == 0.75 and any(not torch.equal(a, p) for a, p in zip(before, params))
     assert [e["n_gold"] for e in examples] == [rows[0][1], rows[1][1]]
+
+
+def test_the_choice_probe_reads_the_next_token_where_a_solution_s_length_is_decided(tiny_model_dir):
+    model, tokenizer = model_lib.load_model(str(tiny_model_dir), quantize=False, trainable=False)
+    problems = data.builtin_problems("test", 8, family="totals")
+    kept = [p for p in problems if p.solutions[0].count("=") >= 2]
+    got = stage1.choice_probe(model, tokenizer, problems, [8, 40], batch=3)  # batches of 3: padding in play
+    enc = lambda text: tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
+    for n in (8, 40):
+        expected = {"answer_at_once": 0.0, "merge": 0.0, "check": 0.0}
+        for p in kept:  # a plain forward of each problem alone, no padding
+            prompt, finest = data.lcpo_prompt(tokenizer, p, n, "exact"), enc(p.solutions[0])
+            def probs(prefix):
+                with torch.no_grad():
+                    return model(torch.tensor([prompt + prefix])).logits[0, -1].float().softmax(-1)
+            expected["answer_at_once"] += probs([])[enc(p.solutions[3])[0]].item() / len(kept)
+            q = probs(finest[:finest.index(enc("=")[0])])
+            expected["merge"] += (q[enc("+")[0]] / (q[enc("+")[0]] + q[enc("=")[0]])).item() / len(kept)
+            q = probs(finest)
+            wait, stop = q[enc(sample.WAIT)[0]], q[tokenizer.eos_token_id]
+            expected["check"] += (wait / (wait + stop)).item() / len(kept)
+        assert got[n] == pytest.approx(expected, rel=1e-4)
+    assert got[8] != got[40]  # the prompt's N is read
+    with pytest.raises(ValueError, match="written-out solutions of two or more steps"):
+        stage1.choice_probe(model, tokenizer, data.builtin_problems("test", 3), [8])
