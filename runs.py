@@ -76,6 +76,10 @@ def check_config(cfg) -> None:
                         f"--init-adapter {cfg.init_adapter} makes: merge that adapter into its base "
                         f"(python -c \"import model; model.export_merged('ADAPTER', 'DIR')\"), then pass --model DIR "
                         f"--init-adapter none")
+    if getattr(cfg, "route_steps", 0) > 0 and (cfg.distill_steps or cfg.length_steps):
+        problems.append("--route-steps learns from the model with its adapter off, not from what --distill-steps or "
+                        "--length-steps train into the adapter: run them first, merge (model.export_merged), then "
+                        "--route-steps on --model DIR --init-adapter none")
     if cfg.init_adapter is not None:
         try:
             base = model_lib.adapter_base(cfg.init_adapter)

@@ -395,6 +395,8 @@ def test_init_adapter_starts_from_its_weights(learnable_model_dir, tmp_path):
     (["--route-steps", "-1", "--init-adapter", "none"], "--route-steps must be >= 0, got -1"),
     (["--route-steps", "5"], "--route-steps learns from the model with its adapter off, which is not the model "
                              "--init-adapter"),  # the embedded model starts from results/stage1-adapter
+    (["--route-steps", "5", "--distill-steps", "5", "--init-adapter", "none"], "not from what --distill-steps or "
+                                                                                "--length-steps train"),
     (["--lora-rank", "8"], "stage1-adapter has rank 16 and alpha 32: drop --lora-rank (they shape a new adapter)"),
     (["--out-dir", "{file}/runs"], "--out-dir: cannot write to {file} (a file is in the way)"),
 ])
