@@ -353,7 +353,7 @@ def choice_probe(model, tokenizer, problems: list, budgets: list[int], batch: in
         q = {}
         for name, prefixes in places.items():  # the next token's probabilities after each prompt + prefix
             rows = [prompt + prefix for prompt, prefix in zip(prompts, prefixes)]
-            q[name] = torch.cat([next_token_probs(model, tokenizer, rows[i:i + batch])
+            q[name] = torch.cat([logprobs_after(model, tokenizer, rows[i:i + batch], [0])[:, 0].exp().cpu()
                                  for i in range(0, len(rows), batch)])
         first = torch.tensor([enc(p.solutions[3])[0] for p in kept])
         out[n] = dict(answer_at_once=q["answer_at_once"].gather(1, first[:, None]).mean().item(),
@@ -362,29 +362,26 @@ def choice_probe(model, tokenizer, problems: list, budgets: list[int], batch: in
     return out
 
 
-def next_token_probs(model, tokenizer, rows: list[list[int]]) -> torch.Tensor:
-    """The next token's probabilities after each row, [rows, vocabulary] (rows left-padded here)."""
-    ids, mask = sample.left_pad(rows, tokenizer.pad_token_id, model.device)
-    hidden = model.get_decoder()(input_ids=ids, attention_mask=mask,
-                                 position_ids=sample.position_ids(mask)).last_hidden_state[:, -1]
-    return model.get_output_embeddings()(hidden).float().softmax(-1).cpu()
-
-
 # -----------------------------------------------------------------------------
 # the stop probe: does the model put its stop where N says? (teacher-forced, no sampling)
+
+
+def logprobs_after(model, tokenizer, rows: list[list[int]], back: list[int]) -> torch.Tensor:
+    """The next token's log-probabilities after the token b places before each row's last, for each b in back
+    (0: after the last token): [rows, len(back), vocabulary]. Rows are left-padded here, to end together."""
+    ids, mask = sample.left_pad(rows, tokenizer.pad_token_id, model.device)
+    hidden = model.get_decoder()(input_ids=ids, attention_mask=mask,
+                                 position_ids=sample.position_ids(mask)).last_hidden_state  # [rows, T, H]
+    at = torch.tensor([ids.shape[1] - 1 - b for b in back], device=model.device)
+    return model.get_output_embeddings()(hidden[:, at]).float().log_softmax(-1)
 
 
 def stop_logprobs(model, tokenizer, rows: list[list[int]], cuts: list[int]) -> torch.Tensor:
     """log p(stop token) after each row's first L response tokens, for each L in cuts: [rows, cuts].
 
-    Each row is a prompt followed by exactly max(cuts) response tokens; rows are left-padded here.
+    Each row is a prompt followed by exactly max(cuts) response tokens.
     """
-    ids, mask = sample.left_pad(rows, tokenizer.pad_token_id, model.device)
-    hidden = model.get_decoder()(input_ids=ids, attention_mask=mask,
-                                 position_ids=sample.position_ids(mask)).last_hidden_state  # [rows, T, H]
-    at = [ids.shape[1] - max(cuts) + L - 1 for L in cuts]  # the output after the L-th token
-    logits = model.get_output_embeddings()(hidden[:, torch.tensor(at, device=model.device)]).float()
-    return logits.log_softmax(-1)[..., tokenizer.eos_token_id]
+    return logprobs_after(model, tokenizer, rows, [max(cuts) - L for L in cuts])[..., tokenizer.eos_token_id]
 
 
 @torch.no_grad()
