@@ -188,12 +188,12 @@ def length_step(cfg, step: int, model, tokenizer, optimizer, params, problems, d
 
 
 # how often each written-out solution is learnt, finest first (data.TOTALS_GRANULARITIES: one number a step, two,
-# three, the answer alone): mostly fine steps, so that the reasoner left alone is accurate; the coarser ones stay
-# in its repertoire, so that a short budget has something shorter to choose
-SOLUTION_MIX = (0.85, 0.05, 0.05, 0.05)
+# three, the answer alone): half fine steps, so that the reasoner left alone is accurate; the coarser ones often
+# enough that every route stays in its repertoire for the route stage and LCPO to choose by N
+SOLUTION_MIX = (0.5, 0.15, 0.15, 0.2)
 # the share of solutions that go on to check themselves, as R1's traces do: sample.WAIT, CHECK, then the finest
 # solution again. A way to spend more tokens on a problem, and what a model forced to think on (S1) then writes
-CHECK_SHARE = 0.3
+CHECK_SHARE = 0.4
 CHECK = ", let me check. "
 
 
