@@ -90,6 +90,40 @@ def summarise(records: list[dict], budget: int) -> dict:
     return out
 
 
+def route(text: str) -> tuple[int, bool, bool]:
+    r"""The route a response to a builtin:totals problem takes: (the steps it writes before any check, whether a
+    step adds more than one number, whether it checks itself after sample.WAIT). No step: the answer at once.
+
+        >>> route("3+8+2=13. 13+5=18. The answer is \\boxed{18}. Wait, let me check. 3+8=11. 11+2=13. 13+5=18.")
+        (2, True, True)
+        >>> route("The answer is \\boxed{18}.")
+        (0, False, False)
+    """
+    steps = re.findall(r"\d+(?:\+\d+)+=", text.split(sample.WAIT)[0])
+    return len(steps), any(s.count("+") > 1 for s in steps), sample.WAIT in text
+
+
+def route_table(results: list[dict], names: list[str], paths: list[str]) -> str:
+    """How the route changes with N (the paper's Figure 6 in miniature), from the responses of each builtin:totals
+    result (its records file): the share that answer at once, merge numbers in a step, check themselves; the
+    steps written before a check. Empty when no result has them."""
+    head = ["run", "budget", "answer at once", "merged steps", "checks", "steps written", "pass@1"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, result, path in zip(names, results, paths):
+        if not str(result["settings"].get("data")).startswith("builtin:totals"):
+            continue
+        records = runs.read_jsonl(records_file(Path(path)))
+        for b in result["budgets"]:
+            texts = [r["text"] for r in records if r.get("budget") == b["budget"] and isinstance(r.get("text"), str)]
+            if texts:
+                steps, merged, checks = zip(*map(route, texts))
+                share = lambda flags: f"{100 * sum(flags) / len(texts):.0f}%"
+                lines.append(f"| {name} | {b['budget'] or 'none'} | {share([n == 0 for n in steps])} | "
+                             f"{share(merged)} | {share(checks)} | {sum(steps) / len(texts):.1f} | "
+                             f"{100 * b['accuracy']:.1f}% |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
 def table(rows: list[dict], label: str | None = None) -> str:
     """A Markdown table of per-budget summaries (a label column when comparing runs)."""
     head = (["run"] if label else []) + ["budget", "pass@1", "mean tokens", "(E[n_y] - N)/N", "rel. RMSE",
@@ -322,7 +356,8 @@ def compare(paths: list[str], plot: str | None) -> str:
     results = [load_result(p) for p in paths]
     names = labels(results, [Path(p).stem for p in paths])
     rows = [dict(b, run=name) for name, r in zip(names, results) for b in r["budgets"]]
-    text = table(rows, label="run")
+    routes = route_table(results, names, paths)
+    text = table(rows, label="run") + (f"\n\nThe route at each budget:\n\n{routes}" if routes else "")
     if plot:
         import matplotlib
 
@@ -442,7 +477,8 @@ def parse_args(argv):
                         "teacher-forced: answer at once, merge, check (builtin:totals; stage1.choice_probe)")
     parser.add_argument("--stop-probe", default=None, metavar="RECORDS", help="an evaluation's records.jsonl: "
                         "the stop token's probability after each budget's worth of its texts, under each N")
-    parser.add_argument("--model", default=None, help="hub id or local directory (default: the embedded model)")
+    parser.add_argument("--model", default=None, help="hub id, local directory, or reasoner (the embedded model with "
+                        "results/reasoner-adapter merged); default: the embedded model")
     parser.add_argument("--adapter", default=None, help="a saved adapter, or a train.py run directory")
     parser.add_argument("--data", default="builtin", help="builtin[:FAMILY] (data.FAMILIES), a known set "
                         "(data.KNOWN_SETS), a hub id or a file")

@@ -489,7 +489,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--budget", type=int, default=64,
                         help="N in 'Think for N tokens.' (0: no length sentence); with --s1, the thinking budget")
     parser.add_argument("--mode", default="exact", choices=data.MODES)
-    parser.add_argument("--model", default=None, help="hub id or local directory (default: the embedded model)")
+    parser.add_argument("--model", default=None, help="hub id, local directory, or reasoner (the embedded model with "
+                        "results/reasoner-adapter merged); default: the embedded model")
     parser.add_argument("--adapter", default=None,
                         help="a saved LoRA adapter, or a train.py run directory (its newest checkpoint)")
     parser.add_argument("--no-quantize", action="store_true", help="load the base in full precision")

@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 
@@ -136,6 +137,25 @@ def test_compare_labels_runs_by_what_differs_and_draws_a_readable_figure(tmp_pat
     image = matplotlib.image.imread(tmp_path / "fig.png")
     assert image.shape[0] > 300 and image.shape[1] > 800  # a real figure, not an empty file
     assert image[..., :3].std() > 0.05  # with something drawn on it
+
+
+def test_compare_shows_the_route_at_each_budget_from_a_totals_results_responses(tmp_path, capsys):
+    path = fake_result(tmp_path / "l1.json", 0.02)
+    result = json.loads(Path(path).read_text())
+    result["settings"]["data"] = "builtin:totals"
+    Path(path).write_text(json.dumps(result))
+    texts = {32: ["The answer is \\boxed{9}.", "4+5=9. The answer is \\boxed{9}."],
+             64: ["4+5=9. 9+1=10. The answer is \\boxed{10}.", "4+5+1=10. The answer is \\boxed{10}."],
+             128: ["4+5+1=10. The answer is \\boxed{10}. Wait, let me check. 4+5=9. 9+1=10. The answer is \\boxed{10}.",
+                   "not a step in sight"]}
+    lines = [json.dumps(dict(budget=b, text=t)) for b, ts in texts.items() for t in ts] + ["{cut short"]
+    (tmp_path / "l1.records.jsonl").write_text("\n".join(lines) + "\n")
+    ev.main(["--compare", path, fake_result(tmp_path / "other.json", 0.01)])  # a result without records: no rows
+    out = capsys.readouterr().out.split("The route at each budget:")[1]
+    assert "| LCPO α=0.02 | 32 | 50% | 0% | 0% | 0.5 | 0.0% |" in out
+    assert "| LCPO α=0.02 | 64 | 0% | 50% | 0% | 1.5 | 10.0% |" in out
+    assert "| LCPO α=0.02 | 128 | 50% | 50% | 50% | 0.5 | 20.0% |" in out
+    assert "α=0.01" not in out
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -311,7 +331,6 @@ def test_choice_probe_reads_the_route_at_each_budget_and_needs_written_out_solut
 def test_one_evaluation_writes_a_result_at_a_time(tiny_model_dir, tmp_path):
     import subprocess
     import sys
-    from pathlib import Path
 
     out = tmp_path / "e.json"
     holder = subprocess.Popen(  # another eval.py writing the same --out, as far as the lock can tell
