@@ -246,7 +246,8 @@ def distill_step(cfg, step: int, model, tokenizer, optimizer, params, problems, 
 # the route stage: the reasoner's own routes, chosen by N
 
 
-ROUTE_TRIES = 8  # draws of two N per problem before it is left out for the step: the two N may pick the same text
+ROUTE_PAIRS = 4  # pairs of N drawn from each prompt's responses: more readings of N from the same rollouts
+ROUTE_TRIES = 8  # draws of two N for a pair before it is left out: the two N may pick the same text
 
 
 def first_difference(a: list[int], b: list[int]) -> int:
@@ -260,9 +261,10 @@ def first_difference(a: list[int], b: list[int]) -> int:
 
 def route_pairs(batch: sample.Batch, group_size: int, n_min: int, n_max: int, rng) -> list[tuple]:
     """The route stage's rows, from a step's rollouts (G in a row per prompt): for each prompt, the distinct
-    responses that are correct and ended by themselves; where there are two or more, two target lengths
-    N_a < N_b ~ UniformInt(n_min, n_max), drawn until the response closest in length to each differs (at most
-    ROUTE_TRIES times). Each pair gives two rows, (problem, N, its response's tokens, where the two first differ)."""
+    responses that are correct and ended by themselves; where there are two or more, ROUTE_PAIRS times two target
+    lengths N_a < N_b ~ UniformInt(n_min, n_max), drawn until the response closest in length to each differs (at
+    most ROUTE_TRIES times). Each pair gives two rows, (problem, N, its response's tokens, where the two first
+    differ)."""
     rows = []
     for start in range(0, len(batch.rollouts), group_size):
         group = range(start, start + group_size)
@@ -270,13 +272,14 @@ def route_pairs(batch: sample.Batch, group_size: int, n_min: int, n_max: int, rn
                                    if batch.correct[j] and batch.rollouts[j].finish == "eos"))
         if len(texts) < 2:
             continue
-        for _ in range(ROUTE_TRIES):
-            n_a, n_b = sorted(rng.sample(range(n_min, n_max + 1), 2))
-            a, b = (min(texts, key=lambda t: abs(len(t) - n)) for n in (n_a, n_b))
-            if a != b:
-                d = first_difference(a, b)
-                rows += [(batch.problems[start], n_a, list(a), d), (batch.problems[start], n_b, list(b), d)]
-                break
+        for _ in range(ROUTE_PAIRS):
+            for _ in range(ROUTE_TRIES):
+                n_a, n_b = sorted(rng.sample(range(n_min, n_max + 1), 2))
+                a, b = (min(texts, key=lambda t: abs(len(t) - n)) for n in (n_a, n_b))
+                if a != b:
+                    d = first_difference(a, b)
+                    rows += [(batch.problems[start], n_a, list(a), d), (batch.problems[start], n_b, list(b), d)]
+                    break
     return rows
 
 

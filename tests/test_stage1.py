@@ -292,6 +292,7 @@ def test_route_pairs_take_the_correct_finished_text_closest_to_each_n_and_where_
     for seed in range(20):
         rows = stage1.route_pairs(_batch(texts, correct, finish, problems, seed), 4, 2, 12, random.Random(seed))
         assert len(rows) % 2 == 0 and {r[0].problem for r in rows} <= {"p0", "p2"}  # p1: one route, nothing to choose
+        assert all(0 < sum(r[0].problem == p for r in rows) <= 2 * stage1.ROUTE_PAIRS for p in ("p0", "p2"))
         for (pa, na, a, da), (pb, nb, b, db) in zip(rows[::2], rows[1::2]):
             pool = {"p0": [short, long_, mid], "p2": [mid, long_]}[pa.problem]
             assert pa is pb and 2 <= na < nb <= 12 and a != b and da == db == stage1.first_difference(a, b)
@@ -319,6 +320,7 @@ def test_a_route_step_learns_each_texts_parting_token_under_its_own_n_and_all_it
         return batch
 
     monkeypatch.setattr(sample, "roll_out", fixed)
+    monkeypatch.setattr(stage1, "ROUTE_PAIRS", 1)
     rows = stage1.route_pairs(_batch(texts, batch.correct, ["eos"] * 4, [problem] * 4, seed=3), 4, 2, 30,
                               random.Random(3))  # what the step will draw: batch.rng is seeded alike
     assert len(rows) == 2 and rows[0][2] == texts[0] and rows[1][2] == texts[1] and rows[0][3] == 7  # '5' | 'W'
