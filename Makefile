@@ -1,6 +1,6 @@
 # Set-up and the two commands. Needs only Python 3.11 and pip; everything else goes in .venv.
 #   make test     run the test suite (CPU, offline, a few minutes at most)
-#   make train    train LCPO on the embedded default model and the built-in problems
+#   make train    train LCPO on the shipped reasoner (the embedded model made one) and its problems
 #   make extras   optional: TRL and verl, for scale_out.py (the tests that use them run once installed)
 PYTHON ?= python3
 VENV := .venv

@@ -1,10 +1,11 @@
 """
 LCPO: GRPO with a length-controlled reward, written by hand.
 
-    python train.py                                   # LCPO-Exact on the embedded default, on a CPU: runs/default
-    python train.py --init-adapter none               # the same from a fresh adapter, not from the first stage
+    python train.py                                   # LCPO-Exact on the reasoner, on a CPU: runs/default
+    python train.py --init-adapter none               # the same from a fresh adapter, not from the route stage
     python train.py --mode mix                        # L1-Max style: half Exact, half Max prompts
-    python train.py --alpha 0.001                     # an alpha ablation: runs/default-alpha-0.001
+    python train.py --alpha 0.05                      # an alpha ablation: runs/default-alpha-0.05
+    python train.py --preset chat                     # the embedded chat model on word problems: runs/chat
     python train.py --preset l1-exact                 # the paper's settings, 1.5B model, one GPU
     python train.py --alpha 0.001 --steps 200         # the same command again continues its run (here, longer)
 

@@ -61,7 +61,8 @@ def test_a_run_is_trained_by_one_process_at_a_time_and_a_crash_frees_it(learnabl
 
 def test_a_start_that_fails_leaves_nothing_in_the_way_of_the_corrected_command(learnable_model_dir, tmp_path,
                                                                                 monkeypatch):
-    argv = ["--model", str(learnable_model_dir), "--no-quantize", "--out-dir", str(tmp_path), "--run-name", "mine",
+    argv = ["--preset", "chat", "--model", str(learnable_model_dir), "--no-quantize", "--out-dir", str(tmp_path),
+            "--run-name", "mine",
             "--steps", "1", "--prompts-per-step", "2", "--max-new-tokens", "8", "--n-min", "4", "--n-max", "8"]
     real_load = model_lib.load_model
 
@@ -109,7 +110,8 @@ def test_an_unwritable_out_dir_is_refused_before_the_model_loads(tmp_path, monke
 
 
 def test_a_full_disk_mid_run_is_one_line_and_keeps_the_last_checkpoint(learnable_model_dir, tmp_path, monkeypatch):
-    argv = ["--model", str(learnable_model_dir), "--no-quantize", "--out-dir", str(tmp_path), "--run-name", "r",
+    argv = ["--preset", "chat", "--model", str(learnable_model_dir), "--no-quantize", "--out-dir", str(tmp_path),
+            "--run-name", "r",
             "--steps", "3", "--save-every", "1", "--prompts-per-step", "2", "--group-size", "2",
             "--max-new-tokens", "8", "--n-min", "4", "--n-max", "8"]
     real_append = runs.append_jsonl
@@ -219,7 +221,8 @@ def test_a_write_that_fails_before_any_checkpoint_does_not_claim_one_is_kept(lea
     monkeypatch.setattr(runs, "append_jsonl", full)
     with pytest.raises(SystemExit, match=r"^error: cannot write .*metrics.jsonl \(No space left on device\): no "
                        r"checkpoint was saved yet; fix it, then the same command continues$"):
-        train.main(["--model", str(learnable_model_dir), "--no-quantize", "--out-dir", str(tmp_path), "--run-name", "r",
+        train.main(["--preset", "chat", "--model", str(learnable_model_dir), "--no-quantize", "--out-dir", str(tmp_path),
+                    "--run-name", "r",
                     "--steps", "1", "--prompts-per-step", "2", "--group-size", "2", "--max-new-tokens", "8",
                     "--n-min", "4", "--n-max", "8"])
 
@@ -227,7 +230,8 @@ def test_a_write_that_fails_before_any_checkpoint_does_not_claim_one_is_kept(lea
 def test_a_kill_while_the_model_loads_leaves_nothing_in_the_way_of_the_corrected_command(learnable_model_dir, tmp_path):
     import signal
 
-    argv = ["--model", str(learnable_model_dir), "--no-quantize", "--out-dir", str(tmp_path), "--run-name", "mine",
+    argv = ["--preset", "chat", "--model", str(learnable_model_dir), "--no-quantize", "--out-dir", str(tmp_path),
+            "--run-name", "mine",
             "--steps", "1"]
     script = ("import sys, time, model, train\n"
               "def slow(*args, **kwargs):\n    print('loading', flush=True)\n    time.sleep(60)\n"

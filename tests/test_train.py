@@ -393,11 +393,11 @@ def test_init_adapter_starts_from_its_weights(learnable_model_dir, tmp_path):
     (["--seed", str(2**32)], "--seed must be in [0, 2**32), got 4294967296"),
     (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1, got 0"),
     (["--route-steps", "-1", "--init-adapter", "none"], "--route-steps must be >= 0, got -1"),
-    (["--route-steps", "5"], "--route-steps learns from the model with its adapter off, which is not the model "
-                             "--init-adapter"),  # the embedded model starts from results/stage1-adapter
+    (["--route-steps", "5", "--init-adapter", str(train.ROUTE_ADAPTER)], "--route-steps learns from the model with "
+                                                                          "its adapter off, which is not the model"),
     (["--route-steps", "5", "--distill-steps", "5", "--init-adapter", "none"], "not from what --distill-steps or "
                                                                                 "--length-steps train"),
-    (["--lora-rank", "8"], "stage1-adapter has rank 16 and alpha 32: drop --lora-rank (they shape a new adapter)"),
+    (["--lora-rank", "8"], "route-adapter has rank 32 and alpha 64: drop --lora-rank (they shape a new adapter)"),
     (["--out-dir", "{file}/runs"], "--out-dir: cannot write to {file} (a file is in the way)"),
 ])
 def test_bad_flags_are_refused_before_the_model_loads(argv, message, monkeypatch, tmp_path):
