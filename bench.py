@@ -747,8 +747,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("what", choices=["rollout", "train", "memory", "trl", "loss", "s1"])
     parser.add_argument("--model", default=None, help="hub id or directory; default: the embedded model on a CPU, "
                         "a random 1.5B Qwen2 on a GPU")
-    parser.add_argument("--preset", default=None, help="train/memory: a train.py preset (default: default on a CPU, "
-                        "l1-exact on a GPU)")
+    parser.add_argument("--preset", default=None, help="train/memory: a train.py preset (default: chat on a CPU, "
+                        "the embedded model's own settings; l1-exact on a GPU)")
     parser.add_argument("--prompts", type=int, default=None, help="prompts per batch")
     parser.add_argument("--group-size", type=int, default=None, help="G")
     parser.add_argument("--n-min", type=int, default=None)
@@ -790,7 +790,7 @@ def main(argv: list[str] | None = None) -> None:
                       ("prompts", "group_size", "n_min", "n_max", "max_new_tokens", "rollout_batch", "old_prompts")) \
             or args.repeats < 1 or args.budget < 1:
         sys.exit(f"error: unknown variant {unknown[0]!r}" if unknown else "error: sizes and --repeats must be >= 1")
-    preset = args.preset or ("l1-exact" if gpu or account else "default")
+    preset = args.preset or ("l1-exact" if gpu or account else "chat")
     if preset not in train.PRESETS:
         sys.exit(f"error: unknown preset {preset!r}: use one of {', '.join(train.PRESETS)}")
     if args.what == "memory" and not account:
