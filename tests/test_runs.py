@@ -221,8 +221,8 @@ def test_a_write_that_fails_before_any_checkpoint_does_not_claim_one_is_kept(lea
     monkeypatch.setattr(runs, "append_jsonl", full)
     with pytest.raises(SystemExit, match=r"^error: cannot write .*metrics.jsonl \(No space left on device\): no "
                        r"checkpoint was saved yet; fix it, then the same command continues$"):
-        train.main(["--preset", "chat", "--model", str(learnable_model_dir), "--no-quantize", "--out-dir", str(tmp_path),
-                    "--run-name", "r",
+        train.main(["--preset", "chat", "--model", str(learnable_model_dir), "--no-quantize",
+                    "--out-dir", str(tmp_path), "--run-name", "r",
                     "--steps", "1", "--prompts-per-step", "2", "--group-size", "2", "--max-new-tokens", "8",
                     "--n-min", "4", "--n-max", "8"])
 
