@@ -438,6 +438,14 @@ def test_the_config_of_the_run_an_adapter_came_from_must_be_settings(tmp_path):
         ev.train_config(str(tmp_path / "run"))
 
 
+def test_a_checkpoint_s_config_says_the_steps_it_had_taken_not_the_run_s_plan(tmp_path):
+    adapter = tmp_path / "run" / "checkpoints" / "step-000020" / "adapter"
+    adapter.mkdir(parents=True)
+    (tmp_path / "run" / "config.json").write_text(json.dumps(dict(steps=40, alpha=0.02)))
+    assert ev.train_config(str(adapter)) == dict(steps=20, alpha=0.02)
+    assert ev.train_config(str(tmp_path / "run")) == dict(steps=40, alpha=0.02)  # the run itself: its plan
+
+
 def test_a_budget_given_twice_is_evaluated_once_and_a_rerun_redoes_nothing(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "e.json"
     argv = ["--model", str(tiny_model_dir), "--no-quantize", "--limit", "2", "--samples", "2", "--budgets", "4", "4",
