@@ -320,13 +320,15 @@ def method(result: dict) -> str:
 
 
 def labels(results: list[dict], names: list[str]) -> list[str]:
-    """Name each run by what differs: the method, then train.py settings (e.g. "LCPO α=0.001")."""
-    keys = sorted({k for r in results for k in r.get("train_config", {})} - IGNORED)
-    differ = [k for k in keys if len({json.dumps(r["train_config"][k]) for r in results  # a knob newer than a run:
-                                      if k in r.get("train_config", {})}) > 1]  # that run had its neutral value
+    """Name each run by what differs: the method, then the train.py settings that differ among the runs of that
+    method (e.g. "LCPO α=0.001"; LCPO beside LCPO-Max is named by its method alone)."""
     out = []
     for r, name in zip(results, names):
         parts = [method(r)]
+        same = [q for q in results if method(q) == parts[0] and q.get("train_config")]
+        keys = sorted({k for q in same for k in q["train_config"]} - IGNORED)
+        differ = [k for k in keys if len({json.dumps(q["train_config"][k]) for q in same  # a knob newer than a
+                                          if k in q["train_config"]}) > 1]  # run: that run had its neutral value
         if r.get("train_config"):
             parts += [f"{PRETTY.get(k, k)}={r['train_config'].get(k)}" for k in differ[:3]]
         out.append(" ".join(parts))

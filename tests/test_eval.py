@@ -127,13 +127,15 @@ def test_compare_labels_runs_by_what_differs_and_draws_a_readable_figure(tmp_pat
     import matplotlib.image
 
     paths = [fake_result(tmp_path / "a.json", 0.001), fake_result(tmp_path / "b.json", 0.01),
-             fake_result(tmp_path / "base.json", None, adapter=None), fake_result(tmp_path / "s1.json", None, s1=True, adapter=None),
-             fake_result(tmp_path / "probe.json", None, adapter="results/probe-adapter", trained=False)]  # not train.py's
+             fake_result(tmp_path / "base.json", None, adapter=None),
+             fake_result(tmp_path / "s1.json", None, s1=True, adapter=None),
+             fake_result(tmp_path / "probe.json", None, adapter="results/probe-adapter", trained=False),  # not train's
+             fake_result(tmp_path / "max.json", 0.05, mode="max")]  # its method names it: its α, mode go unsaid
     ev.main(["--compare", *paths, "--plot", str(tmp_path / "fig.png")])
     out = capsys.readouterr().out
     assert "| LCPO α=0.001 | 32 |" in out and "| LCPO α=0.01 | 128 |" in out and "| base | 64 |" in out
-    assert "| adapter probe-adapter | 64 |" in out
-    assert "| S1 | 32 |" in out and out.count("\n| ") == 5 * 3  # a row per run and budget
+    assert "| adapter probe-adapter | 64 |" in out and "| LCPO-Max | 64 |" in out
+    assert "| S1 | 32 |" in out and out.count("\n| ") == 6 * 3  # a row per run and budget
     image = matplotlib.image.imread(tmp_path / "fig.png")
     assert image.shape[0] > 300 and image.shape[1] > 800  # a real figure, not an empty file
     assert image[..., :3].std() > 0.05  # with something drawn on it
