@@ -590,6 +590,21 @@ def test_the_shipped_l1_exact_adapter_turns_the_dial():
     assert lengths[128] > lengths[32] + 16, lengths
 
 
+def test_the_shipped_l1_max_adapter_stays_under_a_generous_budget_and_spends_more_of_a_larger_one():
+    """results/l1-max-adapter on the reasoner, under Max prompts ("Think for maximum N tokens.")."""
+    adapter = Path(__file__).resolve().parent.parent / "results" / "l1-max-adapter"
+    model, tokenizer = model_lib.load_model(adapter=str(adapter), quantize=False, trainable=False)
+    problems = data.load_problems("builtin:totals", "test", limit=16)
+    lengths = {}
+    for n in (32, 128):
+        prompts = [data.lcpo_prompt(tokenizer, p, n, "max") for p in problems]
+        outs = sample.generate(model, prompts, 256, tokenizer.pad_token_id, [tokenizer.eos_token_id], temperature=0.6,
+                               generator=torch.Generator().manual_seed(0))
+        lengths[n] = [o.n_y for o in outs]
+    assert sum(n_y <= 128 for n_y in lengths[128]) >= 14, lengths[128]  # 94% within N = 128 on 64 problems x 4
+    assert sum(lengths[128]) / 16 > sum(lengths[32]) / 16 + 10, lengths  # 72 and 44 tokens on 64 problems x 4
+
+
 @pytest.mark.parametrize("prompt", ["", "  \n"])
 def test_cli_refuses_an_empty_prompt_before_loading(prompt, monkeypatch):
     import model as model_lib
