@@ -64,7 +64,8 @@ def test_lcpo_prompt_is_the_papers_prompt_in_one_user_turn(char_tokenizer):
     problem = Problem("What is 2+3?", "5", multiple_choice=False)
     in_user = char_tokenizer.decode(lcpo_prompt(char_tokenizer, problem, 100, "max"))
     assert in_user == f"<|user|>{build_prompt('What is 2+3?', 100, 'max')}<eos><|assistant|>"
-    assert "Think for" not in char_tokenizer.decode(lcpo_prompt(char_tokenizer, problem, None))  # no target: no sentence
+    # no target: no sentence
+    assert "Think for" not in char_tokenizer.decode(lcpo_prompt(char_tokenizer, problem, None))
 
 
 def test_encode_prompt_with_the_embedded_models_tokenizer():
@@ -264,7 +265,8 @@ def test_builtin_is_the_word_problems_unchanged():
 
 @pytest.mark.parametrize("source", ["builtin:nope", "builtin:"])
 def test_builtin_unknown_family_is_one_line_naming_the_known_ones(source):
-    with pytest.raises(DataError, match="unknown built-in family .*: use one of words, sums, steps, digits, count") as e:
+    with pytest.raises(DataError,
+                       match="unknown built-in family .*: use one of words, sums, steps, digits, count") as e:
         load_problems(source, "test")
     assert "\n" not in str(e.value)
 
@@ -384,7 +386,8 @@ def test_a_line_that_is_not_a_json_object_is_skipped_and_named(tmp_path, capsys)
 @pytest.mark.parametrize("name, content, message", [
     ("latin1.jsonl", '{"problem": "caf\u00e9", "answer": 1}\n'.encode("latin-1"),
      r"latin1.jsonl is not UTF-8 text \(line 1: byte 0xe9\): save it as UTF-8"),
-    ("table.jsonl", b"problem,answer\n1+1?,2\n", r"table.jsonl has no JSON object lines \(line 1 is not JSON.*looks like CSV"),
+    ("table.jsonl", b"problem,answer\n1+1?,2\n",
+     r"table.jsonl has no JSON object lines \(line 1 is not JSON.*looks like CSV"),
     ("numbers.json", b"[1, 2, 3]", r"numbers.json is a JSON list of int, not of row objects"),
     ("ragged.json", b'{"problem": ["a", "b"], "answer": [1]}', r"ragged.json is one JSON object, not a list of rows"),
     ("scalar.json", b'{"problem": "a", "answer": 1}', r"scalar.json is one JSON object"),

@@ -116,10 +116,11 @@ def test_multiple_choice_sets_use_the_choice_judge(tiny_model_dir, tmp_path, mon
 
 def fake_result(path, alpha, mode="exact", s1=False, adapter="a", trained=True):
     budgets = [dict(budget=b, responses=4, accuracy=0.1 * i, mean_tokens=b * 1.1, cut_by_cap=0.0,
-                    length_error=0.1, abs_length_error=0.2 / (i + 1), over_budget=0.5) for i, b in enumerate([32, 64, 128])]
+                    length_error=0.1, abs_length_error=0.2 / (i + 1), over_budget=0.5)
+               for i, b in enumerate([32, 64, 128])]
     settings = dict(s1=s1, adapter=adapter, mode=mode)
-    path.write_text(json.dumps(dict(settings=settings, budgets=budgets,
-                                    train_config=dict(alpha=alpha, lr=1e-4, run_name=str(path)) if adapter and trained else {})))
+    config = dict(alpha=alpha, lr=1e-4, run_name=str(path)) if adapter and trained else {}
+    path.write_text(json.dumps(dict(settings=settings, budgets=budgets, train_config=config)))
     return str(path)
 
 
@@ -202,7 +203,8 @@ def test_an_empty_set_and_an_adapter_of_another_base_are_refused(tiny_model_dir,
     model, tok = model_lib.load_model(str(tiny_model_dir), quantize=False)
     model_lib.save_adapter(model, tmp_path / "adapter")
     with pytest.raises(SystemExit) as e:
-        ev.main(["--adapter", str(tmp_path / "adapter"), "--model", "some/other-model", "--out", str(tmp_path / "y.json")])
+        ev.main(["--adapter", str(tmp_path / "adapter"), "--model", "some/other-model",
+                 "--out", str(tmp_path / "y.json")])
     assert "some/other-model" in str(e.value) and str(tiny_model_dir) in str(e.value)
 
 
@@ -212,8 +214,9 @@ def test_curves_summarise_and_plot_training_runs(tmp_path, capsys):
     for name, slope in (("alpha-a", 0.01), ("alpha-b", 0.02)):
         run = tmp_path / name
         run.mkdir()
+        extra = (lambda s: {"length_slope": None if s < 5 else s / 20}) if name == "alpha-a" else (lambda s: {})
         lines = [json.dumps(dict(step=s, reward_mean=-1 + slope * s, length_error=2 - slope * s, accuracy=0.1,
-                                 mean_n_y=100 - s, **({"length_slope": None if s < 5 else s / 20} if name == "alpha-a" else {})))
+                                 mean_n_y=100 - s, **extra(s)))
                  for s in range(30)]  # alpha-a: one N for 5 steps, then a slope; alpha-b: an older run without one
         (run / "metrics.jsonl").write_text("\n".join(lines) + "\n" + '{"step": 30, "reward_m')  # torn by a kill
     ev.main(["--curves", str(tmp_path / "alpha-a"), str(tmp_path / "alpha-b"), "--plot", str(tmp_path / "c.png")])

