@@ -166,9 +166,9 @@ def train_config(adapter: str | None) -> dict:
                 config = None
             if not isinstance(config, dict):
                 raise ValueError(f"{candidate} is not a JSON object of settings: restore the run's config.json")
-            step = path.parent.name.removeprefix("step-")
-            if candidate.parent != path and step.isdigit():  # a checkpoint: the steps it had taken, not the run's plan
-                config["steps"] = int(step)
+            step = runs.checkpoint_step(path.parent)
+            if candidate.parent != path and step is not None:  # a checkpoint: the steps it had taken, not the plan
+                config["steps"] = step
             return config
     return {}
 

@@ -245,11 +245,17 @@ def parse_args(argv, config_class, presets: dict, description: str, first_stages
     return cfg, run_dir, True  # the same command again: continue the run
 
 
+def checkpoint_step(path: Path) -> int | None:
+    """The steps a checkpoint directory (checkpoints/step-000040) had taken; None for any other name."""
+    step = path.name.removeprefix("step-")
+    return int(step) if path.name.startswith("step-") and step.isdigit() else None
+
+
 def check_steps_left(cfg, run_dir: Path) -> None:
     """Refuse to continue a run with fewer --steps than its newest checkpoint has done: that would rewrite its
     config to a length it has passed, for nothing."""
     saved = sorted((run_dir / "checkpoints").glob("step-*"))
-    done = int(saved[-1].name.removeprefix("step-")) if saved and saved[-1].name[5:].isdigit() else 0
+    done = (checkpoint_step(saved[-1]) if saved else None) or 0
     if cfg.steps < done:
         raise ValueError(f"{run_dir} has done {done} steps: --steps {cfg.steps} would not continue it; pass --steps "
                          f"above {done} to train it further")
