@@ -296,7 +296,8 @@ def run_choice_probe(args) -> dict:
                          f"--data builtin:totals")
     model, tokenizer = model_lib.load_model(args.model, adapter=args.adapter, quantize=args.quantize, trainable=False)
     chosen = stage1.choice_probe(model_lib.rollout_copy(model), tokenizer, problems, sorted(args.budgets))
-    return dict(settings=settings_from(args), budgets=sorted(args.budgets), choices=chosen)
+    floor = stage1.route_floor(tokenizer, problems, sorted(args.budgets))  # the best a choice among routes can do
+    return dict(settings=settings_from(args), budgets=sorted(args.budgets), choices=chosen, route_floor=floor)
 
 
 # -----------------------------------------------------------------------------
@@ -585,9 +586,11 @@ def main(argv: list[str] | None = None) -> None:
                   f"{medians} (asked {asked}), p(length <= N) {within}\nresults: {out}")
             return
         if args.choice_probe:
-            print("| N | p(answer at once) | p(merge) | p(check) |\n|---|---:|---:|---:|")
+            print("| N | p(answer at once) | p(merge) | p(check) | route floor (rel. RMSE) |\n"
+                  "|---|---:|---:|---:|---:|")
             for n, c in result["choices"].items():
-                print(f"| {n} | {c['answer_at_once']:.3f} | {c['merge']:.3f} | {c['check']:.3f} |")
+                print(f"| {n} | {c['answer_at_once']:.3f} | {c['merge']:.3f} | {c['check']:.3f} | "
+                      f"{result['route_floor'][n]:.2f} |")
             print(f"results: {out}")
             return
     except (ValueError, model_lib.ModelError) as e:

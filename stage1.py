@@ -23,6 +23,7 @@ the model, as R1's reasoning was into the paper's starting model); route_step te
 own routes by N (its correct texts, each under the N closest to its length), where LCPO then takes over.
 """
 
+import math
 import random
 
 import torch
@@ -197,6 +198,26 @@ CHECK_SHARE = 0.4
 CHECK = ", let me check. "
 
 
+def written_response(tokenizer, problem, solution: str, check: bool) -> list[int]:
+    """What the reasoner is taught to say: `solution` (one of problem.solutions), then, if `check`, sample.WAIT and
+    CHECK with the finest solution again, each piece tokenised alone ("Wait" gets its own tokens, as S1 inserts
+    them), then the stop."""
+    said = [solution] + ([sample.WAIT, CHECK + problem.solutions[0]] if check else [])
+    return sum((tokenizer.encode(x, add_special_tokens=False) for x in said), []) + [tokenizer.eos_token_id]
+
+
+def route_floor(tokenizer, problems: list, budgets: list[int]) -> dict:
+    """The relative RMSE of the length of a model that, for each problem and N, writes the route closest to N among
+    those the reasoner was taught (each granularity, with and without its check): the best that a model choosing
+    among its routes can do. {N: relative RMSE}; problems without written-out solutions are left out."""
+    lengths = [[len(written_response(tokenizer, p, s, check)) for s in p.solutions
+                for check in (False, True)[:1 + (CHECK_SHARE > 0)]] for p in problems if p.solutions]
+    if not lengths:
+        raise ValueError("the route floor needs problems with written-out solutions (--data builtin:totals)")
+    errors = {n: [min(((m - n) / n for m in routes), key=abs) for routes in lengths] for n in budgets}
+    return {n: math.sqrt(sum(e * e for e in errs) / len(errs)) for n, errs in errors.items()}
+
+
 def distill_step(cfg, step: int, model, tokenizer, optimizer, params, problems, device, progress=None):
     """One step of distillation (--distill-steps), in train.py's place: cross-entropy on a written-out solution
     and its stop token, after the paper's prompt with N drawn as train_step draws it; the solution does not depend
@@ -209,12 +230,8 @@ def distill_step(cfg, step: int, model, tokenizer, optimizer, params, problems, 
     prompts = [data.lcpo_prompt(tokenizer, p, n, m) for p, (n, m) in zip(batch, targets)]
     solutions = [rng.choices(p.solutions, weights=SOLUTION_MIX[:len(p.solutions)])[0] for p in batch]
     checks = [rng.random() < CHECK_SHARE for _ in batch]
-    pieces = [[s] + ([sample.WAIT, CHECK + p.solutions[0]] if check else [])
-              for s, p, check in zip(solutions, batch, checks)]
-    # each piece tokenised alone: "Wait" gets its own tokens, as S1 inserts them
-    answers = [sum((tokenizer.encode(x, add_special_tokens=False) for x in said), []) + [tokenizer.eos_token_id]
-               for said in pieces]
-    solutions = ["".join(said) for said in pieces]  # as text, for samples.jsonl
+    answers = [written_response(tokenizer, p, s, check) for p, s, check in zip(batch, solutions, checks)]
+    solutions = [tokenizer.decode(a[:-1]) for a in answers]  # as text, for samples.jsonl
     responses = [sample.Rollout(a, [0.0] * len(a), "eos") for a in answers]  # [P]: what the model must say
     tokens = sum(map(len, answers))
 

@@ -326,6 +326,7 @@ def test_choice_probe_reads_the_route_at_each_budget_and_needs_written_out_solut
     result = json.loads((tmp_path / "c.json").read_text())
     assert result["budgets"] == [8, 64] and list(result["choices"]) == ["8", "64"]
     assert all(0 < v < 1 for c in result["choices"].values() for v in c.values())
+    assert result["route_floor"]["64"] < result["route_floor"]["8"]  # a few-token budget has no route that short
     assert "| 64 |" in capsys.readouterr().out
     monkeypatch.setattr(ev.model_lib, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
     with pytest.raises(SystemExit, match="needs problems with written-out solutions.*builtin:totals"):

@@ -258,6 +258,24 @@ def test_a_distillation_step_is_the_cross_entropy_of_a_written_out_solution_and_
     assert all(any(s in p.solutions for p in problems) for s in said) and examples
 
 
+def test_the_route_floor_is_the_length_error_of_the_taught_route_closest_to_each_n(char_tokenizer, monkeypatch):
+    problem = data.builtin_problems("test", 1, family="totals")[0]
+    lengths = sorted({len(stage1.written_response(char_tokenizer, problem, s, check))
+                      for s in problem.solutions for check in (False, True)})
+    assert len(lengths) == 2 * len(problem.solutions)  # each route, with and without its check
+    short, long = lengths[0], lengths[-1]
+    between = (lengths[1] + lengths[2]) // 2
+    closest = min(lengths, key=lambda m: abs(m - between))
+    floor = stage1.route_floor(char_tokenizer, [problem], [short, between, 3 * long])
+    assert floor == pytest.approx({short: 0.0, between: abs(closest - between) / between, 3 * long: 2 / 3})
+    monkeypatch.setattr(stage1, "CHECK_SHARE", 0.0)  # never taught to check: the longest route is shorter
+    no_check = max(len(stage1.written_response(char_tokenizer, problem, s, False)) for s in problem.solutions)
+    assert no_check < long
+    assert stage1.route_floor(char_tokenizer, [problem], [2 * no_check]) == pytest.approx({2 * no_check: 0.5})
+    with pytest.raises(ValueError, match="needs problems with written-out solutions"):
+        stage1.route_floor(char_tokenizer, data.builtin_problems("test", 2), [16])
+
+
 def test_distillation_steps_come_first_then_lcpo_and_need_problems_with_solutions(learnable_model_dir, tmp_path):
     cfg = tiny_config(learnable_model_dir, data="builtin:totals", n_min=4, n_max=8, max_new_tokens=8, group_size=2,
                       prompts_per_step=4, distill_steps=6, steps=7, lr=0.02)
