@@ -210,8 +210,9 @@ def route_floor(tokenizer, problems: list, budgets: list[int]) -> dict:
     """The relative RMSE of the length of a model that, for each problem and N, writes the route closest to N among
     those the reasoner was taught (each granularity, with and without its check): the best that a model choosing
     among its routes can do. {N: relative RMSE}; problems without written-out solutions are left out."""
-    lengths = [[len(written_response(tokenizer, p, s, check)) for s in p.solutions
-                for check in (False, True)[:1 + (CHECK_SHARE > 0)]] for p in problems if p.solutions]
+    checks = [False, True] if CHECK_SHARE else [False]
+    lengths = [[len(written_response(tokenizer, p, s, check)) for s in p.solutions for check in checks]
+               for p in problems if p.solutions]
     if not lengths:
         raise ValueError("the route floor needs problems with written-out solutions (--data builtin:totals)")
     errors = {n: [min(((m - n) / n for m in routes), key=abs) for routes in lengths] for n in budgets}
