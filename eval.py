@@ -16,9 +16,9 @@ For each budget: K samples per problem with "Think for N tokens." in the prompt,
 pass@1 (mean correctness over samples), mean n_y, the paper's adherence numbers over e = (n_y - N) / N
 (the error of the mean length, mean e; the relative RMSE, sqrt(mean e^2); and mean |e|), the share over
 budget, the share cut by the token cap, and two signs of a length bought with filler: the share that
-writes N itself and the share that pads (repeats a line or sentence 3+ times). Writes OUT.json (every
-number and the exact settings) and OUT.records.jsonl (one line per response); an interrupted run
-started again with the same command skips the budgets already finished.
+writes N itself and the share that pads (repeats a line or sentence 3+ times, or its answer with no
+working between). Writes OUT.json (every number and the exact settings) and OUT.records.jsonl (one line
+per response); an interrupted run started again with the same command skips the budgets already finished.
 
 --stop-probe asks, without sampling, whether a model reads N: over fixed response texts (an
 evaluation's records), the probability of the stop token at every position under prompts asking for
@@ -59,15 +59,24 @@ def writes_budget(text: str, budget: int, problem: str, answer: str) -> bool:
     return str(budget) in numbers(text) and str(budget) not in numbers(f"{problem} {answer}")
 
 
+_BOXED = re.compile(r"\\boxed\{([^{}]*)\}")  # a final answer without nested braces
+
+
 def pads(text: str) -> bool:
-    r"""The response repeats a line or a sentence three or more times: length bought with filler (lines of "1",
-    the same sentence again and again) rather than with reasoning.
+    r"""The response repeats a line or a sentence three or more times, or states its boxed answer again with no
+    working (no "=") in between: length bought with filler (lines of "1", the same sentence again and again,
+    "\boxed{9}. Wait, so the answer is \boxed{9}.") rather than with reasoning. A check that works the sum
+    out again before restating the answer is not padding.
 
         >>> pads("2 + 3 = 5.\n1\n1\n1"), pads("First 2 + 3 = 5. Then 5 + 4 = 9. So 9.")
         (True, False)
+        >>> pads(r"5+4=9. \boxed{9}. Wait, so it is \boxed{9}."), pads(r"5+4=9. \boxed{9}. Wait, 4+5=9. \boxed{9}.")
+        (True, False)
     """
     parts = [p.strip() for p in re.split(r"\n|(?<=[.!?])\s+", text) if p.strip()]
-    return any(count >= 3 for count in Counter(parts).values())
+    boxes = list(_BOXED.finditer(text))
+    restated = any(a[1] == b[1] and "=" not in text[a.end():b.start()] for a, b in zip(boxes, boxes[1:]))
+    return restated or any(count >= 3 for count in Counter(parts).values())
 
 
 def summarise(records: list[dict], budget: int) -> dict:

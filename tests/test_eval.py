@@ -82,8 +82,11 @@ def test_s1_and_no_length_sentence(tiny_model_dir, tmp_path, monkeypatch):
     ("I add them. I add them. I add them. So 7.", True),  # one sentence again and again
     ("First 3 + 4 = 7. Then 7 + 2 = 9. Then 9 + 1 = 10. So 10.", False),
     ("1\n2\n3\n4", False), ("", False),
+    ("3+4=7. The answer is \\boxed{7}.Wait, so the answer is \\boxed{7}.", True),  # the answer again, no work
+    ("3+4=7. The answer is \\boxed{7}. Wait, let me check. 4+3=7. The answer is \\boxed{7}.", False),  # a check
+    ("3+4=8. The answer is \\boxed{8}. Wait, so the answer is \\boxed{7}.", False),  # a changed answer
 ])
-def test_pads_flags_a_line_or_sentence_repeated_three_times(text, padded):
+def test_pads_flags_a_line_or_sentence_repeated_three_times_or_an_answer_restated_without_work(text, padded):
     assert ev.pads(text) is padded
     records = [dict(rec(10, False), text=text), dict(rec(10, False), text="fine.")]
     assert ev.summarise(records, 10)["pads"] == (0.5 if padded else 0.0)
