@@ -71,7 +71,10 @@ def check_config(cfg) -> None:
     for name in ("beta", "clip", "length_steps", "distill_steps", "route_steps"):
         if getattr(cfg, name) < 0:
             problems.append(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
-    if getattr(cfg, "route_steps", 0) > 0 and cfg.init_adapter is not None:
+    if getattr(cfg, "route_steps", 0) > 0 and cfg.mode == "mix":
+        problems.append("--route-steps teaches each prompt the route its mode asks for: use --mode exact (sampled "
+                        "routes) or --mode max (written-out routes, L1-Max's stage), not mix")
+    if getattr(cfg, "route_steps", 0) > 0 and cfg.init_adapter is not None and cfg.mode == "exact":
         problems.append(f"--route-steps learns from the model with its adapter off, which is not the model "
                         f"--init-adapter {cfg.init_adapter} makes: merge that adapter into its base "
                         f"(python -c \"import model; model.export_merged('ADAPTER', 'DIR')\"), then pass --model DIR "

@@ -173,7 +173,7 @@ def length_step(cfg, step: int, model, tokenizer, optimizer, params, problems, d
         step=step, updated=updated, loss=log.sums["loss"] / cfg.epochs, **runs.rollout_metrics(batch),
         kl=log.sums["kl"] / (max(1, tokens) * epochs), clip_fraction=None, ratio_mean=None,
         passed_rows=len(cut_prompts), grad_norm=grad_norm if grad_norm is not None else float("nan"),
-        rollout_tokens_per_s=sum(r.n_y for r in batch.rollouts) / batch.rollout_s,
+        rollout_tokens_per_s=sum(r.n_y for r in batch.rollouts) / batch.rollout_s if batch else None,
         train_tokens_per_s=tokens * cfg.epochs / train_s, peak_memory_mb=model_lib.peak_memory_mb(device),
         rollout_s=batch.rollout_s, reference_s=0.0, policy_s=log.seconds["policy"],
         optimizer_s=log.seconds["optimizer"],
@@ -206,13 +206,26 @@ def written_response(tokenizer, problem, solution: str, check: bool) -> list[int
     return sum((tokenizer.encode(x, add_special_tokens=False) for x in said), []) + [tokenizer.eos_token_id]
 
 
+def taught_routes(tokenizer, problem) -> list[list[int]]:
+    """Every route the reasoner was taught for `problem`, as written_response gives it: each granularity, with and
+    without its check."""
+    checks = [False, True] if CHECK_SHARE else [False]
+    return [written_response(tokenizer, problem, s, check) for s in problem.solutions for check in checks]
+
+
+def max_routes(tokenizer, problem) -> list[list[int]]:
+    """The routes a Max prompt chooses among: each granularity alone, and the finest with its check. Longer is more
+    accurate among these, so the longest that fits N is the best answer within N. A check after a coarser solution
+    is left out: its last answer is the finest solution's, which alone is shorter."""
+    alone = [written_response(tokenizer, problem, s, False) for s in problem.solutions]
+    return alone + ([written_response(tokenizer, problem, problem.solutions[0], True)] if CHECK_SHARE else [])
+
+
 def route_floor(tokenizer, problems: list, budgets: list[int]) -> dict:
     """The relative RMSE of the length of a model that, for each problem and N, writes the route closest to N among
     those the reasoner was taught (each granularity, with and without its check): the best that a model choosing
     among its routes can do. {N: relative RMSE}; problems without written-out solutions are left out."""
-    checks = [False, True] if CHECK_SHARE else [False]
-    lengths = [[len(written_response(tokenizer, p, s, check)) for s in p.solutions for check in checks]
-               for p in problems if p.solutions]
+    lengths = [[len(t) for t in taught_routes(tokenizer, p)] for p in problems if p.solutions]
     if not lengths:
         raise ValueError("the route floor needs problems with written-out solutions (--data builtin:totals)")
     errors = {n: [min(((m - n) / n for m in routes), key=abs) for routes in lengths] for n in budgets}
@@ -277,26 +290,47 @@ def first_difference(a: list[int], b: list[int]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
-def route_pairs(batch: sample.Batch, group_size: int, n_min: int, n_max: int, rng) -> list[tuple]:
-    """The route stage's rows, from a step's rollouts (G in a row per prompt): for each prompt, the distinct
-    responses that are correct and ended by themselves; where there are two or more, ROUTE_PAIRS times two target
-    lengths N_a < N_b ~ UniformInt(n_min, n_max), drawn until the response closest in length to each differs (at
-    most ROUTE_TRIES times). Each pair gives two rows, (problem, N, its response's tokens, where the two first
-    differ)."""
-    rows = []
+def pick_route(texts: list, n: int, mode: str):
+    """The text a prompt asking for N is taught: Exact, the closest in length to N; Max, the longest of at most N
+    tokens (among max_routes the longest is the most accurate), or the shortest where none fits.
+
+        >>> routes = [[0] * 10, [0] * 30, [0] * 60]
+        >>> [len(pick_route(routes, n, mode)) for n, mode in ((40, "exact"), (50, "exact"), (50, "max"), (8, "max"))]
+        [30, 60, 30, 10]
+    """
+    if mode == "max":
+        fits = [t for t in texts if len(t) <= n]
+        return max(fits, key=len) if fits else min(texts, key=len)
+    return min(texts, key=lambda t: abs(len(t) - n))
+
+
+def sampled_routes(batch: sample.Batch, group_size: int) -> list[tuple]:
+    """The routes a step's rollouts (G in a row per prompt) took: for each prompt, (its problem, its distinct
+    responses that are correct and ended by themselves)."""
+    groups = []
     for start in range(0, len(batch.rollouts), group_size):
-        group = range(start, start + group_size)
-        texts = list(dict.fromkeys(tuple(batch.rollouts[j].tokens) for j in group
+        texts = list(dict.fromkeys(tuple(batch.rollouts[j].tokens) for j in range(start, start + group_size)
                                    if batch.correct[j] and batch.rollouts[j].finish == "eos"))
+        groups.append((batch.problems[start], [list(t) for t in texts]))
+    return groups
+
+
+def route_pairs(groups: list[tuple], n_min: int, n_max: int, rng, mode: str = "exact") -> list[tuple]:
+    """The route stage's rows, from (problem, its routes) groups: where a problem has two or more routes,
+    ROUTE_PAIRS times two target lengths N_a < N_b ~ UniformInt(n_min, n_max), drawn until the route pick_route
+    gives each differs (at most ROUTE_TRIES times). Each pair gives two rows, (problem, N, its route's tokens,
+    where the two first differ)."""
+    rows = []
+    for problem, texts in groups:
         if len(texts) < 2:
             continue
         for _ in range(ROUTE_PAIRS):
             for _ in range(ROUTE_TRIES):
                 n_a, n_b = sorted(rng.sample(range(n_min, n_max + 1), 2))
-                a, b = (min(texts, key=lambda t: abs(len(t) - n)) for n in (n_a, n_b))
+                a, b = (pick_route(texts, n, mode) for n in (n_a, n_b))
                 if a != b:
                     d = first_difference(a, b)
-                    rows += [(batch.problems[start], n_a, list(a), d), (batch.problems[start], n_b, list(b), d)]
+                    rows += [(problem, n_a, list(a), d), (problem, n_b, list(b), d)]
                     break
     return rows
 
@@ -304,18 +338,27 @@ def route_pairs(batch: sample.Batch, group_size: int, n_min: int, n_max: int, rn
 def route_step(cfg, step: int, model, tokenizer, optimizer, params, problems, device, progress=None):
     """One step of the route stage (--route-steps), in train.py's place (train_step's rollouts, metrics, seeds).
 
-    The starting model (the adapter off: a reasoner merged into the base, under a fresh adapter) answers the
-    step's prompts G times; route_pairs picks, for two N, its correct response closest in length to each.
-    Where the two differ first is where the route is chosen (answer at once or work it out, merge numbers or
-    not, check or stop): each learns its own token there under a prompt asking for its N (the decision loss),
-    and every token of both (their mean NLL), which keeps the texts right. The decision loss alone read N but
-    let the texts fall apart; the mean NLL alone, averaged over tokens that do not depend on N, did not read it
-    (EXPERIMENTS.md). Prompts are Exact: "closest in length" is what Exact asks.
+    Exact prompts (--mode exact): the starting model (the adapter off: a reasoner merged into the base, under a
+    fresh adapter) answers the step's prompts G times; route_pairs picks, for two N, its correct response closest
+    in length to each. Where the two differ first is where the route is chosen (answer at once or work it out,
+    merge numbers or not, check or stop): each learns its own token there under a prompt asking for its N (the
+    decision loss), and every token of both (their mean NLL), which keeps the texts right. The decision loss alone
+    read N but let the texts fall apart; the mean NLL alone, averaged over tokens that do not depend on N, did not
+    read it (EXPERIMENTS.md).
+    Max prompts (--mode max, L1-Max's stage, from L1-Exact): the routes are written-out solutions (max_routes,
+    all correct) and each N learns the longest that fits. Under a small N only the bare answer fits, which a
+    reasoner rarely samples right, so no rollouts: the step draws its problems as distill_step does.
     """
-    with model_lib.reference(model):  # the starting model's texts
-        batch = sample.roll_out(cfg, step, model, tokenizer, problems, progress=progress)
-    rows = route_pairs(batch, cfg.group_size, cfg.n_min, cfg.n_max, batch.rng)
-    prompts = [data.lcpo_prompt(tokenizer, problem, n, "exact") for problem, n, _, _ in rows]
+    if cfg.mode == "max":
+        batch, rng = None, random.Random(sample.step_seed(cfg.seed, step))
+        groups = [(p, max_routes(tokenizer, p)) for p in data.draw_batch(
+            problems, cfg.prompts_per_step, cfg.n_min, cfg.n_max, cfg.mode, rng)[0]]
+    else:
+        with model_lib.reference(model):  # the starting model's texts
+            batch = sample.roll_out(cfg, step, model, tokenizer, problems, progress=progress)
+        groups, rng = sampled_routes(batch, cfg.group_size), batch.rng
+    rows = route_pairs(groups, cfg.n_min, cfg.n_max, rng, cfg.mode)
+    prompts = [data.lcpo_prompt(tokenizer, problem, n, cfg.mode) for problem, n, _, _ in rows]
     texts = [sample.Rollout(tokens, [0.0] * len(tokens), "eos") for _, _, tokens, _ in rows]
     tokens = max(1, sum(r.n_y for r in texts))
 
@@ -335,14 +378,14 @@ def route_step(cfg, step: int, model, tokenizer, optimizer, params, problems, de
     grad_norm = model_lib.optimizer_step(optimizer, params, cfg.grad_clip)  # no rows: a zero gradient, no update
     log.lap("optimizer")
     metrics = dict(
-        step=step, updated=bool(grad_norm), loss=log.sums["loss"], **runs.rollout_metrics(batch), kl=None,
-        clip_fraction=None, ratio_mean=None, passed_rows=len(rows), route_pairs=len(rows) // 2,
+        step=step, updated=bool(grad_norm), loss=log.sums["loss"], **(runs.rollout_metrics(batch) if batch else {}),
+        kl=None, clip_fraction=None, ratio_mean=None, passed_rows=len(rows), route_pairs=len(rows) // 2,
         decision_nll=log.sums["decision_nll"], text_nll=log.sums["text_nll"],
         grad_norm=grad_norm if grad_norm is not None else float("nan"),
-        rollout_tokens_per_s=sum(r.n_y for r in batch.rollouts) / batch.rollout_s,
+        rollout_tokens_per_s=sum(r.n_y for r in batch.rollouts) / batch.rollout_s if batch else None,
         train_tokens_per_s=tokens / (log.seconds["policy"] + log.seconds["optimizer"]),
-        peak_memory_mb=model_lib.peak_memory_mb(device), rollout_s=batch.rollout_s, reference_s=0.0,
-        policy_s=log.seconds["policy"], optimizer_s=log.seconds["optimizer"])
+        peak_memory_mb=model_lib.peak_memory_mb(device), rollout_s=batch.rollout_s if batch else 0.0,
+        reference_s=0.0, policy_s=log.seconds["policy"], optimizer_s=log.seconds["optimizer"])
     examples = [dict(prompt=tokenizer.decode(prompts[j]), response=tokenizer.decode(texts[j].tokens),
                      n_y=texts[j].n_y, n_gold=rows[j][1]) for j in range(len(rows))]
     return metrics, examples

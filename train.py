@@ -64,7 +64,7 @@ class Config:
     n_max: int = N_MAX  # largest target length n_gold, tokens
     distill_steps: int = 0  # first steps that distil written-out solutions (stage1.py; builtin:totals): a reasoner
     length_steps: int = 0  # first steps that teach the stop to read N (stage1.py: texts cut at N learn to stop)
-    route_steps: int = 0  # then steps that teach the route to follow N (stage1.py: the model's own correct texts)
+    route_steps: int = 0  # then steps that teach the route to follow N (stage1.py; --mode max: the written routes)
     targets_per_problem: int = 1  # k targets per problem, one per k-th of the range: responses differ by N alone
     boxed_only: bool = False  # judge only \boxed{} answers (the paper); off: the last number counts too
     # GRPO
@@ -225,8 +225,10 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, on_step=None) -> Pat
     """
     # split None: the set's own (train for the built-in one, e.g. test for math500)
     problems = data.load_problems(cfg.data, None, cfg.problem_column, cfg.answer_column, seed=cfg.seed)
-    if cfg.distill_steps and not all(p.solutions for p in problems):
-        raise ValueError(f"--distill-steps needs problems with written-out solutions, and {cfg.data} has none: use "
+    written = "--distill-steps" if cfg.distill_steps else "--route-steps with --mode max" if (
+        cfg.route_steps and cfg.mode == "max") else None
+    if written and not all(p.solutions for p in problems):
+        raise ValueError(f"{written} needs problems with written-out solutions, and {cfg.data} has none: use "
                          f"--data builtin:totals")
     with runs.open_run(run_dir, cfg, resume, problems) as state:  # this process's alone until it returns
         return train_loop(cfg, run_dir, state, problems, on_step)

@@ -284,6 +284,8 @@ def test_distillation_steps_come_first_then_lcpo_and_need_problems_with_solution
     assert metrics[5]["loss"] < metrics[0]["loss"] and all(m["updated"] for m in metrics)  # the solutions are learnt
     with pytest.raises(ValueError, match="--distill-steps needs problems with written-out solutions.*builtin:totals"):
         train.train(tiny_config(learnable_model_dir, distill_steps=1, steps=1), tmp_path / "words")
+    with pytest.raises(ValueError, match="--route-steps with --mode max needs problems with written-out solutions"):
+        train.train(tiny_config(learnable_model_dir, mode="max", route_steps=1, steps=1), tmp_path / "words")
     assert not (tmp_path / "words").exists()
 
 
@@ -308,7 +310,8 @@ def test_route_pairs_take_the_correct_finished_text_closest_to_each_n_and_where_
     texts, correct, finish = (sum((list(g[i]) for g in groups), []) for i in range(3))
     problems = [data.Problem(f"p{i}", "0") for i in range(3) for _ in range(4)]
     for seed in range(20):
-        rows = stage1.route_pairs(_batch(texts, correct, finish, problems, seed), 4, 2, 12, random.Random(seed))
+        groups = stage1.sampled_routes(_batch(texts, correct, finish, problems, seed), 4)
+        rows = stage1.route_pairs(groups, 2, 12, random.Random(seed))
         assert len(rows) % 2 == 0 and {r[0].problem for r in rows} <= {"p0", "p2"}  # p1: one route, nothing to choose
         assert all(0 < sum(r[0].problem == p for r in rows) <= 2 * stage1.ROUTE_PAIRS for p in ("p0", "p2"))
         for (pa, na, a, da), (pb, nb, b, db) in zip(rows[::2], rows[1::2]):
@@ -317,8 +320,8 @@ def test_route_pairs_take_the_correct_finished_text_closest_to_each_n_and_where_
             assert a[:da] == b[:da] and (da == len(a) or da == len(b) or a[da] != b[da])
             for n, t in ((na, a), (nb, b)):
                 assert abs(len(t) - n) == min(abs(len(u) - n) for u in pool)  # the closest in length to its N
-    rows = stage1.route_pairs(_batch([short] * 4, [True] * 4, ["eos"] * 4, problems[:4]), 4, 2, 12, random.Random(0))
-    assert rows == []
+    groups = stage1.sampled_routes(_batch([short] * 4, [True] * 4, ["eos"] * 4, problems[:4]), 4)
+    assert groups == [(problems[0], [short])] and stage1.route_pairs(groups, 2, 12, random.Random(0)) == []
 
 
 def test_a_route_step_learns_each_texts_parting_token_under_its_own_n_and_all_its_tokens(
@@ -339,8 +342,8 @@ def test_a_route_step_learns_each_texts_parting_token_under_its_own_n_and_all_it
 
     monkeypatch.setattr(sample, "roll_out", fixed)
     monkeypatch.setattr(stage1, "ROUTE_PAIRS", 1)
-    rows = stage1.route_pairs(_batch(texts, batch.correct, ["eos"] * 4, [problem] * 4, seed=3), 4, 2, 30,
-                              random.Random(3))  # what the step will draw: batch.rng is seeded alike
+    groups = stage1.sampled_routes(_batch(texts, batch.correct, ["eos"] * 4, [problem] * 4, seed=3), 4)
+    rows = stage1.route_pairs(groups, 2, 30, random.Random(3))  # what the step will draw: batch.rng is seeded alike
     assert len(rows) == 2 and rows[0][2] == texts[0] and rows[1][2] == texts[1] and rows[0][3] == 7  # '5' | 'W'
     decision = text = tokens = 0.0
     with torch.no_grad():
@@ -361,6 +364,36 @@ def test_a_route_step_learns_each_texts_parting_token_under_its_own_n_and_all_it
     assert metrics["text_nll"] == pytest.approx(text / tokens, rel=1e-4)
     assert metrics["accuracy"] == 0.75 and any(not torch.equal(a, p) for a, p in zip(before, params))
     assert [e["n_gold"] for e in examples] == [rows[0][1], rows[1][1]]
+
+
+def test_under_max_prompts_each_n_learns_the_longest_written_route_that_fits_without_rollouts(
+        learnable_model_dir, tmp_path, monkeypatch):
+    tokenizer = model_lib.load_tokenizer(str(learnable_model_dir))
+    problems = data.builtin_problems("train", 6, family="totals")
+    p = problems[0]
+    routes = stage1.max_routes(tokenizer, p)  # each granularity alone, then the finest checked: longer, more accurate
+    assert routes == [stage1.written_response(tokenizer, p, s, False) for s in p.solutions] + [
+        stage1.written_response(tokenizer, p, p.solutions[0], True)]
+    assert all(r in stage1.taught_routes(tokenizer, p) for r in routes)
+    groups = [(q, stage1.max_routes(tokenizer, q)) for q in problems]
+    lengths = sorted(len(r) for _, rs in groups for r in rs)
+    rows = stage1.route_pairs(groups, lengths[0] - 1, lengths[-1] + 5, random.Random(0), "max")
+    assert rows and len(rows) <= 2 * stage1.ROUTE_PAIRS * len(problems)
+    for problem, n, text, _ in rows:
+        fits = [len(r) for r in stage1.max_routes(tokenizer, problem) if len(r) <= n]
+        assert len(text) == (max(fits) if fits else min(map(len, stage1.max_routes(tokenizer, problem))))
+    assert any(len(text) > n for _, n, text, _ in rows)  # below the bare answer: the shortest, over N
+
+    monkeypatch.setattr(sample, "roll_out", lambda *a, **k: pytest.fail("a Max route step sampled"))
+    cfg = tiny_config(learnable_model_dir, data="builtin:totals", mode="max", prompts_per_step=4, n_min=4, n_max=80,
+                      lr=0.05, route_steps=1, steps=1)
+    model, _ = model_lib.load_model(cfg.model, quantize=False, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr)
+    metrics, examples = stage1.route_step(cfg, 0, model, tokenizer, optimizer, params, problems, torch.device("cpu"))
+    assert metrics["updated"] and metrics["passed_rows"] == len(examples) > 0 and "accuracy" not in metrics
+    said = {tokenizer.decode(r) for q in problems for r in stage1.max_routes(tokenizer, q)}
+    assert all(e["response"] in said and "maximum" in e["prompt"] for e in examples)  # written routes, Max prompts
 
 
 def test_the_choice_probe_reads_the_next_token_where_a_solution_s_length_is_decided(tiny_model_dir):

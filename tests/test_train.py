@@ -397,6 +397,8 @@ def test_init_adapter_starts_from_its_weights(learnable_model_dir, tmp_path):
                                                                           "its adapter off, which is not the model"),
     (["--route-steps", "5", "--distill-steps", "5", "--init-adapter", "none"], "not from what --distill-steps or "
                                                                                 "--length-steps train"),
+    (["--route-steps", "5", "--mode", "mix", "--init-adapter", "none"], "--route-steps teaches each prompt the route "
+                                                                         "its mode asks for: use --mode exact"),
     (["--lora-rank", "8"], "route-adapter has rank 32 and alpha 64: drop --lora-rank (they shape a new adapter)"),
     (["--out-dir", "{file}/runs"], "--out-dir: cannot write to {file} (a file is in the way)"),
 ])
@@ -488,6 +490,8 @@ def test_each_recipe_starts_from_its_models_first_stage_and_another_model_from_a
     assert train.parse_args(["--preset", "chat"])[0].init_adapter == str(train.STOP_ADAPTER)
     assert train.parse_args(["--init-adapter", "none"])[0].init_adapter is None
     assert train.parse_args(["--route-steps", "5"])[0].init_adapter is None  # the route stage starts anew
+    l1_max = train.parse_args(["--route-steps", "5", "--mode", "max", "--init-adapter", str(train.ROUTE_ADAPTER)])[0]
+    assert l1_max.init_adapter == str(train.ROUTE_ADAPTER)  # Max's stage writes its routes: from any adapter
     assert train.parse_args(["--preset", "chat", "--distill-steps", "5", "--data", "builtin:totals"]
                             )[0].init_adapter is None  # a reasoner made from the chat model
     assert train.parse_args(["--model", "Qwen/Qwen2.5-0.5B-Instruct"])[0].init_adapter is None
