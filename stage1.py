@@ -20,7 +20,8 @@ of whether a model reads N.
 
 Two more stages for a reasoner (builtin:totals): distill_step writes one (written-out solutions distilled into
 the model, as R1's reasoning was into the paper's starting model); route_step teaches it to choose among its
-own routes by N (its correct texts, each under the N closest to its length), where LCPO then takes over.
+own routes by N (its correct texts, each under the N closest to its length), where LCPO then takes over; under
+Max prompts, from L1-Exact, the longest written-out route within N (L1-Max's stage).
 """
 
 import math
