@@ -174,7 +174,7 @@ def length_step(cfg, step: int, model, tokenizer, optimizer, params, problems, d
         step=step, updated=updated, loss=log.sums["loss"] / cfg.epochs, **runs.rollout_metrics(batch),
         kl=log.sums["kl"] / (max(1, tokens) * epochs), clip_fraction=None, ratio_mean=None,
         passed_rows=len(cut_prompts), grad_norm=grad_norm if grad_norm is not None else float("nan"),
-        rollout_tokens_per_s=sum(r.n_y for r in batch.rollouts) / batch.rollout_s if batch else None,
+        rollout_tokens_per_s=sum(r.n_y for r in batch.rollouts) / batch.rollout_s,
         train_tokens_per_s=tokens * cfg.epochs / train_s, peak_memory_mb=model_lib.peak_memory_mb(device),
         rollout_s=batch.rollout_s, reference_s=0.0, policy_s=log.seconds["policy"],
         optimizer_s=log.seconds["optimizer"],
