@@ -59,9 +59,6 @@ def writes_budget(text: str, budget: int, problem: str, answer: str) -> bool:
     return str(budget) in numbers(text) and str(budget) not in numbers(f"{problem} {answer}")
 
 
-_BOXED = re.compile(r"\\boxed\{([^{}]*)\}")  # a final answer without nested braces
-
-
 def pads(text: str) -> bool:
     r"""The response repeats a line or a sentence three or more times, or states its boxed answer again with no
     working (no "=") in between: length bought with filler (lines of "1", the same sentence again and again,
@@ -74,8 +71,9 @@ def pads(text: str) -> bool:
         (True, False)
     """
     parts = [p.strip() for p in re.split(r"\n|(?<=[.!?])\s+", text) if p.strip()]
-    boxes = list(_BOXED.finditer(text))
-    restated = any(a[1] == b[1] and "=" not in text[a.end():b.start()] for a, b in zip(boxes, boxes[1:]))
+    pieces = text.split("\\boxed")[1:]  # each boxed answer and what follows it, up to the next
+    answers = [reward.extract_boxed("\\boxed" + piece) for piece in pieces]
+    restated = any(a is not None and a == b and "=" not in piece for a, b, piece in zip(answers, answers[1:], pieces))
     return restated or any(count >= 3 for count in Counter(parts).values())
 
 

@@ -378,15 +378,17 @@ def route_step(cfg, step: int, model, tokenizer, optimizer, params, problems, de
     log.lap("policy")
     grad_norm = model_lib.optimizer_step(optimizer, params, cfg.grad_clip)  # no rows: a zero gradient, no update
     log.lap("optimizer")
+    sampled = dict(rollout_tokens_per_s=None, rollout_s=0.0) if batch is None else dict(
+        **runs.rollout_metrics(batch), rollout_tokens_per_s=sum(r.n_y for r in batch.rollouts) / batch.rollout_s,
+        rollout_s=batch.rollout_s)  # Max prompts: written routes, no rollouts
     metrics = dict(
-        step=step, updated=bool(grad_norm), loss=log.sums["loss"], **(runs.rollout_metrics(batch) if batch else {}),
-        kl=None, clip_fraction=None, ratio_mean=None, passed_rows=len(rows), route_pairs=len(rows) // 2,
+        step=step, updated=bool(grad_norm), loss=log.sums["loss"], **sampled, kl=None, clip_fraction=None,
+        ratio_mean=None, passed_rows=len(rows), route_pairs=len(rows) // 2,
         decision_nll=log.sums["decision_nll"], text_nll=log.sums["text_nll"],
         grad_norm=grad_norm if grad_norm is not None else float("nan"),
-        rollout_tokens_per_s=sum(r.n_y for r in batch.rollouts) / batch.rollout_s if batch else None,
         train_tokens_per_s=tokens / (log.seconds["policy"] + log.seconds["optimizer"]),
-        peak_memory_mb=model_lib.peak_memory_mb(device), rollout_s=batch.rollout_s if batch else 0.0,
-        reference_s=0.0, policy_s=log.seconds["policy"], optimizer_s=log.seconds["optimizer"])
+        peak_memory_mb=model_lib.peak_memory_mb(device), reference_s=0.0, policy_s=log.seconds["policy"],
+        optimizer_s=log.seconds["optimizer"])
     examples = [dict(prompt=tokenizer.decode(prompts[j]), response=tokenizer.decode(texts[j].tokens),
                      n_y=texts[j].n_y, n_gold=rows[j][1]) for j in range(len(rows))]
     return metrics, examples

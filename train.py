@@ -225,10 +225,10 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, on_step=None) -> Pat
     """
     # split None: the set's own (train for the built-in one, e.g. test for math500)
     problems = data.load_problems(cfg.data, None, cfg.problem_column, cfg.answer_column, seed=cfg.seed)
-    written = "--distill-steps" if cfg.distill_steps else "--route-steps with --mode max" if (
-        cfg.route_steps and cfg.mode == "max") else None
-    if written and not all(p.solutions for p in problems):
-        raise ValueError(f"{written} needs problems with written-out solutions, and {cfg.data} has none: use "
+    writes_out = cfg.distill_steps or (cfg.route_steps and cfg.mode == "max")  # stages taught written solutions
+    if writes_out and not all(p.solutions for p in problems):
+        stage = "--distill-steps" if cfg.distill_steps else "--route-steps with --mode max"
+        raise ValueError(f"{stage} needs problems with written-out solutions, and {cfg.data} has none: use "
                          f"--data builtin:totals")
     with runs.open_run(run_dir, cfg, resume, problems) as state:  # this process's alone until it returns
         return train_loop(cfg, run_dir, state, problems, on_step)
