@@ -79,6 +79,9 @@ def check_config(cfg) -> None:
                         f"--init-adapter {cfg.init_adapter} makes: merge that adapter into its base "
                         f"(python -c \"import model; model.export_merged('ADAPTER', 'DIR')\"), then pass --model DIR "
                         f"--init-adapter none")
+    if getattr(cfg, "keep_route", False) and cfg.mode != "max":
+        problems.append(f"--keep-route keeps the Max route stage's loss (written-out routes within N) in LCPO-Max's "
+                        f"steps: use it with --mode max, not {cfg.mode}")
     if getattr(cfg, "route_steps", 0) > 0 and (cfg.distill_steps or cfg.length_steps):
         problems.append("--route-steps learns from the model with its adapter off, not from what --distill-steps or "
                         "--length-steps train into the adapter: run them first, merge (model.export_merged), then "

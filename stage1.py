@@ -279,6 +279,7 @@ def distill_step(cfg, step: int, model, tokenizer, optimizer, params, problems, 
 
 
 ROUTE_PAIRS = 4  # pairs of N drawn from each prompt's responses: more readings of N from the same rollouts
+MAX_AIM = 0.75  # a Max prompt is taught the longest route within this share of N: room for a length read blurred
 ROUTE_TRIES = 8  # draws of two N for a pair before it is left out: the two N may pick the same text
 
 
@@ -292,15 +293,15 @@ def first_difference(a: list[int], b: list[int]) -> int:
 
 
 def pick_route(texts: list, n: int, mode: str):
-    """The text a prompt asking for N is taught: Exact, the closest in length to N; Max, the longest of at most N
-    tokens (among max_routes the longest is the most accurate), or the shortest where none fits.
+    """The text a prompt asking for N is taught: Exact, the closest in length to N; Max, the longest of at most
+    MAX_AIM * N tokens (among max_routes the longest is the most accurate), or the shortest where none fits.
 
         >>> routes = [[0] * 10, [0] * 30, [0] * 60]
-        >>> [len(pick_route(routes, n, mode)) for n, mode in ((40, "exact"), (50, "exact"), (50, "max"), (8, "max"))]
+        >>> [len(pick_route(routes, n, mode)) for n, mode in ((40, "exact"), (50, "exact"), (50, "max"), (32, "max"))]
         [30, 60, 30, 10]
     """
     if mode == "max":
-        fits = [t for t in texts if len(t) <= n]
+        fits = [t for t in texts if len(t) <= MAX_AIM * n]
         return max(fits, key=len) if fits else min(texts, key=len)
     return min(texts, key=lambda t: abs(len(t) - n))
 
@@ -320,7 +321,9 @@ def route_pairs(groups: list[tuple], n_min: int, n_max: int, rng, mode: str = "e
     """The route stage's rows, from (problem, its routes) groups: where a problem has two or more routes,
     ROUTE_PAIRS times two target lengths N_a < N_b ~ UniformInt(n_min, n_max), drawn until the route pick_route
     gives each differs (at most ROUTE_TRIES times). Each pair gives two rows, (problem, N, its route's tokens,
-    where the two first differ)."""
+    the positions that choose it). Exact (sampled texts): where the two first differ. Max (written routes, each
+    part a choice): where the route parts from each of its problem's other routes, so that a short problem learns
+    to work its sum out where a long one answers at once under the same N."""
     rows = []
     for problem, texts in groups:
         if len(texts) < 2:
@@ -330,10 +333,19 @@ def route_pairs(groups: list[tuple], n_min: int, n_max: int, rng, mode: str = "e
                 n_a, n_b = sorted(rng.sample(range(n_min, n_max + 1), 2))
                 a, b = (pick_route(texts, n, mode) for n in (n_a, n_b))
                 if a != b:
-                    d = first_difference(a, b)
-                    rows += [(problem, n_a, list(a), d), (problem, n_b, list(b), d)]
+                    for n, t, other in ((n_a, a, b), (n_b, b, a)):
+                        rows.append((problem, n, list(t), choices(t, [other] if mode == "exact" else texts)))
                     break
     return rows
+
+
+def choices(route: list[int], others: list) -> tuple[int, ...]:
+    """The positions of `route`'s tokens where it parts from each other text in `others`.
+
+        >>> choices([5, 6, 7], [[5, 6, 7], [5, 9, 7], [8]])
+        (0, 1)
+    """
+    return tuple(sorted({first_difference(route, t) for t in others if t != route}))
 
 
 def route_step(cfg, step: int, model, tokenizer, optimizer, params, problems, device, progress=None):
@@ -348,7 +360,9 @@ def route_step(cfg, step: int, model, tokenizer, optimizer, params, problems, de
     read it (EXPERIMENTS.md).
     Max prompts (--mode max, L1-Max's stage, from L1-Exact): the routes are written-out solutions (max_routes,
     all correct) and each N learns the longest that fits. Under a small N only the bare answer fits, which a
-    reasoner rarely samples right, so no rollouts: the step draws its problems as distill_step does.
+    reasoner rarely samples right, so no rollouts: the step draws its problems as distill_step does. The decision
+    loss takes every token where the route parts from one of its problem's others: with the pair's parting token
+    alone, only long sums ever chose at the first token (the bare answer or not), and the choice learnt N alone.
     """
     if cfg.mode == "max":
         batch, rng = None, random.Random(sample.step_seed(cfg.seed, step))
@@ -370,8 +384,10 @@ def route_step(cfg, step: int, model, tokenizer, optimizer, params, problems, de
     optimizer.zero_grad(set_to_none=True)
     for idx, inputs, resp_mask, _ in micro:
         logp = micro.logprobs(model, inputs, temperature=1.0)  # [b, R], each response ending at column R - 1
-        at = torch.tensor([logp.shape[1] - texts[j].n_y + rows[j][3] for j in idx], device=logp.device)
-        decision = -logp.gather(1, at[:, None]).sum() / len(rows)  # the mean over rows of -log p(its route)
+        chosen = torch.zeros_like(logp)  # 1 at each row's choosing positions (right-aligned, as logp)
+        for i, j in enumerate(idx):
+            chosen[i, [logp.shape[1] - texts[j].n_y + d for d in rows[j][3]]] = 1.0
+        decision = -(logp * chosen).sum() / len(rows)  # the mean over rows of -log p(its route's choices)
         text = -(logp * resp_mask).sum() / tokens  # the mean over every token of the step's rows
         (decision + text).backward()
         log.add(loss=decision + text, decision_nll=decision, text_nll=text)

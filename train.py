@@ -65,6 +65,7 @@ class Config:
     distill_steps: int = 0  # first steps that distil written-out solutions (stage1.py; builtin:totals): a reasoner
     length_steps: int = 0  # first steps that teach the stop to read N (stage1.py: texts cut at N learn to stop)
     route_steps: int = 0  # then steps that teach the route to follow N (stage1.py; --mode max: the written routes)
+    keep_route: bool = False  # --mode max: a route-stage step after each LCPO step, which keeps its reading of N
     targets_per_problem: int = 1  # k targets per problem, one per k-th of the range: responses differ by N alone
     boxed_only: bool = False  # judge only \boxed{} answers (the paper); off: the last number counts too
     # GRPO
@@ -225,9 +226,9 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, on_step=None) -> Pat
     """
     # split None: the set's own (train for the built-in one, e.g. test for math500)
     problems = data.load_problems(cfg.data, None, cfg.problem_column, cfg.answer_column, seed=cfg.seed)
-    writes_out = cfg.distill_steps or (cfg.route_steps and cfg.mode == "max")  # stages taught written solutions
+    writes_out = cfg.distill_steps or ((cfg.route_steps or cfg.keep_route) and cfg.mode == "max")  # written solutions
     if writes_out and not all(p.solutions for p in problems):
-        stage = "--distill-steps" if cfg.distill_steps else "--route-steps with --mode max"
+        stage = "--distill-steps" if cfg.distill_steps else "--route-steps or --keep-route with --mode max"
         raise ValueError(f"{stage} needs problems with written-out solutions, and {cfg.data} has none: use "
                          f"--data builtin:totals")
     with runs.open_run(run_dir, cfg, resume, problems) as state:  # this process's alone until it returns
@@ -279,6 +280,10 @@ def train_loop(cfg: Config, run_dir: Path, state: dict | None, problems: list, o
                     sampler = model_lib.rollout_copy(model, sampler) if cfg.rollout_copy else model  # today's weights
                     metrics, examples = train_step(cfg, step, model, tokenizer, optimizer, params, problems, device,
                                                    sampler, work)
+                    if cfg.keep_route:  # not the paper's: the Max route stage's loss goes on (stage1.route_step)
+                        kept, _ = stage1.route_step(cfg, step, model, tokenizer, optimizer, params, problems, device,
+                                                    work)
+                        metrics["route_decision_nll"] = kept["decision_nll"]
                 record(cfg, run_dir, step, metrics, examples, bar)
                 if on_step is not None:
                     on_step(step, metrics)

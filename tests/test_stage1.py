@@ -1,5 +1,6 @@
 """The first stage (stage1.py): the length step, its loss, and the stop probe."""
 
+import dataclasses
 import json
 import random
 
@@ -284,8 +285,10 @@ def test_distillation_steps_come_first_then_lcpo_and_need_problems_with_solution
     assert metrics[5]["loss"] < metrics[0]["loss"] and all(m["updated"] for m in metrics)  # the solutions are learnt
     with pytest.raises(ValueError, match="--distill-steps needs problems with written-out solutions.*builtin:totals"):
         train.train(tiny_config(learnable_model_dir, distill_steps=1, steps=1), tmp_path / "words")
-    with pytest.raises(ValueError, match="--route-steps with --mode max needs problems with written-out solutions"):
+    with pytest.raises(ValueError, match="--route-steps or --keep-route with --mode max needs problems with written"):
         train.train(tiny_config(learnable_model_dir, mode="max", route_steps=1, steps=1), tmp_path / "words")
+    with pytest.raises(ValueError, match="--route-steps or --keep-route with --mode max needs problems with written"):
+        train.train(tiny_config(learnable_model_dir, mode="max", keep_route=True, steps=1), tmp_path / "words")
     assert not (tmp_path / "words").exists()
 
 
@@ -316,8 +319,9 @@ def test_route_pairs_take_the_correct_finished_text_closest_to_each_n_and_where_
         assert all(0 < sum(r[0].problem == p for r in rows) <= 2 * stage1.ROUTE_PAIRS for p in ("p0", "p2"))
         for (pa, na, a, da), (pb, nb, b, db) in zip(rows[::2], rows[1::2]):
             pool = {"p0": [short, long_, mid], "p2": [mid, long_]}[pa.problem]
-            assert pa is pb and 2 <= na < nb <= 12 and a != b and da == db == stage1.first_difference(a, b)
-            assert a[:da] == b[:da] and (da == len(a) or da == len(b) or a[da] != b[da])
+            assert pa is pb and 2 <= na < nb <= 12 and a != b and da == db == (stage1.first_difference(a, b),)
+            (d,) = da
+            assert a[:d] == b[:d] and (d == len(a) or d == len(b) or a[d] != b[d])
             for n, t in ((na, a), (nb, b)):
                 assert abs(len(t) - n) == min(abs(len(u) - n) for u in pool)  # the closest in length to its N
     groups = stage1.sampled_routes(_batch([short] * 4, [True] * 4, ["eos"] * 4, problems[:4]), 4)
@@ -344,14 +348,14 @@ def test_a_route_step_learns_each_texts_parting_token_under_its_own_n_and_all_it
     monkeypatch.setattr(stage1, "ROUTE_PAIRS", 1)
     groups = stage1.sampled_routes(_batch(texts, batch.correct, ["eos"] * 4, [problem] * 4, seed=3), 4)
     rows = stage1.route_pairs(groups, 2, 30, random.Random(3))  # what the step will draw: batch.rng is seeded alike
-    assert len(rows) == 2 and rows[0][2] == texts[0] and rows[1][2] == texts[1] and rows[0][3] == 7  # '5' | 'W'
+    assert len(rows) == 2 and rows[0][2] == texts[0] and rows[1][2] == texts[1] and rows[0][3] == (7,)  # '5' | 'W'
     decision = text = tokens = 0.0
     with torch.no_grad():
         for _, n, t, d in rows:  # a plain forward of each row alone
             prompt = data.lcpo_prompt(tokenizer, problem, n, "exact")
             logp = model(torch.tensor([prompt + t])).logits[0, len(prompt) - 1:-1].log_softmax(-1)
             said = logp.gather(-1, torch.tensor(t)[:, None])[:, 0]
-            decision -= said[d].item() / len(rows)
+            decision -= said[list(d)].sum().item() / len(rows)
             text -= said.sum().item()
             tokens += len(t)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -366,7 +370,7 @@ def test_a_route_step_learns_each_texts_parting_token_under_its_own_n_and_all_it
     assert [e["n_gold"] for e in examples] == [rows[0][1], rows[1][1]]
 
 
-def test_under_max_prompts_each_n_learns_the_longest_written_route_that_fits_without_rollouts(
+def test_under_max_prompts_each_n_learns_the_longest_written_route_within_its_margin_without_rollouts(
         learnable_model_dir, tmp_path, monkeypatch):
     tokenizer = model_lib.load_tokenizer(str(learnable_model_dir))
     problems = data.builtin_problems("train", 6, family="totals")
@@ -379,10 +383,16 @@ def test_under_max_prompts_each_n_learns_the_longest_written_route_that_fits_wit
     lengths = sorted(len(r) for _, rs in groups for r in rs)
     rows = stage1.route_pairs(groups, lengths[0] - 1, lengths[-1] + 5, random.Random(0), "max")
     assert rows and len(rows) <= 2 * stage1.ROUTE_PAIRS * len(problems)
-    for problem, n, text, _ in rows:
-        fits = [len(r) for r in stage1.max_routes(tokenizer, problem) if len(r) <= n]
-        assert len(text) == (max(fits) if fits else min(map(len, stage1.max_routes(tokenizer, problem))))
+    for problem, n, text, chosen in rows:
+        routes = stage1.max_routes(tokenizer, problem)
+        fits = [len(r) for r in routes if len(r) <= stage1.MAX_AIM * n]  # a margin below N: N is read blurred
+        assert len(text) == (max(fits) if fits else min(map(len, routes)))
+        # the decision loss's positions: where the text parts from each other route of its problem
+        assert chosen == tuple(sorted({stage1.first_difference(text, r) for r in routes if r != text}))
+        assert all(any(len(r) > d and r[d] != text[d] and r[:d] == text[:d] for r in routes) for d in chosen)
+        assert 0 in chosen  # a worked-out route also chooses not to answer at once, which the bare answer parts at
     assert any(len(text) > n for _, n, text, _ in rows)  # below the bare answer: the shortest, over N
+    assert any(len(text) < len(r) <= n for problem, n, text, _ in rows for r in stage1.max_routes(tokenizer, problem))
 
     monkeypatch.setattr(sample, "roll_out", lambda *a, **k: pytest.fail("a Max route step sampled"))
     cfg = tiny_config(learnable_model_dir, data="builtin:totals", mode="max", prompts_per_step=4, n_min=4, n_max=80,
@@ -394,6 +404,30 @@ def test_under_max_prompts_each_n_learns_the_longest_written_route_that_fits_wit
     assert metrics["updated"] and metrics["passed_rows"] == len(examples) > 0 and "accuracy" not in metrics
     said = {tokenizer.decode(r) for q in problems for r in stage1.max_routes(tokenizer, q)}
     assert all(e["response"] in said and "maximum" in e["prompt"] for e in examples)  # written routes, Max prompts
+
+
+def test_keep_route_takes_a_max_route_step_after_each_lcpo_step_on_the_same_adapter(learnable_model_dir, tmp_path,
+                                                                                      monkeypatch):
+    calls = []
+    lcpo_step, route_step = train.train_step, stage1.route_step
+
+    def spy(name, fn):
+        def wrapped(cfg, step, model, *args, **kwargs):
+            calls.append((name, step, id(model)))
+            return fn(cfg, step, model, *args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(train, "train_step", spy("lcpo", lcpo_step))
+    monkeypatch.setattr(stage1, "route_step", spy("route", route_step))
+    cfg = tiny_config(learnable_model_dir, data="builtin:totals", mode="max", n_min=4, n_max=80, max_new_tokens=80,
+                      prompts_per_step=4, group_size=2, steps=2, keep_route=True)
+    metrics = read_metrics(train.train(cfg, tmp_path / "run"))
+    assert [c[:2] for c in calls] == [("lcpo", 0), ("route", 0), ("lcpo", 1), ("route", 1)]
+    assert len({c[2] for c in calls}) == 1  # one model: the route step trains the adapter LCPO trains
+    assert all("reward_mean" in m and m["route_decision_nll"] > 0 for m in metrics)
+    calls.clear()
+    read_metrics(train.train(dataclasses.replace(cfg, keep_route=False), tmp_path / "plain"))
+    assert [c[0] for c in calls] == ["lcpo", "lcpo"]
 
 
 def test_the_choice_probe_reads_the_next_token_where_a_solution_s_length_is_decided(tiny_model_dir):

@@ -399,6 +399,8 @@ def test_init_adapter_starts_from_its_weights(learnable_model_dir, tmp_path):
                                                                                 "--length-steps train"),
     (["--route-steps", "5", "--mode", "mix", "--init-adapter", "none"], "--route-steps teaches each prompt the route "
                                                                          "its mode asks for: use --mode exact"),
+    (["--keep-route"], "--keep-route keeps the Max route stage's loss (written-out routes within N) in LCPO-Max's "
+                       "steps: use it with --mode max, not exact"),
     (["--lora-rank", "8"], "route-adapter has rank 32 and alpha 64: drop --lora-rank (they shape a new adapter)"),
     (["--out-dir", "{file}/runs"], "--out-dir: cannot write to {file} (a file is in the way)"),
 ])
