@@ -359,10 +359,11 @@ def route_step(cfg, step: int, model, tokenizer, optimizer, params, problems, de
     read N but let the texts fall apart; the mean NLL alone, averaged over tokens that do not depend on N, did not
     read it (EXPERIMENTS.md).
     Max prompts (--mode max, L1-Max's stage, from L1-Exact): the routes are written-out solutions (max_routes,
-    all correct) and each N learns the longest that fits. Under a small N only the bare answer fits, which a
-    reasoner rarely samples right, so no rollouts: the step draws its problems as distill_step does. The decision
-    loss takes every token where the route parts from one of its problem's others: with the pair's parting token
-    alone, only long sums ever chose at the first token (the bare answer or not), and the choice learnt N alone.
+    all correct) and each N learns the longest within MAX_AIM * N (pick_route). Under a small N only the bare
+    answer fits, which a reasoner rarely samples right, so no rollouts: the step draws its problems as distill_step
+    does. The decision loss takes every token where the route parts from one of its problem's others: with the
+    pair's parting token alone, only long sums ever chose at the first token (the bare answer or not), and the
+    choice learnt N alone. With --keep-route, train.py takes one such step after each LCPO-Max step.
     """
     if cfg.mode == "max":
         batch, rng = None, random.Random(sample.step_seed(cfg.seed, step))
