@@ -258,6 +258,8 @@ def _count_problem(rng: random.Random) -> tuple[str, int]:
 # granularities, the finest first: one number added per step, two, three, and the bare answer. Finer steps are
 # longer and more often right: what a length budget trades. TOTALS_NEW's phrasing never appears in `totals`: it is
 # `totals-new`, for evaluation only (does the skill carry over to a sentence never trained on?).
+# `totals-edge`: only the `totals` problems with a step at the edge of the carry (at_carry_edge), for more
+# distillation where the reasoner is weakest; a problem's split is the one it has in `totals`.
 TOTALS_TERMS = (2, 10)  # how many numbers a problem adds, both ends included
 TOTALS_GRANULARITIES = (1, 2, 3, None)  # numbers added per written step; None: the answer alone
 TOTALS_PHRASINGS = (
@@ -300,8 +302,25 @@ def _totals_new_problem(rng: random.Random) -> tuple[str, int, tuple]:
     return _totals_problem(rng, (TOTALS_NEW,))
 
 
+def at_carry_edge(solution: str) -> bool:
+    """Whether a one-number-a-step solution has a step at the edge of the carry, whose units add up to 9 or 10
+    (the reasoner's weakest steps, "12+8=20." and "28+1=29.": EXPERIMENTS.md).
+
+        >>> at_carry_edge("3+8=11. 11+2=13. The answer is \\boxed{13}."), at_carry_edge("12+8=20. 20+1=21.")
+        (False, True)
+    """
+    return any((int(a) % 10 + int(b)) in (9, 10) for a, b in re.findall(r"(\d+)\+(\d)=\d+\.", solution))
+
+
+def _totals_edge_problem(rng: random.Random) -> tuple[str, int, tuple]:
+    while not at_carry_edge((drawn := _totals_problem(rng))[2][0]):
+        pass
+    return drawn
+
+
 FAMILIES = {"words": _word_problem, "sums": _sums_problem, "steps": _steps_problem, "digits": _digits_problem,
-            "count": _count_problem, "totals": _totals_problem, "totals-new": _totals_new_problem}
+            "count": _count_problem, "totals": _totals_problem, "totals-new": _totals_new_problem,
+            "totals-edge": _totals_edge_problem}
 
 
 def _builtin_split(text: str) -> str:

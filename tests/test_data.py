@@ -193,7 +193,7 @@ def test_builtin_refuses_unknown_split():
 def _solve_family(family: str, text: str) -> int:
     """Recompute a family's answer from its text alone (words: _solve above)."""
     numbers = [int(n) for n in re.findall(r"\d+", text)]
-    if family in ("sums", "digits", "totals", "totals-new"):
+    if family in ("sums", "digits", "totals", "totals-new", "totals-edge"):
         return sum(numbers)
     if family == "count":
         target, items = re.fullmatch(r"How many times does '(\w+)' appear in this list: (.*)\?", text).groups()
@@ -212,7 +212,8 @@ def _solve_family(family: str, text: str) -> int:
 # family: (a regex whose match counts the problem's size, the sizes that must all occur)
 SIZES = {"words": (r"[.]", range(2, 5)), "sums": (r"\d+", range(2, 11)), "steps": (r"\d\. ", range(1, 7)),
          "digits": (r"\d", range(4, 13)), "count": (r"\w+(?:, |\?)", range(3, 16)),
-         "totals": (r"\d+", range(2, 11)), "totals-new": (r"\d+", range(2, 11))}
+         "totals": (r"\d+", range(2, 11)), "totals-new": (r"\d+", range(2, 11)),
+         "totals-edge": (r"\d+", range(2, 11))}
 
 
 @pytest.mark.parametrize("family", list(data.FAMILIES))
@@ -228,6 +229,18 @@ def test_builtin_family_is_deterministic_with_exact_answers_and_disjoint_splits(
     for p in train + test:
         assert p.answer == str(int(p.answer)) and int(p.answer) >= 0, p
         assert int(p.answer) == _solve_family(family, p.problem), p.problem
+
+
+def test_totals_edge_holds_the_totals_problems_with_a_step_at_the_carry_edge_in_their_own_split():
+    totals = {split: {p.problem for p in load_problems("builtin:totals", split)} for split in ("train", "test")}
+    for split in ("train", "test"):
+        edge = load_problems("builtin:totals-edge", split, limit=200)
+        assert all(data.at_carry_edge(p.solutions[0]) for p in edge)
+        steps = [re.findall(r"(\d+)\+(\d)=", p.solutions[0]) for p in edge]
+        assert all(any(int(a) % 10 + int(b) in (9, 10) for a, b in s) for s in steps)  # the rule, recomputed
+        assert not {p.problem for p in edge} & totals["test" if split == "train" else "train"]  # no split crossed
+    plain = load_problems("builtin:totals", "train", limit=1000)
+    assert 0.3 < sum(data.at_carry_edge(p.solutions[0]) for p in plain) / len(plain) < 0.9  # a filter, not all
 
 
 def test_totals_come_with_their_solution_written_out_finest_first_and_one_phrasing_kept_out():
