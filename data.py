@@ -313,9 +313,10 @@ def at_carry_edge(solution: str) -> bool:
 
 
 def _totals_edge_problem(rng: random.Random) -> tuple[str, int, tuple]:
-    while not at_carry_edge((drawn := _totals_problem(rng))[2][0]):
-        pass
-    return drawn
+    while True:  # a `totals` draw, kept when its finest solution has a step at the edge (two in three)
+        text, answer, solutions = _totals_problem(rng)
+        if at_carry_edge(solutions[0]):
+            return text, answer, solutions
 
 
 FAMILIES = {"words": _word_problem, "sums": _sums_problem, "steps": _steps_problem, "digits": _digits_problem,
