@@ -302,14 +302,29 @@ def _totals_new_problem(rng: random.Random) -> tuple[str, int, tuple]:
     return _totals_problem(rng, (TOTALS_NEW,))
 
 
+ONE_NUMBER_STEP = re.compile(r"(?<![\d+])(\d+)\+(\d)=(\d+)\.")  # "13+5=18.": a running sum, one number added
+CARRY_KINDS = ("no carry", "units 9", "units 10", "a carry")
+
+
+def carry_kind(a: int, b: int) -> str:
+    """A step a + b (b one digit) by its units, a % 10 + b: up to 8 no carry, 11 to 18 a carry, and between them
+    the edge of the carry, 9 and 10, where the reasoner errs most ("28+1=39.", "12+8=10.": EXPERIMENTS.md).
+
+        >>> [carry_kind(a, b) for a, b in ((3, 5), (28, 1), (12, 8), (17, 6))]
+        ['no carry', 'units 9', 'units 10', 'a carry']
+    """
+    units = a % 10 + b
+    return CARRY_KINDS[0] if units < 9 else CARRY_KINDS[1] if units == 9 else CARRY_KINDS[2] if units == 10 else \
+        CARRY_KINDS[3]
+
+
 def at_carry_edge(solution: str) -> bool:
-    """Whether a one-number-a-step solution has a step at the edge of the carry, whose units add up to 9 or 10
-    (the reasoner's weakest steps, "12+8=20." and "28+1=29.": EXPERIMENTS.md).
+    """Whether a one-number-a-step solution has a step at the edge of the carry (units 9 or 10: carry_kind).
 
         >>> at_carry_edge("3+8=11. 11+2=13. The answer is \\boxed{13}."), at_carry_edge("12+8=20. 20+1=21.")
         (False, True)
     """
-    return any((int(a) % 10 + int(b)) in (9, 10) for a, b in re.findall(r"(\d+)\+(\d)=\d+\.", solution))
+    return any(carry_kind(int(m[1]), int(m[2])) in CARRY_KINDS[1:3] for m in ONE_NUMBER_STEP.finditer(solution))
 
 
 def _totals_edge_problem(rng: random.Random) -> tuple[str, int, tuple]:

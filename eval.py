@@ -11,6 +11,7 @@ The paper's evaluation: accuracy and length against the budget in the prompt.
     python eval.py --curves runs/exact runs/max --plot curves.png           # training curves from metrics.jsonl
     python eval.py --stop-probe evals/base-exact.records.jsonl --adapter runs/exact --budgets 32 64 96 128
     python eval.py --choice-probe --data builtin:totals --adapter runs/route --budgets 16 64 128
+    python eval.py --step-probe --model reasoner --data builtin:totals --limit 200 --budgets 128
 
 For each budget: K samples per problem with "Think for N tokens." in the prompt, and per budget
 pass@1 (mean correctness over samples), mean n_y, the paper's adherence numbers over e = (n_y - N) / N
@@ -25,6 +26,8 @@ evaluation's records), the probability of the stop token at every position under
 each N, and the length each N would get from it (stage1.stop_probe, stage1.length_scores).
 --choice-probe asks the same of a reasoner's route: at the places where a written-out solution's length is
 decided (answer at once, merge numbers, check), its choice under each N (stage1.choice_probe).
+--step-probe asks whether a reasoner adds right: each one-number step of the written-out solutions,
+teacher-forced, by the units it adds (the edge of the carry, units 9 and 10, apart; stage1.step_probe).
 """
 
 import argparse
@@ -307,6 +310,19 @@ def run_choice_probe(args) -> dict:
     return dict(settings=settings_from(args), budgets=sorted(args.budgets), choices=chosen, route_floor=floor)
 
 
+def run_step_probe(args) -> dict:
+    """The step probe over the problems of --data (with written-out solutions: builtin:totals)."""
+    problems = data.load_problems(args.data, args.split, args.problem_column, args.answer_column, limit=args.limit,
+                                  seed=args.seed)
+    if not any(p.solutions for p in problems):
+        raise ValueError(f"--step-probe needs problems with written-out solutions, and {args.data} has none: use "
+                         f"--data builtin:totals")
+    model, tokenizer = model_lib.load_model(args.model, adapter=args.adapter, quantize=args.quantize, trainable=False)
+    model = model_lib.rollout_copy(model)
+    steps = {n: stage1.step_probe(model, tokenizer, problems, n) for n in sorted(args.budgets)}
+    return dict(settings=settings_from(args), budgets=sorted(args.budgets), steps=steps)
+
+
 # -----------------------------------------------------------------------------
 # comparing runs
 
@@ -488,6 +504,8 @@ def parse_args(argv):
     parser.add_argument("--plot", default=None, help="with --compare or --curves: write the figure here (.png)")
     parser.add_argument("--choice-probe", action="store_true", help="the route a reasoner chooses at each budget, "
                         "teacher-forced: answer at once, merge, check (builtin:totals; stage1.choice_probe)")
+    parser.add_argument("--step-probe", action="store_true", help="a reasoner's one-number steps, teacher-forced: "
+                        "the share right, by the units they add (builtin:totals; stage1.step_probe)")
     parser.add_argument("--stop-probe", default=None, metavar="RECORDS", help="an evaluation's records.jsonl: "
                         "the stop token's probability after each budget's worth of its texts, under each N")
     parser.add_argument("--model", default=None, help="hub id, local directory, or reasoner (the embedded model with "
@@ -539,9 +557,12 @@ def parse_args(argv):
         raise ValueError(f"--limit must be >= 0 (0: all problems), got {args.limit}")
     if args.stop_probe and (args.s1 or args.mode == "none"):
         raise ValueError("--stop-probe asks for each budget in the prompt: it goes with --mode exact or max")
-    if args.choice_probe and (args.s1 or args.mode != "exact" or args.stop_probe):
-        raise ValueError("--choice-probe asks for each budget in an Exact prompt: it goes without --s1, --mode "
-                         "and --stop-probe")
+    probes = [name for name in ("stop_probe", "choice_probe", "step_probe") if getattr(args, name)]
+    if len(probes) > 1:
+        raise ValueError(f"{' and '.join('--' + p.replace('_', '-') for p in probes)} are separate probes: give one")
+    if (args.choice_probe or args.step_probe) and (args.s1 or args.mode != "exact"):
+        name = "--choice-probe" if args.choice_probe else "--step-probe"
+        raise ValueError(f"{name} asks for each budget in an Exact prompt: it goes without --s1 and --mode")
     if args.s1 and args.mode == "none":
         raise ValueError("--s1 forces each budget: it cannot go with --mode none")
     args.limit = args.limit or None
@@ -550,11 +571,10 @@ def parse_args(argv):
     sample.check_sampling_args(1 if args.max_new_tokens is None else args.max_new_tokens, args.temperature, args.top_p)
     if args.out is None:
         run = Path(args.adapter).resolve().name if args.adapter else "base"
-        kind = 'stop-probe' if args.stop_probe else 'choice-probe' if args.choice_probe else 's1' if args.s1 else \
-            args.mode
+        kind = next((p.replace("_", "-") for p in probes), "s1" if args.s1 else args.mode)
         args.out = f"evals/{run}-{kind}.json"
     out = runs.output_file(args.out, "--out", ".json")
-    if args.stop_probe or args.choice_probe:  # written at once, not resumed
+    if probes:  # written at once, not resumed
         runs.keep_existing(out, "--out", args.replace)
     args.out = str(out)
     return args
@@ -573,8 +593,9 @@ def main(argv: list[str] | None = None) -> None:
         model_lib.set_threads()
         # one evaluation writes a result at a time; the lock's name is hidden, so it is never a file of the user's
         with runs.exclusive(out.with_name(f".{out.name}.lock"), f"--out {out}"):
-            if args.stop_probe or args.choice_probe:
-                result = run_stop_probe(args) if args.stop_probe else run_choice_probe(args)
+            if args.stop_probe or args.choice_probe or args.step_probe:
+                result = run_stop_probe(args) if args.stop_probe else run_choice_probe(args) if args.choice_probe \
+                    else run_step_probe(args)
                 out.parent.mkdir(parents=True, exist_ok=True)
                 out.write_text(json.dumps(result, indent=1))
             else:
@@ -598,6 +619,13 @@ def main(argv: list[str] | None = None) -> None:
             for n, c in result["choices"].items():
                 print(f"| {n} | {c['answer_at_once']:.3f} | {c['merge']:.3f} | {c['check']:.3f} | "
                       f"{result['route_floor'][n]:.2f} |")
+            print(f"results: {out}")
+            return
+        if args.step_probe:
+            print("| N | " + " | ".join(data.CARRY_KINDS) + " |\n|---|" + "---:|" * len(data.CARRY_KINDS))
+            for n, counts in result["steps"].items():
+                print(f"| {n} | " + " | ".join(f"{right / max(total, 1):.1%} of {total}" for right, total in
+                                              counts.values()) + " |")
             print(f"results: {out}")
             return
     except (ValueError, model_lib.ModelError) as e:

@@ -446,6 +446,31 @@ def choice_probe(model, tokenizer, problems: list, budgets: list[int], batch: in
     return out
 
 
+@torch.no_grad()
+def step_probe(model, tokenizer, problems: list, budget: int) -> dict:
+    """The reasoner's arithmetic, step by step, with no sampling: each problem's one-number-a-step solution is fed
+    whole after a prompt asking for `budget`, and a step "a+b=c." is right where every token of c is the model's
+    likeliest next token there. Counted by the step's units (data.carry_kind). {kind: [right, steps]}.
+    """
+    counts = {kind: [0, 0] for kind in data.CARRY_KINDS}
+    if not any(p.solutions for p in problems):
+        raise ValueError("the step probe needs problems with written-out solutions (--data builtin:totals)")
+    for p in filter(lambda p: p.solutions, problems):
+        text = p.solutions[0]
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids, spans = enc["input_ids"], enc["offset_mapping"]
+        prompt = data.lcpo_prompt(tokenizer, p, budget, "exact")
+        logits = model(input_ids=torch.tensor([prompt + ids], device=model.device)).logits[0, len(prompt) - 1:-1]
+        likeliest = logits.argmax(-1).tolist()  # likeliest[t]: the model's guess at ids[t], given all before it
+        for step in data.ONE_NUMBER_STEP.finditer(text):
+            start, end = step.span(3)
+            result = [t for t, (a, b) in enumerate(spans) if start <= a and b <= end and a < b]
+            count = counts[data.carry_kind(int(step[1]), int(step[2]))]
+            count[0] += all(likeliest[t] == ids[t] for t in result)
+            count[1] += 1
+    return counts
+
+
 # -----------------------------------------------------------------------------
 # the stop probe: does the model put its stop where N says? (teacher-forced, no sampling)
 

@@ -176,6 +176,8 @@ def test_compare_shows_the_route_at_each_budget_from_a_totals_results_responses(
     (["--stop-probe", "r.jsonl", "--mode", "none"], "--stop-probe asks for each budget"),
     (["--choice-probe", "--s1"], "--choice-probe asks for each budget in an Exact prompt"),
     (["--choice-probe", "--mode", "max"], "--choice-probe asks for each budget in an Exact prompt"),
+    (["--step-probe", "--s1"], "--step-probe asks for each budget in an Exact prompt"),
+    (["--step-probe", "--choice-probe"], "--choice-probe and --step-probe are separate probes"),
     (["--seed", "-1"], "--seed must be in [0, 2**32), got -1"),
     (["--seed", str(2**40)], "--seed must be in [0, 2**32)"),
     (["--out", "/dev/null/e.json"], "--out: cannot write to /dev/null (a file is in the way)"),
@@ -334,6 +336,24 @@ def test_choice_probe_reads_the_route_at_each_budget_and_needs_written_out_solut
     monkeypatch.setattr(ev.model_lib, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
     with pytest.raises(SystemExit, match="needs problems with written-out solutions.*builtin:totals"):
         ev.main(["--model", str(tiny_model_dir), "--no-quantize", "--limit", "3", "--choice-probe",
+                 "--out", str(tmp_path / "d.json")])
+
+
+def test_step_probe_counts_the_reasoner_s_steps_by_their_units_and_needs_written_out_solutions(tiny_model_dir,
+                                                                                               tmp_path, capsys):
+    ev.main(["--model", str(tiny_model_dir), "--no-quantize", "--data", "builtin:totals-edge", "--limit", "4",
+             "--step-probe", "--budgets", "64", "8", "--out", str(tmp_path / "s.json")])
+    result = json.loads((tmp_path / "s.json").read_text())
+    problems = ev.data.builtin_problems("test", 4, family="totals-edge")
+    steps = [ev.data.carry_kind(int(m[1]), int(m[2])) for p in problems
+             for m in ev.data.ONE_NUMBER_STEP.finditer(p.solutions[0])]
+    assert result["budgets"] == [8, 64] and list(result["steps"]) == ["8", "64"]
+    for counts in result["steps"].values():
+        assert {kind: total for kind, (_, total) in counts.items()} == {k: steps.count(k) for k in ev.data.CARRY_KINDS}
+        assert all(0 <= right <= total for right, total in counts.values())
+    assert "| 64 |" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="--step-probe needs problems with written-out solutions"):
+        ev.main(["--model", str(tiny_model_dir), "--no-quantize", "--limit", "3", "--step-probe",
                  "--out", str(tmp_path / "d.json")])
 
 

@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import random
+import types
 
 import pytest
 import torch
@@ -453,3 +454,31 @@ def test_the_choice_probe_reads_the_next_token_where_a_solution_s_length_is_deci
     assert got[8] != got[40]  # the prompt's N is read
     with pytest.raises(ValueError, match="written-out solutions of two or more steps"):
         stage1.choice_probe(model, tokenizer, data.builtin_problems("test", 3), [8])
+
+
+def test_the_step_probe_counts_each_one_number_step_by_the_units_it_adds(char_tokenizer):
+    problems = data.builtin_problems("test", 12, family="totals-edge")  # every one with a step at units 9 or 10
+    zero = char_tokenizer.convert_tokens_to_ids("0")
+
+    class Oracle(torch.nn.Module):  # guesses each next token right, except a "0" where `miss_zero`
+        def __init__(self, miss_zero):
+            super().__init__()
+            self.miss_zero, self.device = miss_zero, torch.device("cpu")
+
+        def forward(self, input_ids):
+            following = torch.cat([input_ids[:, 1:], input_ids[:, -1:]], dim=1)
+            if self.miss_zero:
+                following = torch.where(following == zero, following + 1, following)
+            return types.SimpleNamespace(logits=torch.nn.functional.one_hot(following, len(char_tokenizer)).float())
+
+    steps = [data.carry_kind(int(m[1]), int(m[2])) for p in problems
+             for m in data.ONE_NUMBER_STEP.finditer(p.solutions[0])]
+    right = stage1.step_probe(Oracle(False), char_tokenizer, problems, 64)
+    assert right == {kind: [steps.count(kind)] * 2 for kind in data.CARRY_KINDS}
+    assert right["units 9"][1] + right["units 10"][1] >= len(problems)
+    # a result ending in 0 is exactly a step whose units add to 10 (the numbers are 1 to 9): those alone go wrong
+    missed = stage1.step_probe(Oracle(True), char_tokenizer, problems, 64)
+    assert missed == {**right, "units 10": [0, steps.count("units 10")]}
+    assert stage1.step_probe(Oracle(False), char_tokenizer, problems, 16) == right  # N in the prompt, same text
+    with pytest.raises(ValueError, match="written-out solutions"):
+        stage1.step_probe(Oracle(False), char_tokenizer, data.builtin_problems("test", 3), 64)
