@@ -297,28 +297,28 @@ def run_stop_probe(args) -> dict:
                 **stage1.probe_scores(asked[..., [L - 1 for L in cuts]]), **stage1.length_scores(asked, cuts))
 
 
-def run_choice_probe(args) -> dict:
-    """The choice probe over the problems of --data (with written-out solutions: builtin:totals)."""
+def probe_inputs(args, flag: str) -> tuple:
+    """The problems of --data (they need written-out solutions: builtin:totals), then the model to probe on them."""
     problems = data.load_problems(args.data, args.split, args.problem_column, args.answer_column, limit=args.limit,
                                   seed=args.seed)
     if not any(p.solutions for p in problems):
-        raise ValueError(f"--choice-probe needs problems with written-out solutions, and {args.data} has none: use "
+        raise ValueError(f"{flag} needs problems with written-out solutions, and {args.data} has none: use "
                          f"--data builtin:totals")
     model, tokenizer = model_lib.load_model(args.model, adapter=args.adapter, quantize=args.quantize, trainable=False)
-    chosen = stage1.choice_probe(model_lib.rollout_copy(model), tokenizer, problems, sorted(args.budgets))
+    return problems, model_lib.rollout_copy(model), tokenizer
+
+
+def run_choice_probe(args) -> dict:
+    """The choice probe over the problems of --data."""
+    problems, model, tokenizer = probe_inputs(args, "--choice-probe")
+    chosen = stage1.choice_probe(model, tokenizer, problems, sorted(args.budgets))
     floor = stage1.route_floor(tokenizer, problems, sorted(args.budgets))  # the best a choice among routes can do
     return dict(settings=settings_from(args), budgets=sorted(args.budgets), choices=chosen, route_floor=floor)
 
 
 def run_step_probe(args) -> dict:
-    """The step probe over the problems of --data (with written-out solutions: builtin:totals)."""
-    problems = data.load_problems(args.data, args.split, args.problem_column, args.answer_column, limit=args.limit,
-                                  seed=args.seed)
-    if not any(p.solutions for p in problems):
-        raise ValueError(f"--step-probe needs problems with written-out solutions, and {args.data} has none: use "
-                         f"--data builtin:totals")
-    model, tokenizer = model_lib.load_model(args.model, adapter=args.adapter, quantize=args.quantize, trainable=False)
-    model = model_lib.rollout_copy(model)
+    """The step probe over the problems of --data."""
+    problems, model, tokenizer = probe_inputs(args, "--step-probe")
     steps = {n: stage1.step_probe(model, tokenizer, problems, n) for n in sorted(args.budgets)}
     return dict(settings=settings_from(args), budgets=sorted(args.budgets), steps=steps)
 

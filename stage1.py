@@ -452,10 +452,11 @@ def step_probe(model, tokenizer, problems: list, budget: int) -> dict:
     whole after a prompt asking for `budget`, and a step "a+b=c." is right where every token of c is the model's
     likeliest next token there. Counted by the step's units (data.carry_kind). {kind: [right, steps]}.
     """
-    counts = {kind: [0, 0] for kind in data.CARRY_KINDS}
-    if not any(p.solutions for p in problems):
+    kept = [p for p in problems if p.solutions]
+    if not kept:
         raise ValueError("the step probe needs problems with written-out solutions (--data builtin:totals)")
-    for p in filter(lambda p: p.solutions, problems):
+    counts = {kind: [0, 0] for kind in data.CARRY_KINDS}
+    for p in kept:
         text = p.solutions[0]
         enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         ids, spans = enc["input_ids"], enc["offset_mapping"]
