@@ -280,6 +280,7 @@ def distill_step(cfg, step: int, model, tokenizer, optimizer, params, problems, 
 
 ROUTE_PAIRS = 4  # pairs of N drawn from each prompt's responses: more readings of N from the same rollouts
 MAX_AIM = 0.75  # a Max prompt is taught the longest route within this share of N: room for a length read blurred
+MAX_MARGIN = 8  # ... or within N minus this many tokens, where that is more: the blur does not grow with N
 ROUTE_TRIES = 8  # draws of two N for a pair before it is left out: the two N may pick the same text
 
 
@@ -294,14 +295,17 @@ def first_difference(a: list[int], b: list[int]) -> int:
 
 def pick_route(texts: list, n: int, mode: str):
     """The text a prompt asking for N is taught: Exact, the closest in length to N; Max, the longest of at most
-    MAX_AIM * N tokens (among max_routes the longest is the most accurate), or the shortest where none fits.
+    max(MAX_AIM * N, N - MAX_MARGIN) tokens (among max_routes the longest is the most accurate), or the shortest
+    where none fits.
 
         >>> routes = [[0] * 10, [0] * 30, [0] * 60]
         >>> [len(pick_route(routes, n, mode)) for n, mode in ((40, "exact"), (50, "exact"), (50, "max"), (32, "max"))]
         [30, 60, 30, 10]
+        >>> len(pick_route(routes, 68, "max"))  # 60 <= 68 - 8, though 60 > 0.75 * 68
+        60
     """
     if mode == "max":
-        fits = [t for t in texts if len(t) <= MAX_AIM * n]
+        fits = [t for t in texts if len(t) <= max(MAX_AIM * n, n - MAX_MARGIN)]
         return max(fits, key=len) if fits else min(texts, key=len)
     return min(texts, key=lambda t: abs(len(t) - n))
 
@@ -359,7 +363,7 @@ def route_step(cfg, step: int, model, tokenizer, optimizer, params, problems, de
     read N but let the texts fall apart; the mean NLL alone, averaged over tokens that do not depend on N, did not
     read it (EXPERIMENTS.md).
     Max prompts (--mode max, L1-Max's stage, from L1-Exact): the routes are written-out solutions (max_routes,
-    all correct) and each N learns the longest within MAX_AIM * N (pick_route). Under a small N only the bare
+    all correct) and each N learns the longest within a margin below N (pick_route). Under a small N only the bare
     answer fits, which a reasoner rarely samples right, so no rollouts: the step draws its problems as distill_step
     does. The decision loss takes every token where the route parts from one of its problem's others: with the
     pair's parting token alone, only long sums ever chose at the first token (the bare answer or not), and the
