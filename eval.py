@@ -20,6 +20,8 @@ budget, the share cut by the token cap, and two signs of a length bought with fi
 writes N itself and the share that pads (repeats a line or sentence 3+ times, or its answer with no
 working between). Writes OUT.json (every number and the exact settings) and OUT.records.jsonl (one line
 per response); an interrupted run started again with the same command skips the budgets already finished.
+--compare of builtin:totals results also reads their responses: the route at each budget (answer at once,
+merged steps, a check) and the one-number steps written right, by their units (steps_right).
 
 --stop-probe asks, without sampling, whether a model reads N: over fixed response texts (an
 evaluation's records), the probability of the stop token at every position under prompts asking for
@@ -131,6 +133,39 @@ def route_table(results: list[dict], names: list[str], paths: list[str]) -> str:
                 lines.append(f"| {name} | {b['budget'] or 'none'} | {share([n == 0 for n in steps])} | "
                              f"{share(merged)} | {share(checks)} | {sum(steps) / len(texts):.1f} | "
                              f"{100 * b['accuracy']:.1f}% |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
+def steps_right(texts: list[str]) -> dict:
+    r"""The one-number steps a set of responses writes (data.ONE_NUMBER_STEP, checks included), by their units
+    (data.carry_kind): {kind: [right, steps]}, a step right when a + b = c.
+
+        >>> steps_right(["12+8=20. 20+1=21. Wait, let me check. 12+8=10."])["units 10"]
+        [1, 2]
+    """
+    counts = {kind: [0, 0] for kind in data.CARRY_KINDS}
+    for text in texts:
+        for step in data.ONE_NUMBER_STEP.finditer(text):
+            a, b, c = map(int, step.groups())
+            count = counts[data.carry_kind(a, b)]
+            count[0] += a + b == c
+            count[1] += 1
+    return counts
+
+
+def steps_table(results: list[dict], names: list[str], paths: list[str]) -> str:
+    """The sampled counterpart of --step-probe, for each builtin:totals result (its records, every budget): the
+    share of the one-number steps written right, by their units. Empty when no result has such steps."""
+    head = ["run"] + [f"{kind} right" for kind in data.CARRY_KINDS]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, result, path in zip(names, results, paths):
+        if not str(result["settings"].get("data")).startswith("builtin:totals"):
+            continue
+        records = runs.read_jsonl(records_file(Path(path)))
+        counts = steps_right([r["text"] for r in records if isinstance(r.get("text"), str)])
+        if any(n for _, n in counts.values()):
+            lines.append(f"| {name} | " + " | ".join(f"{100 * right / n:.1f}% of {n}" if n else "–"
+                                                      for right, n in counts.values()) + " |")
     return "\n".join(lines) if len(lines) > 2 else ""
 
 
@@ -386,7 +421,9 @@ def compare(paths: list[str], plot: str | None) -> str:
     names = labels(results, [Path(p).stem for p in paths])
     rows = [dict(b, run=name) for name, r in zip(names, results) for b in r["budgets"]]
     routes = route_table(results, names, paths)
-    text = table(rows, label="run") + (f"\n\nThe route at each budget:\n\n{routes}" if routes else "")
+    steps = steps_table(results, names, paths)
+    text = table(rows, label="run") + (f"\n\nThe route at each budget:\n\n{routes}" if routes else "") + \
+        (f"\n\nOne-number steps written right, by their units (all budgets):\n\n{steps}" if steps else "")
     if plot:
         import matplotlib
 

@@ -150,18 +150,20 @@ def test_compare_shows_the_route_at_each_budget_from_a_totals_results_responses(
     result = json.loads(Path(path).read_text())
     result["settings"]["data"] = "builtin:totals"
     Path(path).write_text(json.dumps(result))
-    texts = {32: ["The answer is \\boxed{9}.", "4+5=9. The answer is \\boxed{9}."],
+    texts = {32: ["The answer is \\boxed{9}.", "4+5=8. The answer is \\boxed{8}."],
              64: ["4+5=9. 9+1=10. The answer is \\boxed{10}.", "4+5+1=10. The answer is \\boxed{10}."],
              128: ["4+5+1=10. The answer is \\boxed{10}. Wait, let me check. 4+5=9. 9+1=10. The answer is \\boxed{10}.",
                    "not a step in sight"]}
     lines = [json.dumps(dict(budget=b, text=t)) for b, ts in texts.items() for t in ts] + ["{cut short"]
     (tmp_path / "l1.records.jsonl").write_text("\n".join(lines) + "\n")
     ev.main(["--compare", path, fake_result(tmp_path / "other.json", 0.01)])  # a result without records: no rows
-    out = capsys.readouterr().out.split("The route at each budget:")[1]
+    out, steps = capsys.readouterr().out.split("The route at each budget:")[1].split("One-number steps")
     assert "| LCPO α=0.02 | 32 | 50% | 0% | 0% | 0.5 | 0.0% |" in out
     assert "| LCPO α=0.02 | 64 | 0% | 50% | 0% | 1.5 | 10.0% |" in out
     assert "| LCPO α=0.02 | 128 | 50% | 50% | 50% | 0.5 | 20.0% |" in out
     assert "α=0.01" not in out
+    # every one-number step, checks included, by its units: 4+5 (units 9) three times, once wrong; 9+1 (10) twice
+    assert "| LCPO α=0.02 | – | 66.7% of 3 | 100.0% of 2 | – |" in steps and "α=0.01" not in steps
 
 
 @pytest.mark.parametrize("argv, message", [
