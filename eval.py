@@ -21,7 +21,8 @@ writes N itself and the share that pads (repeats a line or sentence 3+ times, or
 working between). Writes OUT.json (every number and the exact settings) and OUT.records.jsonl (one line
 per response); an interrupted run started again with the same command skips the budgets already finished.
 --compare of builtin:totals results also reads their responses: the route at each budget (answer at once,
-merged steps, a check) and the one-number steps written right, by their units (steps_right).
+merged steps, a check), the one-number steps written right, by their units (steps_right), and what a perfect
+choice among the taught routes would give at each α compared (route_frontier: the reward's ideal, to hold LCPO to).
 
 --stop-probe asks, without sampling, whether a model reads N: over fixed response texts (an
 evaluation's records), the probability of the stop token at every position under prompts asking for
@@ -38,7 +39,7 @@ import math
 import re
 import signal
 import sys
-from collections import Counter
+from collections import Counter, defaultdict
 from pathlib import Path
 
 if __name__ == "__main__":  # Ctrl-C while the libraries below load: quit quietly (main takes Ctrl-C over)
@@ -167,6 +168,96 @@ def steps_table(results: list[dict], names: list[str], paths: list[str]) -> str:
             lines.append(f"| {name} | " + " | ".join(f"{100 * right / n:.1f}% of {n}" if n else "–"
                                                       for right, n in counts.values()) + " |")
     return "\n".join(lines) if len(lines) > 2 else ""
+
+
+def route_of(text: str) -> tuple:
+    r"""The taught route a response to a builtin:totals problem follows: (the numbers its first step adds, as
+    data.TOTALS_GRANULARITIES counts them, None for the answer at once; whether it checks after sample.WAIT).
+
+        >>> route_of("3+8+2=13. 13+5=18. The answer is \\boxed{18}."), route_of("The answer is \\boxed{18}. Wait")
+        ((2, False), (None, True))
+    """
+    first = re.search(r"\d+((?:\+\d+)+)=", text.split(sample.WAIT)[0])
+    most = max(g for g in data.TOTALS_GRANULARITIES if g)
+    return (min(first[1].count("+"), most) if first else None), sample.WAIT in text
+
+
+def best_route(routes: list[tuple], n: int, alpha: float) -> tuple:
+    """Of a problem's routes, (tokens, accuracy) each, the one LCPO-Exact's reward pays most at N = n in expectation,
+    accuracy − α·|N − tokens| (α = inf: the closest), ties to the closer, then the shorter; as the evaluation sees
+    it, a route past its cap of 2N cut: (2N, 0.0)."""
+    def score(route):
+        tokens, accuracy = route
+        right, miss = (accuracy if tokens <= 2 * n else 0.0), abs(n - tokens)
+        return (-miss, right) if alpha == math.inf else (right - alpha * miss, -miss, -tokens)
+    tokens, accuracy = max(routes, key=score)
+    return (2 * n, 0.0) if tokens > 2 * n else (tokens, accuracy)
+
+
+ROUTE_PRIOR = 4  # a route's accuracy at k terms is shrunk toward its rate over every k by this many responses
+
+
+def route_frontier(results: list[dict], paths: list[str], alphas: list[float]) -> str:
+    """What a perfect choice among the reasoner's taught routes would give under LCPO-Exact's reward at each α: for
+    each problem and N, the route (granularity, with or without its check) that maximises its accuracy − α·|N − its
+    length|, a route longer than the evaluation's cap of 2N being cut (wrong, 2N tokens). A route's accuracy on a sum
+    of k numbers is measured in the compared responses (every run's, not cut), shrunk toward the route's rate over
+    every k (ROUTE_PRIOR); a route never written is left out. α = inf is the route closest to N (stage1.route_floor).
+    The ideal that LCPO's choice can be held against. Empty without builtin:totals results that have responses."""
+    totals = [(r, p) for r, p in zip(results, paths) if str(r["settings"].get("data")).startswith("builtin:totals")
+              and records_file(Path(p)).exists()]
+    if not totals:
+        return ""
+    keys = ("data", "split", "problem_column", "answer_column", "limit", "seed")
+    first = totals[0][0]["settings"]
+    if not all(k in first for k in keys):
+        return ""
+    problems = data.load_problems(*(first[k] for k in keys[:4]), limit=first["limit"], seed=first["seed"])
+    terms = [p.solutions[0].count("=") + 1 for p in problems]  # k: the one-number route writes k - 1 steps
+    counts = defaultdict(lambda: [0, 0])  # (k, route) and route alone: [right, responses]
+    for result, path in totals:
+        if any(result["settings"].get(k) != first.get(k) for k in keys):  # other problems: not these routes
+            continue
+        for r in runs.read_jsonl(records_file(Path(path))):
+            if isinstance(r.get("text"), str) and not r.get("cut") and r.get("problem") in range(len(problems)):
+                route = route_of(r["text"])
+                for key in ((terms[r["problem"]], route), route):
+                    counts[key][0] += bool(r.get("correct"))
+                    counts[key][1] += 1
+    if not counts:
+        return ""
+    try:  # the routes' lengths are in the base model's tokens
+        tokenizer = model_lib.load_tokenizer(model_lib.resolve(first.get("base")))
+    except (OSError, model_lib.ModelError) as e:
+        return f"not computed: the tokenizer of {first.get('base')} cannot be loaded ({data.first_line(e)})"
+    options = []  # per problem: (tokens, accuracy) of each route whose accuracy was measured
+    for p, k in zip(problems, terms):
+        routes = {}
+        for solution in dict.fromkeys(p.solutions):  # a short sum writes some granularities alike: the finest counts
+            for check in (False, True):
+                route = (route_of(solution)[0], check)
+                right, n = counts.get(route, (0, 0))
+                if n:
+                    at_k = counts.get((k, route), (0, 0))
+                    accuracy = (at_k[0] + ROUTE_PRIOR * right / n) / (at_k[1] + ROUTE_PRIOR)
+                    routes[route] = (len(stage1.written_response(tokenizer, p, solution, check)), accuracy)
+        options.append(list(routes.values()))
+    if not any(options):
+        return ""
+    budgets = sorted({b["budget"] for r, _ in totals for b in r["budgets"] if b["budget"]})
+    head = ["α", "pass@1 % at N = " + " / ".join(map(str, budgets)), "mean tokens", "rel. RMSE (mean)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for alpha in alphas:
+        cells = []
+        for n in budgets:
+            picked = [best_route(routes, n, alpha) for routes in options if routes]
+            cells.append((100 * sum(a for _, a in picked) / len(picked), sum(t for t, _ in picked) / len(picked),
+                          math.sqrt(sum(((t - n) / n) ** 2 for t, _ in picked) / len(picked))))
+        rmse = [c[2] for c in cells]
+        lines.append(f"| {alpha:g} | " + " / ".join(f"{c[0]:.1f}" for c in cells) + " | " +
+                     " / ".join(f"{c[1]:.0f}" for c in cells) + " | " + " / ".join(f"{e:.2f}" for e in rmse) +
+                     f" ({sum(rmse) / len(rmse):.2f}) |")
+    return "\n".join(lines)
 
 
 def table(rows: list[dict], label: str | None = None) -> str:
@@ -422,8 +513,12 @@ def compare(paths: list[str], plot: str | None) -> str:
     rows = [dict(b, run=name) for name, r in zip(names, results) for b in r["budgets"]]
     routes = route_table(results, names, paths)
     steps = steps_table(results, names, paths)
+    alphas = {r["train_config"]["alpha"] for r in results if r.get("train_config", {}).get("mode") == "exact"
+              and type(r["train_config"].get("alpha")) in (int, float)}
+    ideal = route_frontier(results, paths, sorted(alphas | {0.0}) + [math.inf]) if routes else ""
     text = table(rows, label="run") + (f"\n\nThe route at each budget:\n\n{routes}" if routes else "") + \
-        (f"\n\nOne-number steps written right, by their units (all budgets):\n\n{steps}" if steps else "")
+        (f"\n\nOne-number steps written right, by their units (all budgets):\n\n{steps}" if steps else "") + \
+        (f"\n\nA perfect choice among the taught routes at each α (route_frontier):\n\n{ideal}" if ideal else "")
     if plot:
         import matplotlib
 

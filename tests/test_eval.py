@@ -166,6 +166,40 @@ def test_compare_shows_the_route_at_each_budget_from_a_totals_results_responses(
     assert "| LCPO α=0.02 | – | 66.7% of 3 | 100.0% of 2 | – |" in steps and "α=0.01" not in steps
 
 
+def test_route_frontier_picks_the_route_the_reward_pays_most_and_at_alpha_inf_is_the_route_floor(
+        tiny_model_dir, tmp_path, capsys):
+    import stage1
+
+    settings = dict(s1=False, adapter="a", mode="exact", data="builtin:totals", split="test", limit=4, seed=0,
+                    problem_column="problem", answer_column="answer", base=str(tiny_model_dir))
+    budgets = [dict(budget=b, responses=1, accuracy=0.5, mean_tokens=b) for b in (60, 160)]
+    path = tmp_path / "l1.json"
+    path.write_text(json.dumps(dict(settings=settings, budgets=budgets,
+                                    train_config=dict(alpha=0.01, mode="exact"))))
+    problems = data.load_problems("builtin:totals", "test", limit=4, seed=0)
+    check = sample.WAIT + stage1.CHECK
+    lines = []  # every route of every problem written once: one number a step right, the rest wrong
+    for i, p in enumerate(problems):
+        for g, solution in enumerate(p.solutions):
+            for text in (solution, f"{solution} {check}{p.solutions[0]}"):
+                lines.append(json.dumps(dict(problem=i, budget=60, text=text, correct=g == 0, cut=False)))
+    (tmp_path / "l1.records.jsonl").write_text("\n".join(lines) + "\n")
+    ev.main(["--compare", str(path)])
+    out = capsys.readouterr().out.split("(route_frontier):")[1]
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in out.splitlines() if line.startswith("| ")}
+    assert set(rows) == {"α", "0", "0.01", "inf"}  # no length charge, the run's α, the route closest to N
+    tokenizer = model_lib.load_tokenizer(str(tiny_model_dir))
+    floor = stage1.route_floor(tokenizer, problems, [60, 160])
+    assert rows["inf"][3].startswith(f"{floor[60]:.2f} / {floor[160]:.2f}")
+    alone, checked = ([len(stage1.written_response(tokenizer, p, p.solutions[0], c)) for p in problems]
+                      for c in (False, True))
+    assert all(n <= 120 for n in alone) and all(n > 100 for n in checked)  # these sums' lengths, in characters
+    assert rows["0"][1] == "100.0 / 100.0"  # no length charge: a route that is always right, wherever it fits
+    # of the two always right, the one closer to N: without its check at N = 60, with it at 160
+    mean = lambda xs: f"{sum(xs) / len(xs):.0f}"
+    assert rows["0"][2] == f"{mean(alone)} / {mean(checked)}"
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--budgets", "32", "0"], "budgets must be positive"),
     (["--budgets", "-5"], "budgets must be positive"),
