@@ -201,11 +201,11 @@ def route_frontier(results: list[dict], paths: list[str], alphas: list[float]) -
     """What a perfect choice among the reasoner's taught routes would give under LCPO-Exact's reward at each α: for
     each problem and N, the route (granularity, with or without its check) that maximises its accuracy − α·|N − its
     length|, a route longer than the evaluation's cap of 2N being cut (wrong, 2N tokens). A route's accuracy on a sum
-    of k numbers is measured in the compared responses (every run's, not cut), shrunk toward the route's rate over
+    of k numbers is measured in the compared responses (every run's but S1's, not cut), shrunk toward its rate over
     every k (ROUTE_PRIOR); a route never written is left out. α = inf is the route closest to N (stage1.route_floor).
     The ideal that LCPO's choice can be held against. Empty without builtin:totals results that have responses."""
     totals = [(r, p) for r, p in zip(results, paths) if str(r["settings"].get("data")).startswith("builtin:totals")
-              and records_file(Path(p)).exists()]
+              and not r["settings"].get("s1") and records_file(Path(p)).exists()]  # S1's routes are forced
     if not totals:
         return ""
     keys = ("data", "split", "problem_column", "answer_column", "limit", "seed")
