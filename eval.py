@@ -116,18 +116,23 @@ def route(text: str) -> tuple[int, bool, bool]:
     return len(steps), any(s.count("+") > 1 for s in steps), sample.WAIT in text
 
 
-def route_table(results: list[dict], names: list[str], paths: list[str]) -> str:
-    """How the route changes with N (the paper's Figure 6 in miniature), from the responses of each builtin:totals
-    result (its records file): the share that answer at once, merge numbers in a step, check themselves; the
-    steps written before a check. Empty when no result has them."""
+def totals_records(result: dict, path: str) -> list[dict]:
+    """The responses of a builtin:totals result (its records file), which --compare reads routes and steps from;
+    [] for another data set or a result without them."""
+    if not str(result["settings"].get("data")).startswith("builtin:totals"):
+        return []
+    return runs.read_jsonl(records_file(Path(path)))
+
+
+def route_table(results: list[dict], names: list[str], records: list[list[dict]]) -> str:
+    """How the route changes with N (the paper's Figure 6 in miniature), from each result's responses (totals_records):
+    the share that answer at once, merge numbers in a step, check themselves; the steps written before a check.
+    Empty when no result has them."""
     head = ["run", "budget", "answer at once", "merged steps", "checks", "steps written", "pass@1"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for name, result, path in zip(names, results, paths):
-        if not str(result["settings"].get("data")).startswith("builtin:totals"):
-            continue
-        records = runs.read_jsonl(records_file(Path(path)))
+    for name, result, responses in zip(names, results, records):
         for b in result["budgets"]:
-            texts = [r["text"] for r in records if r.get("budget") == b["budget"] and isinstance(r.get("text"), str)]
+            texts = [r["text"] for r in responses if r.get("budget") == b["budget"] and isinstance(r.get("text"), str)]
             if texts:
                 steps, merged, checks = zip(*map(route, texts))
                 share = lambda flags: f"{100 * sum(flags) / len(texts):.0f}%"
@@ -154,16 +159,13 @@ def steps_right(texts: list[str]) -> dict:
     return counts
 
 
-def steps_table(results: list[dict], names: list[str], paths: list[str]) -> str:
-    """The sampled counterpart of --step-probe, for each builtin:totals result (its records, every budget): the
+def steps_table(names: list[str], records: list[list[dict]]) -> str:
+    """The sampled counterpart of --step-probe, from each result's responses (totals_records, every budget): the
     share of the one-number steps written right, by their units. Empty when no result has such steps."""
     head = ["run"] + [f"{kind} right" for kind in data.CARRY_KINDS]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for name, result, path in zip(names, results, paths):
-        if not str(result["settings"].get("data")).startswith("builtin:totals"):
-            continue
-        records = runs.read_jsonl(records_file(Path(path)))
-        counts = steps_right([r["text"] for r in records if isinstance(r.get("text"), str)])
+    for name, responses in zip(names, records):
+        counts = steps_right([r["text"] for r in responses if isinstance(r.get("text"), str)])
         if any(n for _, n in counts.values()):
             lines.append(f"| {name} | " + " | ".join(f"{100 * right / n:.1f}% of {n}" if n else "–"
                                                       for right, n in counts.values()) + " |")
@@ -197,15 +199,14 @@ def best_route(routes: list[tuple], n: int, alpha: float) -> tuple:
 ROUTE_PRIOR = 4  # a route's accuracy at k terms is shrunk toward its rate over every k by this many responses
 
 
-def route_frontier(results: list[dict], paths: list[str], alphas: list[float]) -> str:
+def route_frontier(results: list[dict], records: list[list[dict]], alphas: list[float]) -> str:
     """What a perfect choice among the reasoner's taught routes would give under LCPO-Exact's reward at each α: for
     each problem and N, the route (granularity, with or without its check) that maximises its accuracy − α·|N − its
     length|, a route longer than the evaluation's cap of 2N being cut (wrong, 2N tokens). A route's accuracy on a sum
     of k numbers is measured in the compared responses (every run's but S1's, not cut), shrunk toward its rate over
     every k (ROUTE_PRIOR); a route never written is left out. α = inf is the route closest to N (stage1.route_floor).
     The ideal that LCPO's choice can be held against. Empty without builtin:totals results that have responses."""
-    totals = [(r, p) for r, p in zip(results, paths) if str(r["settings"].get("data")).startswith("builtin:totals")
-              and not r["settings"].get("s1") and records_file(Path(p)).exists()]  # S1's routes are forced
+    totals = [(r, rs) for r, rs in zip(results, records) if rs and not r["settings"].get("s1")]  # S1's: forced
     if not totals:
         return ""
     keys = ("data", "split", "problem_column", "answer_column", "limit", "seed")
@@ -215,10 +216,10 @@ def route_frontier(results: list[dict], paths: list[str], alphas: list[float]) -
     problems = data.load_problems(*(first[k] for k in keys[:4]), limit=first["limit"], seed=first["seed"])
     terms = [p.solutions[0].count("=") + 1 for p in problems]  # k: the one-number route writes k - 1 steps
     counts = defaultdict(lambda: [0, 0])  # (k, route) and route alone: [right, responses]
-    for result, path in totals:
+    for result, responses in totals:
         if any(result["settings"].get(k) != first.get(k) for k in keys):  # other problems: not these routes
             continue
-        for r in runs.read_jsonl(records_file(Path(path))):
+        for r in responses:
             if isinstance(r.get("text"), str) and not r.get("cut") and r.get("problem") in range(len(problems)):
                 route = route_of(r["text"])
                 for key in ((terms[r["problem"]], route), route):
@@ -511,11 +512,12 @@ def compare(paths: list[str], plot: str | None) -> str:
     results = [load_result(p) for p in paths]
     names = labels(results, [Path(p).stem for p in paths])
     rows = [dict(b, run=name) for name, r in zip(names, results) for b in r["budgets"]]
-    routes = route_table(results, names, paths)
-    steps = steps_table(results, names, paths)
+    records = [totals_records(r, p) for r, p in zip(results, paths)]  # read once, for the three tables below
+    routes = route_table(results, names, records)
+    steps = steps_table(names, records)
     alphas = {r["train_config"]["alpha"] for r in results if r.get("train_config", {}).get("mode") == "exact"
               and type(r["train_config"].get("alpha")) in (int, float)}
-    ideal = route_frontier(results, paths, sorted(alphas | {0.0}) + [math.inf]) if routes else ""
+    ideal = route_frontier(results, records, sorted(alphas | {0.0}) + [math.inf]) if routes else ""
     text = table(rows, label="run") + (f"\n\nThe route at each budget:\n\n{routes}" if routes else "") + \
         (f"\n\nOne-number steps written right, by their units (all budgets):\n\n{steps}" if steps else "") + \
         (f"\n\nA perfect choice among the taught routes at each α (route_frontier):\n\n{ideal}" if ideal else "")
